@@ -1,0 +1,425 @@
+"""The applier: carries out sync steps on the local tree, never losing a change.
+
+Promises:
+- Nothing outside the root is touched: every path is checked, and no parent on the way to it may be
+  a symlink (writing "through" a symlink is refused).
+- A file is written to a temporary file in its own directory, checked against its SHA-256, given
+  its mode and mtime, made durable and renamed into place. To keep durability cheap, temporary
+  files are gathered in batches: one ``syncfs`` makes a whole batch durable before the renames,
+  a second one makes the renames durable before the batch's records are committed (one
+  transaction). A ``kill -9`` at any moment leaves no partial file under a tracked name.
+- Before a file is replaced or removed, its state on disk is compared with the local record the
+  step was planned against; if it changed (an edit nobody has recorded yet), the path is rescanned
+  and planned again, which turns it into a conflict: it is never overwritten.
+- Removals run last, children before parents; a directory that still holds something is kept,
+  and recorded as alive again, rather than given a false tombstone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ..protocol.plan import Op, Step
+from ..protocol.record import TEMP_PREFIX, Action, Kind, Record, check_path, new_guid, parent_of
+from ..protocol.version import VersionVector
+from .errors import ChangedOnDisk, FsError, ReplError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+BATCH_FILES = 2000
+BATCH_BYTES = 256 << 20
+COPY_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the file system holding ``path`` (falls back to a global sync)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+Fetch = Callable[[Record], BinaryIO]
+"""Opens the content of a record from elsewhere (the other replica, a peer, a bundle)."""
+
+
+@dataclass
+class ApplyStats:
+    written: int = 0
+    written_bytes: int = 0
+    copied_locally: int = 0
+    deleted: int = 0
+    recorded: int = 0
+    conflicts: int = 0
+    kept_dirs: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    done: list[Step] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    step: Step
+    tmp: Path | None = None
+
+
+class Applier:
+    def __init__(
+        self,
+        store: Store,
+        root: Path,
+        fetch: Fetch,
+        *,
+        via: str = "",
+        replan: Callable[[Step], list[Step]] | None = None,
+        keep_steps: bool = False,
+        on_progress: Callable[[ApplyStats], None] | None = None,
+    ):
+        self.store = store
+        self.root = root
+        self.fetch = fetch
+        self.via = via
+        self.replan = replan
+        self.keep_steps = keep_steps
+        self.on_progress = on_progress
+        self.stats = ApplyStats()
+        self._batch: list[_Pending] = []
+        self._batch_bytes = 0
+        self._deferred: list[Step] = []
+
+    # -- entry point ----------------------------------------------------------------------------
+
+    def apply(self, steps: Iterable[Step]) -> ApplyStats:
+        try:
+            for step in steps:
+                self._take(step)
+            self._flush()
+            for step in sorted(self._deferred, key=lambda s: s.path, reverse=True):
+                self._guarded(step, self._apply_deferred)
+            self._flush()
+        finally:
+            self._discard_batch()
+        return self.stats
+
+    def _take(self, step: Step) -> None:
+        if step.deferred:
+            self._deferred.append(step)
+            return
+        self._guarded(step, self._stage)
+        if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+            self._flush()
+
+    def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
+        try:
+            fn(step)
+        except ChangedOnDisk as e:
+            self._changed(step, e)
+        except ReplError as e:
+            self._error(step.path, str(e))
+        except OSError as e:
+            self._error(step.path, str(FsError(step.path, e)))
+
+    def _changed(self, step: Step, e: ChangedOnDisk) -> None:
+        log.info("%s", e)
+        if self.replan is None:
+            self._error(step.path, str(e))
+            return
+        self._flush()
+        for again in self.replan(step):
+            if again.deferred:
+                self._deferred.append(again)
+                continue
+            try:
+                self._stage(again)
+            except ChangedOnDisk as e2:
+                self._error(again.path, f"{e2}; it will be synced next time")
+            except (ReplError, OSError) as e2:
+                self._error(again.path, str(e2))
+        self._flush()
+
+    def _error(self, path: str, message: str) -> None:
+        log.warning("%s: %s", path, message)
+        self.stats.errors.append((path, message))
+
+    # -- paths and checks -----------------------------------------------------------------------
+
+    def _abs(self, path: str) -> Path:
+        check_path(path)
+        # No component on the way may be a symlink: writing through one could leave the root.
+        cur = self.root
+        for part in path.split("/")[:-1]:
+            cur = cur / part
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                raise ChangedOnDisk(path, f"{cur.relative_to(self.root)} is not a directory")
+        return self.root / path
+
+    def _check(self, path: str, expected: Record | None) -> os.stat_result | None:
+        """The disk must still be as ``expected`` says; returns the current lstat (or None)."""
+        try:
+            st = os.lstat(self.root / path)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if expected is None or expected.deleted:
+            if st is not None:
+                raise ChangedOnDisk(path, "something new is there")
+            return None
+        if st is None:
+            raise ChangedOnDisk(path, "it is gone")
+        if expected.kind is Kind.DIR:
+            if not stat.S_ISDIR(st.st_mode):
+                raise ChangedOnDisk(path, "no longer a directory")
+        elif expected.kind is Kind.SYMLINK:
+            if not stat.S_ISLNK(st.st_mode) or os.readlink(self.root / path) != expected.target:
+                raise ChangedOnDisk(path, "symlink changed")
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise ChangedOnDisk(path, "no longer a regular file")
+            now = (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+            was = (expected.size, expected.mtime_ns, expected.mode)
+            if now != was or (expected.ino and expected.ino != st.st_ino):
+                raise ChangedOnDisk(path, "modified")
+        return st
+
+    def _ensure_parent(self, path: str) -> None:
+        """Create missing parent directories, and record them as alive here."""
+        parent = parent_of(path)
+        if not parent:
+            return
+        missing = []
+        p = parent
+        while p:
+            try:
+                st = os.lstat(self.root / p)
+            except FileNotFoundError:
+                missing.append(p)
+                p = parent_of(p)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise ChangedOnDisk(path, f"parent {p} is not a directory")
+            break
+        for d in reversed(missing):
+            self._abs(d)
+            os.mkdir(self.root / d, 0o755)
+            rec = self.store.get(d)
+            if rec is None or rec.deleted or rec.kind is not Kind.DIR:
+                base = rec.version if rec is not None else VersionVector()
+                guid = rec.guid if rec is not None else new_guid()
+                new = Record(d, guid, Kind.DIR, base.bump(self.store.replica_id), mode=0o755)
+                self._record(new, local=True, action=Action.CREATE)
+
+    # -- staging (everything but removals) ------------------------------------------------------
+
+    def _stage(self, step: Step) -> None:
+        rec = step.record
+        path = step.path
+        if step.op is Op.RECORD:
+            self._batch.append(_Pending(step))
+            return
+        self._abs(path)
+        if step.op is Op.WRITE:
+            self._check(path, step.expected)
+            self._ensure_parent(path)
+            tmp = self._write_temp(rec)
+            self._batch.append(_Pending(step, tmp))
+            self._batch_bytes += rec.size
+        elif step.op is Op.MKDIR:
+            st = self._check(path, step.expected)
+            self._ensure_parent(path)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                os.unlink(self.root / path)  # a file or symlink replaced by a directory
+            os.mkdir(self.root / path, rec.mode or 0o755)
+            os.chmod(self.root / path, rec.mode or 0o755)
+            self._batch.append(_Pending(step))
+        elif step.op is Op.SYMLINK:
+            self._check(path, step.expected)
+            self._ensure_parent(path)
+            tmp = self._temp_name(path)
+            os.symlink(rec.target, tmp)
+            self._batch.append(_Pending(step, tmp))
+        elif step.op is Op.META:
+            self._check(path, step.expected)
+            os.chmod(self.root / path, rec.mode)
+            if rec.kind is Kind.FILE:
+                os.utime(self.root / path, ns=(rec.mtime_ns, rec.mtime_ns))
+            self._batch.append(_Pending(step))
+        else:
+            raise AssertionError(f"not a staged op: {step.op}")
+
+    def _temp_name(self, path: str) -> Path:
+        name = path.rpartition("/")[2]
+        tag = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return self.root / parent_of(path) / f"{TEMP_PREFIX}{tag}-{os.urandom(4).hex()}"
+
+    def _write_temp(self, rec: Record) -> Path:
+        tmp = self._temp_name(rec.path)
+        src, local = self._open_source(rec)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            h = hashlib.sha256()
+            size = 0
+            with src:
+                while chunk := src.read(COPY_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            if h.hexdigest() != rec.sha256 or size != rec.size:
+                raise ReplError(
+                    f"{rec.path}: content does not match its record (the source changed while "
+                    "syncing); skipped, the next sync takes it"
+                )
+            os.fchmod(fd, rec.mode)
+            os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp)
+            raise
+        os.close(fd)
+        if local:
+            self.stats.copied_locally += 1
+        return tmp
+
+    def _open_source(self, rec: Record) -> tuple[BinaryIO, bool]:
+        """Content from a local file with the same hash if one is intact, else from the fetcher."""
+        for other in self.store.live_with_hash(rec.sha256):
+            if other.kind is not Kind.FILE:
+                continue
+            try:
+                f = open(os.open(self.root / other.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+            except OSError:
+                continue
+            st = os.fstat(f.fileno())
+            if (st.st_size, st.st_mtime_ns) == (other.size, other.mtime_ns):
+                return f, True
+            f.close()
+        return self.fetch(rec), False
+
+    # -- the batch ------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        has_files = any(p.tmp is not None for p in batch)
+        if has_files:
+            syncfs(self.root)
+        ready: list[tuple[_Pending, int]] = []
+        for p in batch:
+            ino = 0
+            if p.tmp is not None:
+                try:
+                    self._check(p.step.path, p.step.expected)
+                    os.rename(p.tmp, self.root / p.step.path)
+                    ino = os.lstat(self.root / p.step.path).st_ino
+                except ChangedOnDisk as e:
+                    _unlink_quiet(p.tmp)
+                    p.tmp = None
+                    self._changed(p.step, e)
+                    continue
+                except OSError as e:
+                    _unlink_quiet(p.tmp)
+                    self._error(p.step.path, str(FsError(p.step.path, e)))
+                    continue
+                p.tmp = None
+            elif p.step.op in (Op.MKDIR, Op.META) or p.step.record.kind is Kind.FILE:
+                try:
+                    ino = os.lstat(self.root / p.step.path).st_ino
+                except OSError:
+                    ino = 0
+            ready.append((p, ino))
+        if has_files:
+            syncfs(self.root)
+        with self.store.transaction():
+            for p, ino in ready:
+                self._record(p.step.record.with_(ino=ino), local=False, step=p.step)
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+
+    def _discard_batch(self) -> None:
+        for p in self._batch:
+            if p.tmp is not None:
+                _unlink_quiet(p.tmp)
+        self._batch = []
+
+    def _record(
+        self, rec: Record, *, local: bool, step: Step | None = None, action: Action | None = None
+    ) -> None:
+        with self.store.transaction():
+            if action is not None:
+                rec = rec.with_(action=action)
+            note = ""
+            if step is not None and step.conflict is not None:
+                note = f"conflict resolved: {step.conflict.winner.value} wins ({step.conflict.reason})"
+                self.stats.conflicts += 1
+            elif step is not None:
+                note = step.note
+            self.store.put(rec, local=local, via=self.via, note=note)
+        if step is not None:
+            if step.op is Op.WRITE:
+                self.stats.written += 1
+                self.stats.written_bytes += rec.size
+            elif step.op is Op.DELETE:
+                self.stats.deleted += 1
+            else:
+                self.stats.recorded += 1
+            if self.keep_steps:
+                self.stats.done.append(step)
+
+    # -- removals -------------------------------------------------------------------------------
+
+    def _apply_deferred(self, step: Step) -> None:
+        path = step.path
+        self._abs(path)
+        expected = step.expected
+        st = self._check(path, expected)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            try:
+                os.rmdir(self.root / path)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                self._keep_dir(step, st)
+                return
+        elif st is not None:
+            os.unlink(self.root / path)
+        if step.op is Op.DELETE:
+            with self.store.transaction():
+                self._record(step.record, local=False, step=step)
+            return
+        # A directory replaced by a file or symlink: now that it is gone, stage the new thing.
+        self._stage(Step(step.op, path, step.record, None, step.conflict, False, step.note))
+        self._flush()
+
+    def _keep_dir(self, step: Step, st: os.stat_result) -> None:
+        """The deleter did not know everything in this directory: keep it, alive and newer."""
+        assert step.expected is not None
+        version = step.record.version.merge(step.expected.version).bump(self.store.replica_id)
+        alive = step.expected.with_(version=version, mode=stat.S_IMODE(st.st_mode))
+        self._record(alive, local=True, action=Action.UPDATE)
+        self.stats.kept_dirs += 1
+        log.info("%s: kept, it still holds files the deleting replica did not know", step.path)
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

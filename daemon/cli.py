@@ -1,0 +1,560 @@
+"""The ``repld`` command line. Every error ends here as one message and an exit code:
+0 ok, 1 failure, 2 usage or configuration error, 3 daemon not running."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..protocol.errors import ReplError
+from ..protocol.record import conflict_original, escape
+from ..protocol.version import short_id
+from . import config as configmod
+from .errors import ConfigError, DaemonNotRunning, UsageError
+from .localsync import Direction, SyncReport, sync
+from .replica import Replica, init, load_keys, open_replica
+from .scanner import ScanStats
+
+log = logging.getLogger("repld")
+
+EPILOG = """\
+examples:
+  repld init ~/                          make this home directory a replica (a new tree)
+  repld --config /media/usb/repld.toml init /media/usb/home --tree-id ID
+                                         a second replica of the same tree, on a USB disk
+  repld sync /media/usb/repld.toml -n    show what a sync would do, change nothing
+  repld sync /media/usb/repld.toml       bring both replicas in sync
+  repld log Documents/report.odt         where each version of a file came from
+  repld conflicts                        conflicting edits kept side by side
+
+The config file is $REPLD_CONFIG, else $XDG_CONFIG_HOME/repld/config.toml; --config chooses
+another, so several replicas can live on one machine. Exit codes: 0 ok, 1 failure,
+2 usage or configuration error, 3 daemon not running.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"repld: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="repld",
+        description="Keep a directory tree identical on every machine you use, peer to peer.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="the replica's config file")
+    p.add_argument("--debug", action="store_true", help="log debugging detail to stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def cmd(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=description or help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    c = cmd(
+        "init",
+        "make ROOT a replica: write the config, make keys, record every file",
+        "Make ROOT a replica: write the config file, make a CurveZMQ key pair, create the "
+        "database and record every existing file as created here. Without --tree-id this "
+        "starts a new tree; to add a replica to an existing tree, pass the tree id that "
+        "`repld id` prints on a replica of it.",
+    )
+    c.add_argument("root", type=Path, metavar="ROOT")
+    c.add_argument("--name", help="this replica's name (default: the host name)")
+    c.add_argument("--listen", metavar="ENDPOINT", help="default tcp://0.0.0.0:7437")
+    c.add_argument("--tree-id", metavar="ID", help="join this existing tree")
+    c.add_argument("--state", type=Path, metavar="DIR", help="where the database and keys live")
+    c.add_argument("--json", action="store_true")
+
+    c = cmd("id", "print this replica's identity: ids, public key, endpoint")
+    c.add_argument("--json", action="store_true")
+
+    c = cmd("peer", "add, list or remove peers (stored in the config file)")
+    psub = c.add_subparsers(dest="peer_command", metavar="ACTION", parser_class=_Parser)
+    psub.required = True
+    a = psub.add_parser("add", help="admit a peer: NAME ENDPOINT PUBLIC_KEY (from its `repld id`)")
+    a.add_argument("name")
+    a.add_argument("endpoint", help="tcp://HOST:PORT")
+    a.add_argument("public_key", help="the 40-character key that `repld id` prints on the peer")
+    a = psub.add_parser("list", help="list peers")
+    a.add_argument("--json", action="store_true")
+    a = psub.add_parser("remove", help="forget a peer")
+    a.add_argument("name")
+
+    c = cmd("status", "ask the running daemon how it is doing (exit 3 if it is not running)")
+    c.add_argument("--json", action="store_true")
+
+    c = cmd(
+        "scan",
+        "record what changed on disk since the last scan",
+        "Compare the tree with the database and record one event per changed path. "
+        "With PATHs, scan only those (and what is below them).",
+    )
+    c.add_argument("-v", "--verbose", action="store_true", help="print each change")
+    c.add_argument("--full", action="store_true", help="scan the whole tree (the default)")
+    c.add_argument("paths", nargs="*", metavar="PATH")
+
+    c = cmd(
+        "sync",
+        "sync with another replica now (TARGET: its config file)",
+        "Scan both replicas and bring them in sync: changes go both ways, newer versions "
+        "replace older ones, concurrent edits are conflicts that keep both versions.\n\n"
+        "TARGET is the config file of another replica on this machine (for instance on a USB "
+        "disk). PATHs limit the sync to those subtrees.",
+    )
+    c.add_argument("target", metavar="TARGET")
+    c.add_argument("-n", "--dry-run", action="store_true", help="print the plan, change nothing")
+    d = c.add_mutually_exclusive_group()
+    d.add_argument("--pull-only", action="store_true", help="change only this replica")
+    d.add_argument("--push-only", action="store_true", help="change only the target replica")
+    c.add_argument("--prefer", choices=["local", "remote"],
+                   help="settle conflicts for this side (local) or the target (remote)")  # fmt: skip
+    c.add_argument("-v", "--verbose", action="store_true", help="print each action")
+    c.add_argument("paths", nargs="*", metavar="PATH")
+
+    c = cmd("log", "the history of PATH: each event, which replica made it, when")
+    c.add_argument("path", metavar="PATH")
+    c.add_argument("--json", action="store_true")
+
+    c = cmd("conflicts", "list conflict copies waiting for a decision")
+    c.add_argument("--json", action="store_true")
+
+    c = cmd(
+        "resolve",
+        "settle a conflict: keep the local version, the other one, or both",
+        "PATH is the file or its conflict copy. --keep local removes the conflict copy; "
+        "--keep remote puts the copy's content in place of the file; --keep both renames the "
+        "copy to NAME.<replica>.EXT so both stay as ordinary files. The decision is recorded as "
+        "ordinary changes, so every replica follows it.",
+    )
+    c.add_argument("path", metavar="PATH")
+    c.add_argument("--keep", required=True, choices=["local", "remote", "both"])
+
+    cmd("dump", "print the database as text, one escaped line per record")
+    return p
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _fmt_time(ns: int) -> str:
+    if not ns:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class Progress:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.on = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, stats: Any) -> None:
+        if not self.on or time.monotonic() - self.last < 0.25:
+            return
+        self.last = time.monotonic()
+        if isinstance(stats, ScanStats):
+            text = f"{stats.files} files seen, {stats.events} changes, {_human(stats.hashed_bytes)} hashed"
+        else:
+            text = f"{stats.written} files written ({_human(stats.written_bytes)}), {stats.deleted} deleted"
+        print(f"\r{self.what}: {text}\x1b[K", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.on and self.last:
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return args.config or configmod.default_config_path()
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _scan_summary(name: str, st: ScanStats) -> str:
+    return (
+        f"{name}: {st.created} created, {st.updated} updated, {st.deleted} deleted "
+        f"({_human(st.hashed_bytes)} hashed)"
+    )
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    progress = Progress("first scan")
+    t0 = time.monotonic()
+    cfg, stats = init(
+        _config_path(args), args.root, name=args.name, listen=args.listen,
+        tree_id=args.tree_id, state=args.state, progress=progress,
+    )  # fmt: skip
+    progress.done()
+    with Replica(cfg, write=False) as rep:
+        ident = _identity(rep)
+    if args.json:
+        _print_json({**ident, "config": str(cfg.path), "root": str(cfg.root),
+                     "state": str(cfg.state), "files": stats.files})  # fmt: skip
+        return 0
+    print(f"replica {cfg.name} ({short_id(ident['replica_id'])}) of tree {ident['tree_id']}")
+    print(f"root:   {cfg.root}")
+    print(f"config: {cfg.path}")
+    print(f"state:  {cfg.state}")
+    print(f"recorded {stats.created} paths ({_human(stats.hashed_bytes)}) in {time.monotonic() - t0:.1f} s")
+    for path, err in stats.errors:
+        print(f"warning: {escape(path)}: {err}", file=sys.stderr)
+    print(f"public key: {ident['public_key']}")
+    print("To add a replica of this tree elsewhere: repld init ROOT --tree-id " + ident["tree_id"])
+    return 0
+
+
+def _identity(rep: Replica) -> dict[str, Any]:
+    keys = load_keys(rep.cfg)
+    return {
+        "replica_id": rep.store.replica_id,
+        "name": rep.cfg.name,
+        "tree_id": rep.store.tree_id,
+        "public_key": keys.public,
+        "endpoint": rep.cfg.listen,
+    }
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    with open_replica(args.config, write=False) as rep:
+        ident = _identity(rep)
+    if args.json:
+        _print_json(ident)
+    else:
+        for k, v in ident.items():
+            print(f"{k + ':':12} {v}")
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    if args.peer_command == "list":
+        if args.json:
+            _print_json([{"name": p.name, "endpoint": p.endpoint, "public_key": p.public_key}
+                         for p in cfg.peers])  # fmt: skip
+        elif not cfg.peers:
+            print("no peers; add one with: repld peer add NAME tcp://HOST:PORT PUBLIC_KEY")
+        else:
+            for p in cfg.peers:
+                print(f"{p.name:16} {p.endpoint:32} {p.public_key}")
+        return 0
+    if args.peer_command == "add":
+        name = configmod.check_name(args.name, key="NAME")
+        endpoint = configmod.check_endpoint(args.endpoint, key="ENDPOINT")
+        key = configmod.check_public_key(args.public_key, key="PUBLIC_KEY")
+        if cfg.peer(name):
+            raise UsageError(f"a peer named {name!r} exists already; `repld peer remove {name}` first")
+        if name == cfg.name:
+            raise UsageError(f"{name!r} is this replica's own name")
+        peers = (*cfg.peers, configmod.Peer(name, endpoint, key))
+        configmod.write(_replace_peers(cfg, peers))
+        print(f"added peer {name} at {endpoint}")
+        return 0
+    if not cfg.peer(args.name):
+        known = ", ".join(p.name for p in cfg.peers) or "none"
+        raise UsageError(f"no peer named {args.name!r} in {cfg.path} (peers: {known})")
+    configmod.write(_replace_peers(cfg, tuple(p for p in cfg.peers if p.name != args.name)))
+    print(f"removed peer {args.name}")
+    return 0
+
+
+def _replace_peers(cfg: configmod.Config, peers: tuple[configmod.Peer, ...]) -> configmod.Config:
+    from dataclasses import replace
+
+    return replace(cfg, peers=peers)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    raise DaemonNotRunning(
+        f"repld is not running for {cfg.root} (config {cfg.path}); this version has no daemon "
+        "yet: use `repld scan` and `repld sync`"
+    )
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    progress = Progress("scanning")
+    with open_replica(args.config) as rep:
+        paths = [p.strip("/") for p in args.paths] or None
+        stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress)
+    progress.done()
+    for action, path in stats.changes:
+        print(f"{action:7} {escape(path)}")
+    print(_scan_summary(rep.cfg.name, stats))
+    for path, err in stats.errors:
+        print(f"error: {escape(path)}: {err}", file=sys.stderr)
+    return 1 if stats.errors else 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    if not target.is_file():
+        cfg = configmod.load(args.config)
+        if cfg.peer(args.target):
+            raise UsageError(
+                f"{args.target} is a network peer; syncing over the network needs the daemon, "
+                "which this version does not have yet. TARGET must be another replica's config file."
+            )
+        raise UsageError(
+            f"{args.target}: no such config file, and no peer of that name in {cfg.path}"
+        )
+    direction = Direction.PULL if args.pull_only else Direction.PUSH if args.push_only else Direction.BOTH
+    progress = Progress("syncing")
+    with open_replica(args.config) as left, open_replica(target) as right:
+        report = sync(
+            left, right, direction=direction, dry_run=args.dry_run, prefer=args.prefer,
+            paths=args.paths or None, verbose=args.verbose or args.dry_run, progress=progress,
+        )  # fmt: skip
+        progress.done()
+        _print_sync(report, args.verbose)
+    return 1 if report.errors else 0
+
+
+def _print_sync(report: SyncReport, verbose: bool) -> None:
+    if verbose or report.dry_run:
+        for name, st in report.scans.items():
+            for action, path in st.changes:
+                print(f"scan {name}: {action} {escape(path)}")
+    for p in report.passes:
+        for step in p.steps:
+            print(f"{p.into} <- {step.describe().replace(step.path, escape(step.path), 1)}")
+    if report.dry_run:
+        n = sum(len(p.steps) for p in report.passes)
+        print(f"dry run: {n} actions planned, nothing changed")
+    else:
+        for p in report.passes:
+            s = p.stats
+            print(
+                f"{p.into}: {s.written} files written ({_human(s.written_bytes)}, "
+                f"{s.copied_locally} from local copies), {s.deleted} deleted, "
+                f"{s.recorded} other updates, {s.conflicts} conflicts"
+                + (f", {s.kept_dirs} directories kept" if s.kept_dirs else "")
+            )
+    for path, err in report.errors:
+        print(f"error: {escape(path)}: {err}", file=sys.stderr)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    with open_replica(args.config, write=False) as rep:
+        path = _rel_path(rep, args.path)
+        events = rep.store.history(path)
+        if not events:
+            raise ReplError(f"{path}: no history (never seen by this replica)")
+        names = {m.replica_id: m.name for m in rep.store.peer_marks()}
+        names[rep.store.replica_id] = rep.cfg.name
+    rows = [
+        {
+            "seq": e.seq,
+            "origin": e.origin,
+            "origin_name": names.get(e.origin),
+            "origin_seq": e.origin_seq,
+            "action": e.action,
+            "version": e.version.encode(),
+            "kind": e.kind,
+            "size": e.size,
+            "sha256": e.sha256,
+            "time": _fmt_time(e.time_ns),
+            "via": e.via or None,
+            "note": e.note or None,
+        }
+        for e in events
+    ]
+    if args.json:
+        _print_json({"path": path, "events": rows})
+        return 0
+    print(f"history of {escape(path)}:")
+    for r in rows:
+        who = f"{short_id(r['origin'])}" + (f" ({r['origin_name']})" if r["origin_name"] else "")
+        via = f" via {r['via']}" if r["via"] else ""
+        note = f"  [{r['note']}]" if r["note"] else ""
+        content = f" {r['size']} B {r['sha256'][:8]}" if r["kind"] == "file" and r["action"] != "delete" else ""
+        print(f"  #{r['seq']:<6} {r['time']}  {r['action']:6} by {who}#{r['origin_seq']}{via}"
+              f"  {short_version(r['version'])}{content}{note}")  # fmt: skip
+    return 0
+
+
+def short_version(encoded: str) -> str:
+    from ..protocol.version import VersionVector
+
+    return str(VersionVector.decode(encoded))
+
+
+def _rel_path(rep: Replica, given: str) -> str:
+    """Accept a path relative to the root, or an absolute / cwd-relative path inside it."""
+    p = Path(given)
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p]
+    for c in candidates:
+        try:
+            return Path(os.path.normpath(c)).relative_to(rep.root).as_posix()
+        except ValueError:
+            pass
+    return given.strip("/")
+
+
+def _conflicts(rep: Replica) -> list[dict[str, Any]]:
+    rows = rep.store.db.execute(
+        "SELECT path FROM records WHERE deleted = 0 AND path LIKE '%.conflict-%' ORDER BY path"
+    ).fetchall()
+    out = []
+    for (copy_path,) in rows:
+        original = conflict_original(copy_path)
+        if original is None:
+            continue
+        rec = rep.store.get(copy_path)
+        orig = rep.store.get(original)
+        assert rec is not None
+        out.append({
+            "path": original,
+            "copy": copy_path,
+            "copy_replica": rec.modified_by,
+            "copy_size": rec.size,
+            "copy_mtime": _fmt_time(rec.mtime_ns),
+            "path_exists": orig is not None and not orig.deleted,
+        })  # fmt: skip
+    return out
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    with open_replica(args.config, write=False) as rep:
+        rows = _conflicts(rep)
+    if args.json:
+        _print_json(rows)
+    elif not rows:
+        print("no conflicts")
+    else:
+        for r in rows:
+            print(f"{escape(r['path'])}\n    other version: {escape(r['copy'])} "
+                  f"({_human(r['copy_size'])}, modified {r['copy_mtime']} on {short_id(r['copy_replica'])})")  # fmt: skip
+        print(f"{len(rows)} conflict(s); settle with: repld resolve PATH --keep local|remote|both")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    with open_replica(args.config) as rep:
+        path = _rel_path(rep, args.path)
+        rep.scan([path], clean_temp=True)
+        if conflict_original(path) is not None:
+            original, copies = conflict_original(path), [path]
+        else:
+            original = path
+            copies = [r["copy"] for r in _conflicts(rep) if r["path"] == path]
+        assert original is not None
+        if not copies:
+            raise ReplError(f"{path}: no conflict to resolve (see `repld conflicts`)")
+        if args.keep == "remote" and len(copies) > 1:
+            raise UsageError(
+                f"{original} has {len(copies)} conflict copies; name the one to keep: "
+                + ", ".join(copies)
+            )
+        root = rep.root
+        touched = [original, *copies]
+        if args.keep == "local":
+            for c in copies:
+                os.unlink(root / c)
+        elif args.keep == "remote":
+            os.replace(root / copies[0], root / original)
+        else:
+            for c in copies:
+                fixed = _both_name(c)
+                if os.path.lexists(root / fixed):
+                    raise ReplError(f"{fixed} exists already; rename {c} by hand")
+                os.rename(root / c, root / fixed)
+                touched.append(fixed)
+        stats = rep.scan(touched)
+    print(f"resolved {escape(original)}: kept {args.keep} ({stats.events} changes recorded; "
+          "they reach other replicas with the next sync)")  # fmt: skip
+    return 0
+
+
+def _both_name(copy_path: str) -> str:
+    """NAME.conflict-<replica>-<hash>.EXT -> NAME.<replica>.EXT"""
+    head, _, name = copy_path.rpartition("/")
+    at = name.rfind(".conflict-")
+    rest = name[at + len(".conflict-") :]
+    ident, dot, tail = rest.partition(".")
+    replica = ident.partition("-")[0]
+    new = name[:at] + "." + replica + (dot + tail if dot else "")
+    return f"{head}/{new}" if head else new
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    with open_replica(args.config, write=False) as rep:
+        s = rep.store
+        out = sys.stdout
+        out.write(f"# repld tree {s.tree_id} replica {s.replica_id} seq {s.seq}\n")
+        out.write("# path kind version deleted mode mtime_ns size sha256 target guid seq\n")
+        for r in s.iter_paths():
+            out.write(
+                f"{escape(r.path)} {r.kind.value} {r.version.encode() or '-'} "
+                f"{'D' if r.deleted else '-'} {r.mode:04o} {r.mtime_ns} {r.size} "
+                f"{r.sha256 or '-'} {escape(r.target) if r.target else '-'} {r.guid} {r.seq}\n"
+            )
+    return 0
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "id": cmd_id,
+    "peer": cmd_peer,
+    "status": cmd_status,
+    "scan": cmd_scan,
+    "sync": cmd_sync,
+    "log": cmd_log,
+    "conflicts": cmd_conflicts,
+    "resolve": cmd_resolve,
+    "dump": cmd_dump,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="repld: %(levelname)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"repld: config error: {e}", file=sys.stderr)
+        return 2
+    except ReplError as e:
+        print(f"repld: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("repld: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

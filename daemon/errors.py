@@ -1,0 +1,69 @@
+"""Errors of the part of repld that touches the world, below the one ``ReplError`` root."""
+
+from __future__ import annotations
+
+import errno as _errno
+from pathlib import Path
+
+from ..protocol.errors import ProtocolError, ReplError, UnsafePathError
+
+__all__ = [
+    "ReplError",
+    "ProtocolError",
+    "UnsafePathError",
+    "ConfigError",
+    "UsageError",
+    "StoreError",
+    "TreeMismatchError",
+    "FsError",
+    "ChangedOnDisk",
+    "DaemonNotRunning",
+]
+
+
+class ConfigError(ReplError):
+    """A configuration problem: names the file and, where it can, the line and key."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, file: Path | str | None = None, key: str | None = None):
+        where = str(file) if file is not None else ""
+        if key:
+            where = f"{where}: key {key!r}" if where else f"key {key!r}"
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file = file
+        self.key = key
+
+
+class UsageError(ReplError):
+    exit_code = 2
+
+
+class StoreError(ReplError):
+    """The database is missing, locked, damaged or of the wrong kind."""
+
+
+class TreeMismatchError(ReplError):
+    """Two replicas of different trees were asked to sync."""
+
+
+class DaemonNotRunning(ReplError):
+    exit_code = 3
+
+
+class FsError(ReplError):
+    """A file system operation failed; keeps the errno and the path."""
+
+    def __init__(self, path: str, err: OSError):
+        self.path = path
+        self.errno = err.errno
+        reason = err.strerror or _errno.errorcode.get(err.errno or 0, str(err))
+        super().__init__(f"{path}: {reason}")
+
+
+class ChangedOnDisk(ReplError):
+    """The local file changed since it was planned for; it must be rescanned, never overwritten."""
+
+    def __init__(self, path: str, detail: str):
+        self.path = path
+        super().__init__(f"{path}: changed on disk since the last scan ({detail})")

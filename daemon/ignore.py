@@ -1,0 +1,53 @@
+"""Which paths are not replicated: gitignore-style rules from ROOT/.repldignore and the config.
+
+Built in, whatever the rules say: repld's own temporary files, and the replica's state directory
+and config file when they live inside the root (a home directory holds ~/.config and ~/.local).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import pathspec
+
+from ..protocol.record import TEMP_PREFIX
+
+log = logging.getLogger(__name__)
+
+IGNORE_FILE = ".repldignore"
+
+
+class Ignore:
+    def __init__(self, root: Path, patterns: Iterable[str] = (), exclude: Iterable[Path] = ()):
+        self.root = root
+        lines = list(patterns)
+        try:
+            lines += (root / IGNORE_FILE).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("cannot read %s: %s; its rules are not applied", root / IGNORE_FILE, e)
+        self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
+        self.fixed: set[str] = set()
+        root_abs = root.resolve()
+        for p in exclude:
+            try:
+                rel = p.resolve().relative_to(root_abs)
+            except ValueError:
+                continue
+            if str(rel) != ".":
+                self.fixed.add(rel.as_posix())
+        self.empty = not lines and not self.fixed
+
+    def __call__(self, path: str, is_dir: bool) -> bool:
+        """True if ``path`` (relative, '/'-separated) is ignored."""
+        name = path.rpartition("/")[2]
+        if name.startswith(TEMP_PREFIX):
+            return True
+        if self.empty:
+            return False
+        if path in self.fixed:
+            return True
+        return self.spec.match_file(path + "/" if is_dir else path)

@@ -1,0 +1,186 @@
+"""One-shot sync between two replicas on this machine (Plan 9's syncdb, fixed).
+
+Both replicas are scanned, then each pass pulls into one side the other side's records after the
+last sequence number it has seen from it, plans them with the shared planner and applies them.
+``both`` runs two passes (left pulls, then right pulls; the second pass relays what the first
+brought in, in sequence order, as a peer would). A dry run does all the scanning and planning in
+transactions that are rolled back, so it changes nothing anywhere, and prints the plan.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from ..protocol.plan import Op, Step, plan_pull, plan_record
+from ..protocol.reconcile import Policy
+from ..protocol.record import Record, is_within
+from .applier import Applier, ApplyStats
+from .errors import ReplError, TreeMismatchError
+from .replica import Replica
+from .scanner import ScanStats
+
+log = logging.getLogger(__name__)
+
+
+class Direction(enum.Enum):
+    BOTH = "both"
+    PULL = "pull"  # only the local (left) replica changes
+    PUSH = "push"  # only the target (right) replica changes
+
+
+@dataclass
+class PassReport:
+    into: str  # name of the replica that changes
+    steps: list[Step] = field(default_factory=list)
+    stats: ApplyStats = field(default_factory=ApplyStats)
+
+
+@dataclass
+class SyncReport:
+    scans: dict[str, ScanStats] = field(default_factory=dict)
+    passes: list[PassReport] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        out = [e for s in self.scans.values() for e in s.errors]
+        return out + [e for p in self.passes for e in p.stats.errors]
+
+
+def _opener(replica: Replica) -> Callable[[Record], BinaryIO]:
+    def fetch(rec: Record) -> BinaryIO:
+        path = replica.root / rec.path
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open(fd, "rb")
+
+    return fetch
+
+
+def _policy(prefer: str | None, into_left: bool) -> Policy:
+    if prefer is None:
+        return Policy.KEEP_BOTH
+    # "local" is the left replica (the one whose config runs the command).
+    left_wins = prefer == "local"
+    return Policy.PREFER_LOCAL if left_wins == into_left else Policy.PREFER_REMOTE
+
+
+def sync(
+    left: Replica,
+    right: Replica,
+    *,
+    direction: Direction = Direction.BOTH,
+    dry_run: bool = False,
+    prefer: str | None = None,
+    paths: list[str] | None = None,
+    verbose: bool = False,
+    progress: Callable[[ApplyStats], None] | None = None,
+) -> SyncReport:
+    if left.store.tree_id != right.store.tree_id:
+        raise TreeMismatchError(
+            f"{left.cfg.path} and {right.cfg.path} are replicas of different trees "
+            f"({left.store.tree_id} vs {right.store.tree_id}); refusing to sync them. "
+            "A new replica joins a tree with `repld init ROOT --tree-id ID`."
+        )
+    if left.store.replica_id == right.store.replica_id:
+        raise ReplError(f"{left.cfg.path} and {right.cfg.path} are the same replica")
+    within = None
+    if paths:
+        prefixes = [p.strip("/") for p in paths]
+        within = lambda p: any(is_within(p, pre) for pre in prefixes)  # noqa: E731
+
+    report = SyncReport(dry_run=dry_run)
+    changes_left = not dry_run and direction is not Direction.PUSH
+    changes_right = not dry_run and direction is not Direction.PULL
+    with ExitStack() as stack:
+        # A side that must not change (dry run, one-way sync) is scanned and planned inside a
+        # transaction that is rolled back at the end: its files and its database stay as they are.
+        if not changes_left:
+            stack.enter_context(left.store.transaction(commit=False))
+        if not changes_right:
+            stack.enter_context(right.store.transaction(commit=False))
+        for rep in (left, right):
+            report.scans[rep.cfg.name] = rep.scan(
+                paths=[p.strip("/") for p in paths] if paths else None,
+                verbose=verbose,
+                clean_temp=changes_left if rep is left else changes_right,
+            )
+        passes = []
+        if direction in (Direction.BOTH, Direction.PULL):
+            passes.append((left, right, True))
+        if direction in (Direction.BOTH, Direction.PUSH):
+            passes.append((right, left, False))
+        for into, src, into_left in passes:
+            src_commits = changes_left if into_left is False else changes_right
+            report.passes.append(
+                _pass(into, src, _policy(prefer, into_left), within, dry_run, src_commits,
+                      verbose, progress)  # fmt: skip
+            )
+    return report
+
+
+def _pass(
+    into: Replica,
+    src: Replica,
+    policy: Policy,
+    within: Callable[[str], bool] | None,
+    dry_run: bool,
+    src_commits: bool,
+    verbose: bool,
+    progress: Callable[[ApplyStats], None] | None,
+) -> PassReport:
+    report = PassReport(into=into.cfg.name)
+    me = into.store.replica_id
+    mark = into.store.peer_mark(src.store.replica_id)
+    top = src.store.seq
+    # If the source's scan is rolled back, its new events will get their sequence numbers again
+    # next time: remember only what its database really holds.
+    mark_to = top if src_commits else src.store.committed_seq
+
+    def remote_records() -> Iterator[Record]:
+        for rec in src.store.records_since(mark.seen_seq):
+            if rec.seq > top:
+                return
+            yield rec
+
+    steps = plan_pull(into.store.get, remote_records(), replica=me, policy=policy, within=within)
+    if dry_run:
+        report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
+        return report
+
+    def replan(step: Step) -> list[Step]:
+        # The local file changed under us: record that change, then plan the remote record again.
+        into.scan(paths=[step.path])
+        remote = src.store.get(step.path)
+        if remote is None:
+            return []
+        return plan_record(
+            into.store.get(step.path), remote, replica=me, policy=policy,
+            local_lookup=into.store.get,
+        )  # fmt: skip
+
+    applier = Applier(
+        into.store,
+        into.root,
+        _opener(src),
+        via=src.cfg.name,
+        replan=replan,
+        keep_steps=verbose,
+        on_progress=progress,
+    )
+    report.stats = applier.apply(steps)
+    report.steps = report.stats.done
+    if not report.stats.errors and within is None:
+        # Everything up to `top` is applied: next time, start after it. A failed path or a
+        # subtree sync leaves the mark where it was, so nothing is skipped next time.
+        with into.store.transaction():
+            into.store.set_peer_mark(src.store.replica_id, name=src.cfg.name, seen_seq=mark_to)
+        if src_commits:
+            with src.store.transaction():
+                src.store.set_peer_mark(into.store.replica_id, name=into.cfg.name, acked_seq=mark_to)
+    return report

@@ -1,0 +1,143 @@
+"""A replica on this machine: its config, its database, its keys, its tree. Creating one is `init`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from . import config as configmod
+from .config import Config
+from .errors import ConfigError, StoreError
+from .ignore import Ignore
+from .scanner import Scanner, ScanStats
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+PUBLIC_KEY_FILE = "curve.public"
+SECRET_KEY_FILE = "curve.secret"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    public: str
+    secret: str
+
+
+def make_keys(key_dir: Path) -> Keys:
+    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(key_dir, 0o700)
+    public, secret = zmq.curve_keypair()
+    for name, value, mode in ((SECRET_KEY_FILE, secret, 0o600), (PUBLIC_KEY_FILE, public, 0o644)):
+        fd = os.open(key_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(value + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return Keys(public.decode(), secret.decode())
+
+
+def load_keys(cfg: Config) -> Keys:
+    out = []
+    for name in (PUBLIC_KEY_FILE, SECRET_KEY_FILE):
+        path = cfg.key_dir / name
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read key file {path}: {e.strerror}; it is made by `repld init`",
+                file=cfg.path,
+                key="state",
+            ) from None
+        if len(text) != 40:
+            raise ConfigError(f"key file {path} is damaged (expected 40 Z85 characters)",
+                              file=cfg.path, key="state")  # fmt: skip
+        out.append(text)
+    return Keys(out[0], out[1])
+
+
+class Replica:
+    """Opens a replica's database with its config; closes it on exit."""
+
+    def __init__(self, cfg: Config, *, write: bool = True):
+        self.cfg = cfg
+        self.store = Store(cfg.db_path, write=write)
+
+    @property
+    def root(self) -> Path:
+        return self.cfg.root
+
+    def ignore(self) -> Ignore:
+        return Ignore(self.cfg.root, self.cfg.ignore, exclude=(self.cfg.state, self.cfg.path))
+
+    def scanner(self, **kwargs: object) -> Scanner:
+        return Scanner(self.store, self.cfg.root, self.ignore(), **kwargs)  # type: ignore[arg-type]
+
+    def scan(self, paths: list[str] | None = None, **kwargs: object) -> ScanStats:
+        return self.scanner(**kwargs).scan(paths)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Replica:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_replica(config_path: Path | None, *, write: bool = True) -> Replica:
+    cfg = configmod.load(config_path)
+    if not cfg.db_path.exists():
+        raise ConfigError(
+            f"no database at {cfg.db_path}; was `repld init` run with this config?",
+            file=cfg.path,
+            key="state",
+        )
+    return Replica(cfg, write=write)
+
+
+def init(
+    config_path: Path,
+    root: Path,
+    *,
+    name: str | None = None,
+    listen: str | None = None,
+    tree_id: str | None = None,
+    state: Path | None = None,
+    progress: object = None,
+) -> tuple[Config, ScanStats]:
+    """Create a replica: config, keys, database, and a first scan that records every file."""
+    root = root.expanduser().absolute()
+    if not root.is_dir():
+        raise ConfigError(f"root {root} does not exist or is not a directory")
+    if config_path.exists():
+        raise ConfigError(
+            "a config file is already there; remove it or choose another with --config",
+            file=config_path,
+        )
+    state = (state or configmod.default_state_dir(config_path)).expanduser().absolute()
+    if (state / "repld.db").exists():
+        raise StoreError(f"{state}/repld.db already exists; pass another --state or remove it")
+    name = configmod.check_name(name or socket.gethostname().split(".")[0] or "replica")
+    listen = configmod.check_endpoint(listen or f"tcp://0.0.0.0:{configmod.DEFAULT_PORT}")
+    if tree_id is not None:
+        import uuid
+
+        try:
+            tree_id = str(uuid.UUID(tree_id))
+        except ValueError:
+            raise ConfigError(f"--tree-id {tree_id!r} is not a UUID (copy it from `repld id`)") from None
+    cfg = Config(path=config_path.absolute(), root=root, state=state, name=name, listen=listen)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_keys(cfg.key_dir)
+    Store.create(cfg.db_path, tree_id=tree_id).close()
+    configmod.write(cfg)
+    with Replica(cfg) as rep:
+        stats = rep.scan(clean_temp=True, progress=progress)
+    return cfg, stats

@@ -1,0 +1,391 @@
+"""The scanner: compares the tree on disk with the records and commits one event per change.
+
+A file is rehashed only when its size, mtime, mode or inode differ from its record; a file whose
+inode, size and mtime match a record that has vanished from its old path is a move and is not
+hashed again (its guid follows it). Directories and symlinks are recorded (symlinks never
+followed). Ignored subtrees are never entered. A directory that cannot be read is reported and its
+records are left alone: an unreadable directory is not a deleted one.
+
+A scan walks one directory at a time and reads only that directory's records, so memory does not
+grow with the tree; all its events are one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..protocol.record import (
+    DIGEST_SIZE,
+    TEMP_PREFIX,
+    Action,
+    Kind,
+    Record,
+    block_size_for,
+    check_path,
+    is_within,
+    new_guid,
+    parent_of,
+)
+from ..protocol.errors import UnsafePathError
+from ..protocol.version import VersionVector
+from .ignore import Ignore
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+
+
+@dataclass
+class ScanStats:
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    hashed_bytes: int = 0
+    files: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    changes: list[tuple[str, str]] = field(default_factory=list)  # (action, path) when verbose
+
+    @property
+    def events(self) -> int:
+        return self.created + self.updated + self.deleted
+
+
+def hash_file(path: str | Path) -> tuple[str, bytes, int]:
+    """(SHA-256 hex of the whole file, concatenated block digests, size) of a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int) -> tuple[str, bytes, int]:
+    bsize = block_size_for(os.fstat(fd).st_size)
+    first = os.read(fd, bsize)
+    if len(first) < bsize or not (peek := os.read(fd, READ_CHUNK)):
+        # One block (nearly every file): hash once, the file digest is the block digest.
+        digest = hashlib.sha256(first).digest()
+        return digest.hex(), digest, len(first)
+    whole = hashlib.sha256(first)
+    blocks = [hashlib.sha256(first).digest()]
+    total = len(first)
+    block = hashlib.sha256()
+    in_block = 0
+    data = peek
+    while data:
+        while data:
+            room = bsize - in_block
+            part, data = data[:room], data[room:]
+            whole.update(part)
+            block.update(part)
+            in_block += len(part)
+            total += len(part)
+            if in_block == bsize:
+                blocks.append(block.digest())
+                block = hashlib.sha256()
+                in_block = 0
+        data = os.read(fd, READ_CHUNK)
+    if in_block:
+        blocks.append(block.digest())
+    return whole.hexdigest(), b"".join(blocks), total
+
+
+def kind_of(mode: int) -> Kind | None:
+    if stat.S_ISREG(mode):
+        return Kind.FILE
+    if stat.S_ISDIR(mode):
+        return Kind.DIR
+    if stat.S_ISLNK(mode):
+        return Kind.SYMLINK
+    return None
+
+
+class Scanner:
+    def __init__(
+        self,
+        store: Store,
+        root: Path,
+        ignore: Ignore | None = None,
+        *,
+        verbose: bool = False,
+        clean_temp: bool = False,
+        progress: Callable[[ScanStats], None] | None = None,
+    ):
+        self.store = store
+        self.root = root
+        self.ignore = ignore or Ignore(root)
+        self.verbose = verbose
+        self.clean_temp = clean_temp
+        self.progress = progress
+        self.me = store.replica_id
+        self.stats = ScanStats()
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def scan(self, paths: Iterable[str] | None = None) -> ScanStats:
+        """Scan the whole tree, or only ``paths`` (and what is below them); one transaction."""
+        self.stats = ScanStats()
+        with self.store.transaction():
+            if paths is None:
+                self._walk("")
+            else:
+                for path in sorted(set(paths)):
+                    self._scan_path(path)
+        return self.stats
+
+    def _scan_path(self, path: str) -> None:
+        if not path or path == ".":
+            self._walk("")
+            return
+        try:
+            check_path(path)
+        except UnsafePathError as e:
+            self.stats.errors.append((path, str(e)))
+            return
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if self.ignore("/".join(parts[:i]), True):
+                return
+        # Parents first: a new file in a new directory needs the directory's record too.
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            st = self._lstat(parent)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                self._scan_entry(parent, st, self.store.get(parent), descend=False)
+                return
+            rec = self.store.get(parent)
+            if rec is None or rec.deleted:
+                self._scan_entry(parent, st, rec, descend=False)
+        st = self._lstat(path)
+        if st is not None and self.ignore(path, stat.S_ISDIR(st.st_mode)):
+            return
+        self._scan_entry(path, st, self.store.get(path), descend=True)
+
+    def _lstat(self, path: str) -> os.stat_result | None:
+        try:
+            return os.lstat(self.root / path)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+
+    # -- the walk -----------------------------------------------------------------------------
+
+    def _walk(self, top: str) -> None:
+        stack = [top]
+        while stack:
+            rel = stack.pop()
+            for sub in reversed(self._scan_dir(rel)):
+                stack.append(sub)
+
+    def _scan_dir(self, rel: str) -> list[str]:
+        """Scan one directory's entries; return its subdirectories to walk next."""
+        abs_dir = self.root / rel if rel else self.root
+        try:
+            with os.scandir(abs_dir) as it:
+                entries = {e.name: e for e in it}
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            self._error(rel or ".", f"cannot read directory: {e.strerror}")
+            return []
+        records = {r.path.rpartition("/")[2]: r for r in self.store.children(rel)}
+        subdirs: list[str] = []
+        for name in sorted(entries.keys() | records.keys()):
+            path = f"{rel}/{name}" if rel else name
+            if name.startswith(TEMP_PREFIX):
+                if self.clean_temp:  # left by a crash; only ever a temp name, never tracked
+                    try:
+                        os.unlink(self.root / path)
+                    except OSError:
+                        pass
+                continue
+            entry = entries.get(name)
+            rec = records.get(name)
+            if entry is None:
+                if rec is not None and not rec.deleted:
+                    self._gone(rec)
+                continue
+            try:
+                check_path(path)
+            except UnsafePathError as e:
+                self._error(path, f"not replicated: {e}")
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            except OSError as e:
+                self._error(path, f"cannot stat: {e.strerror}")
+                continue
+            if st is not None and self.ignore(path, stat.S_ISDIR(st.st_mode)):
+                continue
+            if self._scan_entry(path, st, rec, descend=False):
+                subdirs.append(path)
+        if self.progress is not None:
+            self.progress(self.stats)
+        return subdirs
+
+    def _scan_entry(
+        self, path: str, st: os.stat_result | None, rec: Record | None, *, descend: bool
+    ) -> bool:
+        """Record what changed at ``path``; True if it is a directory to walk."""
+        if st is None:
+            if rec is not None and not rec.deleted:
+                self._gone(rec)
+            elif rec is None:
+                # Maybe a directory's records were never there, or the path is new and gone.
+                pass
+            return False
+        kind = kind_of(st.st_mode)
+        if kind is None:
+            self._error(path, "not replicated: not a regular file, directory or symlink")
+            return False
+        if rec is not None and not rec.deleted and rec.kind is Kind.DIR and kind is not Kind.DIR:
+            self._gone_subtree(path)
+        if kind is Kind.DIR:
+            self._check_dir(path, st, rec)
+            if descend:
+                self._walk(path)
+                return False
+            return True
+        if kind is Kind.SYMLINK:
+            self._check_symlink(path, rec)
+        else:
+            self._check_file(path, st, rec)
+        return False
+
+    # -- one entry ----------------------------------------------------------------------------
+
+    def _event(self, rec: Record | None, new: Record, action: Action) -> None:
+        base = rec.version if rec is not None else VersionVector()
+        guid = rec.guid if rec is not None and not rec.deleted else new.guid
+        stored = self.store.put(
+            new.with_(version=base.bump(self.me), action=action, guid=guid), local=True
+        )
+        if action is Action.CREATE:
+            self.stats.created += 1
+        elif action is Action.UPDATE:
+            self.stats.updated += 1
+        else:
+            self.stats.deleted += 1
+        if self.verbose:
+            self.stats.changes.append((action.value, stored.path))
+
+    def _check_dir(self, path: str, st: os.stat_result, rec: Record | None) -> None:
+        mode = stat.S_IMODE(st.st_mode)
+        if rec is not None and not rec.deleted and rec.kind is Kind.DIR:
+            if rec.mode != mode:
+                self._event(rec, rec.with_(mode=mode, mtime_ns=st.st_mtime_ns), Action.UPDATE)
+            return
+        new = Record(path, new_guid(), Kind.DIR, VersionVector(), mode=mode, mtime_ns=st.st_mtime_ns)
+        self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
+
+    def _check_symlink(self, path: str, rec: Record | None) -> None:
+        try:
+            target = os.readlink(self.root / path)
+        except OSError as e:
+            self._error(path, f"cannot read link: {e.strerror}")
+            return
+        if rec is not None and not rec.deleted and rec.kind is Kind.SYMLINK and rec.target == target:
+            return
+        new = Record(path, new_guid(), Kind.SYMLINK, VersionVector(), target=target)
+        self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
+
+    def _check_file(self, path: str, st: os.stat_result, rec: Record | None) -> None:
+        self.stats.files += 1
+        mode = stat.S_IMODE(st.st_mode)
+        live = rec is not None and not rec.deleted and rec.kind is Kind.FILE
+        if live and rec is not None:
+            if (rec.size, rec.mtime_ns, rec.mode, rec.ino) == (
+                st.st_size, st.st_mtime_ns, mode, st.st_ino
+            ):
+                return
+        moved = None if live else self._moved_from(path, st)
+        if moved is not None:
+            sha, blocks, size = moved.sha256, moved.blocks, moved.size
+        else:
+            try:
+                sha, blocks, size = hash_file(self.root / path)
+            except FileNotFoundError:
+                if live and rec is not None:
+                    self._gone(rec)
+                return
+            except OSError as e:
+                self._error(path, f"cannot read: {e.strerror}")
+                return
+            self.stats.hashed_bytes += size
+            st = os.lstat(self.root / path)
+        new = Record(
+            path,
+            moved.guid if moved is not None else new_guid(),
+            Kind.FILE,
+            VersionVector(),
+            mode=mode,
+            mtime_ns=st.st_mtime_ns,
+            size=size,
+            sha256=sha,
+            blocks=blocks,
+            ino=st.st_ino,
+        )
+        if live and rec is not None:
+            if rec.sha256 == sha and rec.mode == mode and rec.mtime_ns == st.st_mtime_ns:
+                self.store.set_ino(path, st.st_ino)  # same file, new inode: cache only
+                return
+            self._event(rec, new, Action.UPDATE)
+            return
+        if moved is not None:
+            self.store.put(new.with_(version=VersionVector().bump(self.me), action=Action.CREATE),
+                           local=True, note=f"moved from {moved.path}")  # fmt: skip
+            self.stats.created += 1
+            if self.verbose:
+                self.stats.changes.append(("move", f"{moved.path} -> {path}"))
+            return
+        self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
+
+    def _moved_from(self, path: str, st: os.stat_result) -> Record | None:
+        """A live record elsewhere for this very inode whose old path no longer holds it."""
+        rows = self.store.db.execute(
+            "SELECT path FROM records WHERE ino = ? AND deleted = 0 AND kind = 'file' "
+            "AND size = ? AND mtime_ns = ? AND path != ? LIMIT 4",
+            (st.st_ino, st.st_size, st.st_mtime_ns, path),
+        ).fetchall()
+        for (old_path,) in rows:
+            old_st = self._lstat(old_path)
+            if old_st is None or old_st.st_ino != st.st_ino:
+                return self.store.get(old_path)
+        return None
+
+    def _gone(self, rec: Record) -> None:
+        if rec.kind is Kind.DIR:
+            self._gone_subtree(rec.path)
+        self._event(rec, rec.with_(deleted=True, size=0, blocks=b""), Action.DELETE)
+
+    def _gone_subtree(self, path: str) -> None:
+        below = [r for r in self.store.iter_paths(path, include_prefix=False) if not r.deleted]
+        for r in reversed(below):
+            self._event(r, r.with_(deleted=True, size=0, blocks=b""), Action.DELETE)
+
+    def _error(self, path: str, message: str) -> None:
+        log.warning("%s: %s", path, message)
+        self.stats.errors.append((path, message))
+
+
+def ancestors(path: str) -> list[str]:
+    out = []
+    p = parent_of(path)
+    while p:
+        out.append(p)
+        p = parent_of(p)
+    return out[::-1]
+
+
+__all__ = ["Scanner", "ScanStats", "hash_file", "hash_fd", "kind_of", "ancestors", "is_within",
+           "DIGEST_SIZE"]  # fmt: skip

@@ -1,0 +1,1 @@
+"""repld's pure core: versions, records, reconcile rules and sync planning. No I/O here."""

@@ -1,0 +1,131 @@
+"""The sync plan: from remote records to the steps that bring the local replica up to date.
+
+``plan_pull`` is the one planner that the one-shot sync and the daemon share. It takes the remote
+records (streamed, in the remote's sequence order), looks up the local record for each path and
+yields ``Step`` objects: what to write, create, delete or merely record. Planning is pure: the
+caller applies the steps (or, for a dry run, prints them).
+
+Steps that remove things (deletions, and a directory replaced by something else) are ``deferred``:
+the caller applies them after all others and in reverse path order, so that children go before
+their parents and a renamed file's old copy is still there to copy blocks from.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from .reconcile import Conflict, Policy, reconcile
+from .record import Kind, Record
+from .version import Order
+
+
+class Op(enum.Enum):
+    WRITE = "write"  # file content comes from a local copy or from the peer
+    MKDIR = "mkdir"
+    SYMLINK = "symlink"
+    DELETE = "delete"
+    META = "meta"  # mode / mtime only
+    RECORD = "record"  # the database only: merged version, a tombstone never seen here
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    op: Op
+    path: str
+    record: Record  # the local record once the step is done
+    expected: Record | None  # the local record the disk must still match, else rescan first
+    conflict: Conflict | None = None
+    deferred: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        text = f"{self.op.value:7} {self.path}"
+        if self.conflict is not None:
+            c = self.conflict
+            kept = f", loser kept as {c.copy.path}" if c.copy else ", loser dropped"
+            text += f"  [conflict: {c.winner.value} wins ({c.reason}){kept}]"
+        elif self.note:
+            text += f"  [{self.note}]"
+        return text
+
+
+def steps_for(local: Record | None, result: Record, *, note: str = "") -> Step:
+    """The one step that turns the local state ``local`` into ``result``."""
+    live = local is not None and not local.deleted
+    if result.deleted:
+        if not live:
+            return Step(Op.RECORD, result.path, result, local, note=note or "tombstone")
+        return Step(Op.DELETE, result.path, result, local, deferred=True, note=note)
+    assert local is None or local.path == result.path
+    if live and local is not None and local.kind is Kind.DIR and result.kind is not Kind.DIR:
+        op = Op.WRITE if result.kind is Kind.FILE else Op.SYMLINK
+        return Step(op, result.path, result, local, deferred=True, note=note or "replaces dir")
+    if result.kind is Kind.DIR:
+        if live and local is not None and local.kind is Kind.DIR:
+            op = Op.RECORD if local.mode == result.mode else Op.META
+            return Step(op, result.path, result, local, note=note)
+        return Step(Op.MKDIR, result.path, result, local, note=note)
+    if result.kind is Kind.SYMLINK:
+        if live and local is not None and local.same_content(result):
+            return Step(Op.RECORD, result.path, result, local, note=note)
+        return Step(Op.SYMLINK, result.path, result, local, note=note)
+    if live and local is not None and local.same_content(result):
+        op = Op.RECORD if local.same_metadata(result) else Op.META
+        return Step(op, result.path, result, local, note=note)
+    return Step(Op.WRITE, result.path, result, local, note=note)
+
+
+def plan_record(
+    local: Record | None,
+    remote: Record,
+    *,
+    replica: str,
+    policy: Policy = Policy.KEEP_BOTH,
+    local_lookup: Callable[[str], Record | None] | None = None,
+) -> list[Step]:
+    """Steps for one remote record (a conflict copy first, then the path itself)."""
+    res = reconcile(local, remote, replica=replica, policy=policy)
+    if res.result is None:
+        return []
+    steps: list[Step] = []
+    if res.conflict is not None and res.conflict.copy is not None:
+        copy = res.conflict.copy
+        existing = local_lookup(copy.path) if local_lookup else None
+        if existing is None or existing.version.compare(copy.version) is Order.DOMINATED:
+            steps.append(
+                Step(
+                    Op.WRITE if copy.kind is Kind.FILE else Op.SYMLINK,
+                    copy.path,
+                    copy,
+                    existing,
+                    note=f"conflict copy of {remote.path}",
+                )
+            )
+    step = steps_for(local, res.result, note=res.note)
+    steps.append(
+        Step(step.op, step.path, step.record, step.expected, res.conflict, step.deferred, step.note)
+    )
+    return steps
+
+
+def plan_pull(
+    local_lookup: Callable[[str], Record | None],
+    remote_records: Iterable[Record],
+    *,
+    replica: str,
+    policy: Policy = Policy.KEEP_BOTH,
+    within: Callable[[str], bool] | None = None,
+) -> Iterator[Step]:
+    """Steps that bring the local replica up to date with ``remote_records``.
+
+    ``within`` limits the plan to some paths (a subtree sync); records outside it are skipped.
+    """
+    for remote in remote_records:
+        if within is not None and not within(remote.path):
+            continue
+        local = local_lookup(remote.path)
+        yield from plan_record(
+            local, remote, replica=replica, policy=policy, local_lookup=local_lookup
+        )

@@ -1,0 +1,124 @@
+"""Reconcile one local record with one remote record: the rules of DESIGN.md "Conflicts".
+
+- equal versions, or the local one dominates: nothing to do;
+- the remote one dominates: the local replica takes the remote record;
+- concurrent but the same content (or both deleted): the versions merge, nothing is a conflict;
+- concurrent, one side deleted: the modification wins, nothing is lost;
+- concurrent, different content: a conflict. Without a preference every replica picks the same
+  winner from the two records alone (a directory beats anything else, then the newer mtime, then
+  the larger replica id, then the larger content hash); the loser is kept beside the winner as a
+  conflict copy whose name and record derive only from the losing version, so two replicas that
+  resolve the same conflict independently produce the same copy, once. The resolved version is the
+  merge of both, so it dominates both and a third replica never sees the conflict again.
+
+A preference (``--prefer``, or a prefer-* policy) is a choice only one replica makes, so its result
+also gets a new event by the resolving replica: it then dominates any resolution that another
+replica may have reached independently.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .record import Action, Kind, Record, conflict_copy_path, derived_guid
+from .version import Order
+
+
+class Policy(enum.Enum):
+    KEEP_BOTH = "keep-both"
+    NEWEST = "newest"
+    PREFER_LOCAL = "prefer-local"
+    PREFER_REMOTE = "prefer-remote"
+
+
+class Side(enum.Enum):
+    LOCAL = "local"
+    REMOTE = "remote"
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    path: str
+    winner: Side
+    winner_record: Record
+    loser_record: Record
+    copy: Record | None  # the conflict copy to create, or None when the loser is dropped
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    order: Order
+    result: Record | None  # what the local record becomes; None: it stays as it is
+    conflict: Conflict | None = None
+    note: str = ""
+
+
+def _winner_key(r: Record) -> tuple[int, int, str, str]:
+    return (1 if r.kind is Kind.DIR else 0, r.mtime_ns, r.modified_by, r.content_id())
+
+
+def conflict_copy_record(loser: Record, path: str) -> Record:
+    """The record of the copy that keeps a losing version; identical on every replica."""
+    copy_path = conflict_copy_path(path, loser)
+    return loser.with_(
+        path=copy_path,
+        guid=derived_guid(loser.guid, loser.content_id(), loser.version.encode()),
+        action=Action.CREATE,
+        seq=0,
+        replicated_ns=0,
+        ino=0,
+    )
+
+
+def reconcile(
+    local: Record | None,
+    remote: Record,
+    *,
+    replica: str,
+    policy: Policy = Policy.KEEP_BOTH,
+) -> Resolution:
+    """Decide what the local replica ``replica`` does with ``remote``'s record for the same path."""
+    if local is None:
+        return Resolution(Order.DOMINATED, remote, note="new")
+    order = local.version.compare(remote.version)
+    if order is Order.EQUAL and not local.same_content(remote):
+        # Equal histories must mean equal content; if they do not (a damaged database), resolve it
+        # as a conflict rather than silently keep two different files "in sync".
+        order = Order.CONCURRENT
+    if order in (Order.EQUAL, Order.DOMINATES):
+        return Resolution(order, None)
+    if order is Order.DOMINATED:
+        return Resolution(order, remote)
+
+    merged = local.version.merge(remote.version)
+    if local.same_content(remote):
+        # Nothing to fight over. Metadata (mode, mtime) comes from the deterministic winner so
+        # both replicas end up with the same record.
+        base = max(local, remote, key=_winner_key)
+        return Resolution(order, base.with_(version=merged), note="same content, versions merged")
+    if local.deleted or remote.deleted:
+        alive = remote if local.deleted else local
+        return Resolution(order, alive.with_(version=merged), note="modification beats deletion")
+
+    has_dir = Kind.DIR in (local.kind, remote.kind)  # a directory always wins: it holds files
+    if policy is Policy.PREFER_LOCAL and not has_dir:
+        winner_side, reason = Side.LOCAL, "prefer local"
+    elif policy is Policy.PREFER_REMOTE and not has_dir:
+        winner_side, reason = Side.REMOTE, "prefer remote"
+    else:
+        local_wins = _winner_key(local) > _winner_key(remote)
+        winner_side = Side.LOCAL if local_wins else Side.REMOTE
+        reason = "newer modification" if local.mtime_ns != remote.mtime_ns else "tie broken by id"
+    winner, loser = (local, remote) if winner_side is Side.LOCAL else (remote, local)
+
+    chosen = policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and not has_dir
+    version = merged.bump(replica) if chosen else merged
+    result = winner.with_(version=version, action=Action.UPDATE)
+    if chosen:
+        result = result.with_(modified_by=replica, origin_seq=0)
+    keep = policy is Policy.KEEP_BOTH or (has_dir and policy is not Policy.NEWEST)
+    copy = conflict_copy_record(loser, local.path) if keep else None
+    conflict = Conflict(local.path, winner_side, winner, loser, copy, reason)
+    return Resolution(order, result, conflict, note=reason)

@@ -1,0 +1,223 @@
+"""The record: what a replica knows about one path, and the rules for paths and names.
+
+A record is immutable. Fields that describe the replicated state (kind, version, content, mode, ...)
+travel between replicas; ``seq``, ``replicated_ns`` and ``ino`` are local bookkeeping and never
+compared across replicas.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import posixpath
+import unicodedata
+import uuid
+from dataclasses import dataclass, replace
+
+from .errors import UnsafePathError
+from .version import VersionVector, short_id
+
+# Blocks: a file is hashed in blocks whose size grows with the file, so that small files are one
+# block and huge files stay under ~2000 blocks. Sizes are powers of two from 128 KiB to 16 MiB.
+MIN_BLOCK = 128 * 1024
+MAX_BLOCK = 16 * 1024 * 1024
+TARGET_BLOCKS = 2000
+DIGEST_SIZE = 32
+
+TEMP_PREFIX = ".repld-tmp-"
+CONFLICT_MARK = ".conflict-"
+
+_GUID_NAMESPACE = uuid.UUID("6f1e4c1e-4b4e-4d3c-9a51-7265706c6421")
+
+
+def block_size_for(size: int) -> int:
+    block = MIN_BLOCK
+    while block < MAX_BLOCK and size > block * TARGET_BLOCKS:
+        block *= 2
+    return block
+
+
+class Kind(enum.Enum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+
+
+class Action(enum.Enum):
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    path: str
+    guid: str
+    kind: Kind
+    version: VersionVector
+    deleted: bool = False
+    mode: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    sha256: str = ""
+    blocks: bytes = b""
+    target: str = ""
+    modified_by: str = ""
+    origin_seq: int = 0
+    action: Action = Action.CREATE
+    changed_ns: int = 0
+    # Local bookkeeping, never compared across replicas.
+    seq: int = 0
+    replicated_ns: int = 0
+    ino: int = 0
+
+    def same_content(self, other: Record) -> bool:
+        """Whether applying ``other`` here would change nothing a user cares about but metadata."""
+        if self.deleted or other.deleted:
+            return self.deleted == other.deleted
+        if self.kind is not other.kind:
+            return False
+        if self.kind is Kind.FILE:
+            return self.sha256 == other.sha256
+        if self.kind is Kind.SYMLINK:
+            return self.target == other.target
+        return True
+
+    def same_metadata(self, other: Record) -> bool:
+        if self.deleted or self.kind is Kind.SYMLINK:
+            return True
+        if self.kind is Kind.DIR:
+            return self.mode == other.mode
+        return self.mode == other.mode and self.mtime_ns == other.mtime_ns
+
+    def content_id(self) -> str:
+        """A hash naming the content: the file hash, or the hash of a symlink target."""
+        if self.kind is Kind.SYMLINK:
+            return hashlib.sha256(self.target.encode("utf-8", "surrogateescape")).hexdigest()
+        if self.kind is Kind.DIR:
+            return hashlib.sha256(b"dir").hexdigest()
+        return self.sha256
+
+    def with_(self, **changes: object) -> Record:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        if self.deleted:
+            return f"deleted {self.kind.value}"
+        if self.kind is Kind.FILE:
+            return f"file {self.size} B {self.sha256[:8]} mode {self.mode:o}"
+        if self.kind is Kind.SYMLINK:
+            return f"symlink -> {self.target}"
+        return f"dir mode {self.mode:o}"
+
+
+def new_guid() -> str:
+    return str(uuid.uuid4())
+
+
+def derived_guid(*parts: str) -> str:
+    """A guid every replica computes alike from the same inputs (for conflict copies)."""
+    return str(uuid.uuid5(_GUID_NAMESPACE, "\0".join(parts)))
+
+
+def check_path(path: str) -> str:
+    """Validate a replica-relative path from anywhere outside this process; return it.
+
+    Refused: empty, absolute, backslash-free but with ``.``/``..``/empty components, NUL bytes,
+    names that are not valid UTF-8. Nothing refused here can ever be turned into a path outside
+    the root by joining it to the root.
+    """
+    if not isinstance(path, str) or not path:
+        raise UnsafePathError(f"empty or non-text path {path!r}")
+    if "\0" in path:
+        raise UnsafePathError(f"path contains NUL: {path!r}")
+    if path.startswith("/"):
+        raise UnsafePathError(f"absolute path not allowed: {path!r}")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise UnsafePathError(f"path component {part!r} not allowed: {path!r}")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"path is not valid UTF-8: {path!r}") from None
+    return path
+
+
+def is_nfc(path: str) -> bool:
+    return unicodedata.is_normalized("NFC", path)
+
+
+def parent_of(path: str) -> str:
+    """The parent's path; the root's children have parent ``""``."""
+    return posixpath.dirname(path)
+
+
+def is_within(path: str, prefix: str) -> bool:
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
+def conflict_copy_path(path: str, loser: Record) -> str:
+    """``NAME.conflict-<short replica>-<short hash>.EXT``, derived only from the losing version."""
+    head, name = posixpath.split(path)
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:  # no extension, or a dotfile such as .bashrc
+        stem, ext = name, ""
+    mark = f"{CONFLICT_MARK}{short_id(loser.modified_by)}-{loser.content_id()[:8]}"
+    copy_name = f"{stem}{mark}.{ext}" if ext else f"{stem}{mark}"
+    return posixpath.join(head, copy_name) if head else copy_name
+
+
+def conflict_original(path: str) -> str | None:
+    """For a conflict copy's path, the path it is a copy of; None for an ordinary path."""
+    head, name = posixpath.split(path)
+    at = name.rfind(CONFLICT_MARK)
+    if at <= 0:
+        return None
+    rest = name[at + len(CONFLICT_MARK) :]
+    ident, _, tail = rest.partition(".")
+    replica, dash, digest = ident.partition("-")
+    hexdigits = set("0123456789abcdef")
+    if not dash or len(replica) != 8 or len(digest) != 8 or not set(replica + digest) <= hexdigits:
+        return None
+    original = name[:at] + ("." + tail if tail else "")
+    return posixpath.join(head, original) if head else original
+
+
+_ESCAPES = {"\\": "\\\\", " ": "\\s", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def escape(text: str) -> str:
+    """One-token, one-line form of a name: spaces, newlines and control characters escaped."""
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F or 0xDC80 <= ord(ch) <= 0xDCFF:
+            code = ord(ch) - 0xDC00 if ord(ch) >= 0xDC80 else ord(ch)
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape(token: str) -> str:
+    out: list[str] = []
+    i = 0
+    back = {"\\": "\\", "s": " ", "n": "\n", "t": "\t", "r": "\r"}
+    while i < len(token):
+        ch = token[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        nxt = token[i + 1 : i + 2]
+        if nxt in back:
+            out.append(back[nxt])
+            i += 2
+        elif nxt == "x":
+            code = int(token[i + 2 : i + 4], 16)
+            out.append(chr(code + 0xDC00) if code >= 0x80 else chr(code))
+            i += 4
+        else:
+            raise ValueError(f"bad escape at {i} in {token!r}")
+    return "".join(out)
