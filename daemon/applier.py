@@ -236,7 +236,7 @@ class Applier:
         if step.op is Op.WRITE:
             self._check(path, step.expected)
             self._ensure_parent(path)
-            tmp = self._write_temp(rec)
+            tmp = self._write_temp(rec, step.source)
             self._batch.append(_Pending(step, tmp))
             self._batch_bytes += rec.size
         elif step.op is Op.MKDIR:
@@ -267,9 +267,9 @@ class Applier:
         tag = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         return self.root / parent_of(path) / f"{TEMP_PREFIX}{tag}-{os.urandom(4).hex()}"
 
-    def _write_temp(self, rec: Record) -> Path:
+    def _write_temp(self, rec: Record, source: str = "") -> Path:
         tmp = self._temp_name(rec.path)
-        src, local = self._open_source(rec)
+        src, local = self._open_source(rec, source)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             h = hashlib.sha256()
@@ -297,7 +297,7 @@ class Applier:
             self.stats.copied_locally += 1
         return tmp
 
-    def _open_source(self, rec: Record) -> tuple[BinaryIO, bool]:
+    def _open_source(self, rec: Record, source: str = "") -> tuple[BinaryIO, bool]:
         """Content from a local file with the same hash if one is intact, else from the fetcher."""
         for other in self.store.live_with_hash(rec.sha256):
             if other.kind is not Kind.FILE:
@@ -310,7 +310,7 @@ class Applier:
             if (st.st_size, st.st_mtime_ns) == (other.size, other.mtime_ns):
                 return f, True
             f.close()
-        return self.fetch(rec), False
+        return self.fetch(rec.with_(path=source) if source else rec), False
 
     # -- the batch ------------------------------------------------------------------------------
 

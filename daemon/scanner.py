@@ -132,6 +132,7 @@ class Scanner:
     def scan(self, paths: Iterable[str] | None = None) -> ScanStats:
         """Scan the whole tree, or only ``paths`` (and what is below them); one transaction."""
         self.stats = ScanStats()
+        self._start_seq = self.store.seq
         with self.store.transaction():
             if paths is None:
                 self._walk("")
@@ -353,25 +354,27 @@ class Scanner:
     def _moved_from(self, path: str, st: os.stat_result) -> Record | None:
         """A live record elsewhere for this very inode whose old path no longer holds it."""
         rows = self.store.db.execute(
-            "SELECT path FROM records WHERE ino = ? AND deleted = 0 AND kind = 'file' "
-            "AND size = ? AND mtime_ns = ? AND path != ? LIMIT 4",
-            (st.st_ino, st.st_size, st.st_mtime_ns, path),
+            "SELECT path FROM records WHERE ino = ? AND ino != 0 AND kind = 'file' "
+            "AND (deleted = 0 OR seq > ?) AND size = ? AND mtime_ns = ? AND path != ? LIMIT 4",
+            (st.st_ino, self._start_seq, st.st_size, st.st_mtime_ns, path),
         ).fetchall()
         for (old_path,) in rows:
             old_st = self._lstat(old_path)
             if old_st is None or old_st.st_ino != st.st_ino:
-                return self.store.get(old_path)
+                old = self.store.get(old_path)
+                if old is not None and old.sha256:
+                    return old
         return None
 
     def _gone(self, rec: Record) -> None:
         if rec.kind is Kind.DIR:
             self._gone_subtree(rec.path)
-        self._event(rec, rec.with_(deleted=True, size=0, blocks=b""), Action.DELETE)
+        self._event(rec, rec.with_(deleted=True), Action.DELETE)
 
     def _gone_subtree(self, path: str) -> None:
         below = [r for r in self.store.iter_paths(path, include_prefix=False) if not r.deleted]
         for r in reversed(below):
-            self._event(r, r.with_(deleted=True, size=0, blocks=b""), Action.DELETE)
+            self._event(r, r.with_(deleted=True), Action.DELETE)
 
     def _error(self, path: str, message: str) -> None:
         log.warning("%s: %s", path, message)

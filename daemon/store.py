@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_parent ON records(parent);
 CREATE UNIQUE INDEX IF NOT EXISTS records_seq ON records(seq);
 CREATE INDEX IF NOT EXISTS records_sha ON records(sha256) WHERE sha256 != '' AND deleted = 0;
-CREATE INDEX IF NOT EXISTS records_ino ON records(ino) WHERE deleted = 0;
+CREATE INDEX IF NOT EXISTS records_ino ON records(ino) WHERE ino != 0;
 CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL,
@@ -207,14 +207,11 @@ class Store:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise StoreError(
-                f"{self.db_path}: in use by another repld process (pid {holder}); "
-                "stop it or wait for it to finish"
+                f"{self.db_path}: in use by another repld process (a sync, a scan or the "
+                "daemon); wait for it to finish or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
     def _unlock(self) -> None:

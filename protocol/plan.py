@@ -39,6 +39,7 @@ class Step:
     conflict: Conflict | None = None
     deferred: bool = False
     note: str = ""
+    source: str = ""  # where the peer holds the content, when not at ``path`` (conflict copies)
 
     def describe(self) -> str:
         text = f"{self.op.value:7} {self.path}"
@@ -101,6 +102,7 @@ def plan_record(
                     copy,
                     existing,
                     note=f"conflict copy of {remote.path}",
+                    source=remote.path,
                 )
             )
     step = steps_for(local, res.result, note=res.note)

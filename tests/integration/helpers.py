@@ -1,0 +1,89 @@
+"""Helpers for tests that drive the real `repld` command on real directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPLD = [sys.executable, "-m", "repld.daemon.cli"]
+
+
+def run(*args: str | os.PathLike[str], check: bool = True, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*REPLD, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"repld {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Rep:
+    name: str
+    root: Path
+    config: Path
+
+    def __call__(self, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("--config", self.config, *args, check=check)
+
+    def sync(self, other: Rep, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self("sync", other.config, *args, check=check)
+
+    def tree_id(self) -> str:
+        return json.loads(self("id", "--json").stdout)["tree_id"]
+
+    @property
+    def state(self) -> Path:
+        return self.config.parent / f"{self.config.stem}.state"
+
+
+def make_replicas(tmp: Path, *names: str) -> list[Rep]:
+    reps: list[Rep] = []
+    tree = None
+    for name in names:
+        root = tmp / name
+        root.mkdir(exist_ok=True)
+        rep = Rep(name, root, tmp / f"{name}.toml")
+        args = ["init", root, "--name", name]
+        if tree:
+            args += ["--tree-id", tree]
+        rep(*args)
+        tree = tree or rep.tree_id()
+        reps.append(rep)
+    return reps
+
+
+def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]]:
+    """Everything a user would compare: paths, kinds, content, permissions, links (and mtimes)."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[rel] = ("file", digest, stat.S_IMODE(st.st_mode)) + ((st.st_mtime_ns,) if mtimes else ())
+    return out
+
+
+def files_bytes(root: Path) -> dict[str, bytes]:
+    """Every file below root with its exact bytes (for 'nothing changed' checks)."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() and not p.is_symlink() else b"")
+            for p in sorted(root.rglob("*"))}
+
+
+def conflict_copies(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.conflict-*"))

@@ -1,0 +1,307 @@
+"""The one-shot sync between two or three replicas on this machine, through the real command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPLD, conflict_copies, files_bytes, make_replicas, snapshot
+
+NAMES = ["with space.txt", "new\nline.txt", "ünïcødé €.md", "tab\there", "back\\slash"]
+
+
+def populate(root: Path) -> None:
+    (root / "docs" / "deep" / "er").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "docs" / "a.txt").write_text("alpha\n")
+    (root / "docs" / "deep" / "er" / "b.bin").write_bytes(os.urandom(300_000))  # several blocks
+    for n in NAMES:
+        (root / "docs" / n).write_text(f"content of {n!r}\n")
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    (root / "link").symlink_to("docs/a.txt")
+    (root / "dangling").symlink_to("/nowhere/at/all")
+
+
+def test_initial_sync_copies_everything_both_ways(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    (b.root / "from-b.txt").write_text("b was here\n")
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (b.root / "docs" / "new\nline.txt").read_text() == "content of 'new\\nline.txt'\n"
+    assert os.readlink(b.root / "dangling") == "/nowhere/at/all"
+    assert os.access(b.root / "run.sh", os.X_OK)
+    # A second sync has nothing left to do.
+    out = a.sync(b, "-n").stdout
+    assert "0 actions planned" in out
+
+
+def test_every_kind_of_change_propagates(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    a.sync(b)
+    (a.root / "docs" / "a.txt").write_text("alpha, edited\n")
+    (a.root / "run.sh").chmod(0o700)
+    os.rename(a.root / "docs" / "deep", a.root / "moved-deep")
+    (a.root / "docs" / "with space.txt").unlink()
+    (a.root / "link").unlink()
+    (a.root / "link").write_text("was a symlink, now a file\n")
+    (a.root / "empty").rmdir()
+    (a.root / "empty").symlink_to("docs")
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert not (b.root / "docs" / "deep").exists()
+
+
+def test_dry_run_changes_nothing_anywhere(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    a.sync(b)
+    (a.root / "docs" / "a.txt").write_text("A's edit\n")
+    (b.root / "docs" / "a.txt").write_text("B's concurrent edit\n")
+    (b.root / "docs" / "new.txt").write_text("new on b\n")
+    (a.root / "run.sh").unlink()
+    before = [files_bytes(tmp_path)]
+    before_snap = (snapshot(a.root), snapshot(b.root))
+    out = a.sync(b, "--dry-run").stdout
+    assert "conflict" in out and "new.txt" in out and "run.sh" in out
+    assert files_bytes(tmp_path) == before[0]  # trees, databases, configs, keys: byte for byte
+    assert (snapshot(a.root), snapshot(b.root)) == before_snap
+
+
+@pytest.mark.parametrize("flag", ["--pull-only", "--push-only"])
+def test_one_way_sync_leaves_other_side_untouched(tmp_path, flag):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    (b.root / "only-b.txt").write_text("b\n")
+    changed, untouched = (a, b) if flag == "--pull-only" else (b, a)
+    before = files_bytes(untouched.root), files_bytes(untouched.state)
+    a.sync(b, flag)
+    assert (files_bytes(untouched.root), files_bytes(untouched.state)) == before
+    if flag == "--pull-only":
+        assert (a.root / "only-b.txt").read_text() == "b\n"
+    else:
+        assert (b.root / "docs" / "a.txt").read_text() == "alpha\n"
+    # A full sync afterwards converges.
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_concurrent_edits_keep_both_one_copy_everywhere(tmp_path):
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "notes.txt").write_text("original\n")
+    a.sync(b)
+    a.sync(c)
+    (a.root / "notes.txt").write_text("edited on a\n")
+    time.sleep(0.01)  # distinct mtimes, so "newest wins" is meaningful (not a wait for a condition)
+    (b.root / "notes.txt").write_text("edited on b\n")
+    a.sync(b)
+    copies = conflict_copies(a.root)
+    assert len(copies) == 1
+    contents = {(a.root / "notes.txt").read_text(), (a.root / copies[0]).read_text()}
+    assert contents == {"edited on a\n", "edited on b\n"}
+    assert snapshot(a.root) == snapshot(b.root)
+    # c resolves nothing again: it only receives the outcome.
+    c.sync(b)
+    c.sync(a)
+    assert snapshot(c.root) == snapshot(a.root)
+    assert conflict_copies(c.root) == copies
+    conflicts = a("conflicts", "--json").stdout
+    assert "notes.txt" in conflicts
+
+
+def test_independent_resolutions_agree(tmp_path):
+    """a and b conflict; c meets a, d meets b: both resolve alone, then meet without a new copy."""
+    a, b, c, d = make_replicas(tmp_path, "a", "b", "c", "d")
+    (a.root / "f.txt").write_text("v0\n")
+    for r in (b, c, d):
+        a.sync(r)
+    (a.root / "f.txt").write_text("a's\n")
+    time.sleep(0.01)
+    (b.root / "f.txt").write_text("b's\n")
+    c.sync(a, "--pull-only")
+    d.sync(b, "--pull-only")
+    c.sync(b)  # c holds a's version, b holds b's: conflict resolved here
+    d.sync(a)  # and independently here
+    c.sync(d)
+    assert snapshot(c.root) == snapshot(d.root)
+    assert len(conflict_copies(c.root)) == 1
+
+
+def test_prefer_local_settles_without_copy_and_third_replica_follows(tmp_path):
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "f.txt").write_text("v0\n")
+    a.sync(b)
+    a.sync(c)
+    (a.root / "f.txt").write_text("a wins\n")
+    (b.root / "f.txt").write_text("b loses\n")
+    b.sync(c, "--pull-only")  # c will learn b's version through b
+    a.sync(b, "--prefer", "local")
+    assert (b.root / "f.txt").read_text() == "a wins\n"
+    assert conflict_copies(a.root) == conflict_copies(b.root) == []
+    c.sync(b)
+    assert (c.root / "f.txt").read_text() == "a wins\n"
+    assert conflict_copies(c.root) == []
+
+
+def test_delete_against_modify_keeps_modification(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "keep.txt").write_text("v1\n")
+    a.sync(b)
+    (a.root / "keep.txt").unlink()
+    (b.root / "keep.txt").write_text("v2 matters\n")
+    a.sync(b)
+    assert (a.root / "keep.txt").read_text() == (b.root / "keep.txt").read_text() == "v2 matters\n"
+
+
+def test_deleted_directory_with_unknown_file_is_kept(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "proj" / "src").mkdir(parents=True)
+    (a.root / "proj" / "src" / "old.c").write_text("old\n")
+    a.sync(b)
+    import shutil
+
+    shutil.rmtree(a.root / "proj")
+    (b.root / "proj" / "src" / "new.c").write_text("written on b meanwhile\n")
+    a.sync(b)
+    a.sync(b)
+    assert (b.root / "proj" / "src" / "new.c").read_text() == "written on b meanwhile\n"
+    assert not (b.root / "proj" / "src" / "old.c").exists()
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_deleted_files_never_come_back_through_a_chain(tmp_path):
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "secret.txt").write_text("delete me\n")
+    a.sync(b)
+    b.sync(c)
+    (a.root / "secret.txt").unlink()
+    a.sync(b)
+    c.sync(b)  # c still had it; b's tombstone wins
+    assert not (c.root / "secret.txt").exists()
+    c.sync(a)
+    b.sync(a)
+    for r in (a, b, c):
+        assert not (r.root / "secret.txt").exists()
+
+
+def test_subtree_sync_touches_only_that_subtree(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "music").mkdir()
+    (a.root / "music" / "song.ogg").write_text("la la\n")
+    (a.root / "work").mkdir()
+    (a.root / "work" / "plan.txt").write_text("plan\n")
+    a.sync(b, "music")
+    assert (b.root / "music" / "song.ogg").exists()
+    assert not (b.root / "work").exists()
+    a.sync(b)  # the rest comes with a full sync: nothing was skipped for good
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_renamed_file_content_is_copied_locally(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "big.bin").write_bytes(os.urandom(1 << 20))
+    a.sync(b)
+    os.rename(a.root / "big.bin", a.root / "renamed.bin")
+    out = a.sync(b).stdout
+    assert "1 from local copies" in out
+    assert snapshot(a.root) == snapshot(b.root)
+    log = a("log", "renamed.bin").stdout
+    assert "moved from big.bin" in log
+
+
+def test_different_trees_refuse(tmp_path):
+    a = make_replicas(tmp_path / "x", "a")[0] if (tmp_path / "x").mkdir() is None else None
+    b = make_replicas(tmp_path / "y", "b")[0] if (tmp_path / "y").mkdir() is None else None
+    (a.root / "f").write_text("f")
+    proc = a.sync(b, check=False)
+    assert proc.returncode == 1
+    assert "different trees" in proc.stderr
+    assert not (b.root / "f").exists()
+
+
+def test_log_shows_origin_and_relay(tmp_path):
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "f.txt").write_text("1\n")
+    a.sync(b)
+    b.sync(c)
+    import json
+
+    events = json.loads(c("log", "f.txt", "--json").stdout)["events"]
+    assert events[-1]["origin"] == json.loads(a("id", "--json").stdout)["replica_id"]
+    assert events[-1]["via"] == "b"
+    assert events[-1]["action"] == "create"
+
+
+def test_resolve_keep_remote_and_both(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    for name in ("x.txt", "y.txt"):
+        (a.root / name).write_text("base\n")
+    a.sync(b)
+    for name in ("x.txt", "y.txt"):
+        (a.root / name).write_text(f"a {name}\n")
+        (b.root / name).write_text(f"b {name}\n")
+    a.sync(b)
+    assert len(conflict_copies(a.root)) == 2
+    loser_x = (a.root / conflict_copies(a.root)[0]).read_text()
+    a("resolve", "x.txt", "--keep", "remote")
+    assert (a.root / "x.txt").read_text() == loser_x
+    a("resolve", "y.txt", "--keep", "both")
+    assert conflict_copies(a.root) == []
+    assert "no conflicts" in a("conflicts").stdout
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (b.root / "x.txt").read_text() == loser_x
+
+
+def test_ignored_paths_stay_local(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / ".repldignore").write_text("*.tmp\ncache/\n")
+    (a.root / "cache").mkdir()
+    (a.root / "cache" / "x").write_text("x")
+    (a.root / "w.tmp").write_text("x")
+    (a.root / "keep.txt").write_text("x")
+    a.sync(b)
+    assert (b.root / "keep.txt").exists() and (b.root / ".repldignore").exists()
+    assert not (b.root / "cache").exists() and not (b.root / "w.tmp").exists()
+
+
+def test_kill_during_sync_leaves_no_partial_file_and_next_sync_repairs(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    src = a.root / "data"
+    src.mkdir()
+    blobs = {}
+    for i in range(60):
+        blobs[f"data/f{i:03}.bin"] = data = os.urandom(4 << 20)
+        (a.root / f"data/f{i:03}.bin").write_bytes(data)
+    a("scan")
+    for kill_when in ("temp", "renamed"):
+        proc = subprocess.Popen([*REPLD, "--config", str(a.config), "sync", str(b.config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        seen = False
+        while time.monotonic() < deadline and proc.poll() is None and not seen:
+            names = os.listdir(b.root / "data") if (b.root / "data").exists() else []
+            if kill_when == "temp":
+                seen = any(n.startswith(".repld-tmp-") for n in names)
+            else:
+                seen = any(not n.startswith(".repld-tmp-") for n in names)
+        assert seen and proc.poll() is None, "the sync ended before it could be killed mid-way"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        # No file under a real name is partial: it is either absent or exactly the source.
+        for path in (b.root / "data").glob("*") if (b.root / "data").exists() else []:
+            if not path.name.startswith(".repld-tmp-"):
+                assert path.read_bytes() == blobs[f"data/{path.name}"], path
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert not list((b.root / "data").glob(".repld-tmp-*"))
+    assert conflict_copies(b.root) == []
+    b("dump")  # the database reads back whole

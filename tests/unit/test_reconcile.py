@@ -1,0 +1,138 @@
+"""Reconcile rules of DESIGN.md "Conflicts", one test per case."""
+
+import pytest
+
+from repld.protocol.reconcile import Policy, Side, reconcile
+from repld.protocol.record import Kind, Record, conflict_original
+from repld.protocol.version import Order, VersionVector
+
+A = "aaaaaaaa-1111-1111-1111-111111111111"
+B = "bbbbbbbb-2222-2222-2222-222222222222"
+C = "cccccccc-3333-3333-3333-333333333333"
+SHA1, SHA2 = "1" * 64, "2" * 64
+
+
+def rec(version, *, sha=SHA1, by=A, mtime=100, deleted=False, kind=Kind.FILE, path="d/report.txt", target=""):
+    return Record(path, "guid-1", kind, VersionVector.of(version), deleted=deleted, mode=0o644,
+                  mtime_ns=mtime, size=5, sha256=sha if kind is Kind.FILE else "", modified_by=by,
+                  target=target)
+
+
+def test_equal_is_nothing():
+    r = rec({A: 1})
+    assert reconcile(r, r, replica=A).result is None
+
+
+def test_local_dominates_is_nothing():
+    assert reconcile(rec({A: 2}), rec({A: 1}), replica=A).result is None
+
+
+def test_remote_dominates_is_taken():
+    remote = rec({A: 1, B: 1}, sha=SHA2, by=B)
+    res = reconcile(rec({A: 1}), remote, replica=A)
+    assert res.order is Order.DOMINATED and res.result == remote and res.conflict is None
+
+
+def test_new_path_is_taken():
+    remote = rec({B: 1}, by=B)
+    assert reconcile(None, remote, replica=A).result == remote
+
+
+def test_same_content_merges_without_conflict():
+    local, remote = rec({A: 2}), rec({A: 1, B: 1}, by=B, mtime=200)
+    res = reconcile(local, remote, replica=A)
+    assert res.conflict is None
+    assert res.result.version == VersionVector.of({A: 2, B: 1})
+    # Metadata comes from the deterministic winner, so both sides agree.
+    assert res.result == reconcile(remote, local, replica=B).result
+
+
+def test_both_deleted_merges():
+    res = reconcile(rec({A: 2}, deleted=True), rec({A: 1, B: 1}, deleted=True, by=B), replica=A)
+    assert res.conflict is None and res.result.deleted
+    assert res.result.version == VersionVector.of({A: 2, B: 1})
+
+
+@pytest.mark.parametrize("local_deleted", [True, False])
+def test_modification_beats_deletion(local_deleted):
+    deleted = rec({A: 2}, deleted=True)
+    modified = rec({A: 1, B: 1}, sha=SHA2, by=B)
+    local, remote = (deleted, modified) if local_deleted else (modified, deleted)
+    res = reconcile(local, remote, replica=A)
+    assert res.conflict is None
+    assert not res.result.deleted and res.result.sha256 == SHA2
+    assert res.result.version.dominates(deleted.version)
+    assert res.result.version.dominates(modified.version)
+
+
+def test_conflict_has_same_outcome_on_both_replicas():
+    a = rec({A: 2}, sha=SHA1, by=A, mtime=100)
+    b = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=200)
+    on_a = reconcile(a, b, replica=A)
+    on_b = reconcile(b, a, replica=B)
+    assert on_a.conflict and on_b.conflict
+    assert on_a.result == on_b.result  # same winner, same version, independently
+    assert on_a.result.sha256 == SHA2  # newer mtime wins
+    assert on_a.conflict.winner is Side.REMOTE and on_b.conflict.winner is Side.LOCAL
+    assert on_a.conflict.copy == on_b.conflict.copy  # one copy, same name and record
+    copy = on_a.conflict.copy
+    assert copy.sha256 == SHA1 and copy.version == a.version
+    assert copy.path == "d/report.conflict-aaaaaaaa-11111111.txt"
+    assert conflict_original(copy.path) == "d/report.txt"
+    v = on_a.result.version
+    assert v.dominates(a.version) and v.dominates(b.version)
+
+
+def test_resolution_does_not_reconflict_on_third_replica():
+    a = rec({A: 2}, sha=SHA1, by=A)
+    b = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=200)
+    resolved = reconcile(a, b, replica=A).result
+    for third in (a, b, rec({A: 1})):  # a replica that saw only one side, or neither
+        res = reconcile(third, resolved, replica=C)
+        assert res.order is Order.DOMINATED and res.conflict is None
+
+
+def test_tie_is_broken_by_replica_id():
+    a = rec({A: 2}, sha=SHA1, by=A, mtime=100)
+    b = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=100)
+    assert reconcile(a, b, replica=A).result.sha256 == SHA2  # B > A
+    assert reconcile(b, a, replica=B).result.sha256 == SHA2
+
+
+def test_dir_beats_file_and_file_is_kept():
+    d = rec({A: 2}, kind=Kind.DIR, by=A, mtime=1)
+    f = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=999)
+    res = reconcile(f, d, replica=B, policy=Policy.PREFER_LOCAL)
+    assert res.result.kind is Kind.DIR
+    assert res.conflict.copy is not None and res.conflict.copy.sha256 == SHA2
+
+
+def test_symlink_conflict_copy_named_by_target_hash():
+    a = rec({A: 2}, kind=Kind.SYMLINK, target="x", by=A)
+    b = rec({A: 1, B: 1}, kind=Kind.SYMLINK, target="y", by=B, mtime=200)
+    res = reconcile(a, b, replica=A)
+    assert res.result.target == "y" and res.conflict.copy.target == "x"
+
+
+@pytest.mark.parametrize("policy,expect", [(Policy.PREFER_LOCAL, SHA1), (Policy.PREFER_REMOTE, SHA2)])
+def test_preference_wins_and_dominates_any_independent_resolution(policy, expect):
+    a = rec({A: 2}, sha=SHA1, by=A, mtime=100)
+    b = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=200)
+    res = reconcile(a, b, replica=A, policy=policy)
+    assert res.result.sha256 == expect and res.conflict.copy is None
+    independent = reconcile(b, a, replica=C).result  # someone else resolving by the rule
+    assert res.result.version.dominates(independent.version)
+
+
+def test_newest_policy_drops_loser_deterministically():
+    a = rec({A: 2}, sha=SHA1, mtime=300)
+    b = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=200)
+    res = reconcile(a, b, replica=A, policy=Policy.NEWEST)
+    assert res.result.sha256 == SHA1 and res.conflict.copy is None
+    assert res.result == reconcile(b, a, replica=B, policy=Policy.NEWEST).result
+
+
+def test_equal_versions_with_different_content_are_a_conflict():
+    a, b = rec({A: 1}, sha=SHA1), rec({A: 1}, sha=SHA2, mtime=200)
+    res = reconcile(a, b, replica=A)
+    assert res.conflict is not None

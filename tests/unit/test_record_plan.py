@@ -1,0 +1,101 @@
+"""Paths, names, escaping and the planner."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from repld.protocol.errors import UnsafePathError
+from repld.protocol.plan import Op, plan_pull, plan_record
+from repld.protocol.record import (
+    Kind, Record, block_size_for, check_path, conflict_copy_path, conflict_original, escape, unescape,
+)
+from repld.protocol.version import VersionVector
+
+A = "aaaaaaaa-1111-1111-1111-111111111111"
+B = "bbbbbbbb-2222-2222-2222-222222222222"
+
+
+@pytest.mark.parametrize("bad", ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a/", "a\0b", "a/\udcff"])
+def test_unsafe_paths_are_refused(bad):
+    with pytest.raises(UnsafePathError):
+        check_path(bad)
+
+
+@pytest.mark.parametrize("good", ["a", "a b/c\nd", "é/ü.txt", ".bashrc", "..hidden", "a/...b"])
+def test_safe_paths(good):
+    assert check_path(good) == good
+
+
+@given(st.text())
+def test_escape_round_trips_and_is_one_token(text):
+    e = escape(text)
+    assert " " not in e and "\n" not in e
+    assert unescape(e) == text
+
+
+def test_escape_of_undecodable_bytes():
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert escape(name) == "caf\\xe9" and unescape("caf\\xe9") == name
+
+
+def _file(path, by=A, sha="1" * 64):
+    return Record(path, "g", Kind.FILE, VersionVector.of({by: 1}), modified_by=by, sha256=sha)
+
+
+@pytest.mark.parametrize("path,copy", [
+    ("notes.txt", "notes.conflict-aaaaaaaa-11111111.txt"),
+    ("d/archive.tar.gz", "d/archive.tar.conflict-aaaaaaaa-11111111.gz"),
+    (".bashrc", ".bashrc.conflict-aaaaaaaa-11111111"),
+    ("Makefile", "Makefile.conflict-aaaaaaaa-11111111"),
+])
+def test_conflict_copy_names(path, copy):
+    assert conflict_copy_path(path, _file(path)) == copy
+    assert conflict_original(copy) == path
+    assert conflict_original(path) is None
+
+
+def test_block_sizes_grow_with_file():
+    assert block_size_for(0) == 128 * 1024
+    assert block_size_for(10 << 30) // (128 * 1024) >= 32
+    assert (10 << 30) / block_size_for(10 << 30) <= 2000
+
+
+def test_plan_new_file_dir_symlink_and_tombstone():
+    remote = [
+        Record("d", "g1", Kind.DIR, VersionVector.of({B: 1}), mode=0o755, modified_by=B),
+        _file("d/f", by=B),
+        Record("l", "g2", Kind.SYMLINK, VersionVector.of({B: 1}), target="d/f", modified_by=B),
+        Record("gone", "g3", Kind.FILE, VersionVector.of({B: 2}), deleted=True, modified_by=B),
+    ]
+    steps = list(plan_pull(lambda p: None, remote, replica=A))
+    assert [(s.op, s.path) for s in steps] == [
+        (Op.MKDIR, "d"), (Op.WRITE, "d/f"), (Op.SYMLINK, "l"), (Op.RECORD, "gone")]
+
+
+def test_plan_delete_is_deferred_and_expects_local_state():
+    local = _file("f", by=A)
+    tomb = local.with_(version=local.version.bump(B), deleted=True, modified_by=B)
+    (step,) = plan_record(local, tomb, replica=A)
+    assert step.op is Op.DELETE and step.deferred and step.expected == local
+
+
+def test_plan_conflict_writes_copy_first():
+    local = _file("f", by=A, sha="1" * 64)
+    remote = Record("f", "g", Kind.FILE, VersionVector.of({B: 1}), modified_by=B, sha256="2" * 64, mtime_ns=5)
+    steps = plan_record(local, remote, replica=A, local_lookup=lambda p: None)
+    assert [s.op for s in steps] == [Op.WRITE, Op.WRITE]
+    assert steps[0].path.startswith("f.conflict-aaaaaaaa-") and steps[0].record.sha256 == "1" * 64
+    assert steps[1].path == "f" and steps[1].conflict is not None
+
+
+def test_plan_metadata_only():
+    local = _file("f").with_(mode=0o644)
+    remote = local.with_(version=local.version.bump(B), mode=0o755)
+    (step,) = plan_record(local, remote, replica=A)
+    assert step.op is Op.META
+
+
+def test_plan_subtree_filter():
+    remote = [_file("a/x", by=B), _file("b/y", by=B)]
+    steps = list(plan_pull(lambda p: None, remote, replica=A, within=lambda p: p.startswith("a/")))
+    assert [s.path for s in steps] == ["a/x"]
