@@ -1,0 +1,148 @@
+"""Command-line behaviour a user meets first: init, id, peers, config mistakes, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from helpers import make_replicas, run
+from repld.daemon.applier import Applier
+from repld.daemon.localsync import _opener
+from repld.daemon.replica import open_replica
+from repld.protocol.plan import plan_pull
+
+KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+
+
+def test_init_id_and_peers(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    ident = json.loads(a("id", "--json").stdout)
+    assert set(ident) == {"replica_id", "name", "tree_id", "public_key", "endpoint"}
+    assert ident["name"] == "a" and len(ident["public_key"]) == 40
+    assert oct((a.state / "keys" / "curve.secret").stat().st_mode & 0o777) == "0o600"
+    a("peer", "add", "desk", "tcp://127.0.0.1:7440", KEY)
+    peers = json.loads(a("peer", "list", "--json").stdout)
+    assert peers == [{"name": "desk", "endpoint": "tcp://127.0.0.1:7440", "public_key": KEY}]
+    dup = a("peer", "add", "desk", "tcp://127.0.0.1:7441", KEY, check=False)
+    assert dup.returncode == 2 and "exists already" in dup.stderr
+    a("peer", "remove", "desk")
+    assert json.loads(a("peer", "list", "--json").stdout) == []
+    missing = a("peer", "remove", "desk", check=False)
+    assert missing.returncode == 2 and "no peer named" in missing.stderr
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["peer", "add", "x", "http://host:1", KEY], "bad endpoint"),
+    (["peer", "add", "x", "tcp://host:99999", KEY], "bad endpoint"),
+    (["peer", "add", "x", "tcp://host:7437", "short"], "bad public key"),
+    (["peer", "add", "bad name", "tcp://host:7437", KEY], "bad name"),
+])
+def test_bad_peer_arguments_exit_2(tmp_path, args, expect):
+    (a,) = make_replicas(tmp_path, "a")
+    proc = a(*args, check=False)
+    assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _broken(tmp_path, text: str):
+    (a,) = make_replicas(tmp_path, "a")
+    a.config.write_text(text.format(root=a.root, state=a.state))
+    return a
+
+
+GOOD = 'root = "{root}"\nstate = "{state}"\nname = "a"\nlisten = "tcp://0.0.0.0:7437"\n'
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("root = \n", "not valid TOML"),
+    (GOOD + "colour = 'blue'\n", "'colour'"),
+    (GOOD.replace("tcp://0.0.0.0:7437", "tcp//nope"), "bad endpoint"),
+    (GOOD.replace('root = "{root}"', 'root = "/does/not/exist"'), "does not exist"),
+    (GOOD.replace('name = "a"\n', ""), "'name'"),
+    (GOOD + "conflict_policy = 'coin-toss'\n", "conflict_policy"),
+    (GOOD + "[[peer]]\nname = 'x'\nendpoint = 'tcp://h:1'\n", "public_key"),
+    (GOOD + "scan_interval = 'often'\n", "scan_interval"),
+])
+def test_config_mistakes_exit_2_naming_file_and_key(tmp_path, text, expect):
+    a = _broken(tmp_path, text)
+    proc = a("id", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert str(a.config) in proc.stderr and expect in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_and_unreadable_key(tmp_path):
+    proc = run("--config", tmp_path / "nope.toml", "scan", check=False)
+    assert proc.returncode == 2 and "repld init" in proc.stderr
+    (a,) = make_replicas(tmp_path, "a")
+    (a.state / "keys" / "curve.public").unlink()
+    proc = a("id", check=False)
+    assert proc.returncode == 2 and "key file" in proc.stderr
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    proc = a("init", a.root, check=False)
+    assert proc.returncode == 2 and "already there" in proc.stderr
+
+
+def test_status_without_daemon_exits_3(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    assert a("status", check=False).returncode == 3
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run("frobnicate", check=False).returncode == 2
+    (a,) = make_replicas(tmp_path, "a")
+    proc = a("sync", "nosuchpeer", check=False)
+    assert proc.returncode == 2 and "no such config file" in proc.stderr
+
+
+def test_scan_verbose_and_dump_escape_names(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    (a.root / "two words\nline").write_text("x")
+    out = a("scan", "-v").stdout
+    assert "create  two\\swords\\nline" in out
+    dump = a("dump").stdout.splitlines()
+    assert any(line.startswith("two\\swords\\nline file ") for line in dump)
+    assert all(len(line.split(" ")) == 11 for line in dump[2:])
+
+
+def test_local_edit_during_sync_becomes_conflict_not_overwrite(tmp_path):
+    """The local file changes after the plan was made: it is rescanned, never overwritten."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f.txt").write_text("base\n")
+    a.sync(b)
+    (a.root / "f.txt").write_text("newer on a\n")
+    a("scan")
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        rb.scan()
+        steps = list(plan_pull(rb.store.get, ra.store.records_since(0),
+                               replica=rb.store.replica_id))
+        # Meanwhile, someone edits b's copy, and nothing has recorded it yet.
+        (b.root / "f.txt").write_text("unrecorded edit on b\n")
+
+        def replan(step):
+            from repld.protocol.plan import plan_record
+
+            rb.scan([step.path])
+            return plan_record(rb.store.get(step.path), ra.store.get(step.path),
+                               replica=rb.store.replica_id, local_lookup=rb.store.get)
+
+        stats = Applier(rb.store, rb.root, _opener(ra), replan=replan).apply(steps)
+    assert stats.conflicts == 1
+    texts = sorted(p.read_text() for p in b.root.glob("f*.txt"))
+    assert texts == ["newer on a\n", "unrecorded edit on b\n"]
+
+
+def test_writing_through_a_symlinked_directory_is_refused(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (a.root / "d").mkdir()
+    (a.root / "d" / "f.txt").write_text("payload\n")
+    (b.root / "d").symlink_to(outside)  # b has a symlink where a has a directory
+    a.sync(b, check=False)
+    assert list(outside.iterdir()) == []
+    assert os.path.islink(b.root / "d") or (b.root / "d").is_dir()
