@@ -421,7 +421,7 @@ def _rel_path(rep: Replica, given: str) -> str:
 
 
 def _conflicts(rep: Replica) -> list[dict[str, Any]]:
-    rows = rep.store.db.execute(
+    rows = rep.store.execute(
         "SELECT path FROM records WHERE deleted = 0 AND path LIKE '%.conflict-%' ORDER BY path"
     ).fetchall()
     out = []

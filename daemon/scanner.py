@@ -59,9 +59,15 @@ class ScanStats:
 
 def hash_file(path: str | Path) -> tuple[str, bytes, int]:
     """(SHA-256 hex of the whole file, concatenated block digests, size) of a regular file."""
+    return hash_file_stat(path)[:3]  # type: ignore[return-value]
+
+
+def hash_file_stat(path: str | Path) -> tuple[str, bytes, int, os.stat_result]:
+    """Like ``hash_file``, plus the file's stat taken after reading it."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return hash_fd(fd)
+        sha, blocks, size = hash_fd(fd)
+        return sha, blocks, size, os.fstat(fd)
     finally:
         os.close(fd)
 
@@ -120,6 +126,7 @@ class Scanner:
     ):
         self.store = store
         self.root = root
+        self._root_s = str(root)
         self.ignore = ignore or Ignore(root)
         self.verbose = verbose
         self.clean_temp = clean_temp
@@ -314,7 +321,7 @@ class Scanner:
             sha, blocks, size = moved.sha256, moved.blocks, moved.size
         else:
             try:
-                sha, blocks, size = hash_file(self.root / path)
+                sha, blocks, size, st = hash_file_stat(f"{self._root_s}/{path}")
             except FileNotFoundError:
                 if live and rec is not None:
                     self._gone(rec)
@@ -323,37 +330,48 @@ class Scanner:
                 self._error(path, f"cannot read: {e.strerror}")
                 return
             self.stats.hashed_bytes += size
-            st = os.lstat(self.root / path)
+        if live and rec is not None:
+            version, guid, action = rec.version.bump(self.me), rec.guid, Action.UPDATE
+        elif moved is not None:
+            version, guid, action = VersionVector().bump(self.me), moved.guid, Action.CREATE
+        else:
+            base = rec.version if rec is not None else VersionVector()
+            version, guid, action = base.bump(self.me), new_guid(), Action.CREATE
+            if rec is not None and rec.kind is not Kind.DIR and not rec.deleted:
+                action = Action.UPDATE  # a symlink became a file
         new = Record(
             path,
-            moved.guid if moved is not None else new_guid(),
+            guid,
             Kind.FILE,
-            VersionVector(),
+            version,
             mode=mode,
             mtime_ns=st.st_mtime_ns,
             size=size,
             sha256=sha,
             blocks=blocks,
+            action=action,
             ino=st.st_ino,
         )
-        if live and rec is not None:
-            if rec.sha256 == sha and rec.mode == mode and rec.mtime_ns == st.st_mtime_ns:
-                self.store.set_ino(path, st.st_ino)  # same file, new inode: cache only
-                return
-            self._event(rec, new, Action.UPDATE)
+        if live and rec is not None and rec.sha256 == sha and (rec.mode, rec.mtime_ns) == (
+            mode, st.st_mtime_ns
+        ):
+            self.store.set_ino(path, st.st_ino)  # same file, new inode: cache only
             return
-        if moved is not None:
-            self.store.put(new.with_(version=VersionVector().bump(self.me), action=Action.CREATE),
-                           local=True, note=f"moved from {moved.path}")  # fmt: skip
+        note = f"moved from {moved.path}" if moved is not None else ""
+        self.store.put(new, local=True, note=note)
+        if action is Action.CREATE:
             self.stats.created += 1
-            if self.verbose:
+        else:
+            self.stats.updated += 1
+        if self.verbose:
+            if moved is not None:
                 self.stats.changes.append(("move", f"{moved.path} -> {path}"))
-            return
-        self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
+            else:
+                self.stats.changes.append((action.value, path))
 
     def _moved_from(self, path: str, st: os.stat_result) -> Record | None:
         """A live record elsewhere for this very inode whose old path no longer holds it."""
-        rows = self.store.db.execute(
+        rows = self.store.execute(
             "SELECT path FROM records WHERE ino = ? AND ino != 0 AND kind = 'file' "
             "AND (deleted = 0 OR seq > ?) AND size = ? AND mtime_ns = ? AND path != ? LIMIT 4",
             (st.st_ino, self._start_seq, st.st_size, st.st_mtime_ns, path),

@@ -173,6 +173,8 @@ class Store:
         self._seq = int(meta["seq"])
         self._committed = self._seq
         self._in_tx = False
+        self._pending_records: list[tuple[object, ...]] = []
+        self._pending_history: list[tuple[object, ...]] = []
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -246,6 +248,7 @@ class Store:
         seq_before = self._seq
         try:
             yield
+            self.flush()
             if commit:
                 self.db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(self._seq),))
                 self.db.execute("COMMIT")
@@ -254,6 +257,7 @@ class Store:
                 self.db.execute("ROLLBACK")
                 self._seq = seq_before
         except BaseException:
+            self._pending_records, self._pending_history = [], []
             self.db.execute("ROLLBACK")
             self._seq = seq_before
             raise
@@ -277,11 +281,11 @@ class Store:
     # -- records --------------------------------------------------------------------------------
 
     def get(self, path: str) -> Record | None:
-        row = self.db.execute(f"SELECT {_COLS} FROM records WHERE path = ?", (path,)).fetchone()
+        row = self.execute(f"SELECT {_COLS} FROM records WHERE path = ?", (path,)).fetchone()
         return _row_to_record(row) if row else None
 
     def children(self, parent: str) -> list[Record]:
-        rows = self.db.execute(f"SELECT {_COLS} FROM records WHERE parent = ?", (parent,))
+        rows = self.execute(f"SELECT {_COLS} FROM records WHERE parent = ?", (parent,))
         return [_row_to_record(r) for r in rows]
 
     def iter_paths(self, prefix: str = "", *, include_prefix: bool = True) -> Iterator[Record]:
@@ -298,7 +302,7 @@ class Store:
         first = True
         while True:
             op = ">=" if first else ">"
-            rows = self.db.execute(
+            rows = self.execute(
                 f"SELECT {_COLS} FROM records WHERE path {op} ? AND path < ? "
                 "ORDER BY path LIMIT ?",
                 (last, hi, PAGE),
@@ -313,7 +317,7 @@ class Store:
     def records_since(self, seq: int) -> Iterator[Record]:
         """Records changed after local sequence ``seq``, in sequence order, a page at a time."""
         while True:
-            rows = self.db.execute(
+            rows = self.execute(
                 f"SELECT {_COLS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, PAGE)
             ).fetchall()
             if not rows:
@@ -323,7 +327,7 @@ class Store:
             seq = int(rows[-1][15])
 
     def live_with_hash(self, sha256: str) -> list[Record]:
-        rows = self.db.execute(
+        rows = self.execute(
             f"SELECT {_COLS} FROM records WHERE sha256 = ? AND deleted = 0 LIMIT 8", (sha256,)
         )
         return [_row_to_record(r) for r in rows]
@@ -344,13 +348,13 @@ class Store:
         seq = self._next_seq()
         now = self._clock()  # type: ignore[operator]
         if local or not record.modified_by:
-            record = record.with_(modified_by=self.replica_id, origin_seq=seq, changed_ns=now)
+            record = record.with_(modified_by=self.replica_id, origin_seq=seq, changed_ns=now,
+                                  seq=seq, replicated_ns=0)  # fmt: skip
         elif record.modified_by == self.replica_id and record.origin_seq == 0:
-            record = record.with_(origin_seq=seq)
-        record = record.with_(seq=seq, replicated_ns=0 if local else now)
-        self.db.execute(
-            f"INSERT OR REPLACE INTO records (parent, {_COLS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            record = record.with_(origin_seq=seq, seq=seq, replicated_ns=now)
+        else:
+            record = record.with_(seq=seq, replicated_ns=now)
+        self._pending_records.append(
             (
                 parent_of(record.path),
                 record.path,
@@ -371,11 +375,9 @@ class Store:
                 record.seq,
                 record.replicated_ns,
                 record.ino,
-            ),
+            )
         )
-        self.db.execute(
-            "INSERT INTO history (path, guid, seq, origin, origin_seq, action, version, kind, "
-            "size, sha256, time_ns, via, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._pending_history.append(
             (
                 record.path,
                 record.guid,
@@ -390,12 +392,38 @@ class Store:
                 record.changed_ns,
                 via,
                 note,
-            ),
+            )
         )
+        if len(self._pending_records) >= PAGE:
+            self.flush()
         return record
+
+    def flush(self) -> None:
+        """Write buffered rows (puts are batched: one executemany is much cheaper than many
+        executes). Every read and every commit flushes first, so readers never miss a write."""
+        if self._pending_records:
+            rows, self._pending_records = self._pending_records, []
+            self.db.executemany(
+                f"INSERT OR REPLACE INTO records (parent, {_COLS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        if self._pending_history:
+            rows, self._pending_history = self._pending_history, []
+            self.db.executemany(
+                "INSERT INTO history (path, guid, seq, origin, origin_seq, action, version, kind, "
+                "size, sha256, time_ns, via, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        """A raw query that sees every write so far."""
+        self.flush()
+        return self.db.execute(sql, params)
 
     def set_ino(self, path: str, ino: int, mtime_ns: int | None = None) -> None:
         """Refresh the local stat cache (not an event: no sequence number, nothing replicated)."""
+        self.flush()
         if mtime_ns is None:
             self.db.execute("UPDATE records SET ino = ? WHERE path = ?", (ino, path))
         else:
@@ -404,7 +432,7 @@ class Store:
             )
 
     def history(self, path: str) -> list[Event]:
-        rows = self.db.execute(
+        rows = self.execute(
             "SELECT seq, origin, origin_seq, action, version, kind, size, sha256, time_ns, via, "
             "note FROM history WHERE path = ? ORDER BY seq",
             (path,),
@@ -417,7 +445,7 @@ class Store:
 
     def counts(self) -> tuple[int, int, int]:
         """(files, dirs, bytes) of the live tree."""
-        row = self.db.execute(
+        row = self.execute(
             "SELECT SUM(kind != 'dir'), SUM(kind = 'dir'), SUM(size) FROM records WHERE deleted = 0"
         ).fetchone()
         return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)

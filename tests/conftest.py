@@ -13,3 +13,28 @@ settings.register_profile(
     "nightly", deadline=None, max_examples=1000, suppress_health_check=list(HealthCheck)
 )
 settings.load_profile(os.environ.get("REPLD_HYPOTHESIS_PROFILE", "default"))
+
+
+# --- property tests (tests/integration/test_property.py) -------------------------------------
+# The stateful replication property drives real files and real SQLite, so its example counts are
+# its own: "property-<profile>" derives from the profile loaded above (REPLD_HYPOTHESIS_PROFILE).
+settings.register_profile(
+    "property-default",
+    parent=settings.get_profile("default"),
+    max_examples=60,
+    stateful_step_count=30,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "property-nightly",
+    parent=settings.get_profile("nightly"),
+    max_examples=2000,
+    stateful_step_count=60,
+)
+
+
+def pytest_configure(config):  # type: ignore[no-untyped-def]
+    config.addinivalue_line(
+        "markers",
+        "property: hypothesis stateful property tests (REPLD_HYPOTHESIS_PROFILE=nightly: long run)",
+    )

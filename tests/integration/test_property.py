@@ -1,0 +1,546 @@
+"""Stateful property test of replication: 3-4 replicas of one tree, random edits, random syncs.
+
+Every example makes 3 or 4 replicas of one tree in a temporary directory (real files, real SQLite,
+driven through the Python API: ``init``, ``open_replica``, ``localsync.sync``), then runs random
+steps: create, edit (in place or by atomic replace), chmod (toggle the exec bits), rename/move,
+delete, mkdir, rmtree, symlink, scan, reopen a replica, and pairwise syncs. Names come from a tiny
+alphabet so that the same path is touched on several replicas all the time, and a name is as
+often a file as a directory.
+
+At the end, all pairs are synced until a round changes nothing (at most ``MAX_ROUNDS`` rounds), and
+then:
+
+1. every replica's tree is identical (paths, kinds, content, mode, file mtime, symlink targets),
+   and nothing is left outside the roots, and no temporary file is left inside them;
+2. every replica's database agrees with its disk, and all databases hold the same versions;
+3. no content is lost: every content a replica ever wrote is somewhere in the final tree (maybe
+   as a conflict copy), unless some replica superseded it *knowingly*: edited, deleted, renamed
+   over or rmtree'd it while it was on its disk;
+4. conflict copies only come from concurrent changes: a copy of ``P`` needs two changes of
+   ``P`` (or of a path above or below it) on two replicas, neither of which knew the other;
+5. deleted files never come back: a path deleted by a change that knew every other change of that
+   path (and of the paths above and below it) is absent at the end.
+
+The model behind 3-5 is a vector clock per replica. Every user change is an event stamped with its
+replica's clock; a sync pass that finishes without errors gives the receiving replica the
+sender's clock (a pass with errors gives it nothing: the model may then know *less* than repld,
+which only ever weakens 4 and 5, never makes them wrong). The content model needs no clocks: what
+a replica had on disk when it overwrote or deleted it is "knowingly superseded".
+
+mtimes: every write gets a fresh, strictly increasing mtime (``os.utime``), so that the scanner's
+(size, mtime, mode, inode) change detection cannot miss an edit made within one clock tick; that
+weakness is real (an edit that keeps size and mtime is never seen) but is not what this tests.
+
+Profiles: ``REPLD_HYPOTHESIS_PROFILE=nightly`` for a long run (see tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import os
+import shutil
+import stat
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import note, settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+
+from repld.daemon.localsync import SyncReport, sync
+from repld.daemon.replica import Replica, init, open_replica
+from repld.protocol.record import CONFLICT_MARK, TEMP_PREFIX, Kind, conflict_original
+
+pytestmark = [pytest.mark.property]
+
+# A tiny alphabet: every name is used for files and for directories, at depth 1 and 2.
+NAMES = ("a", "b.txt", ".c")
+PATHS = tuple([*NAMES, *(f"{d}/{n}" for d in NAMES for n in NAMES)])
+# Symlink targets: "." and ".." point at the root and outside it (nothing may be written through
+# them); "b.txt" points into the tree; the last one dangles.
+LINK_TARGETS = (".", "..", "b.txt", "nowhere/at/all")
+MAX_ROUNDS = 5  # of all-pairs syncs at the end, the last of which must change nothing
+EDIT_TMP = ".edit-tmp"  # an editor's temporary file for atomic-replace edits (never synced)
+
+REPLICA = st.integers(0, 3)  # taken modulo the number of replicas
+PICK = st.integers(0, 63)  # picks one existing entry, modulo how many there are
+PAYLOAD = st.binary(max_size=24)
+REUSE = st.integers(0, 15)  # 15: reuse an earlier content (same content on two paths/replicas)
+
+
+def related(p: str, q: str) -> bool:
+    """Same path, or one is inside the other."""
+    return p == q or p.startswith(q + "/") or q.startswith(p + "/")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One user change on one replica, stamped with that replica's vector clock."""
+
+    replica: int
+    n: int
+    clock: dict[int, int]
+    mods: frozenset[str]  # every path it created, changed or removed
+    deletes: frozenset[str]  # the paths it removed
+    what: str
+
+    def before(self, other: Event) -> bool:
+        """Happened before ``other``: ``other``'s replica knew this event when it made ``other``."""
+        return self is not other and other.clock.get(self.replica, 0) >= self.n
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def step(fn: F) -> F:
+    """Marks the machine busy while a step runs: if the step fails, teardown skips the final check
+    (so the failure hypothesis shrinks is the step's own)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: ReplicationMachine, *args: Any, **kwargs: Any) -> Any:
+        self.busy = True
+        result = fn(self, *args, **kwargs)
+        self.busy = False
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def walk(root: Path) -> dict[str, os.stat_result]:
+    """Every entry below ``root`` (never following symlinks), relative path -> lstat."""
+    out: dict[str, os.stat_result] = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(root / rel if rel else root) as it:
+            for entry in it:
+                path = f"{rel}/{entry.name}" if rel else entry.name
+                st_ = entry.stat(follow_symlinks=False)
+                out[path] = st_
+                if stat.S_ISDIR(st_.st_mode):
+                    stack.append(path)
+    return dict(sorted(out.items()))
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """What a user compares: kind, content, mode, mtime (files), target (symlinks)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for path, st_ in walk(root).items():
+        if stat.S_ISLNK(st_.st_mode):
+            out[path] = ("link", os.readlink(root / path))
+        elif stat.S_ISDIR(st_.st_mode):
+            out[path] = ("dir", stat.S_IMODE(st_.st_mode))
+        elif stat.S_ISREG(st_.st_mode):
+            content = (root / path).read_bytes()
+            out[path] = ("file", content, stat.S_IMODE(st_.st_mode), st_.st_mtime_ns)
+        else:
+            out[path] = ("other", st_.st_mode)
+    return out
+
+
+def describe_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    lines = []
+    for path in sorted(a.keys() | b.keys()):
+        if a.get(path) != b.get(path):
+            lines.append(f"  {path!r}: {a.get(path)!r} != {b.get(path)!r}")
+    return "\n".join(lines)
+
+
+def quiet(report: SyncReport) -> bool:
+    """The sync found nothing to scan, apply or record, and no error."""
+    if report.errors or any(s.events for s in report.scans.values()):
+        return False
+    for p in report.passes:
+        s = p.stats
+        if s.written or s.deleted or s.recorded or s.conflicts or s.kept_dirs:
+            return False
+    return True
+
+
+class ReplicationMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = Path(tempfile.mkdtemp(prefix="repld-prop-"))
+        self.roots: list[Path] = []
+        self.configs: list[Path] = []
+        self.reps: list[Replica] = []
+        self.clocks: list[dict[int, int]] = []
+        self.events: list[Event] = []
+        self.written: dict[bytes, str] = {}  # content -> who wrote it first (for messages)
+        self.superseded: set[bytes] = set()
+        self.contents = 0
+        self.mtime = time.time_ns()
+        self.busy = False
+
+    # -- set-up and tear-down -------------------------------------------------------------------
+
+    @initialize(n=st.integers(3, 4))
+    def make_replicas(self, n: int) -> None:
+        tree = str(uuid.uuid4())
+        for i in range(n):
+            root = self.base / f"r{i}"
+            root.mkdir()
+            config = self.base / f"c{i}" / "config.toml"
+            init(config, root, name=f"r{i}", tree_id=tree)
+            self.roots.append(root)
+            self.configs.append(config)
+            self.reps.append(open_replica(config))
+            self.clocks.append({})
+
+    def teardown(self) -> None:
+        try:
+            if self.reps and not self.busy:
+                self.busy = True
+                self.check_final()
+        finally:
+            for rep in self.reps:
+                rep.close()
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _r(self, r: int) -> int:
+        return r % len(self.reps)
+
+    def _entries(self, r: int, kinds: tuple[int, ...]) -> list[str]:
+        return [
+            p for p, st_ in walk(self.roots[r]).items() if stat.S_IFMT(st_.st_mode) in kinds
+        ]
+
+    def _pick(self, r: int, kinds: tuple[int, ...], k: int) -> str | None:
+        entries = self._entries(r, kinds)
+        return entries[k % len(entries)] if entries else None
+
+    def _missing_parents(self, r: int, path: str) -> list[str] | None:
+        """Parents of ``path`` that do not exist yet, or None if one is not a directory."""
+        parts = path.split("/")
+        missing = []
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            st_ = lstat(self.roots[r] / parent)
+            if st_ is None:
+                missing.append(parent)
+            elif not stat.S_ISDIR(st_.st_mode):
+                return None
+        return missing
+
+    def _mkdirs(self, r: int, dirs: list[str]) -> None:
+        for d in dirs:
+            os.mkdir(self.roots[r] / d)
+            os.chmod(self.roots[r] / d, 0o755)
+
+    def _content(self, payload: bytes, reuse: int, r: int, path: str) -> bytes:
+        if reuse == 15 and self.written:
+            known = sorted(self.written)
+            return known[len(payload) % len(known)]
+        self.contents += 1
+        content = b"<%d>" % self.contents + payload
+        self.written[content] = f"r{r}:{path}"
+        return content
+
+    def _touch(self, path: Path) -> None:
+        self.mtime = max(time.time_ns(), self.mtime + 1_000_000)
+        os.utime(path, ns=(self.mtime, self.mtime), follow_symlinks=False)
+
+    def _supersede(self, r: int, path: str) -> list[str]:
+        """Mark every file content at or below ``path`` on replica r as knowingly superseded;
+        return every path at or below it."""
+        root = self.roots[r]
+        st_ = lstat(root / path)
+        if st_ is None:
+            return []
+        paths = [path]
+        if stat.S_ISDIR(st_.st_mode):
+            paths += [f"{path}/{p}" for p in walk(root / path)]
+        for p in paths:
+            if stat.S_ISREG(os.lstat(root / p).st_mode):
+                self.superseded.add((root / p).read_bytes())
+        return paths
+
+    def _event(self, r: int, what: str, mods: set[str] | list[str], deletes: set[str] | list[str] = ()) -> None:  # noqa: E501
+        clock = self.clocks[r]
+        clock[r] = clock.get(r, 0) + 1
+        self.events.append(Event(r, clock[r], dict(clock), frozenset(mods), frozenset(deletes), what))
+
+    # -- user changes ---------------------------------------------------------------------------
+
+    @rule(r=REPLICA, path=st.sampled_from(PATHS), payload=PAYLOAD, reuse=REUSE, exe=st.booleans())
+    @step
+    def create_file(self, r: int, path: str, payload: bytes, reuse: int, exe: bool) -> None:
+        r = self._r(r)
+        full = self.roots[r] / path
+        missing = self._missing_parents(r, path)
+        if missing is None or lstat(full) is not None:
+            return
+        content = self._content(payload, reuse, r, path)
+        self._mkdirs(r, missing)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.chmod(full, 0o755 if exe else 0o644)
+        self._touch(full)
+        self._event(r, f"create {path}", {path, *missing})
+
+    @rule(r=REPLICA, k=PICK, payload=PAYLOAD, reuse=REUSE, replace=st.booleans())
+    @step
+    def edit_file(self, r: int, k: int, payload: bytes, reuse: int, replace: bool) -> None:
+        r = self._r(r)
+        path = self._pick(r, (stat.S_IFREG,), k)
+        if path is None:
+            return
+        full = self.roots[r] / path
+        self._supersede(r, path)
+        content = self._content(payload, reuse, r, path)
+        mode = stat.S_IMODE(os.lstat(full).st_mode)
+        if replace:  # as editors do: a temporary file beside it, renamed over it (new inode)
+            tmp = full.parent / EDIT_TMP
+            tmp.write_bytes(content)
+            os.chmod(tmp, mode)
+            os.rename(tmp, full)
+        else:  # in place, same inode
+            fd = os.open(full, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+        self._touch(full)
+        self._event(r, f"edit {path}", {path})
+
+    @rule(r=REPLICA, k=PICK)
+    @step
+    def chmod_file(self, r: int, k: int) -> None:
+        r = self._r(r)
+        path = self._pick(r, (stat.S_IFREG,), k)
+        if path is None:
+            return
+        full = self.roots[r] / path
+        os.chmod(full, stat.S_IMODE(os.lstat(full).st_mode) ^ 0o111)
+        self._event(r, f"chmod {path}", {path})
+
+    @rule(r=REPLICA, k=PICK, dest=st.sampled_from(PATHS))
+    @step
+    def rename(self, r: int, k: int, dest: str) -> None:
+        r = self._r(r)
+        src = self._pick(r, (stat.S_IFREG, stat.S_IFLNK), k)
+        if src is None or src == dest:
+            return
+        missing = self._missing_parents(r, dest)
+        dest_st = lstat(self.roots[r] / dest)
+        if missing is None or (dest_st is not None and stat.S_ISDIR(dest_st.st_mode)):
+            return
+        self._supersede(r, dest)
+        self._mkdirs(r, missing)
+        os.rename(self.roots[r] / src, self.roots[r] / dest)
+        self._event(r, f"rename {src} -> {dest}", {src, dest, *missing}, {src})
+
+    @rule(r=REPLICA, k=PICK)
+    @step
+    def delete(self, r: int, k: int) -> None:
+        r = self._r(r)
+        path = self._pick(r, (stat.S_IFREG, stat.S_IFLNK), k)
+        if path is None:
+            return
+        self._supersede(r, path)
+        os.unlink(self.roots[r] / path)
+        self._event(r, f"delete {path}", {path}, {path})
+
+    @rule(r=REPLICA, path=st.sampled_from(PATHS))
+    @step
+    def mkdir(self, r: int, path: str) -> None:
+        r = self._r(r)
+        missing = self._missing_parents(r, path)
+        if missing is None or lstat(self.roots[r] / path) is not None:
+            return
+        self._mkdirs(r, [*missing, path])
+        self._event(r, f"mkdir {path}", {path, *missing})
+
+    @rule(r=REPLICA, k=PICK)
+    @step
+    def rmtree(self, r: int, k: int) -> None:
+        r = self._r(r)
+        path = self._pick(r, (stat.S_IFDIR,), k)
+        if path is None:
+            return
+        gone = self._supersede(r, path)
+        shutil.rmtree(self.roots[r] / path)
+        self._event(r, f"rmtree {path}", gone, gone)
+
+    @rule(r=REPLICA, path=st.sampled_from(PATHS), to=st.sampled_from(LINK_TARGETS))
+    @step
+    def symlink(self, r: int, path: str, to: str) -> None:
+        r = self._r(r)
+        missing = self._missing_parents(r, path)
+        if missing is None or lstat(self.roots[r] / path) is not None:
+            return
+        self._mkdirs(r, missing)
+        os.symlink(to, self.roots[r] / path)
+        self._event(r, f"symlink {path} -> {to}", {path, *missing})
+
+    # -- repld ----------------------------------------------------------------------------------
+
+    @rule(r=REPLICA)
+    @step
+    def scan(self, r: int) -> None:
+        r = self._r(r)
+        stats = self.reps[r].scan()
+        assert not stats.errors, f"scan of r{r}: {stats.errors}"
+
+    @rule(r=REPLICA)
+    @step
+    def reopen(self, r: int) -> None:
+        r = self._r(r)
+        self.reps[r].close()
+        self.reps[r] = open_replica(self.configs[r])
+
+    @rule(left=REPLICA, right=REPLICA)
+    @step
+    def sync_pair(self, left: int, right: int) -> None:
+        self._sync(left, right)
+
+    def _sync(self, left: int, right: int) -> SyncReport:
+        n = len(self.reps)
+        left %= n
+        right %= n
+        if left == right:
+            right = (left + 1) % n
+        report = sync(self.reps[left], self.reps[right])
+        if report.errors:
+            note(f"sync r{left} r{right}: errors {report.errors}")
+        if any(s.errors for s in report.scans.values()):
+            return report
+        # Pass 1 brings right's records into left; pass 2 brings left's (now including right's)
+        # into right. A pass without errors gives the receiver everything the sender knew.
+        into_left, into_right = report.passes
+        if not into_left.stats.errors:
+            self._learn(left, right)
+        if not into_right.stats.errors:
+            self._learn(right, left)
+        return report
+
+    def _learn(self, into: int, src: int) -> None:
+        for r, c in self.clocks[src].items():
+            self.clocks[into][r] = max(c, self.clocks[into].get(r, 0))
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def check_final(self) -> None:
+        n = len(self.reps)
+        pairs = list(itertools.combinations(range(n), 2))
+        for _ in range(MAX_ROUNDS):
+            reports = [(i, j, self._sync(i, j)) for i, j in pairs]
+            if all(quiet(rep) for _, _, rep in reports):
+                break
+        else:
+            busy = [
+                f"r{i}-r{j}: errors={rep.errors} scans={ {k: s.events for k, s in rep.scans.items()} } "
+                f"passes={[(p.into, p.stats.written, p.stats.deleted, p.stats.recorded, p.stats.conflicts, p.stats.kept_dirs) for p in rep.passes]}"  # noqa: E501
+                for i, j, rep in reports
+                if not quiet(rep)
+            ]
+            raise AssertionError(
+                f"no fixpoint after {MAX_ROUNDS} rounds of all-pairs syncs; last round:\n"
+                + "\n".join(busy)
+            )
+
+        snaps = [snapshot(root) for root in self.roots]
+        note(f"final tree: {snaps[0]!r}")
+
+        # 1. Identical trees; nothing outside the roots; no temporary file left.
+        for r in range(1, n):
+            assert snaps[r] == snaps[0], f"r0 and r{r} differ:\n{describe_diff(snaps[0], snaps[r])}"
+        expected = {f"r{i}" for i in range(n)} | {f"c{i}" for i in range(n)}
+        assert set(os.listdir(self.base)) == expected, f"outside the roots: {os.listdir(self.base)}"
+        for i in range(n):
+            assert set(os.listdir(self.base / f"c{i}")) == {"config.toml", "config.state"}
+        leftovers = [p for p in snaps[0] if p.rpartition("/")[2].startswith((TEMP_PREFIX, EDIT_TMP))]
+        assert not leftovers, f"temporary files left: {leftovers}"
+
+        # 2. Each database agrees with its disk; all databases hold the same versions.
+        tree = snaps[0]
+        versions = []
+        for r, rep in enumerate(self.reps):
+            live = {}
+            allv = {}
+            for rec in rep.store.iter_paths():
+                allv[rec.path] = (rec.version.encode(), rec.deleted)
+                if rec.deleted:
+                    continue
+                if rec.kind is Kind.FILE:
+                    live[rec.path] = ("file", rec.sha256, rec.mode, rec.mtime_ns)
+                elif rec.kind is Kind.DIR:
+                    live[rec.path] = ("dir", rec.mode)
+                else:
+                    live[rec.path] = ("link", rec.target)
+            disk = {}
+            for path, v in snaps[r].items():
+                if v[0] == "file":
+                    disk[path] = ("file", hashlib.sha256(v[1]).hexdigest(), v[2], v[3])
+                else:
+                    disk[path] = v
+            assert live == disk, f"r{r}: database and disk differ:\n{describe_diff(live, disk)}"
+            versions.append(allv)
+        for r in range(1, n):
+            assert versions[r] == versions[0], (
+                f"r0 and r{r} hold different versions:\n{describe_diff(versions[0], versions[r])}"
+            )
+
+        # 3. No content lost unless some replica knowingly superseded it.
+        present = {v[1] for v in tree.values() if v[0] == "file"}
+        lost = {c: who for c, who in self.written.items() if c not in present and c not in self.superseded}
+        assert not lost, f"content lost though no replica that had it replaced or deleted it: {lost}"
+
+        # 4. Conflict copies only where two replicas changed related paths concurrently.
+        contested: set[str] = set()
+        for e1, e2 in itertools.combinations(self.events, 2):
+            if e1.replica == e2.replica or e1.before(e2) or e2.before(e1):
+                continue
+            for m1, m2 in itertools.product(e1.mods, e2.mods):
+                if related(m1, m2):
+                    contested |= {m1, m2}
+        for path in tree:
+            if CONFLICT_MARK not in path.rpartition("/")[2]:
+                continue
+            original = conflict_original(path)
+            assert original is not None, f"{path}: looks like a conflict copy but does not parse"
+            assert any(related(original, c) for c in contested), (
+                f"conflict copy {path} but no two replicas changed {original} concurrently "
+                f"(concurrently changed paths: {sorted(contested)})"
+            )
+
+        # 5. Deleted files never come back.
+        for d in self.events:
+            for path in d.deletes:
+                touching = [e for e in self.events if any(related(m, path) for m in e.mods)]
+                if all(e is d or e.before(d) for e in touching):
+                    assert path not in tree, (
+                        f"{path} came back: deleted on r{d.replica} ({d.what}) after every other "
+                        f"change to it, yet it is {tree[path]!r}"
+                    )
+
+
+def _property_settings() -> settings:
+    profile = os.environ.get("REPLD_HYPOTHESIS_PROFILE", "default")
+    try:
+        return settings.get_profile(f"property-{profile}")
+    except InvalidArgument:
+        return settings(
+            settings.get_profile(profile), max_examples=60, stateful_step_count=30, deadline=None
+        )
+
+
+ReplicationMachine.TestCase.settings = _property_settings()
+TestReplicationProperty = ReplicationMachine.TestCase
