@@ -520,6 +520,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _git_state() -> str:
+    """The commit of the checkout this script is in, and whether it has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "-C", str(BENCH_DIR), *args], capture_output=True, text=True)
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return ""
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f", checkout at {head}" + (" with uncommitted changes" if dirty else "")
+
+
 def header(args: argparse.Namespace, repld: Path, fs: str, runner: Runner) -> str:
     cpu = "?"
     try:
@@ -533,7 +547,7 @@ def header(args: argparse.Namespace, repld: Path, fs: str, runner: Runner) -> st
     return (
         f"# repld engine benchmark, {now}\n\n"
         f"- command: `{' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}`\n"
-        f"- repld: `{repld}`\n"
+        f"- repld: `{repld}`{_git_state()}\n"
         f"- file system: {fs}\n"
         f"- host: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "
         f"Python {platform.python_version()}\n"

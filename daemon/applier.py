@@ -90,6 +90,8 @@ class Applier:
     ):
         self.store = store
         self.root = root
+        self._root = str(root)
+        self._dirs_ok: set[str] = set()  # parents checked to be real directories, this batch
         self.fetch = fetch
         self.via = via
         self.replan = replan
@@ -156,24 +158,32 @@ class Applier:
 
     # -- paths and checks -----------------------------------------------------------------------
 
-    def _abs(self, path: str) -> Path:
+    def _p(self, path: str) -> str:
+        return f"{self._root}/{path}" if path else self._root
+
+    def _abs(self, path: str) -> str:
         check_path(path)
         # No component on the way may be a symlink: writing through one could leave the root.
-        cur = self.root
-        for part in path.split("/")[:-1]:
-            cur = cur / part
-            try:
-                st = os.lstat(cur)
-            except FileNotFoundError:
-                break
-            if not stat.S_ISDIR(st.st_mode):
-                raise ChangedOnDisk(path, f"{cur.relative_to(self.root)} is not a directory")
-        return self.root / path
+        parent = parent_of(path)
+        if parent and parent not in self._dirs_ok:
+            cur = ""
+            for part in parent.split("/"):
+                cur = f"{cur}/{part}" if cur else part
+                if cur in self._dirs_ok:
+                    continue
+                try:
+                    st = os.lstat(self._p(cur))
+                except FileNotFoundError:
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    raise ChangedOnDisk(path, f"{cur} is not a directory")
+                self._dirs_ok.add(cur)
+        return self._p(path)
 
     def _check(self, path: str, expected: Record | None) -> os.stat_result | None:
         """The disk must still be as ``expected`` says; returns the current lstat (or None)."""
         try:
-            st = os.lstat(self.root / path)
+            st = os.lstat(self._p(path))
         except (FileNotFoundError, NotADirectoryError):
             st = None
         if expected is None or expected.deleted:
@@ -186,7 +196,7 @@ class Applier:
             if not stat.S_ISDIR(st.st_mode):
                 raise ChangedOnDisk(path, "no longer a directory")
         elif expected.kind is Kind.SYMLINK:
-            if not stat.S_ISLNK(st.st_mode) or os.readlink(self.root / path) != expected.target:
+            if not stat.S_ISLNK(st.st_mode) or os.readlink(self._p(path)) != expected.target:
                 raise ChangedOnDisk(path, "symlink changed")
         else:
             if not stat.S_ISREG(st.st_mode):
@@ -200,13 +210,13 @@ class Applier:
     def _ensure_parent(self, path: str) -> None:
         """Create missing parent directories, and record them as alive here."""
         parent = parent_of(path)
-        if not parent:
+        if not parent or parent in self._dirs_ok:
             return
         missing = []
         p = parent
         while p:
             try:
-                st = os.lstat(self.root / p)
+                st = os.lstat(self._p(p))
             except FileNotFoundError:
                 missing.append(p)
                 p = parent_of(p)
@@ -216,7 +226,7 @@ class Applier:
             break
         for d in reversed(missing):
             self._abs(d)
-            os.mkdir(self.root / d, 0o755)
+            os.mkdir(self._p(d), 0o755)
             rec = self.store.get(d)
             if rec is None or rec.deleted or rec.kind is not Kind.DIR:
                 base = rec.version if rec is not None else VersionVector()
@@ -243,9 +253,9 @@ class Applier:
             st = self._check(path, step.expected)
             self._ensure_parent(path)
             if st is not None and not stat.S_ISDIR(st.st_mode):
-                os.unlink(self.root / path)  # a file or symlink replaced by a directory
-            os.mkdir(self.root / path, rec.mode or 0o755)
-            os.chmod(self.root / path, rec.mode or 0o755)
+                os.unlink(self._p(path))  # a file or symlink replaced by a directory
+            os.mkdir(self._p(path), rec.mode or 0o755)
+            os.chmod(self._p(path), rec.mode or 0o755)
             self._batch.append(_Pending(step))
         elif step.op is Op.SYMLINK:
             self._check(path, step.expected)
@@ -255,9 +265,9 @@ class Applier:
             self._batch.append(_Pending(step, tmp))
         elif step.op is Op.META:
             self._check(path, step.expected)
-            os.chmod(self.root / path, rec.mode)
+            os.chmod(self._p(path), rec.mode)
             if rec.kind is Kind.FILE:
-                os.utime(self.root / path, ns=(rec.mtime_ns, rec.mtime_ns))
+                os.utime(self._p(path), ns=(rec.mtime_ns, rec.mtime_ns))
             self._batch.append(_Pending(step))
         else:
             raise AssertionError(f"not a staged op: {step.op}")
@@ -265,7 +275,7 @@ class Applier:
     def _temp_name(self, path: str) -> Path:
         name = path.rpartition("/")[2]
         tag = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-        return self.root / parent_of(path) / f"{TEMP_PREFIX}{tag}-{os.urandom(4).hex()}"
+        return Path(self._p(parent_of(path)) + f"/{TEMP_PREFIX}{tag}-{os.urandom(4).hex()}")
 
     def _write_temp(self, rec: Record, source: str = "") -> Path:
         tmp = self._temp_name(rec.path)
@@ -303,7 +313,7 @@ class Applier:
             if other.kind is not Kind.FILE:
                 continue
             try:
-                f = open(os.open(self.root / other.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+                f = open(os.open(self._p(other.path), os.O_RDONLY | os.O_NOFOLLOW), "rb")
             except OSError:
                 continue
             st = os.fstat(f.fileno())
@@ -318,6 +328,7 @@ class Applier:
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._dirs_ok.clear()
         has_files = any(p.tmp is not None for p in batch)
         if has_files:
             syncfs(self.root)
@@ -327,8 +338,8 @@ class Applier:
             if p.tmp is not None:
                 try:
                     self._check(p.step.path, p.step.expected)
-                    os.rename(p.tmp, self.root / p.step.path)
-                    ino = os.lstat(self.root / p.step.path).st_ino
+                    os.rename(p.tmp, self._p(p.step.path))
+                    ino = os.lstat(self._p(p.step.path)).st_ino
                 except ChangedOnDisk as e:
                     _unlink_quiet(p.tmp)
                     p.tmp = None
@@ -341,7 +352,7 @@ class Applier:
                 p.tmp = None
             elif p.step.op in (Op.MKDIR, Op.META) or p.step.record.kind is Kind.FILE:
                 try:
-                    ino = os.lstat(self.root / p.step.path).st_ino
+                    ino = os.lstat(self._p(p.step.path)).st_ino
                 except OSError:
                     ino = 0
             ready.append((p, ino))
@@ -392,14 +403,14 @@ class Applier:
         st = self._check(path, expected)
         if st is not None and stat.S_ISDIR(st.st_mode):
             try:
-                os.rmdir(self.root / path)
+                os.rmdir(self._p(path))
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
                 self._keep_dir(step, st)
                 return
         elif st is not None:
-            os.unlink(self.root / path)
+            os.unlink(self._p(path))
         if step.op is Op.DELETE:
             with self.store.transaction():
                 self._record(step.record, local=False, step=step)

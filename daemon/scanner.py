@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..protocol.errors import UnsafePathError
 from ..protocol.record import (
     DIGEST_SIZE,
     TEMP_PREFIX,
@@ -32,7 +33,6 @@ from ..protocol.record import (
     new_guid,
     parent_of,
 )
-from ..protocol.errors import UnsafePathError
 from ..protocol.version import VersionVector
 from .ignore import Ignore
 from .store import Store

@@ -328,7 +328,10 @@ class Store:
 
     def live_with_hash(self, sha256: str) -> list[Record]:
         rows = self.execute(
-            f"SELECT {_COLS} FROM records WHERE sha256 = ? AND deleted = 0 LIMIT 8", (sha256,)
+            # The condition repeats the partial index's, or SQLite would scan the whole table.
+            f"SELECT {_COLS} FROM records WHERE sha256 = ? AND sha256 != '' AND deleted = 0 "
+            "LIMIT 8",
+            (sha256,),
         )
         return [_row_to_record(r) for r in rows]
 

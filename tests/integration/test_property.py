@@ -54,7 +54,7 @@ import pytest
 from hypothesis import note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from repld.daemon.localsync import SyncReport, sync
 from repld.daemon.replica import Replica, init, open_replica
@@ -218,13 +218,19 @@ class ReplicationMachine(RuleBasedStateMachine):
     def _r(self, r: int) -> int:
         return r % len(self.reps)
 
-    def _entries(self, r: int, kinds: tuple[int, ...]) -> list[str]:
-        return [
-            p for p, st_ in walk(self.roots[r]).items() if stat.S_IFMT(st_.st_mode) in kinds
-        ]
+    def _exists(self, *kinds: int) -> bool:
+        return any(
+            stat.S_IFMT(st_.st_mode) in kinds for root in self.roots for st_ in walk(root).values()
+        )
 
-    def _pick(self, r: int, kinds: tuple[int, ...], k: int) -> str | None:
-        entries = self._entries(r, kinds)
+    def _pick(self, kinds: tuple[int, ...], k: int) -> tuple[int, str] | None:
+        """The k-th (modulo) existing entry of one of ``kinds`` on any replica: (replica, path)."""
+        entries = [
+            (r, p)
+            for r, root in enumerate(self.roots)
+            for p, st_ in walk(root).items()
+            if stat.S_IFMT(st_.st_mode) in kinds
+        ]
         return entries[k % len(entries)] if entries else None
 
     def _missing_parents(self, r: int, path: str) -> list[str] | None:
@@ -279,17 +285,32 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.events.append(Event(r, clock[r], dict(clock), frozenset(mods), frozenset(deletes), what))
 
     # -- user changes ---------------------------------------------------------------------------
+    # Rules that create take a replica and a path from the alphabet; rules that change or remove
+    # take the k-th existing entry of the right kind on any replica (so they seldom do nothing).
 
-    @rule(r=REPLICA, path=st.sampled_from(PATHS), payload=PAYLOAD, reuse=REUSE, exe=st.booleans())
+    @rule(
+        r=REPLICA,
+        path=st.sampled_from(PATHS),
+        payload=PAYLOAD,
+        reuse=REUSE,
+        exe=st.booleans(),
+        link=st.sampled_from((None,) * 6 + LINK_TARGETS),  # 60 % files, 40 % symlinks
+    )
     @step
-    def create_file(self, r: int, path: str, payload: bytes, reuse: int, exe: bool) -> None:
+    def create(
+        self, r: int, path: str, payload: bytes, reuse: int, exe: bool, link: str | None
+    ) -> None:
         r = self._r(r)
         full = self.roots[r] / path
         missing = self._missing_parents(r, path)
         if missing is None or lstat(full) is not None:
             return
-        content = self._content(payload, reuse, r, path)
         self._mkdirs(r, missing)
+        if link is not None:
+            os.symlink(link, full)
+            self._event(r, f"symlink {path} -> {link}", {path, *missing})
+            return
+        content = self._content(payload, reuse, r, path)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(content)
@@ -297,13 +318,27 @@ class ReplicationMachine(RuleBasedStateMachine):
         self._touch(full)
         self._event(r, f"create {path}", {path, *missing})
 
-    @rule(r=REPLICA, k=PICK, payload=PAYLOAD, reuse=REUSE, replace=st.booleans())
+    @rule(
+        r=REPLICA,
+        path=st.sampled_from(PATHS),
+        payload=PAYLOAD,
+        reuse=REUSE,
+        exe=st.booleans(),
+        link=st.sampled_from((None,) * 6 + LINK_TARGETS),
+    )
+    def create_more(  # (twice as many creations as other changes)
+        self, r: int, path: str, payload: bytes, reuse: int, exe: bool, link: str | None
+    ) -> None:
+        self.create(r, path, payload, reuse, exe, link)
+
+    @precondition(lambda self: self._exists(stat.S_IFREG))
+    @rule(k=PICK, payload=PAYLOAD, reuse=REUSE, replace=st.booleans())
     @step
-    def edit_file(self, r: int, k: int, payload: bytes, reuse: int, replace: bool) -> None:
-        r = self._r(r)
-        path = self._pick(r, (stat.S_IFREG,), k)
-        if path is None:
+    def edit(self, k: int, payload: bytes, reuse: int, replace: bool) -> None:
+        picked = self._pick((stat.S_IFREG,), k)
+        if picked is None:
             return
+        r, path = picked
         full = self.roots[r] / path
         self._supersede(r, path)
         content = self._content(payload, reuse, r, path)
@@ -320,40 +355,43 @@ class ReplicationMachine(RuleBasedStateMachine):
         self._touch(full)
         self._event(r, f"edit {path}", {path})
 
-    @rule(r=REPLICA, k=PICK)
+    @precondition(lambda self: self._exists(stat.S_IFREG))
+    @rule(k=PICK)
     @step
-    def chmod_file(self, r: int, k: int) -> None:
-        r = self._r(r)
-        path = self._pick(r, (stat.S_IFREG,), k)
-        if path is None:
+    def chmod(self, k: int) -> None:
+        picked = self._pick((stat.S_IFREG,), k)
+        if picked is None:
             return
+        r, path = picked
         full = self.roots[r] / path
         os.chmod(full, stat.S_IMODE(os.lstat(full).st_mode) ^ 0o111)
         self._event(r, f"chmod {path}", {path})
 
-    @rule(r=REPLICA, k=PICK, dest=st.sampled_from(PATHS))
+    @precondition(lambda self: self._exists(stat.S_IFREG, stat.S_IFLNK))
+    @rule(k=PICK, dest=st.sampled_from(PATHS))
     @step
-    def rename(self, r: int, k: int, dest: str) -> None:
-        r = self._r(r)
-        src = self._pick(r, (stat.S_IFREG, stat.S_IFLNK), k)
-        if src is None or src == dest:
+    def rename(self, k: int, dest: str) -> None:
+        picked = self._pick((stat.S_IFREG, stat.S_IFLNK), k)
+        if picked is None:
             return
+        r, src = picked
         missing = self._missing_parents(r, dest)
         dest_st = lstat(self.roots[r] / dest)
-        if missing is None or (dest_st is not None and stat.S_ISDIR(dest_st.st_mode)):
+        if src == dest or missing is None or (dest_st is not None and stat.S_ISDIR(dest_st.st_mode)):
             return
         self._supersede(r, dest)
         self._mkdirs(r, missing)
         os.rename(self.roots[r] / src, self.roots[r] / dest)
         self._event(r, f"rename {src} -> {dest}", {src, dest, *missing}, {src})
 
-    @rule(r=REPLICA, k=PICK)
+    @precondition(lambda self: self._exists(stat.S_IFREG, stat.S_IFLNK))
+    @rule(k=PICK)
     @step
-    def delete(self, r: int, k: int) -> None:
-        r = self._r(r)
-        path = self._pick(r, (stat.S_IFREG, stat.S_IFLNK), k)
-        if path is None:
+    def delete(self, k: int) -> None:
+        picked = self._pick((stat.S_IFREG, stat.S_IFLNK), k)
+        if picked is None:
             return
+        r, path = picked
         self._supersede(r, path)
         os.unlink(self.roots[r] / path)
         self._event(r, f"delete {path}", {path}, {path})
@@ -368,47 +406,39 @@ class ReplicationMachine(RuleBasedStateMachine):
         self._mkdirs(r, [*missing, path])
         self._event(r, f"mkdir {path}", {path, *missing})
 
-    @rule(r=REPLICA, k=PICK)
+    @precondition(lambda self: self._exists(stat.S_IFDIR))
+    @rule(k=PICK)
     @step
-    def rmtree(self, r: int, k: int) -> None:
-        r = self._r(r)
-        path = self._pick(r, (stat.S_IFDIR,), k)
-        if path is None:
+    def rmtree(self, k: int) -> None:
+        picked = self._pick((stat.S_IFDIR,), k)
+        if picked is None:
             return
+        r, path = picked
         gone = self._supersede(r, path)
         shutil.rmtree(self.roots[r] / path)
         self._event(r, f"rmtree {path}", gone, gone)
 
-    @rule(r=REPLICA, path=st.sampled_from(PATHS), to=st.sampled_from(LINK_TARGETS))
-    @step
-    def symlink(self, r: int, path: str, to: str) -> None:
-        r = self._r(r)
-        missing = self._missing_parents(r, path)
-        if missing is None or lstat(self.roots[r] / path) is not None:
-            return
-        self._mkdirs(r, missing)
-        os.symlink(to, self.roots[r] / path)
-        self._event(r, f"symlink {path} -> {to}", {path, *missing})
-
     # -- repld ----------------------------------------------------------------------------------
 
-    @rule(r=REPLICA)
+    @rule(r=REPLICA, reopen=st.booleans())
     @step
-    def scan(self, r: int) -> None:
+    def scan(self, r: int, reopen: bool) -> None:
+        """A scan without a sync (events are then grouped differently), maybe after a restart."""
         r = self._r(r)
+        if reopen:
+            self.reps[r].close()
+            self.reps[r] = open_replica(self.configs[r])
         stats = self.reps[r].scan()
         assert not stats.errors, f"scan of r{r}: {stats.errors}"
-
-    @rule(r=REPLICA)
-    @step
-    def reopen(self, r: int) -> None:
-        r = self._r(r)
-        self.reps[r].close()
-        self.reps[r] = open_replica(self.configs[r])
 
     @rule(left=REPLICA, right=REPLICA)
     @step
     def sync_pair(self, left: int, right: int) -> None:
+        self._sync(left, right)
+
+    @rule(left=REPLICA, right=REPLICA)
+    @step
+    def sync_another_pair(self, left: int, right: int) -> None:  # (twice as many syncs)
         self._sync(left, right)
 
     def _sync(self, left: int, right: int) -> SyncReport:
