@@ -40,6 +40,7 @@ import functools
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -71,6 +72,27 @@ LINK_TARGETS = (".", "..", "b.txt", "nowhere/at/all")
 MAX_ROUNDS = 5  # of all-pairs syncs at the end, the last of which must change nothing
 EDIT_TMP = ".edit-tmp"  # an editor's temporary file for atomic-replace edits (never synced)
 
+# Bugs this test found that are still open. While one is listed here, the machine steers clear of
+# the scenario (or tolerates its symptom, for the one that steps cannot avoid) so that the rest of
+# the property keeps running; each has a plain, strict-xfail reproduction at the end of this file.
+# Delete the entry when the bug is fixed (its xfail test then starts failing, as a reminder).
+KNOWN_BUGS = {
+    # A file moved (rename) onto a path that has a history in the mover's database (a tombstone,
+    # or a directory/symlink record) restarts its version at {mover: 1}: other replicas' newer
+    # record of that path wins, the moved file is deleted (content lost) or never propagates.
+    "move-onto-history": "test_known_bug_move_onto_deleted_path_loses_the_file",
+    # A directory replaced by a file or symlink on one replica, while another replica created
+    # something inside it: the other replica keeps the directory with a version that dominates
+    # the file's, so the file is deleted everywhere, no conflict copy (content lost).
+    "dir-replaced-by-file": "test_known_bug_dir_replaced_by_file_loses_the_file",
+    # A replica that receives a file before the record of its (missing) parent directory creates
+    # the parent with a new version of its own; that version is concurrent with a deletion made
+    # elsewhere, so the deleted directory comes back (empty) everywhere.
+    "parent-bump": "test_known_bug_deleted_directory_comes_back",
+    # conflict_original() of a copy of an extensionless conflict copy names the wrong original.
+    "copy-of-copy-name": "test_known_bug_conflict_original_of_a_copy_of_a_copy",
+}
+
 REPLICA = st.integers(0, 3)  # taken modulo the number of replicas
 PICK = st.integers(0, 63)  # picks one existing entry, modulo how many there are
 PAYLOAD = st.binary(max_size=24)
@@ -80,6 +102,19 @@ REUSE = st.integers(0, 15)  # 15: reuse an earlier content (same content on two 
 def related(p: str, q: str) -> bool:
     """Same path, or one is inside the other."""
     return p == q or p.startswith(q + "/") or q.startswith(p + "/")
+
+
+MARK_RE = re.compile(re.escape(CONFLICT_MARK) + r"[0-9a-f]{8}-[0-9a-f]{8}")
+
+
+def originals(path: str) -> set[str]:
+    """Every path a conflict copy could be the copy of: its name less any one conflict mark."""
+    head, _, name = path.rpartition("/")
+    out = set()
+    for m in MARK_RE.finditer(name):
+        original = name[: m.start()] + name[m.end() :]
+        out.add(f"{head}/{original}" if head else original)
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,6 +148,14 @@ def step(fn: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def say(text: str) -> None:
+    """``note`` inside a hypothesis run; print outside one (replaying a failure by hand)."""
+    try:
+        note(text)
+    except InvalidArgument:
+        print(text)
 
 
 def lstat(path: Path) -> os.stat_result | None:
@@ -218,6 +261,11 @@ class ReplicationMachine(RuleBasedStateMachine):
     def _r(self, r: int) -> int:
         return r % len(self.reps)
 
+    def _record_kind(self, r: int, path: str) -> Kind | None:
+        """The kind of replica r's record of ``path``, live or deleted (None: no record)."""
+        rec = self.reps[r].store.get(path)
+        return rec.kind if rec is not None else None
+
     def _exists(self, *kinds: int) -> bool:
         return any(
             stat.S_IFMT(st_.st_mode) in kinds for root in self.roots for st_ in walk(root).values()
@@ -305,6 +353,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         missing = self._missing_parents(r, path)
         if missing is None or lstat(full) is not None:
             return
+        if "dir-replaced-by-file" in KNOWN_BUGS and self._record_kind(r, path) is Kind.DIR:
+            return
         self._mkdirs(r, missing)
         if link is not None:
             os.symlink(link, full)
@@ -379,6 +429,10 @@ class ReplicationMachine(RuleBasedStateMachine):
         dest_st = lstat(self.roots[r] / dest)
         if src == dest or missing is None or (dest_st is not None and stat.S_ISDIR(dest_st.st_mode)):
             return
+        if "move-onto-history" in KNOWN_BUGS:
+            rec = self.reps[r].store.get(dest)
+            if rec is not None and (rec.deleted or rec.kind is not Kind.FILE):
+                return
         self._supersede(r, dest)
         self._mkdirs(r, missing)
         os.rename(self.roots[r] / src, self.roots[r] / dest)
@@ -449,7 +503,7 @@ class ReplicationMachine(RuleBasedStateMachine):
             right = (left + 1) % n
         report = sync(self.reps[left], self.reps[right])
         if report.errors:
-            note(f"sync r{left} r{right}: errors {report.errors}")
+            say(f"sync r{left} r{right}: errors {report.errors}")
         if any(s.errors for s in report.scans.values()):
             return report
         # Pass 1 brings right's records into left; pass 2 brings left's (now including right's)
@@ -487,7 +541,7 @@ class ReplicationMachine(RuleBasedStateMachine):
             )
 
         snaps = [snapshot(root) for root in self.roots]
-        note(f"final tree: {snaps[0]!r}")
+        say(f"final tree: {snaps[0]!r}")
 
         # 1. Identical trees; nothing outside the roots; no temporary file left.
         for r in range(1, n):
@@ -546,7 +600,10 @@ class ReplicationMachine(RuleBasedStateMachine):
                 continue
             original = conflict_original(path)
             assert original is not None, f"{path}: looks like a conflict copy but does not parse"
-            assert any(related(original, c) for c in contested), (
+            candidates = {original}
+            if "copy-of-copy-name" in KNOWN_BUGS:
+                candidates |= originals(path)
+            assert any(related(o, c) for o in candidates for c in contested), (
                 f"conflict copy {path} but no two replicas changed {original} concurrently "
                 f"(concurrently changed paths: {sorted(contested)})"
             )
@@ -556,6 +613,9 @@ class ReplicationMachine(RuleBasedStateMachine):
             for path in d.deletes:
                 touching = [e for e in self.events if any(related(m, path) for m in e.mods)]
                 if all(e is d or e.before(d) for e in touching):
+                    if "parent-bump" in KNOWN_BUGS and tree.get(path, ("",))[0] == "dir":
+                        if not any(p.startswith(path + "/") for p in tree):
+                            continue  # an empty directory come back: the known bug
                     assert path not in tree, (
                         f"{path} came back: deleted on r{d.replica} ({d.what}) after every other "
                         f"change to it, yet it is {tree[path]!r}"
