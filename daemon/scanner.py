@@ -333,7 +333,10 @@ class Scanner:
         if live and rec is not None:
             version, guid, action = rec.version.bump(self.me), rec.guid, Action.UPDATE
         elif moved is not None:
-            version, guid, action = VersionVector().bump(self.me), moved.guid, Action.CREATE
+            # The destination may have a history here (a tombstone, another kind): continue it,
+            # or other replicas' newer record of the path would win over the moved file.
+            base = rec.version if rec is not None else VersionVector()
+            version, guid, action = base.bump(self.me), moved.guid, Action.CREATE
         else:
             base = rec.version if rec is not None else VersionVector()
             version, guid, action = base.bump(self.me), new_guid(), Action.CREATE
