@@ -21,14 +21,14 @@ settings.load_profile(os.environ.get("REPLD_HYPOTHESIS_PROFILE", "default"))
 settings.register_profile(
     "property-default",
     parent=settings.get_profile("default"),
-    max_examples=60,
-    stateful_step_count=30,
+    max_examples=300,  # about 40 s on two cores when it passes
+    stateful_step_count=40,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
     "property-nightly",
     parent=settings.get_profile("nightly"),
-    max_examples=2000,
+    max_examples=5000,  # about 15-20 min
     stateful_step_count=60,
 )
 

@@ -2,10 +2,13 @@
 
 Every example makes 3 or 4 replicas of one tree in a temporary directory (real files, real SQLite,
 driven through the Python API: ``init``, ``open_replica``, ``localsync.sync``), then runs random
-steps: create, edit (in place or by atomic replace), chmod (toggle the exec bits), rename/move,
-delete, mkdir, rmtree, symlink, scan, reopen a replica, and pairwise syncs. Names come from a tiny
-alphabet so that the same path is touched on several replicas all the time, and a name is as
-often a file as a directory.
+steps on random replicas: create a file (small, now and then several blocks) or a symlink, edit (in
+place or by atomic replace), chmod (a file's exec bits, a directory's group/other bits), retarget a
+symlink, rename/move, delete, mkdir, rmtree, scan (maybe after reopening the replica), pairwise
+syncs, and now and then a dry run (which must change nothing, on disk or in either database), a
+pull-only or push-only sync, or a sync of one subtree. Names come from a tiny alphabet so that the
+same path is touched on several replicas all the time, and a name is as often a file as a
+directory. After every sync without errors, both databases must describe their disks exactly.
 
 At the end, all pairs are synced until a round changes nothing (at most ``MAX_ROUNDS`` rounds), and
 then:
@@ -36,9 +39,11 @@ Profiles: ``REPLD_HYPOTHESIS_PROFILE=nightly`` for a long run (see tests/conftes
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -56,7 +61,6 @@ from hypothesis import note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
-
 from repld.daemon.localsync import Direction, SyncReport, sync
 from repld.daemon.replica import Replica, init, open_replica
 from repld.protocol.record import CONFLICT_MARK, TEMP_PREFIX, Kind, conflict_original
@@ -73,35 +77,51 @@ MAX_ROUNDS = 5  # of all-pairs syncs at the end, the last of which must change n
 EDIT_TMP = ".edit-tmp"  # an editor's temporary file for atomic-replace edits (never synced)
 
 # Bugs this test found that are still open. While one is listed here, the machine steers clear of
-# the scenario (or tolerates its symptom, for the one that steps cannot avoid) so that the rest of
-# the property keeps running; each has a plain, strict-xfail reproduction at the end of this file.
-# Delete the entry when the bug is fixed (its xfail test then starts failing, as a reminder).
+# the scenario or tolerates that one symptom (look for the key below), so that the rest of the
+# property keeps running; each has a plain, strict-xfail reproduction at the end of this file.
+# Delete the entry when the bug is fixed (its xfail test then fails as XPASS, as a reminder).
+# (Found and already fixed: a file moved onto a path with a history restarted that history.)
 KNOWN_BUGS = {
-    # A file moved (rename) onto a path that has a history in the mover's database (a tombstone,
-    # or a directory/symlink record) restarts its version at {mover: 1}: other replicas' newer
-    # record of that path wins, the moved file is deleted (content lost) or never propagates.
-    "move-onto-history": "test_known_bug_move_onto_deleted_path_loses_the_file",
     # A directory replaced by a file or symlink on one replica, while another replica created
     # something inside it: the other replica keeps the directory with a version that dominates
     # the file's, so the file is deleted everywhere, no conflict copy (content lost).
+    # Tolerated: content lost that was written at a path where the applier later kept a directory
+    # ("kept, it still holds files the deleting replica did not know", caught from its log).
     "dir-replaced-by-file": "test_known_bug_dir_replaced_by_file_loses_the_file",
     # A replica that receives a file before the record of its (missing) parent directory creates
     # the parent with a new version of its own; that version is concurrent with a deletion made
     # elsewhere, so the deleted directory comes back (empty) everywhere.
+    # Tolerated: a deleted directory that comes back empty.
     "parent-bump": "test_known_bug_deleted_directory_comes_back",
     # A one-way sync (pull-only / push-only) scans the side that must not change inside a
     # transaction it rolls back, yet hands that scan's versions to the other side: the next real
     # scan reuses the same version for different content (spurious conflict), and if the other
     # side edits what it got, the later edit wins over content it never saw (content lost).
+    # Steered clear of: the source is scanned (committed) before a one-way sync.
     "one-way-uncommitted-versions": "test_known_bug_pull_only_hands_out_uncommitted_versions",
-    # conflict_original() of a copy of an extensionless conflict copy names the wrong original.
+    # The planner looks local records up in the database while earlier steps of the same pass are
+    # still only staged: when a conflict copy is planned and the peer's own record of the copy's
+    # path comes later in the same pass, that record is planned against the stale local record;
+    # a database-only step then overwrites the fresh one (disk: the copy; database: a tombstone).
+    # The next scan records the file again: a copy the peer had moved away comes back.
+    # Tolerated: conflict copies are left out of the database-vs-disk check after each sync.
+    "stale-plan-same-path": "test_known_bug_conflict_copy_recorded_as_deleted",
+    # Concurrent records with the same content merge, taking mode and mtime from the "winner" by
+    # (is dir, mtime, modified_by, hash); a chmod changes neither mtime nor hash, so the key ties
+    # and max() keeps whichever record is local: two replicas merging the same change end up with
+    # equal versions but different modes, forever (and a chmod can be undone everywhere).
+    # Tolerated: the final trees are compared without permission bits.
+    "merge-metadata-tie": "test_known_bug_same_content_merge_diverges_on_mode",
+    # conflict_original() of a copy of an extensionless conflict copy names the wrong original
+    # (the new mark goes before the old one, taken for an extension; the last mark is stripped).
+    # Not needed: the checks find originals with lineage(), not conflict_original().
     "copy-of-copy-name": "test_known_bug_conflict_original_of_a_copy_of_a_copy",
 }
 
 REPLICA = st.integers(0, 3)  # taken modulo the number of replicas
 PICK = st.integers(0, 63)  # picks one existing entry, modulo how many there are
 PAYLOAD = st.binary(max_size=24)
-REUSE = st.integers(0, 15)  # 15: reuse an earlier content (same content on two paths/replicas)
+REUSE = st.integers(0, 15)  # 15: an earlier content (same content on two paths); 14: a big one
 
 
 def related(p: str, q: str) -> bool:
@@ -119,6 +139,18 @@ def originals(path: str) -> set[str]:
     for m in MARK_RE.finditer(name):
         original = name[: m.start()] + name[m.end() :]
         out.add(f"{head}/{original}" if head else original)
+    return out
+
+
+def lineage(path: str) -> set[str]:
+    """The path and, if it is a conflict copy, everything it may be a copy of, recursively."""
+    out = {path}
+    todo = [path]
+    while todo:
+        for o in originals(todo.pop()):
+            if o not in out:
+                out.add(o)
+                todo.append(o)
     return out
 
 
@@ -164,10 +196,13 @@ def say(text: str) -> None:
 
 
 def lstat(path: Path) -> os.stat_result | None:
+    """lstat, or None when nothing is there (or a parent is a file or a symlink loop)."""
     try:
         return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
 
 
 def walk(root: Path) -> dict[str, os.stat_result]:
@@ -202,6 +237,13 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+def without_mode(entry: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A snapshot entry less its permission bits."""
+    if entry[0] == "file":
+        return (entry[0], entry[1], entry[3])
+    return ("dir",) if entry[0] == "dir" else entry
+
+
 def describe_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     lines = []
     for path in sorted(a.keys() | b.keys()):
@@ -221,6 +263,28 @@ def quiet(report: SyncReport) -> bool:
     return True
 
 
+class KeptDirs(logging.Handler):
+    """Paths where the applier kept a directory that a peer had replaced or deleted (from its
+    log: see KNOWN_BUGS["dir-replaced-by-file"])."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.paths: set[str] = set()
+        self.logger = logging.getLogger("repld.daemon.applier")
+        self.old_level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "kept, it still holds files" in str(record.msg) and record.args:
+            self.paths.add(str(record.args[0]))  # type: ignore[index]
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.old_level)
+        super().close()
+
+
 class ReplicationMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -232,9 +296,11 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.events: list[Event] = []
         self.written: dict[bytes, str] = {}  # content -> who wrote it first (for messages)
         self.superseded: set[bytes] = set()
+        self.paths_of: dict[bytes, set[str]] = {}  # every path each content was written to
         self.contents = 0
         self.mtime = time.time_ns()
         self.busy = False
+        self.kept_dirs = KeptDirs()
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -257,6 +323,7 @@ class ReplicationMachine(RuleBasedStateMachine):
                 self.busy = True
                 self.check_final()
         finally:
+            self.kept_dirs.close()
             for rep in self.reps:
                 rep.close()
             shutil.rmtree(self.base, ignore_errors=True)
@@ -265,11 +332,6 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     def _r(self, r: int) -> int:
         return r % len(self.reps)
-
-    def _record_kind(self, r: int, path: str) -> Kind | None:
-        """The kind of replica r's record of ``path``, live or deleted (None: no record)."""
-        rec = self.reps[r].store.get(path)
-        return rec.kind if rec is not None else None
 
     def _exists(self, *kinds: int) -> bool:
         return any(
@@ -310,8 +372,13 @@ class ReplicationMachine(RuleBasedStateMachine):
             return known[len(payload) % len(known)]
         self.contents += 1
         content = b"<%d>" % self.contents + payload
+        if reuse == 14:  # now and then a file of several blocks (blocks are 128 KiB)
+            content += (payload or b"-") * (300_000 // max(1, len(payload)))
         self.written[content] = f"r{r}:{path}"
         return content
+
+    def _wrote(self, content: bytes, path: str) -> None:
+        self.paths_of.setdefault(content, set()).add(path)
 
     def _touch(self, path: Path) -> None:
         self.mtime = max(time.time_ns(), self.mtime + 1_000_000)
@@ -332,10 +399,13 @@ class ReplicationMachine(RuleBasedStateMachine):
                 self.superseded.add((root / p).read_bytes())
         return paths
 
-    def _event(self, r: int, what: str, mods: set[str] | list[str], deletes: set[str] | list[str] = ()) -> None:  # noqa: E501
+    def _event(
+        self, r: int, what: str, mods: set[str] | list[str], deletes: set[str] | list[str] = ()
+    ) -> None:
         clock = self.clocks[r]
         clock[r] = clock.get(r, 0) + 1
-        self.events.append(Event(r, clock[r], dict(clock), frozenset(mods), frozenset(deletes), what))
+        event = Event(r, clock[r], dict(clock), frozenset(mods), frozenset(deletes), what)
+        self.events.append(event)
 
     # -- user changes ---------------------------------------------------------------------------
     # Rules that create take a replica and a path from the alphabet; rules that change or remove
@@ -358,14 +428,13 @@ class ReplicationMachine(RuleBasedStateMachine):
         missing = self._missing_parents(r, path)
         if missing is None or lstat(full) is not None:
             return
-        if "dir-replaced-by-file" in KNOWN_BUGS and self._record_kind(r, path) is Kind.DIR:
-            return
         self._mkdirs(r, missing)
         if link is not None:
             os.symlink(link, full)
             self._event(r, f"symlink {path} -> {link}", {path, *missing})
             return
         content = self._content(payload, reuse, r, path)
+        self._wrote(content, path)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(content)
@@ -397,6 +466,7 @@ class ReplicationMachine(RuleBasedStateMachine):
         full = self.roots[r] / path
         self._supersede(r, path)
         content = self._content(payload, reuse, r, path)
+        self._wrote(content, path)
         mode = stat.S_IMODE(os.lstat(full).st_mode)
         if replace:  # as editors do: a temporary file beside it, renamed over it (new inode)
             tmp = full.parent / EDIT_TMP
@@ -410,17 +480,35 @@ class ReplicationMachine(RuleBasedStateMachine):
         self._touch(full)
         self._event(r, f"edit {path}", {path})
 
-    @precondition(lambda self: self._exists(stat.S_IFREG))
+    @precondition(lambda self: self._exists(stat.S_IFREG, stat.S_IFDIR))
     @rule(k=PICK)
     @step
     def chmod(self, k: int) -> None:
-        picked = self._pick((stat.S_IFREG,), k)
+        """Toggle a file's exec bits (755/644) or a directory's group and other bits (755/700)."""
+        picked = self._pick((stat.S_IFREG, stat.S_IFDIR), k)
         if picked is None:
             return
         r, path = picked
         full = self.roots[r] / path
-        os.chmod(full, stat.S_IMODE(os.lstat(full).st_mode) ^ 0o111)
+        mode = os.lstat(full).st_mode
+        os.chmod(full, stat.S_IMODE(mode) ^ (0o055 if stat.S_ISDIR(mode) else 0o111))
         self._event(r, f"chmod {path}", {path})
+
+    @precondition(lambda self: self._exists(stat.S_IFLNK))
+    @rule(k=PICK, to=st.sampled_from(LINK_TARGETS))
+    @step
+    def retarget(self, k: int, to: str) -> None:
+        """Point a symlink elsewhere (ln -sfn)."""
+        picked = self._pick((stat.S_IFLNK,), k)
+        if picked is None:
+            return
+        r, path = picked
+        full = self.roots[r] / path
+        if os.readlink(full) == to:
+            return
+        os.unlink(full)
+        os.symlink(to, full)
+        self._event(r, f"retarget {path} -> {to}", {path})
 
     @precondition(lambda self: self._exists(stat.S_IFREG, stat.S_IFLNK))
     @rule(k=PICK, dest=st.sampled_from(PATHS))
@@ -431,15 +519,15 @@ class ReplicationMachine(RuleBasedStateMachine):
             return
         r, src = picked
         missing = self._missing_parents(r, dest)
-        dest_st = lstat(self.roots[r] / dest)
-        if src == dest or missing is None or (dest_st is not None and stat.S_ISDIR(dest_st.st_mode)):
+        if src == dest or missing is None:
             return
-        if "move-onto-history" in KNOWN_BUGS:
-            rec = self.reps[r].store.get(dest)
-            if rec is not None and (rec.deleted or rec.kind is not Kind.FILE):
-                return
+        dest_st = lstat(self.roots[r] / dest)
+        if dest_st is not None and stat.S_ISDIR(dest_st.st_mode):
+            return
         self._supersede(r, dest)
         self._mkdirs(r, missing)
+        if stat.S_ISREG(os.lstat(self.roots[r] / src).st_mode):
+            self._wrote((self.roots[r] / src).read_bytes(), dest)
         os.rename(self.roots[r] / src, self.roots[r] / dest)
         self._event(r, f"rename {src} -> {dest}", {src, dest, *missing}, {src})
 
@@ -560,7 +648,36 @@ class ReplicationMachine(RuleBasedStateMachine):
             self._learn(left, right)
         if not into_right.stats.errors:
             self._learn(right, left)
+        if not report.errors:  # then both databases describe their disks exactly
+            for r in (left, right):
+                self._check_database(r, snapshot(self.roots[r]), after_sync=True)
         return report
+
+    def _check_database(
+        self, r: int, snap: dict[str, tuple[Any, ...]], after_sync: bool = False
+    ) -> dict[str, Any]:
+        """Replica r's live records describe exactly its disk; returns every record's version."""
+        live: dict[str, tuple[Any, ...]] = {}
+        versions: dict[str, Any] = {}
+        for rec in self.reps[r].store.iter_paths():
+            versions[rec.path] = (rec.version.encode(), rec.deleted)
+            if rec.deleted:
+                continue
+            if rec.kind is Kind.FILE:
+                live[rec.path] = ("file", rec.sha256, rec.mode, rec.mtime_ns)
+            elif rec.kind is Kind.DIR:
+                live[rec.path] = ("dir", rec.mode)
+            else:
+                live[rec.path] = ("link", rec.target)
+        disk = {
+            path: ("file", hashlib.sha256(v[1]).hexdigest(), *v[2:]) if v[0] == "file" else v
+            for path, v in snap.items()
+        }
+        if after_sync and "stale-plan-same-path" in KNOWN_BUGS:  # conflict copies: the known bug
+            live = {p: v for p, v in live.items() if CONFLICT_MARK not in p}
+            disk = {p: v for p, v in disk.items() if CONFLICT_MARK not in p}
+        assert live == disk, f"r{r}: database and disk differ:\n{describe_diff(live, disk)}"
+        return versions
 
     def _learn(self, into: int, src: int) -> None:
         for r, c in self.clocks[src].items():
@@ -577,7 +694,8 @@ class ReplicationMachine(RuleBasedStateMachine):
                 break
         else:
             busy = [
-                f"r{i}-r{j}: errors={rep.errors} scans={ {k: s.events for k, s in rep.scans.items()} } "
+                f"r{i}-r{j}: errors={rep.errors} "
+                f"scans={ {k: s.events for k, s in rep.scans.items()} } "
                 f"passes={[(p.into, p.stats.written, p.stats.deleted, p.stats.recorded, p.stats.conflicts, p.stats.kept_dirs) for p in rep.passes]}"  # noqa: E501
                 for i, j, rep in reports
                 if not quiet(rep)
@@ -591,39 +709,23 @@ class ReplicationMachine(RuleBasedStateMachine):
         say(f"final tree: {snaps[0]!r}")
 
         # 1. Identical trees; nothing outside the roots; no temporary file left.
+        same = snaps
+        if "merge-metadata-tie" in KNOWN_BUGS:  # modes may differ: the known bug
+            same = [{p: without_mode(v) for p, v in snap.items()} for snap in snaps]
         for r in range(1, n):
-            assert snaps[r] == snaps[0], f"r0 and r{r} differ:\n{describe_diff(snaps[0], snaps[r])}"
+            assert same[r] == same[0], f"r0 and r{r} differ:\n{describe_diff(snaps[0], snaps[r])}"
         expected = {f"r{i}" for i in range(n)} | {f"c{i}" for i in range(n)}
         assert set(os.listdir(self.base)) == expected, f"outside the roots: {os.listdir(self.base)}"
         for i in range(n):
             assert set(os.listdir(self.base / f"c{i}")) == {"config.toml", "config.state"}
-        leftovers = [p for p in snaps[0] if p.rpartition("/")[2].startswith((TEMP_PREFIX, EDIT_TMP))]
+        leftovers = [
+            p for p in snaps[0] if p.rpartition("/")[2].startswith((TEMP_PREFIX, EDIT_TMP))
+        ]
         assert not leftovers, f"temporary files left: {leftovers}"
 
         # 2. Each database agrees with its disk; all databases hold the same versions.
         tree = snaps[0]
-        versions = []
-        for r, rep in enumerate(self.reps):
-            live = {}
-            allv = {}
-            for rec in rep.store.iter_paths():
-                allv[rec.path] = (rec.version.encode(), rec.deleted)
-                if rec.deleted:
-                    continue
-                if rec.kind is Kind.FILE:
-                    live[rec.path] = ("file", rec.sha256, rec.mode, rec.mtime_ns)
-                elif rec.kind is Kind.DIR:
-                    live[rec.path] = ("dir", rec.mode)
-                else:
-                    live[rec.path] = ("link", rec.target)
-            disk = {}
-            for path, v in snaps[r].items():
-                if v[0] == "file":
-                    disk[path] = ("file", hashlib.sha256(v[1]).hexdigest(), v[2], v[3])
-                else:
-                    disk[path] = v
-            assert live == disk, f"r{r}: database and disk differ:\n{describe_diff(live, disk)}"
-            versions.append(allv)
+        versions = [self._check_database(r, snaps[r]) for r in range(n)]
         for r in range(1, n):
             assert versions[r] == versions[0], (
                 f"r0 and r{r} hold different versions:\n{describe_diff(versions[0], versions[r])}"
@@ -631,8 +733,15 @@ class ReplicationMachine(RuleBasedStateMachine):
 
         # 3. No content lost unless some replica knowingly superseded it.
         present = {v[1] for v in tree.values() if v[0] == "file"}
-        lost = {c: who for c, who in self.written.items() if c not in present and c not in self.superseded}
-        assert not lost, f"content lost though no replica that had it replaced or deleted it: {lost}"
+        lost = {
+            c: who
+            for c, who in self.written.items()
+            if c not in present and c not in self.superseded
+        }
+        if "dir-replaced-by-file" in KNOWN_BUGS:  # lost where a directory was kept: the known bug
+            kept = self.kept_dirs.paths
+            lost = {c: who for c, who in lost.items() if not self.paths_of.get(c, set()) & kept}
+        assert not lost, f"content lost, though no replica that had it replaced it: {lost}"
 
         # 4. Conflict copies only where two replicas changed related paths concurrently.
         contested: set[str] = set()
@@ -647,9 +756,9 @@ class ReplicationMachine(RuleBasedStateMachine):
                 continue
             original = conflict_original(path)
             assert original is not None, f"{path}: looks like a conflict copy but does not parse"
-            candidates = {original}
-            if "copy-of-copy-name" in KNOWN_BUGS:
-                candidates |= originals(path)
+            # A copy of P (or of a copy of P) needs concurrent changes of P, or above or below it.
+            # (lineage, not conflict_original: see KNOWN_BUGS["copy-of-copy-name"])
+            candidates = lineage(path) - {path}
             assert any(related(o, c) for o in candidates for c in contested), (
                 f"conflict copy {path} but no two replicas changed {original} concurrently "
                 f"(concurrently changed paths: {sorted(contested)})"
@@ -658,7 +767,11 @@ class ReplicationMachine(RuleBasedStateMachine):
         # 5. Deleted files never come back.
         for d in self.events:
             for path in d.deletes:
-                touching = [e for e in self.events if any(related(m, path) for m in e.mods)]
+                # A conflict copy is also touched by whatever touches its original.
+                family = lineage(path)
+                touching = [
+                    e for e in self.events if any(related(m, f) for m in e.mods for f in family)
+                ]
                 if all(e is d or e.before(d) for e in touching):
                     if "parent-bump" in KNOWN_BUGS and tree.get(path, ("",))[0] == "dir":
                         if not any(p.startswith(path + "/") for p in tree):
@@ -671,13 +784,196 @@ class ReplicationMachine(RuleBasedStateMachine):
 
 def _property_settings() -> settings:
     profile = os.environ.get("REPLD_HYPOTHESIS_PROFILE", "default")
-    try:
+    try:  # registered in tests/conftest.py
         return settings.get_profile(f"property-{profile}")
     except InvalidArgument:
-        return settings(
-            settings.get_profile(profile), max_examples=60, stateful_step_count=30, deadline=None
-        )
+        return settings(max_examples=300, stateful_step_count=40, deadline=None)
 
 
 ReplicationMachine.TestCase.settings = _property_settings()
 TestReplicationProperty = ReplicationMachine.TestCase
+
+
+# -- known bugs found by the property test: minimal reproductions ----------------------------------
+# Each is strict-xfail while its KNOWN_BUGS entry is there; when a fix makes one pass, pytest
+# reports XPASS as a failure: delete the KNOWN_BUGS entry, and the property covers it again.
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Callable[[int], list[Replica]]:
+    opened: list[Replica] = []
+
+    def make(n: int) -> list[Replica]:
+        tree = str(uuid.uuid4())
+        for i in range(n):
+            root = tmp_path / f"r{i}"
+            root.mkdir()
+            init(tmp_path / f"c{i}" / "config.toml", root, name=f"r{i}", tree_id=tree)
+            opened.append(open_replica(tmp_path / f"c{i}" / "config.toml"))
+        return opened
+
+    yield make  # type: ignore[misc]
+    for rep in opened:
+        rep.close()
+
+
+def files(rep: Replica) -> dict[str, bytes | str]:
+    return {p: v[1] if v[0] in ("file", "link") else v[0] for p, v in snapshot(rep.root).items()}
+
+
+def known_bug(key: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(key in KNOWN_BUGS, reason=f"known bug {key!r}", strict=True)
+
+
+def test_fixed_bug_move_onto_deleted_path_kept_the_file(replicas):
+    """Found by the property test; fixed in the scanner (a move continues the path's history)."""
+    a, b, c = replicas(3)
+    (a.root / "q").write_bytes(b"old q")
+    sync(a, b)
+    (a.root / "q").unlink()
+    sync(a, b)  # q is a tombstone on a and b, version {a: 2}
+    (a.root / "p").write_bytes(b"precious")
+    sync(a, b)
+    os.rename(a.root / "p", a.root / "q")  # the scan sees a move: q restarts at {a: 1}
+    sync(a, b)  # b's tombstone {a: 2} dominates: b never gets q
+    sync(b, c)  # c learns the tombstone from b
+    sync(a, c)  # ... and hands it to a, which deletes q
+    assert files(a) == files(b) == files(c) == {"q": b"precious"}
+
+
+@known_bug("dir-replaced-by-file")
+def test_known_bug_dir_replaced_by_file_loses_the_file(replicas):
+    a, b = replicas(2)
+    (a.root / "d").mkdir()
+    sync(a, b)
+    (a.root / "d").rmdir()
+    (a.root / "d").write_bytes(b"a's file d")  # a: the directory d becomes a file
+    (b.root / "d" / "y").write_bytes(b"b's d/y")  # b, meanwhile: a new file in d
+    for _ in range(3):
+        sync(a, b)
+    # b kept d (it holds y) with a version that dominates a's file, which every replica then
+    # deletes; expected: the file kept as a conflict copy beside the directory.
+    assert files(a) == files(b)
+    assert b"a's file d" in files(a).values()
+
+
+@known_bug("parent-bump")
+def test_known_bug_deleted_directory_comes_back(replicas):
+    a, b, c = replicas(3)
+    (a.root / "d").mkdir()
+    (a.root / "d" / "x").write_bytes(b"x")
+    sync(a, b)
+    os.chmod(a.root / "d", 0o700)  # d's record now has a later sequence number than d/x
+    sync(a, b)
+    shutil.rmtree(b.root / "d")  # b deletes d, knowing everything that was ever in it
+    sync(a, c)  # c gets d/x before d: the applier creates d with a version bump by c
+    for _ in range(2):
+        sync(b, a)
+        sync(b, c)
+        sync(a, c)
+    assert files(a) == files(b) == files(c) == {}
+
+
+@known_bug("one-way-uncommitted-versions")
+def test_known_bug_pull_only_hands_out_uncommitted_versions(replicas):
+    a, b = replicas(2)
+    (b.root / "f").write_bytes(b"v1")
+    sync(a, b)
+    (b.root / "f").write_bytes(b"v2 from b")
+    # a pulls v2 with version {b: 2}; b's own scan (and its {b: 2}) is rolled back.
+    sync(a, b, direction=Direction.PULL)
+    (a.root / "f").write_bytes(b"a edits v2")  # {a: 1, b: 2}
+    (b.root / "f").write_bytes(b"v3 from b")  # b's next scan records this as {b: 2} again
+    for _ in range(2):
+        sync(a, b)
+    # a never saw v3, yet a's edit "dominates" it: v3 is overwritten, no conflict copy.
+    assert b"v3 from b" in files(a).values()
+
+
+@known_bug("stale-plan-same-path")
+def test_known_bug_conflict_copy_recorded_as_deleted(replicas):
+    a, b = replicas(2)
+    t = time.time_ns()
+
+    def write(rep: Replica, path: str, data: bytes, when: int) -> None:
+        (rep.root / path).write_bytes(data)
+        os.utime(rep.root / path, ns=(when, when))
+
+    write(b, "p", b"X", t)
+    write(a, "p", b"Y", t + 10**9)
+    sync(a, b)  # a conflict: a's Y wins, b's X is kept as p.conflict-<b>-<X>
+    copy = next(p for p in files(a) if CONFLICT_MARK in p)
+    (b.root / copy).unlink()
+    sync(a, b)  # the copy is removed everywhere: a tombstone on both
+    write(a, "p", b"Z", t + 3 * 10**9)  # a edits p ...
+    write(b, "p", b"X", t + 2 * 10**9)  # ... and b, concurrently, writes X to p again
+    b.scan()
+    write(b, copy, b"W", t + 2 * 10**9)  # b's record of the copy's path changes after p's
+    b.scan()
+    (b.root / copy).unlink()
+    b.scan()
+    # In one pass a plans the copy of X (p's conflict), then b's tombstone of the copy's path
+    # against its old tombstone: "both deleted", a database-only step that buries the new copy.
+    sync(a, b)
+    rec = a.store.get(copy)
+    assert (a.root / copy).read_bytes() == b"X"
+    assert rec is not None and not rec.deleted, "the copy is on disk, its record says deleted"
+
+
+@known_bug("merge-metadata-tie")
+def test_known_bug_same_content_merge_diverges_on_mode(replicas):
+    a, b, c, d = replicas(4)
+    (a.root / "d").mkdir()
+    os.chmod(a.root / "d", 0o755)
+    os.symlink(".", b.root / "d")  # concurrently, b makes d a symlink
+    sync(a, c)
+    sync(b, c)  # a conflict on c: the directory wins, {a:1, b:1}, still "by a", mode 755
+    sync(c, b)
+    os.chmod(a.root / "d", 0o700)  # {a:2}, by a; a directory's mtime does not change
+    sync(d, a)  # d takes a's {a:2}, 700
+    sync(c, a)  # c merges {a:2} with its {a:1, b:1}: the key ties, c keeps its own 755
+    sync(d, b)  # d merges the same two versions: the key ties, d keeps its own 700
+    for _ in range(2):
+        for x, y in itertools.combinations((a, b, c, d), 2):
+            sync(x, y)
+    modes = [stat.S_IMODE(os.lstat(rep.root / "d").st_mode) for rep in (a, b, c, d)]
+    assert len(set(modes)) == 1, [oct(m) for m in modes]  # found: 755, 700, 755, 700
+    assert modes[0] == 0o700  # a's chmod is the only change there was
+
+
+@known_bug("copy-of-copy-name")
+def test_known_bug_conflict_original_of_a_copy_of_a_copy():
+    from repld.protocol.record import Record, conflict_copy_path
+    from repld.protocol.version import VersionVector
+
+    loser = Record("x", "g", Kind.FILE, VersionVector.of({"b" * 8: 1}), sha256="c" * 64,
+                   modified_by="bbbbbbbb-0000")  # fmt: skip
+    for path in ("notes", ".bashrc"):
+        copy = conflict_copy_path(path, loser)
+        copy_of_copy = conflict_copy_path(copy, loser.with_(modified_by="dddddddd-0000"))
+        # e.g. "notes.conflict-dddddddd-cccccccc.conflict-bbbbbbbb-cccccccc": the new mark goes
+        # before the old one (taken for an extension), and conflict_original strips the last.
+        assert conflict_original(copy_of_copy) == copy
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation: change detection is (size, mtime, mode, inode) only; an in-place "
+    "edit that keeps size and mtime (same clock tick on kernels without fine-grained "
+    "timestamps, or mtime restored by a tool) is never seen, and a sync overwrites it. "
+    "The property test avoids it by giving every write a fresh mtime.",
+)
+def test_known_limitation_edit_keeping_size_and_mtime_is_overwritten(replicas):
+    a, b = replicas(2)
+    f = a.root / "f"
+    f.write_bytes(b"version-1")
+    sync(a, b)
+    st_ = os.stat(f)
+    with open(f, "r+b") as fh:  # same size, same inode
+        fh.write(b"version-2")
+    os.utime(f, ns=(st_.st_atime_ns, st_.st_mtime_ns))  # mtime as recorded
+    (b.root / "f").write_bytes(b"b's edit!")  # b edits too: a conflict, both must be kept
+    os.utime(b.root / "f", ns=(st_.st_mtime_ns + 10**9,) * 2)
+    for _ in range(2):
+        sync(a, b)
+    assert b"version-2" in files(a).values()
