@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -16,7 +17,7 @@ from typing import Any
 
 from ..protocol.errors import ReplError
 from ..protocol.record import conflict_original, escape
-from ..protocol.version import short_id
+from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from .errors import ConfigError, DaemonNotRunning, UsageError
 from .localsync import Direction, SyncReport, sync
@@ -288,9 +289,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def _replace_peers(cfg: configmod.Config, peers: tuple[configmod.Peer, ...]) -> configmod.Config:
-    from dataclasses import replace
-
-    return replace(cfg, peers=peers)
+    return dataclasses.replace(cfg, peers=peers)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -403,8 +402,6 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def short_version(encoded: str) -> str:
-    from ..protocol.version import VersionVector
-
     return str(VersionVector.decode(encoded))
 
 

@@ -57,13 +57,8 @@ class ScanStats:
         return self.created + self.updated + self.deleted
 
 
-def hash_file(path: str | Path) -> tuple[str, bytes, int]:
-    """(SHA-256 hex of the whole file, concatenated block digests, size) of a regular file."""
-    return hash_file_stat(path)[:3]  # type: ignore[return-value]
-
-
 def hash_file_stat(path: str | Path) -> tuple[str, bytes, int, os.stat_result]:
-    """Like ``hash_file``, plus the file's stat taken after reading it."""
+    """(SHA-256 hex of the whole file, concatenated block digests, size, stat after reading)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         sha, blocks, size = hash_fd(fd)
@@ -248,9 +243,6 @@ class Scanner:
         if st is None:
             if rec is not None and not rec.deleted:
                 self._gone(rec)
-            elif rec is None:
-                # Maybe a directory's records were never there, or the path is new and gone.
-                pass
             return False
         kind = kind_of(st.st_mode)
         if kind is None:
@@ -400,16 +392,3 @@ class Scanner:
     def _error(self, path: str, message: str) -> None:
         log.warning("%s: %s", path, message)
         self.stats.errors.append((path, message))
-
-
-def ancestors(path: str) -> list[str]:
-    out = []
-    p = parent_of(path)
-    while p:
-        out.append(p)
-        p = parent_of(p)
-    return out[::-1]
-
-
-__all__ = ["Scanner", "ScanStats", "hash_file", "hash_fd", "kind_of", "ancestors", "is_within",
-           "DIGEST_SIZE"]  # fmt: skip

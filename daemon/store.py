@@ -424,15 +424,10 @@ class Store:
         self.flush()
         return self.db.execute(sql, params)
 
-    def set_ino(self, path: str, ino: int, mtime_ns: int | None = None) -> None:
+    def set_ino(self, path: str, ino: int) -> None:
         """Refresh the local stat cache (not an event: no sequence number, nothing replicated)."""
         self.flush()
-        if mtime_ns is None:
-            self.db.execute("UPDATE records SET ino = ? WHERE path = ?", (ino, path))
-        else:
-            self.db.execute(
-                "UPDATE records SET ino = ?, mtime_ns = ? WHERE path = ?", (ino, mtime_ns, path)
-            )
+        self.db.execute("UPDATE records SET ino = ? WHERE path = ?", (ino, path))
 
     def history(self, path: str) -> list[Event]:
         rows = self.execute(

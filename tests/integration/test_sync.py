@@ -15,6 +15,12 @@ from helpers import REPLD, conflict_copies, files_bytes, make_replicas, snapshot
 NAMES = ["with space.txt", "new\nline.txt", "ünïcødé €.md", "tab\there", "back\\slash"]
 
 
+def newer(path: Path, *, than: Path) -> None:
+    """Give ``path`` an mtime one second after ``than``'s, so "newest wins" has a clear answer."""
+    t = than.stat().st_mtime_ns + 1_000_000_000
+    os.utime(path, ns=(t, t))
+
+
 def populate(root: Path) -> None:
     (root / "docs" / "deep" / "er").mkdir(parents=True)
     (root / "empty").mkdir()
@@ -100,8 +106,8 @@ def test_concurrent_edits_keep_both_one_copy_everywhere(tmp_path):
     a.sync(b)
     a.sync(c)
     (a.root / "notes.txt").write_text("edited on a\n")
-    time.sleep(0.01)  # distinct mtimes, so "newest wins" is meaningful (not a wait for a condition)
     (b.root / "notes.txt").write_text("edited on b\n")
+    newer(b.root / "notes.txt", than=a.root / "notes.txt")
     a.sync(b)
     copies = conflict_copies(a.root)
     assert len(copies) == 1
@@ -124,8 +130,8 @@ def test_independent_resolutions_agree(tmp_path):
     for r in (b, c, d):
         a.sync(r)
     (a.root / "f.txt").write_text("a's\n")
-    time.sleep(0.01)
     (b.root / "f.txt").write_text("b's\n")
+    newer(b.root / "f.txt", than=a.root / "f.txt")
     c.sync(a, "--pull-only")
     d.sync(b, "--pull-only")
     c.sync(b)  # c holds a's version, b holds b's: conflict resolved here
@@ -218,8 +224,10 @@ def test_renamed_file_content_is_copied_locally(tmp_path):
 
 
 def test_different_trees_refuse(tmp_path):
-    a = make_replicas(tmp_path / "x", "a")[0] if (tmp_path / "x").mkdir() is None else None
-    b = make_replicas(tmp_path / "y", "b")[0] if (tmp_path / "y").mkdir() is None else None
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    (a,) = make_replicas(tmp_path / "x", "a")  # two separate trees
+    (b,) = make_replicas(tmp_path / "y", "b")
     (a.root / "f").write_text("f")
     proc = a.sync(b, check=False)
     assert proc.returncode == 1
