@@ -19,7 +19,8 @@ from ..protocol.errors import ReplError
 from ..protocol.record import conflict_original, escape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
-from .errors import ConfigError, DaemonNotRunning, UsageError
+from . import control, service
+from .errors import ConfigError, UsageError
 from .localsync import Direction, SyncReport, sync
 from .replica import Replica, init, load_keys, open_replica
 from .scanner import ScanStats
@@ -29,10 +30,16 @@ log = logging.getLogger("repld")
 EPILOG = """\
 examples:
   repld init ~/                          make this home directory a replica (a new tree)
+  repld id                               what a peer needs to admit this replica
+  repld peer add desktop tcp://desktop.lan:7437 KEY
+                                         admit a peer (run the same on the other side)
+  repld run                              the daemon: watch, sync with every peer it reaches
+  repld status                           ask the daemon how it is doing
   repld --config /media/usb/repld.toml init /media/usb/home --tree-id ID
                                          a second replica of the same tree, on a USB disk
   repld sync /media/usb/repld.toml -n    show what a sync would do, change nothing
   repld sync /media/usb/repld.toml       bring both replicas in sync
+  repld sync desktop -n                  what one exchange with peer desktop would bring
   repld log Documents/report.odt         where each version of a file came from
   repld conflicts                        conflicting edits kept side by side
 
@@ -97,8 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     a = psub.add_parser("remove", help="forget a peer")
     a.add_argument("name")
 
+    cmd(
+        "run",
+        "the daemon, in the foreground: watch the tree, sync with every peer it can reach",
+        "Run the daemon in the foreground (what systemd starts). It scans the tree, watches it "
+        "with inotify, listens on the config's `listen` endpoint and dials every [[peer]]; "
+        "changes go both ways as soon as they are seen. SIGTERM or Ctrl-C stops it; SIGHUP "
+        "reloads the config (peers, ignore rules). Logs go to stderr (--debug for detail).",
+    )
     c = cmd("status", "ask the running daemon how it is doing (exit 3 if it is not running)")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="the machine-readable form (see README)")
+    cmd("pause", "tell the daemon to stop applying local changes and scanning until resumed")
+    cmd("resume", "tell a paused daemon to carry on (it rescans first)")
+    cmd("rescan", "tell the daemon to scan the whole tree now")
 
     c = cmd(
         "scan",
@@ -112,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = cmd(
         "sync",
-        "sync with another replica now (TARGET: its config file)",
-        "Scan both replicas and bring them in sync: changes go both ways, newer versions "
+        "sync with a peer or another replica now (TARGET: a peer name or a config file)",
+        "Bring this replica and TARGET in sync once: changes go both ways, newer versions "
         "replace older ones, concurrent edits are conflicts that keep both versions.\n\n"
-        "TARGET is the config file of another replica on this machine (for instance on a USB "
-        "disk). PATHs limit the sync to those subtrees.",
+        "TARGET is either a configured peer's name (one exchange over the network; the peer's "
+        "daemon must be running) or the config file of another replica on this machine (for "
+        "instance on a USB disk). PATHs limit the sync to those subtrees. If this replica's "
+        "daemon is running, `repld sync PEER` asks it to sync now and waits until it is in sync.",
     )
     c.add_argument("target", metavar="TARGET")
     c.add_argument("-n", "--dry-run", action="store_true", help="print the plan, change nothing")
@@ -292,12 +312,61 @@ def _replace_peers(cfg: configmod.Config, peers: tuple[configmod.Peer, ...]) -> 
     return dataclasses.replace(cfg, peers=peers)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.debug:
+        logging.getLogger("repld").setLevel(logging.INFO)
+    return service.run(args.config)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = configmod.load(args.config)
-    raise DaemonNotRunning(
-        f"repld is not running for {cfg.root} (config {cfg.path}); this version has no daemon "
-        "yet: use `repld scan` and `repld sync`"
-    )
+    status = control.request(cfg, "status")["status"]
+    if args.json:
+        _print_json(status)
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The human view of `repld status --json`."""
+    loc = st["local"]
+    peers = st["peers"]
+    up = sum(1 for p in peers if p["connected"])
+    synced = all(p["in_sync"] for p in peers if p["connected"]) and up > 0
+    lines = [
+        f"{st['name']} ({short_id(st['replica_id'])}) at {st['root']}: {st['state']}"
+        + (f", in sync with {up} of {len(peers)} peers" if synced else f", {up} of {len(peers)} peers connected"),
+        f"  local: {loc['files']} files, {loc['dirs']} directories, {_human(loc['bytes'])}, "
+        f"sequence {loc['sequence']}",
+    ]
+    if not st.get("watching", True):
+        lines.append("  watching: off (inotify unavailable or its limit reached): periodic full scans")
+    for p in peers:
+        if p["connected"]:
+            state = "in sync" if p["in_sync"] else (
+                f"needs {p['need_files']} files ({_human(p['need_bytes'])}) from it, "
+                f"it needs {p['peer_need_files']}"
+            )
+            lines.append(f"  peer {p['name']} ({p['endpoint']}): connected, {state}")
+        else:
+            seen = p["last_seen"] or "never"
+            why = f"; {p['error']}" if p.get("error") else ""
+            lines.append(f"  peer {p['name']} ({p['endpoint']}): not connected, last seen {seen}{why}")
+    if st["conflicts"]:
+        lines.append(f"  conflicts: {st['conflicts']} (see `repld conflicts`)")
+    for e in st["errors"][:20]:
+        lines.append(f"  error: {escape(e['path'])}: {e['error']}")
+    if len(st["errors"]) > 20:
+        lines.append(f"  ... and {len(st['errors']) - 20} more errors (`repld status --json`)")
+    return "\n".join(lines)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    control.request(cfg, args.command)
+    print(f"{args.command}: done" if args.command != "rescan" else "rescan: started")
+    return 0
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -319,10 +388,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if not target.is_file():
         cfg = configmod.load(args.config)
         if cfg.peer(args.target):
-            raise UsageError(
-                f"{args.target} is a network peer; syncing over the network needs the daemon, "
-                "which this version does not have yet. TARGET must be another replica's config file."
-            )
+            return _sync_peer(args)
         raise UsageError(
             f"{args.target}: no such config file, and no peer of that name in {cfg.path}"
         )
@@ -335,6 +401,26 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )  # fmt: skip
         progress.done()
         _print_sync(report, args.verbose)
+    return 1 if report.errors else 0
+
+
+def _sync_peer(args: argparse.Namespace) -> int:
+    report = service.sync_with_peer(
+        args.config, args.target, dry_run=args.dry_run, pull_only=args.pull_only,
+        push_only=args.push_only, prefer=args.prefer, paths=args.paths or None,
+    )  # fmt: skip
+    for step in report.steps:
+        print(step.describe().replace(step.path, escape(step.path), 1))
+    if args.dry_run:
+        print(f"dry run: {len(report.steps)} actions planned, nothing changed")
+    elif report.status:
+        t = report.status["transfer"]
+        print(
+            f"{args.target}: {t['files_written']} files written ({_human(t['bytes_written'])}, "
+            f"{_human(t['fetched_bytes'])} fetched), {t['conflicts_resolved']} conflicts resolved"
+        )
+    for e in report.errors:
+        print(f"error: {escape(e['path'])}: {e['error']}", file=sys.stderr)
     return 1 if report.errors else 0
 
 
@@ -522,7 +608,11 @@ COMMANDS = {
     "init": cmd_init,
     "id": cmd_id,
     "peer": cmd_peer,
+    "run": cmd_run,
     "status": cmd_status,
+    "pause": cmd_control,
+    "resume": cmd_control,
+    "rescan": cmd_control,
     "scan": cmd_scan,
     "sync": cmd_sync,
     "log": cmd_log,
@@ -536,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
-        format="repld: %(levelname)s: %(message)s",
+        format="repld: %(levelname)s: %(name)s: %(message)s" if args.debug
+        else "repld: %(levelname)s: %(message)s",
     )
     try:
         return COMMANDS[args.command](args)

@@ -23,6 +23,7 @@ DEFAULT_PORT = 7437
 
 TOP_KEYS = {
     "root", "state", "name", "listen", "conflict_policy", "ignore", "scan_interval", "peer",
+    "control_socket",
 }
 PEER_KEYS = {"name", "endpoint", "public_key"}
 
@@ -92,6 +93,7 @@ class Config:
     ignore: tuple[str, ...] = ()
     scan_interval: int = 3600
     peers: tuple[Peer, ...] = field(default=())
+    control_socket: Path | None = None  # None: control.sock in the state directory
 
     @property
     def db_path(self) -> Path:
@@ -168,6 +170,12 @@ def parse(data: dict[str, object], path: Path) -> Config:
     assert isinstance(interval, int)
     if interval < 0:
         raise ConfigError("must be >= 0 (0 turns periodic scans off)", file=path, key="scan_interval")
+    control = data.get("control_socket")
+    if control is not None:
+        _type(control, str, "a path", path, "control_socket")
+        control = Path(str(control)).expanduser()
+        if not control.is_absolute():
+            raise ConfigError(f"must be an absolute path, not {control}", file=path, key="control_socket")
     peers_raw = data.get("peer", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("expected [[peer]] tables", file=path, key="peer")
@@ -205,6 +213,7 @@ def parse(data: dict[str, object], path: Path) -> Config:
         ignore=tuple(ignore),
         scan_interval=interval,
         peers=tuple(peers),
+        control_socket=control,  # type: ignore[arg-type]
     )
 
 
@@ -226,6 +235,8 @@ def render(cfg: Config) -> str:
         "# gitignore-style patterns, in addition to ROOT/.repldignore (which is replicated)",
         "ignore = [" + ", ".join(_q(i) for i in cfg.ignore) + "]",
     ]
+    if cfg.control_socket is not None:
+        lines.append(f"control_socket = {_q(str(cfg.control_socket))}")
     for p in cfg.peers:
         lines += [
             "",

@@ -326,6 +326,22 @@ class Store:
                 yield _row_to_record(r)
             seq = int(rows[-1][15])
 
+    def page_since(self, seq: int, limit: int) -> list[Record]:
+        """At most ``limit`` records changed after ``seq``, in sequence order."""
+        rows = self.execute(
+            f"SELECT {_COLS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+        ).fetchall()
+        return [_row_to_record(r) for r in rows]
+
+    def count_since(self, seq: int) -> tuple[int, int]:
+        """(records, bytes of live files) changed after ``seq``: what a peer at ``seq`` lacks."""
+        row = self.execute(
+            "SELECT COUNT(*), SUM(CASE WHEN deleted = 0 THEN size ELSE 0 END) FROM records "
+            "WHERE seq > ?",
+            (seq,),
+        ).fetchone()
+        return int(row[0] or 0), int(row[1] or 0)
+
     def live_with_hash(self, sha256: str) -> list[Record]:
         rows = self.execute(
             # The condition repeats the partial index's, or SQLite would scan the whole table.

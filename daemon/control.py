@@ -1,0 +1,194 @@
+"""The control socket: how `repld status`, `pause`, `resume` and `rescan` reach the daemon.
+
+A Unix stream socket, one per replica: by default ``control.sock`` in the replica's state
+directory (so replicas with different configs never clash, and it works where
+``$XDG_RUNTIME_DIR`` is unset), created owner-only; every connection's peer uid is checked with
+``SO_PEERCRED`` and only the daemon's own user is served. One request per connection: a JSON
+object on one line (``{"cmd": "status"}``), answered by one JSON line. The server is a thread of
+its own: it answers ``status`` from the snapshot the engine publishes, and hands every other
+command to the engine's queue, so it never touches the database.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import DaemonNotRunning, ReplError
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("status", "rescan", "pause", "resume", "sync-now")
+MAX_REQUEST = 64 * 1024
+_UNIX_PATH_MAX = 107
+
+
+def control_path(cfg: Config) -> Path:
+    """Where the daemon of ``cfg``'s replica listens; derived from the state directory."""
+    if cfg.control_socket is not None:
+        return cfg.control_socket
+    path = cfg.state / "control.sock"
+    if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
+        return path
+    # Too long for a Unix socket address: a short name derived from the state directory.
+    digest = hashlib.sha256(os.fsencode(cfg.state.resolve())).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"repld-{os.getuid()}" / f"{digest}.sock"
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ControlServer:
+    def __init__(
+        self,
+        path: Path,
+        status: Callable[[], dict[str, Any]],
+        command: Callable[[str], None],
+        *,
+        inherited: socket.socket | None = None,
+    ):
+        self.path = path
+        self.status = status
+        self.command = command
+        self._sock = inherited
+        self._owns_path = inherited is None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._sock is None:
+            self._sock = self._bind()
+        self._sock.settimeout(0.5)
+        self._thread = threading.Thread(target=self._serve, name="repld-control", daemon=True)
+        self._thread.start()
+
+    def _bind(self) -> socket.socket:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.path.exists() or self.path.is_symlink():
+            # The database lock says no other daemon runs for this replica: it is stale.
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        except OSError as e:
+            sock.close()
+            raise ReplError(f"cannot create the control socket {self.path}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        return sock
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+        if self._owns_path:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self._stop.is_set():
+                    return
+                log.warning("control socket: %s", e)
+                continue
+            with conn:
+                try:
+                    self._one(conn)
+                except OSError as e:
+                    log.debug("control client went away: %s", e)
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.settimeout(2.0)
+        uid = peer_uid(conn)
+        if uid != os.getuid():
+            log.warning("control socket: refused a request from uid %d", uid)
+            conn.sendall(_line({"ok": False, "error": f"uid {uid} may not use this daemon"}))
+            return
+        data = b""
+        while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            req = json.loads(data)
+            cmd = req["cmd"]
+        except (ValueError, KeyError, TypeError):
+            conn.sendall(_line({"ok": False, "error": 'expected one JSON line like {"cmd": "status"}'}))
+            return
+        if cmd == "status":
+            conn.sendall(_line({"ok": True, "status": self.status()}))
+        elif cmd in COMMANDS:
+            self.command(cmd)
+            conn.sendall(_line({"ok": True}))
+        else:
+            conn.sendall(_line({"ok": False, "error": f"unknown command {cmd!r:.40}"}))
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Send one command to the daemon of ``cfg``'s replica; its reply."""
+    path = control_path(cfg)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    not_running = DaemonNotRunning(
+        f"repld is not running for {cfg.root} (no daemon at {path}); start it with `repld run` "
+        "or `systemctl --user start repld`"
+    )
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise not_running from None
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+                raise not_running from None
+            raise ReplError(f"cannot reach the daemon at {path}: {e.strerror}") from None
+        sock.sendall(_line({"cmd": cmd}))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        raise ReplError(f"the daemon at {path} did not answer within {timeout:g} s") from None
+    finally:
+        sock.close()
+    try:
+        reply: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise ReplError(f"the daemon at {path} sent a reply that is not JSON") from None
+    if not reply.get("ok"):
+        raise ReplError(f"the daemon refused: {reply.get('error', 'no reason given')}")
+    return reply

@@ -1,0 +1,337 @@
+"""Content transfer: files read from peers block by block, and block requests served to them.
+
+The receiving side: ``Transfers.prefetch`` takes the files a page will write, in the order the
+applier will write them, and keeps many block requests in flight so a link runs at disk speed;
+``Transfers.open`` gives the applier a reader for one file. A block is used from a local source
+when one has it (the old version of the same file, or the partial file a cut transfer left
+behind), else fetched; every block is checked against its SHA-256 before it is used (the applier
+then checks the whole file). Big files are also written to ``partial/<sha256>`` in the state
+directory as blocks arrive, so a transfer cut by a crash or a lost peer resumes where it stopped.
+
+The serving side: ``serve`` reads a block range of any local file whose recorded content has the
+asked-for hash and is still intact on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol.messages import Blocks, Error, GetBlocks
+from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
+from .errors import ReplError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+REQUEST_BYTES = 1 << 20  # one request asks for up to this much of one file
+MAX_IN_FLIGHT = 64  # requests
+MAX_BUFFERED = 64 << 20  # bytes requested or received and not yet written
+PARTIAL_MIN = 4 << 20  # files this big keep a resumable partial copy
+STALL_TIMEOUT = 30.0  # seconds without any reply before a transfer is given up
+
+
+@dataclass
+class TransferStats:
+    fetched_bytes: int = 0
+    reused_bytes: int = 0  # blocks taken from local files instead of fetched
+    resumed_bytes: int = 0  # blocks taken from a partial file of a cut transfer
+    files: int = 0
+
+
+@dataclass
+class _Chunk:
+    offset: int
+    length: int
+    local: tuple[str, int] | None = None  # (absolute path, offset) of a local copy to try first
+
+
+@dataclass
+class _File:
+    rec: Record
+    hint: str  # the path to ask the peer for
+    chunks: list[_Chunk]
+    partial: Path | None = None
+    requested: int = 0  # chunks requested so far (in order)
+
+
+@dataclass
+class _Request:
+    file: _File
+    chunk: _Chunk
+    sent: float
+    data: bytes | None = None
+    error: str = ""
+
+
+Send = Callable[[GetBlocks], bool]
+Pump = Callable[[float], None]
+
+
+@dataclass
+class Link:
+    """What a transfer needs of a peer link: a way to send requests and to wait for replies."""
+
+    name: str
+    send: Send
+    alive: Callable[[], bool]
+
+
+class Transfers:
+    def __init__(self, store: Store, root: Path, partial_dir: Path, pump: Pump):
+        self.store = store
+        self.root = str(root)
+        self.partial_dir = partial_dir
+        self.pump = pump  # runs the daemon's loop for up to N seconds (replies arrive through it)
+        self.stats = TransferStats()
+        self._queue: deque[_File] = deque()
+        self._requests: OrderedDict[int, _Request] = OrderedDict()
+        self._next_req = 1
+        self._buffered = 0
+        self._link: Link | None = None
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def prefetch(self, link: Link, files: list[tuple[Record, str]]) -> None:
+        """The files (record, path at the peer) that the applier will ask for, in order."""
+        self.reset()
+        self._link = link
+        for rec, hint in files:
+            if rec.kind is Kind.FILE and rec.size:
+                self._queue.append(self._plan(rec, hint))
+        self._issue()
+
+    def reset(self) -> None:
+        self._queue.clear()
+        self._requests.clear()
+        self._buffered = 0
+
+    def _plan(self, rec: Record, hint: str) -> _File:
+        bs = block_size_for(rec.size)
+        digests = [rec.blocks[i : i + DIGEST_SIZE] for i in range(0, len(rec.blocks), DIGEST_SIZE)]
+        nblocks = (rec.size + bs - 1) // bs
+        local: dict[bytes, tuple[str, int]] = {}
+        old = self.store.get(rec.path)
+        if old is not None and not old.deleted and old.kind is Kind.FILE and old.blocks:
+            if block_size_for(old.size) == bs:
+                abs_old = os.path.join(self.root, old.path)
+                for i in range(0, len(old.blocks), DIGEST_SIZE):
+                    local.setdefault(old.blocks[i : i + DIGEST_SIZE], (abs_old, i // DIGEST_SIZE * bs))
+        partial = None
+        if rec.size >= PARTIAL_MIN:
+            partial = self.partial_dir / rec.sha256
+        chunks: list[_Chunk] = []
+        for i in range(nblocks):
+            off, length = i * bs, min(bs, rec.size - i * bs)
+            d = digests[i] if len(digests) == nblocks else b""
+            src = local.get(d) if d else None
+            if src is None and partial is not None and partial.exists():
+                src = (str(partial), off)
+            if src is not None:
+                chunks.append(_Chunk(off, length, src))
+            elif chunks and chunks[-1].local is None and chunks[-1].length + length <= REQUEST_BYTES:
+                chunks[-1].length += length  # coalesce neighbouring remote blocks
+            else:
+                chunks.append(_Chunk(off, length))
+        return _File(rec, hint, chunks, partial)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _issue(self) -> None:
+        link = self._link
+        if link is None:
+            return
+        for f in self._queue:
+            while f.requested < len(f.chunks):
+                if len(self._requests) >= MAX_IN_FLIGHT or self._buffered >= MAX_BUFFERED:
+                    return
+                chunk = f.chunks[f.requested]
+                f.requested += 1
+                if chunk.local is not None:
+                    continue  # read when written, fetched only if the local copy fails
+                self._request(f, chunk)
+
+    def _request(self, f: _File, chunk: _Chunk) -> _Request:
+        assert self._link is not None
+        req = self._next_req
+        self._next_req += 1
+        r = _Request(f, chunk, time.monotonic())
+        self._requests[req] = r
+        self._buffered += chunk.length
+        ok = self._link.send(GetBlocks(req, f.rec.sha256, f.hint, chunk.offset, chunk.length))
+        if not ok:
+            r.error = f"cannot send to {self._link.name}"
+        return r
+
+    def arrived(self, reply: Blocks | Error) -> None:
+        r = self._requests.get(reply.req)
+        if r is None:
+            return  # a reply to a request given up on
+        if isinstance(reply, Error):
+            r.error = reply.message
+        else:
+            r.data = reply.data
+            self.stats.fetched_bytes += len(reply.data)
+
+    # -- the applier's side ---------------------------------------------------------------------
+
+    def open(self, rec: Record, hint: str) -> _Reader:
+        # Files before this one in the queue were skipped by the applier: drop their requests.
+        while self._queue and self._queue[0].rec is not rec:
+            if self._queue[0].rec.sha256 == rec.sha256 and self._queue[0].hint == hint:
+                break
+            self._drop(self._queue.popleft())
+        if self._queue:
+            f = self._queue.popleft()
+        else:
+            f = self._plan(rec, hint)
+        return _Reader(self, f)
+
+    def _drop(self, f: _File) -> None:
+        for req, r in list(self._requests.items()):
+            if r.file is f:
+                self._buffered -= r.chunk.length
+                del self._requests[req]
+
+    def _wait(self, f: _File, chunk: _Chunk) -> bytes:
+        """The data of a remote chunk of the current file, requesting it if need be."""
+        r = next((r for r in self._requests.values() if r.file is f and r.chunk is chunk), None)
+        if r is None:
+            r = self._request(f, chunk)
+        req = next(k for k, v in self._requests.items() if v is r)
+        link = self._link
+        last = time.monotonic()
+        seen = self.stats.fetched_bytes
+        while r.data is None and not r.error:
+            if link is None or not link.alive():
+                r.error = f"lost the connection to {link.name if link else 'the peer'}"
+                break
+            self._issue()
+            self.pump(0.5)
+            if self.stats.fetched_bytes != seen:
+                seen, last = self.stats.fetched_bytes, time.monotonic()
+            elif time.monotonic() - last > STALL_TIMEOUT:
+                r.error = f"{link.name} sent nothing for {STALL_TIMEOUT:g} s"
+        del self._requests[req]
+        self._buffered -= chunk.length
+        self._issue()
+        if r.error:
+            raise ReplError(f"{f.rec.path}: {r.error}")
+        assert r.data is not None
+        if len(r.data) != chunk.length:
+            raise ReplError(f"{f.rec.path}: {len(r.data)} bytes sent for {chunk.length} asked")
+        return r.data
+
+
+class _Reader:
+    """A file-like object the applier reads a remote file's content from, block by block."""
+
+    def __init__(self, transfers: Transfers, f: _File):
+        self.t = transfers
+        self.f = f
+        self.bs = block_size_for(f.rec.size)
+        self.i = 0
+        self._partial_fd: int | None = None
+        if f.partial is not None:
+            f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._partial_fd = os.open(f.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _digest(self, offset: int) -> bytes:
+        i = offset // self.bs * DIGEST_SIZE
+        return self.f.rec.blocks[i : i + DIGEST_SIZE]
+
+    def _verified(self, offset: int, data: bytes) -> bool:
+        """Every block in ``data`` (which starts at ``offset``) has its recorded hash."""
+        for at in range(0, len(data), self.bs):
+            want = self._digest(offset + at)
+            if want and hashlib.sha256(data[at : at + self.bs]).digest() != want:
+                return False
+        return True
+
+    def _local(self, chunk: _Chunk) -> bytes | None:
+        assert chunk.local is not None
+        path, offset = chunk.local
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, chunk.length, offset)
+        finally:
+            os.close(fd)
+        if len(data) != chunk.length or not self._verified(chunk.offset, data):
+            return None
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        if self.i >= len(self.f.chunks):
+            return b""
+        chunk = self.f.chunks[self.i]
+        self.i += 1
+        data = self._local(chunk) if chunk.local is not None else None
+        if data is not None:
+            if self.f.partial is not None and chunk.local and chunk.local[0] == str(self.f.partial):
+                self.t.stats.resumed_bytes += len(data)
+            else:
+                self.t.stats.reused_bytes += len(data)
+            return data
+        data = self.t._wait(self.f, chunk)
+        if not self._verified(chunk.offset, data):
+            raise ReplError(f"{self.f.rec.path}: a block from the peer does not match its hash")
+        if self._partial_fd is not None:
+            os.pwrite(self._partial_fd, data, chunk.offset)
+        return data
+
+    def close(self) -> None:
+        if self._partial_fd is not None:
+            os.close(self._partial_fd)
+            self._partial_fd = None
+            if self.i >= len(self.f.chunks) and self.f.partial is not None:
+                try:
+                    os.unlink(self.f.partial)  # complete: the applier has the whole file
+                except OSError:
+                    pass
+        self.t.stats.files += 1
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- serving --------------------------------------------------------------------------------------
+
+
+def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
+    """The asked-for bytes of a local file with that content, if one is intact on disk."""
+    candidates = []
+    rec = store.get(req.path)
+    if rec is not None and not rec.deleted and rec.sha256 == req.sha256:
+        candidates.append(rec)
+    candidates += [r for r in store.live_with_hash(req.sha256) if r.path != req.path]
+    for rec in candidates:
+        if rec.kind is not Kind.FILE or req.offset + req.length > rec.size:
+            continue
+        try:
+            fd = os.open(os.path.join(root, rec.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+                continue  # changed since it was scanned: the scan will announce the new version
+            data = os.pread(fd, req.length, req.offset)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if len(data) == req.length:
+            return Blocks(req.req, data)
+    return Error("gone", f"{req.path}: that version is not here any more", req=req.req)

@@ -1,0 +1,887 @@
+"""The daemon's engine: one loop that owns the database, the peer sockets and the tree.
+
+One thread runs ``Node.run``: it polls the ROUTER socket peers dial into, a DEALER socket per
+configured peer, the watcher's wake-up pipe and the control thread's command pipe. Everything that
+reads or writes the database or the tree happens on this thread, so there are no locks around
+them. While it waits for file content (inside the applier), ``pump`` keeps serving other peers'
+block requests and queues everything else for later, so two peers fetching from each other never
+wait on each other.
+
+What travels, and why it is safe, is in ``protocol/session.py``; this module moves bytes, turns
+pages of records into applied steps, and keeps the status that ``repld status`` shows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+from ..protocol import messages as wire
+from ..protocol.errors import ProtocolError
+from ..protocol.plan import Op, Step, plan_pull, plan_record
+from ..protocol.reconcile import Policy
+from ..protocol.record import Kind, conflict_original
+from ..protocol.session import (
+    ApplyPage,
+    BlocksArrived,
+    Closed,
+    Established,
+    Identity,
+    Output,
+    PeerError,
+    ServeBlocks,
+    Session,
+    State,
+)
+from . import config as configmod
+from .applier import Applier, ApplyStats
+from .errors import ReplError
+from .fetch import Link as FetchLink
+from .fetch import Transfers, serve
+from .replica import Replica, load_keys
+from .watcher import WATCH_LIMIT_HELP, Watcher, _watch_limit
+
+log = logging.getLogger(__name__)
+
+PAGE_RECORDS = 1000
+PAGE_BYTES = 4 << 20
+PING_EVERY = 2.0
+ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
+RETRY_EVERY = 10.0  # failed pages are asked for again this often
+DEBOUNCE_QUIET = 0.02
+DEBOUNCE_LONGEST = 0.25
+DEGRADED_SCAN_EVERY = 60.0
+HWM = 10000
+ZAP_DOMAIN = "repld"
+
+
+@dataclass
+class Options:
+    """How this node syncs; the defaults are the daemon's, a one-shot sync narrows them."""
+
+    send: bool = True
+    receive: bool = True
+    dry_run: bool = False
+    policy: Policy | None = None  # None: the config's
+    within: Callable[[str], bool] | None = None
+    listen: bool = True
+    watch: bool = True
+    only_peer: str | None = None
+    hold_send: bool = False  # send ours only once we hold theirs (--prefer: resolve first)
+
+
+@dataclass
+class PeerLink:
+    """One connection to a peer: a DEALER we dialled, or a ROUTER identity that dialled us."""
+
+    peer: configmod.Peer
+    dealer: zmq.Socket[bytes] | None = None
+    monitor: zmq.Socket[bytes] | None = None
+    rid: bytes = b""
+    session: Session | None = None
+    connected: bool = False  # the transport is up (CURVE handshake done)
+    last_seen: float = 0.0  # monotonic
+    last_seen_wall: float = 0.0
+    last_ping: float = 0.0
+    last_retry: float = 0.0
+    error: str = ""  # the last error that ended a session, for status
+    complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
+
+    @property
+    def label(self) -> str:
+        return self.peer.name
+
+    @property
+    def established(self) -> bool:
+        return self.session is not None and self.session.state is State.ESTABLISHED
+
+
+@dataclass
+class PathError:
+    path: str
+    error: str
+    peer: str = ""
+
+
+@dataclass
+class NodeStats:
+    applied: ApplyStats = field(default_factory=ApplyStats)
+    dry_steps: list[Step] = field(default_factory=list)
+
+
+class _KeyCheck:
+    """ZAP callback: admits exactly the public keys of the configured peers (reloadable)."""
+
+    def __init__(self, keys: set[bytes]):
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys  # pyzmq passes the key Z85-encoded
+
+
+class Node:
+    def __init__(
+        self,
+        replica: Replica,
+        *,
+        options: Options | None = None,
+        ctx: zmq.Context[Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.rep = replica
+        self.cfg = replica.cfg
+        self.store = replica.store
+        self.opts = options or Options()
+        self.ctx = ctx or zmq.Context.instance()
+        self.clock = clock
+        self.me = Identity(self.store.tree_id, self.store.replica_id, self.cfg.name)
+        self.keys = load_keys(self.cfg)
+        self.state = "starting"
+        self.paused = False
+        self.links: list[PeerLink] = []
+        self.by_rid: dict[bytes, PeerLink] = {}
+        self.errors: dict[str, PathError] = {}
+        self.stats = NodeStats()
+        self.router: zmq.Socket[bytes] | None = None
+        self.auth: ThreadAuthenticator | None = None
+        self.keycheck = _KeyCheck(set())
+        self.poller = zmq.Poller()
+        self._inbox: deque[tuple[PeerLink, list[bytes]]] = deque()
+        self._pumping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.watcher: Watcher | None = None
+        self.commands: deque[tuple[str, dict[str, Any]]] = deque()
+        self._commands_lock = threading.Lock()
+        self.snapshot: dict[str, Any] = {}
+        self._snapshot_lock = threading.Lock()
+        self._counts = (0, 0, 0, 0)
+        self._counts_seq = -1
+        self._next_full_scan = 0.0
+        self.transfers = Transfers(
+            self.store, self.cfg.root, self.cfg.state / "partial", self.pump
+        )
+        self.on_change: Callable[[], None] | None = None  # systemd glue hooks in here
+
+    # -- setting up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.open()
+        self.first_scan()
+
+    def open(self) -> None:
+        """Sockets, watches: everything but the first scan."""
+        self._setup_auth()
+        if self.opts.listen:
+            self._bind()
+        for peer in self.cfg.peers:
+            if self.opts.only_peer is None or peer.name == self.opts.only_peer:
+                self._dial(peer)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        if self.opts.watch:
+            self.watcher = Watcher(self.cfg.root, self._wake_w, exclude=(self.cfg.state,))
+            if not self.watcher.start():
+                if self.watcher.degraded == "inotify watch limit reached":
+                    log.warning(
+                        WATCH_LIMIT_HELP.format(limit=_watch_limit(), interval=DEGRADED_SCAN_EVERY)
+                    )
+                else:
+                    log.warning("%s; falling back to a full scan every %g s",
+                                self.watcher.degraded, DEGRADED_SCAN_EVERY)  # fmt: skip
+        self.state = "scanning"
+        self.publish()
+
+    def first_scan(self) -> None:
+        self.state = "scanning"
+        self.publish()
+        self.full_scan()
+        self.state = "idle"
+        self.publish()
+
+    def _setup_auth(self) -> None:
+        self.keycheck = _KeyCheck({p.public_key.encode() for p in self.cfg.peers})
+        self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("repld.daemon.zap"))
+        self.auth.start()
+        self.auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self.keycheck)
+
+    def _secure(self, s: zmq.Socket[bytes]) -> None:
+        s.curve_secretkey = self.keys.secret.encode()
+        s.curve_publickey = self.keys.public.encode()
+        s.linger = 0
+        s.sndhwm = HWM
+        s.rcvhwm = HWM
+        s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE + wire.MAX_BLOCK_REQUEST + 4096)
+        s.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 8000)
+        s.setsockopt(zmq.HEARTBEAT_TTL, 8000)
+
+    def _bind(self) -> None:
+        r = self.ctx.socket(zmq.ROUTER)
+        self._secure(r)
+        r.curve_server = True
+        r.zap_domain = ZAP_DOMAIN.encode()
+        r.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        r.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            r.bind(self.cfg.listen.replace("0.0.0.0", "*"))
+        except zmq.ZMQError as e:
+            r.close()
+            raise ReplError(
+                f"cannot listen on {self.cfg.listen} (config {self.cfg.path}, key 'listen'): "
+                f"{e.strerror}; is another repld using that port?"
+            ) from None
+        self.router = r
+        self.poller.register(r, zmq.POLLIN)
+        log.info("listening on %s", self.cfg.listen)
+
+    def _dial(self, peer: configmod.Peer) -> None:
+        s = self.ctx.socket(zmq.DEALER)
+        self._secure(s)
+        s.curve_serverkey = peer.public_key.encode()
+        s.setsockopt(zmq.IMMEDIATE, 1)
+        s.setsockopt(zmq.RECONNECT_IVL, 200)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        mon = s.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
+        s.connect(peer.endpoint)
+        link = PeerLink(peer, dealer=s, monitor=mon)
+        self.links.append(link)
+        self.poller.register(s, zmq.POLLIN)
+        self.poller.register(mon, zmq.POLLIN)
+
+    def close(self) -> None:
+        for link in self.links:
+            if link.session is not None and link.established:
+                self._send_out(link, link.session.close("shutting down"))
+        if self.watcher is not None:
+            self.watcher.stop()
+        for link in self.links:
+            for s in (link.monitor, link.dealer):
+                if s is not None:
+                    s.close(linger=0)
+        if self.router is not None:
+            self.router.close(linger=100)
+        if self.auth is not None:
+            self.auth.stop()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def reload(self, cfg: configmod.Config) -> None:
+        """Take new peers and ignore rules from a reloaded config without a restart."""
+        self.cfg = cfg
+        self.rep.cfg = cfg
+        self.keycheck.keys = frozenset(p.public_key.encode() for p in cfg.peers)
+        wanted = {p.name: p for p in cfg.peers}
+        for link in list(self.links):
+            if wanted.get(link.peer.name) != link.peer:
+                self._drop_link(link, "removed from the config")
+        dialled = {link.peer.name for link in self.links if link.dealer is not None}
+        for name, peer in wanted.items():
+            if name not in dialled and (self.opts.only_peer in (None, name)):
+                self._dial(peer)
+        self.request_full_scan()
+
+    def _drop_link(self, link: PeerLink, reason: str) -> None:
+        if link.session is not None and link.established:
+            self._send_out(link, link.session.close(reason))
+        for s in (link.monitor, link.dealer):
+            if s is not None:
+                self.poller.unregister(s)
+                s.close(linger=0)
+        if link.rid:
+            self.by_rid.pop(link.rid, None)
+        self.links.remove(link)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"c")
+        except OSError:
+            pass
+
+    def command(self, name: str, **args: Any) -> None:
+        """Queue a command from another thread (the control socket)."""
+        with self._commands_lock:
+            self.commands.append((name, args))
+        self.wake()
+
+    def run(self, stop: threading.Event, *, until: Callable[[], bool] | None = None,
+            deadline: float | None = None) -> None:  # fmt: skip
+        """Loop until ``stop`` is set (or ``until()`` is true, or the monotonic ``deadline``)."""
+        while not stop.is_set():
+            if until is not None and until():
+                return
+            if deadline is not None and self.clock() > deadline:
+                return
+            self.step(self._timeout())
+
+    def _timeout(self) -> float:
+        t = PING_EVERY / 2
+        if self.watcher is not None:
+            due = self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST)
+            if due is not None:
+                t = min(t, due)
+        if self._inbox:
+            t = 0
+        return t
+
+    def step(self, timeout: float) -> None:
+        self._poll(timeout, defer=False)
+        while self._inbox:
+            link, frames = self._inbox.popleft()
+            self._handle(link, frames)
+        if self._drain_wake():
+            self._run_commands()
+        if self.watcher is not None and not self.paused:
+            due = self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST)
+            if due is not None and due <= 0:
+                full, paths = self.watcher.take()
+                if full:
+                    self.full_scan()
+                else:
+                    self.scan(paths)
+        self._timers()
+        self._send_pages()
+        self.publish()
+
+    def pump(self, timeout: float) -> None:
+        """Wait for replies while the applier waits for content; serve block requests meanwhile."""
+        self._poll(timeout, defer=True)
+        self._timers(quick=True)
+
+    def _poll(self, timeout: float, *, defer: bool) -> None:
+        events = dict(self.poller.poll(timeout * 1000))
+        if not events:
+            return
+        if self.router is not None and self.router in events:
+            self._recv_router(defer)
+        for link in list(self.links):
+            if link.monitor is not None and link.monitor in events:
+                self._monitor(link)
+            if link.dealer is not None and link.dealer in events:
+                self._recv_dealer(link, defer)
+
+    def _drain_wake(self) -> bool:
+        got = False
+        try:
+            while os.read(self._wake_r, 4096):
+                got = True
+        except BlockingIOError:
+            pass
+        return got
+
+    # -- bytes in -------------------------------------------------------------------------------
+
+    def _recv_router(self, defer: bool) -> None:
+        assert self.router is not None
+        for _ in range(1000):
+            try:
+                parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            rid = parts[0].bytes
+            user = parts[-1].get("User-Id") if len(parts) > 1 else None
+            frames = [p.bytes for p in parts[1:]]
+            link = self.by_rid.get(rid)
+            if link is None:
+                peer = next((p for p in self.cfg.peers if p.public_key == user), None)
+                if peer is None:
+                    continue  # ZAP admitted it, but the config changed since: ignore
+                link = PeerLink(peer, rid=rid, connected=True)
+                self.by_rid[rid] = link
+                self.links.append(link)
+            self._incoming(link, frames, defer)
+
+    def _recv_dealer(self, link: PeerLink, defer: bool) -> None:
+        assert link.dealer is not None
+        for _ in range(1000):
+            try:
+                frames = link.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._incoming(link, frames, defer)
+
+    def _incoming(self, link: PeerLink, frames: list[bytes], defer: bool) -> None:
+        link.last_seen = self.clock()
+        link.last_seen_wall = time.time()
+        if defer:
+            # Inside the applier: only block traffic is handled now, the rest after this page.
+            try:
+                msg = wire.decode(frames)
+            except ProtocolError:
+                msg = None
+            if isinstance(msg, wire.GetBlocks) and link.established:
+                self._send(link, serve(self.store, self.cfg.root, msg))
+                return
+            if isinstance(msg, wire.Blocks) or (isinstance(msg, wire.Error) and msg.req):
+                self.transfers.arrived(msg)
+                return
+            self._inbox.append((link, frames))
+            return
+        self._handle(link, frames)
+
+    def _handle(self, link: PeerLink, frames: list[bytes]) -> None:
+        try:
+            msg = wire.decode(frames)
+        except ProtocolError as e:
+            self._complain(link, "malformed", f"malformed message: {e}")
+            return
+        if isinstance(msg, wire.Hello):
+            self._start_session(link, msg)
+            return
+        if link.session is None:
+            if not isinstance(msg, (wire.Error, wire.Bye)):
+                self._complain(link, "unexpected", f"{type(msg).__name__} before hello")
+            return
+        try:
+            out = link.session.receive(msg)
+        except ProtocolError as e:
+            self._complain(link, "protocol", str(e))
+            return
+        self._send_out(link, out)
+
+    def _complain(self, link: PeerLink, code: str, text: str) -> None:
+        """Log and answer a bad message, but at most 10 times a minute per link: garbage in a
+        flood must not turn into a flood of log lines and replies."""
+        now = self.clock()
+        while link.complaints and now - link.complaints[0] > 60:
+            link.complaints.popleft()
+        if len(link.complaints) >= 10:
+            return
+        link.complaints.append(now)
+        log.warning("%s: %s", link.label, text)
+        self._send(link, wire.Error(code, text))
+
+    def _monitor(self, link: PeerLink) -> None:
+        assert link.monitor is not None
+        while True:
+            try:
+                ev = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = ev["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.connected = True
+                link.error = ""
+                log.info("%s: connected to %s", link.label, link.peer.endpoint)
+                self._start_session(link, None)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if link.connected:
+                    log.info("%s: disconnected", link.label)
+                link.connected = False
+                self._end_session(link, "disconnected")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                link.error = (
+                    f"{link.peer.endpoint} refused our key: add this replica on {link.peer.name} "
+                    "with `repld peer add` (see `repld id`)"
+                )
+                log.warning("%s: %s", link.label, link.error)
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                link.error = f"handshake with {link.peer.endpoint} failed: wrong public key for it?"
+                log.warning("%s: %s", link.label, link.error)
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def _new_session(self, link: PeerLink, peer_replica: str | None) -> Session:
+        seen = self.store.peer_mark(peer_replica).seen_seq if peer_replica else 0
+        return Session(
+            self.me,
+            seq=self.store.committed_seq,
+            seen=seen,
+            send=self.opts.send,
+            receive=self.opts.receive,
+        )
+
+    def _start_session(self, link: PeerLink, hello: wire.Hello | None) -> None:
+        """Our DEALER connected (``hello`` None: we speak first), or a peer said hello."""
+        if hello is None:
+            # We do not know the peer's replica id yet; a hello with seen=0 would make it send
+            # everything, so look it up by the name we knew it under.
+            rid = self._replica_of(link.peer.name)
+            link.session = self._new_session(link, rid)
+            self._send(link, link.session.hello())
+            return
+        s = link.session
+        if s is None or s.state is not State.HELLO_SENT or (s.peer is not None):
+            if s is not None and s.state is State.ESTABLISHED:
+                log.info("%s: new session (the peer restarted or reconnected)", link.label)
+            s = self._new_session(link, hello.replica_id)
+            link.session = s
+            self._send(link, s.hello())
+        elif s.seen == 0 and self.store.peer_mark(hello.replica_id).seen_seq:
+            # Our hello went out before we knew who answers: correct what we asked for.
+            s = self._new_session(link, hello.replica_id)
+            link.session = s
+            self._send(link, s.hello())
+        self._send_out(link, s.receive(hello))
+
+    def _replica_of(self, name: str) -> str | None:
+        for mark in self.store.peer_marks():
+            if mark.name == name:
+                return mark.replica_id
+        return None
+
+    def _end_session(self, link: PeerLink, reason: str) -> None:
+        if link.session is not None and link.session.state is not State.CLOSED:
+            link.session.state = State.CLOSED
+            link.session.close_reason = reason
+        link.session = None
+        if link.dealer is None:
+            self.by_rid.pop(link.rid, None)
+            if link in self.links:
+                self.links.remove(link)
+
+    def _send_out(self, link: PeerLink, out: Output) -> None:
+        for msg in out.send:
+            self._send(link, msg)
+        for action in out.actions:
+            self._act(link, action)
+
+    def _act(self, link: PeerLink, action: object) -> None:
+        if isinstance(action, Established):
+            h = action.peer
+            log.info("%s: in session with %s (%s), its seq %d, it has seen ours up to %d",
+                     link.label, h.name, h.replica_id[:8], h.seq, h.seen)  # fmt: skip
+            with self.store.transaction():
+                self.store.set_peer_mark(h.replica_id, name=link.peer.name)
+            for other in list(self.links):
+                # A peer that dialled in again (it restarted): its old link is dead.
+                if (other is not link and other.dealer is None and link.dealer is None
+                        and other.session is not None and other.session.peer is not None
+                        and other.session.peer.replica_id == h.replica_id):  # fmt: skip
+                    self._end_session(other, "replaced by a new connection")
+        elif isinstance(action, ApplyPage):
+            self._apply_page(link, action)
+        elif isinstance(action, ServeBlocks):
+            self._send(link, serve(self.store, self.cfg.root, action.request))
+        elif isinstance(action, BlocksArrived):
+            self.transfers.arrived(action.reply)
+        elif isinstance(action, PeerError):
+            log.warning("%s: the peer reports: %s", link.label, action.error.message)
+            if action.error.fatal:
+                link.error = action.error.message
+        elif isinstance(action, Closed):
+            if action.fatal:
+                link.error = action.reason
+                log.error("%s: %s", link.label, action.reason)
+            else:
+                log.info("%s: session ended: %s", link.label, action.reason)
+            link.session = None
+            if link.dealer is None:
+                self._end_session(link, action.reason)
+
+    def _send(self, link: PeerLink, msg: wire.Message) -> bool:
+        frames = wire.encode(msg)
+        try:
+            if link.dealer is not None:
+                link.dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            elif self.router is not None:
+                self.router.send_multipart([link.rid, *frames], zmq.NOBLOCK, copy=False)
+            else:
+                return False
+        except zmq.ZMQError as e:
+            if e.errno in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+                if link.session is not None:
+                    log.info("%s: cannot send (%s): peer gone", link.label, e.strerror)
+                    self._end_session(link, "peer unreachable")
+                return False
+            raise
+        return True
+
+    # -- streaming our records ------------------------------------------------------------------
+
+    def _active(self, link: PeerLink) -> bool:
+        """With two links to one replica (both dialled), only the one dialled by the smaller
+        replica id carries records; both sides pick the same one without talking about it."""
+        s = link.session
+        if s is None or s.peer is None:
+            return False
+        other = next(
+            (o for o in self.links if o is not link and o.established and o.session is not None
+             and o.session.peer is not None and o.session.peer.replica_id == s.peer.replica_id),
+            None,
+        )  # fmt: skip
+        if other is None:
+            return True
+        we_dial_preferred = self.me.replica_id < s.peer.replica_id
+        return (link.dealer is not None) == we_dial_preferred
+
+    def _send_pages(self) -> None:
+        top = self.store.committed_seq
+        for link in self.links:
+            s = link.session
+            if s is None:
+                continue
+            s.local_changed(top)
+            if not self._active(link):
+                continue
+            if self.opts.hold_send and not s.received_all:
+                continue
+            while (after := s.page_from()) is not None:
+                recs = self.store.page_since(after, PAGE_RECORDS)
+                if not recs:
+                    page = s.page((), top)
+                else:
+                    size, n = 0, 0
+                    for r in recs:
+                        n += 1
+                        size += 200 + len(r.blocks) + len(r.path)
+                        if size > PAGE_BYTES:
+                            break
+                    recs = recs[:n]
+                    upto = recs[-1].seq if n == PAGE_RECORDS or size > PAGE_BYTES else top
+                    files, nbytes = self.store.count_since(upto) if upto < top else (0, 0)
+                    page = s.page(tuple(recs), upto, files, nbytes)
+                if not self._send(link, page):
+                    break
+
+    # -- applying a peer's records --------------------------------------------------------------
+
+    def _policy(self) -> Policy:
+        return self.opts.policy or self.cfg.conflict_policy
+
+    def _apply_page(self, link: PeerLink, page: ApplyPage) -> None:
+        s = link.session
+        assert s is not None and s.peer is not None
+        peer_id = s.peer.replica_id
+        me = self.store.replica_id
+        policy = self._policy()
+        steps = list(
+            plan_pull(self.store.get, page.records, replica=me, policy=policy, within=self.opts.within)
+        )
+        ok = True
+        if self.opts.dry_run:
+            self.stats.dry_steps.extend(st for st in steps if st.op is not Op.RECORD)
+        elif steps:
+            self.state = "syncing"
+            self.publish()
+            remote = {r.path: r for r in page.records}
+            fetch_link = FetchLink(link.label, lambda m: self._send(link, m),
+                                   lambda: link.session is s and s.state is State.ESTABLISHED)  # fmt: skip
+            self.transfers.prefetch(
+                fetch_link,
+                [(st.record, st.source or st.path) for st in steps
+                 if st.op is Op.WRITE and st.record.kind is Kind.FILE
+                 and not self.store.live_with_hash(st.record.sha256)],
+            )  # fmt: skip
+
+            def replan(step: Step) -> list[Step]:
+                self.rep.scan(paths=[step.path])
+                rec = remote.get(step.path) or remote.get(conflict_original(step.path) or "")
+                if rec is None:
+                    return []
+                return plan_record(self.store.get(step.path), rec, replica=me, policy=policy,
+                                   local_lookup=self.store.get)  # fmt: skip
+
+            applier = Applier(
+                self.store,
+                self.cfg.root,
+                lambda rec: self.transfers.open(rec, rec.path),  # type: ignore[arg-type,return-value]
+                via=link.peer.name,
+                replan=replan,
+            )
+            try:
+                stats = applier.apply(steps)
+            finally:
+                self.transfers.reset()
+            self._count(stats)
+            for path, err in stats.errors:
+                self.errors[path] = PathError(path, err, link.peer.name)
+                log.warning("%s: %s", link.peer.name, err)
+            for st in steps:
+                if st.path in self.errors and not any(p == st.path for p, _ in stats.errors):
+                    del self.errors[st.path]
+            ok = not stats.errors
+            self.state = "idle"
+        if self.opts.within is not None or self.opts.dry_run:
+            ok = False  # a subtree sync or a dry run must not move the mark past what it skipped
+        seen_before = s.seen
+        out = s.applied(page.upto, ok)
+        if s.seen != seen_before:
+            with self.store.transaction():
+                self.store.set_peer_mark(peer_id, name=link.peer.name, seen_seq=s.seen)
+        self._send_out(link, out)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _count(self, stats: ApplyStats) -> None:
+        a = self.stats.applied
+        a.written += stats.written
+        a.written_bytes += stats.written_bytes
+        a.copied_locally += stats.copied_locally
+        a.deleted += stats.deleted
+        a.recorded += stats.recorded
+        a.conflicts += stats.conflicts
+        a.kept_dirs += stats.kept_dirs
+
+    # -- scanning -------------------------------------------------------------------------------
+
+    def scan(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        stats = self.rep.scan(paths=paths, clean_temp=False)
+        self._scan_done(stats)
+
+    def full_scan(self) -> None:
+        stats = self.rep.scan(paths=None, clean_temp=True)
+        interval = self.cfg.scan_interval
+        if self.watcher is None or not self.watcher.alive:
+            interval = min(interval, DEGRADED_SCAN_EVERY) if self.opts.watch else interval
+        self._next_full_scan = self.clock() + interval
+        self._scan_done(stats)
+
+    def _scan_done(self, stats: Any) -> None:
+        for path, err in stats.errors:
+            self.errors[path] = PathError(path, err)
+        if stats.events:
+            log.info("scan: %d change(s) recorded", stats.events)
+            self._send_pages()
+
+    def request_full_scan(self) -> None:
+        if self.watcher is not None:
+            self.watcher.request_full_scan()
+        else:
+            self._next_full_scan = 0.0
+
+    # -- timers and commands --------------------------------------------------------------------
+
+    def _timers(self, quick: bool = False) -> None:
+        now = self.clock()
+        for link in list(self.links):
+            s = link.session
+            if s is None:
+                continue
+            if s.state is State.ESTABLISHED and now - link.last_ping >= PING_EVERY:
+                link.last_ping = now
+                self._send(link, s.ping())
+            if link.dealer is None and now - link.last_seen > ROUTER_SILENCE:
+                log.info("%s: silent for %g s, taken as gone", link.label, ROUTER_SILENCE)
+                self._end_session(link, "silent")
+                continue
+            if not quick and s.failed_from is not None and now - link.last_retry >= RETRY_EVERY:
+                link.last_retry = now
+                self._send_out(link, s.retry())
+        if quick:
+            return
+        if not self.paused and now >= self._next_full_scan and self._next_full_scan:
+            self.full_scan()
+        elif self.watcher is not None and not self.watcher.alive and self.opts.watch:
+            if self._next_full_scan - now > DEGRADED_SCAN_EVERY:
+                self._next_full_scan = now + DEGRADED_SCAN_EVERY
+
+    def _run_commands(self) -> None:
+        while True:
+            with self._commands_lock:
+                if not self.commands:
+                    return
+                name, args = self.commands.popleft()
+            if name == "rescan":
+                self.full_scan()
+            elif name == "pause":
+                self.paused = True
+                self.state = "paused"
+            elif name == "resume":
+                self.paused = False
+                self.state = "idle"
+                self.request_full_scan()
+            elif name == "sync-now":
+                self.full_scan()
+                for link in self.links:
+                    if link.session is not None:
+                        self._send_out(link, link.session.retry())
+            elif name == "reload":
+                cb = args.get("callback")
+                if callable(cb):
+                    cb()
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        if self._counts_seq != self.store.committed_seq:
+            self._counts = (*self.store.counts(), self._conflict_count())
+            self._counts_seq = self.store.committed_seq
+        files, dirs, size, conflicts = self._counts
+        peers = []
+        by_name: dict[str, list[PeerLink]] = {}
+        for link in self.links:
+            by_name.setdefault(link.peer.name, []).append(link)
+        for p in self.cfg.peers:
+            links = by_name.get(p.name, [])
+            live = [lk for lk in links if lk.established]
+            best = next((lk for lk in live if self._active(lk)), live[0] if live else None)
+            s = best.session if best is not None else None
+            rid = s.peer.replica_id if s is not None and s.peer is not None else self._replica_of(p.name)
+            need_files, need_bytes = s.need() if s is not None else (0, 0)
+            seen = max((lk.last_seen_wall for lk in links), default=0.0)
+            errs = [lk.error for lk in links if lk.error]
+            peers.append(
+                {
+                    "name": p.name,
+                    "replica_id": rid,
+                    "endpoint": p.endpoint,
+                    "connected": s is not None,
+                    "last_seen": dt.datetime.fromtimestamp(seen).astimezone().isoformat(
+                        timespec="seconds") if seen else None,  # fmt: skip
+                    "need_files": need_files,
+                    "need_bytes": need_bytes,
+                    "peer_need_files": s.peer_need_files if s is not None else 0,
+                    "in_sync": bool(s is not None and s.in_sync and not any(
+                        e.peer == p.name for e in self.errors.values())),  # fmt: skip
+                    "error": errs[0] if errs else None,
+                }
+            )
+        t = self.transfers.stats
+        a = self.stats.applied
+        return {
+            "replica_id": self.store.replica_id,
+            "name": self.cfg.name,
+            "tree_id": self.store.tree_id,
+            "root": str(self.cfg.root),
+            "state": "paused" if self.paused else self.state,
+            "pid": os.getpid(),
+            "local": {"files": files, "dirs": dirs, "bytes": size, "sequence": self.store.committed_seq},
+            "conflicts": conflicts,
+            "errors": [{"path": e.path, "error": e.error} for e in self.errors.values()],
+            "peers": peers,
+            "watching": self.watcher is not None and self.watcher.alive,
+            "transfer": {
+                "files_written": a.written,
+                "bytes_written": a.written_bytes,
+                "fetched_bytes": t.fetched_bytes,
+                "reused_bytes": t.reused_bytes,
+                "resumed_bytes": t.resumed_bytes,
+                "conflicts_resolved": a.conflicts,
+            },
+        }
+
+    def _conflict_count(self) -> int:
+        row = self.store.execute(
+            "SELECT COUNT(*) FROM records WHERE deleted = 0 AND path LIKE '%.conflict-%'"
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def publish(self) -> None:
+        snap = self.status()
+        with self._snapshot_lock:
+            self.snapshot = snap
+
+    def read_snapshot(self) -> dict[str, Any]:
+        with self._snapshot_lock:
+            return dict(self.snapshot)

@@ -1,0 +1,176 @@
+"""`repld run` and the network side of `repld sync PEER`: starting, running and stopping a Node.
+
+``run`` is the daemon: it takes the replica's lock, opens the control socket, scans, then loops
+until SIGTERM or SIGINT; SIGHUP reloads the config (peers, ignore rules) without a restart.
+``sync_with_peer`` is one exchange with one configured peer, then exit: the same engine, with
+no listener and no watcher, stopping once both sides hold each other's records.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..protocol.plan import Step
+from ..protocol.reconcile import Policy
+from ..protocol.record import is_within
+from ..protocol.session import State
+from . import config as configmod
+from .control import ControlServer, control_path
+from .control import request as control_request
+from .errors import DaemonNotRunning, ReplError, UsageError
+from .node import Node, Options
+from .replica import open_replica
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 15.0
+
+
+def run(config_path: Path | None) -> int:
+    rep = open_replica(config_path)
+    stop = threading.Event()
+    node = Node(rep)
+
+    def on_stop(signum: int, frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+        node.wake()
+
+    def on_hup(signum: int, frame: object) -> None:
+        node.command("reload", callback=lambda: _reload(node))
+
+    old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    control = ControlServer(control_path(rep.cfg), node.read_snapshot, node.command)
+    try:
+        node.open()
+        control.start()
+        log.info("repld %s (%s) serving %s", rep.cfg.name, rep.store.replica_id[:8], rep.cfg.root)
+        node.first_scan()
+        node.run(stop)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        control.stop()
+        node.close()
+        rep.close()
+    return 0
+
+
+def _reload(node: Node) -> None:
+    try:
+        cfg = configmod.load(node.cfg.path)
+    except ReplError as e:
+        log.error("reload failed, keeping the old config: %s", e)
+        return
+    node.reload(cfg)
+    log.info("config reloaded: %d peer(s)", len(cfg.peers))
+
+
+@dataclass
+class PeerSyncReport:
+    steps: list[Step] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+
+def sync_with_peer(
+    config_path: Path | None,
+    peer_name: str,
+    *,
+    dry_run: bool = False,
+    pull_only: bool = False,
+    push_only: bool = False,
+    prefer: str | None = None,
+    paths: list[str] | None = None,
+    timeout: float = 3600.0,
+) -> PeerSyncReport:
+    cfg = configmod.load(config_path)
+    if cfg.peer(peer_name) is None:
+        raise UsageError(f"no peer named {peer_name!r} in {cfg.path} (see `repld peer list`)")
+    try:
+        control_request(cfg, "sync-now", timeout=2.0)
+    except DaemonNotRunning:
+        pass
+    else:
+        if dry_run or pull_only or push_only or prefer or paths:
+            raise UsageError(
+                "the daemon is running and syncs continuously; options such as --dry-run, "
+                "--pull-only or PATHs need it stopped first (`systemctl --user stop repld`)"
+            )
+        return _wait_daemon(cfg, peer_name, timeout)
+    within = None
+    if paths:
+        prefixes = [p.strip("/") for p in paths]
+        within = lambda p: any(is_within(p, pre) for pre in prefixes)  # noqa: E731
+    policy = None
+    if prefer:
+        policy = Policy.PREFER_LOCAL if prefer == "local" else Policy.PREFER_REMOTE
+    opts = Options(
+        send=not (pull_only or dry_run or paths),
+        receive=not push_only,
+        dry_run=dry_run,
+        policy=policy,
+        within=within,
+        listen=False,
+        watch=False,
+        only_peer=peer_name,
+        hold_send=prefer is not None,
+    )
+    report = PeerSyncReport()
+    with open_replica(config_path) as rep:
+        node = Node(rep, options=opts)
+        try:
+            node.open()
+            node.first_scan()
+            link = node.links[0]
+            deadline = time.monotonic() + timeout
+            connect_by = time.monotonic() + CONNECT_TIMEOUT
+
+            def finished() -> bool:
+                s = link.session
+                if link.error:
+                    return True
+                if s is None or s.state is not State.ESTABLISHED:
+                    if time.monotonic() > connect_by:
+                        link.error = (
+                            f"cannot reach {peer_name} at {link.peer.endpoint} within "
+                            f"{CONNECT_TIMEOUT:g} s (is its daemon running, and does it list "
+                            "this replica as a peer?)"
+                        )
+                        return True
+                    return False
+                got = not opts.receive or s.received_all
+                sent = not opts.send or s.peer_acked_all
+                return got and sent
+
+            node.run(threading.Event(), until=finished, deadline=deadline)
+            if link.error:
+                raise ReplError(f"{peer_name}: {link.error}")
+            if not finished():
+                raise ReplError(f"{peer_name}: not finished within {timeout:g} s")
+            report.steps = node.stats.dry_steps
+            report.status = node.status()
+            report.errors = report.status["errors"]
+        finally:
+            node.close()
+    return report
+
+
+def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerSyncReport:
+    """The daemon does the exchange; wait until it says it is in sync with the peer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = control_request(cfg, "status")["status"]
+        peer = next(p for p in status["peers"] if p["name"] == peer_name)
+        if peer["in_sync"]:
+            return PeerSyncReport(status=status, errors=status["errors"])
+        if time.monotonic() > deadline:
+            raise ReplError(f"{peer_name}: not in sync within {timeout:g} s")
+        time.sleep(0.1)

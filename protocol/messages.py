@@ -1,0 +1,309 @@
+"""The wire messages between peers, and their codec (msgpack, versioned, size-limited).
+
+Every message is one ZeroMQ frame holding a msgpack array ``[WIRE_VERSION, type, body]``; a
+``Blocks`` reply carries its data in a second frame so that file content is never copied through
+msgpack. ``decode`` checks everything a peer could get wrong (version, type, field types and
+ranges, paths) and raises ``ProtocolError`` with a message fit for the log and for the error reply;
+nothing a peer sends can raise anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+from .record import DIGEST_SIZE, Action, Kind, Record, check_path
+from .version import VersionVector
+
+WIRE_VERSION = 1
+PROTOCOL = "repld/1"
+MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
+MAX_BLOCK_REQUEST = 4 << 20  # bytes of file content one request may ask for
+MAX_RECORDS = 2000  # records in one page
+_INT64 = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message on a link, each way: who we are and how far we have seen the other."""
+
+    tree_id: str
+    replica_id: str
+    name: str
+    seq: int  # our newest sequence number
+    seen: int  # the newest of the other's sequence numbers we hold
+    send: bool = True  # we will stream our records (false for a --pull-only one-shot sync)
+    receive: bool = True  # we want the other's records (false for --push-only or a dry run)
+    protocol: str = PROTOCOL
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """A page of the sender's records, in its sequence order, up to and including ``upto``."""
+
+    records: tuple[Record, ...]
+    upto: int
+    remaining_files: int = 0  # records after this page, to show how much is still to come
+    remaining_bytes: int = 0
+    epoch: int = 0  # which Resend this page answers; pages of an older epoch are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The receiver has processed pages up to ``upto``; and what it still needs from the sender."""
+
+    upto: int
+    need_files: int = 0
+    need_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """Stream again from just after ``after`` (a retry of paths that failed to apply)."""
+
+    after: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetBlocks:
+    """Ask for ``length`` bytes at ``offset`` of a file whose content hashes to ``sha256``."""
+
+    req: int
+    sha256: str
+    path: str  # where the peer last had it; any file with that content will do
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    req: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """An error reply. ``fatal`` ends the session (tree mismatch, protocol version)."""
+
+    code: str
+    message: str
+    req: int = 0
+    fatal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Keeps ``last_seen`` fresh and asks for the peer's ``Ack`` numbers when idle."""
+
+    seq: int = 0
+
+
+Message = Hello | Records | Ack | Resend | GetBlocks | Blocks | Error | Bye | Ping
+
+_TYPES: dict[str, type[Any]] = {
+    cls.__name__.lower(): cls
+    for cls in (Hello, Records, Ack, Resend, GetBlocks, Blocks, Error, Bye, Ping)
+}
+_NAMES = {cls: name for name, cls in _TYPES.items()}
+_FIELD_TYPES: dict[type[Any], dict[str, Any]] = {
+    cls: {f.name: f.type for f in fields(cls)} for cls in _TYPES.values()
+}
+
+
+# -- records --------------------------------------------------------------------------------------
+
+
+def record_to_wire(r: Record) -> list[Any]:
+    return [
+        r.path.encode("utf-8", "surrogateescape"),
+        r.guid,
+        r.kind.value,
+        r.version.encode(),
+        r.deleted,
+        r.mode,
+        r.mtime_ns,
+        r.size,
+        r.sha256,
+        r.blocks,
+        r.target.encode("utf-8", "surrogateescape"),
+        r.modified_by,
+        r.origin_seq,
+        r.action.value,
+        r.changed_ns,
+        r.seq,
+    ]
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int = _INT64) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise ProtocolError(f"{what}: expected an integer in [{lo}, {hi}], got {v!r:.60}")
+    return v
+
+
+def _str(v: Any, what: str, limit: int = 4096) -> str:
+    if type(v) is not str or len(v) > limit:
+        raise ProtocolError(f"{what}: expected text of at most {limit} characters")
+    return v
+
+
+def _text_bytes(v: Any, what: str) -> str:
+    if type(v) is not bytes or len(v) > 4096:
+        raise ProtocolError(f"{what}: expected at most 4096 bytes")
+    return v.decode("utf-8", "surrogateescape")
+
+
+def record_from_wire(item: Any) -> Record:
+    if type(item) is not list or len(item) != 16:
+        raise ProtocolError("record: expected an array of 16 fields")
+    path = check_path(_text_bytes(item[0], "record path"))
+    try:
+        kind = Kind(item[2])
+        action = Action(item[13])
+    except ValueError:
+        raise ProtocolError(f"{path}: unknown kind {item[2]!r} or action {item[13]!r}") from None
+    version = VersionVector.decode(_str(item[3], f"{path}: version", 1 << 16))
+    if not version:
+        raise ProtocolError(f"{path}: empty version")
+    deleted = item[4]
+    if type(deleted) is not bool:
+        raise ProtocolError(f"{path}: deleted must be true or false")
+    sha = _str(item[8], f"{path}: sha256", 64)
+    blocks = item[9]
+    if type(blocks) is not bytes or len(blocks) % DIGEST_SIZE:
+        raise ProtocolError(f"{path}: blocks must be a multiple of {DIGEST_SIZE} bytes")
+    size = _int(item[7], f"{path}: size")
+    if kind is Kind.FILE and not deleted:
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ProtocolError(f"{path}: a file needs a 64-digit sha256")
+    return Record(
+        path=path,
+        guid=_str(item[1], f"{path}: guid", 64),
+        kind=kind,
+        version=version,
+        deleted=deleted,
+        mode=_int(item[5], f"{path}: mode", 0, 0o7777),
+        mtime_ns=_int(item[6], f"{path}: mtime", -_INT64),
+        size=size,
+        sha256=sha,
+        blocks=blocks,
+        target=_text_bytes(item[10], f"{path}: symlink target"),
+        modified_by=_str(item[11], f"{path}: modified_by", 64),
+        origin_seq=_int(item[12], f"{path}: origin_seq"),
+        action=action,
+        changed_ns=_int(item[14], f"{path}: changed", -_INT64),
+        seq=_int(item[15], f"{path}: seq"),
+    )
+
+
+# -- the codec ------------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The frames of one message."""
+    name = _NAMES[type(msg)]
+    if isinstance(msg, Records):
+        body: dict[str, Any] = {
+            "records": [record_to_wire(r) for r in msg.records],
+            "upto": msg.upto,
+            "remaining_files": msg.remaining_files,
+            "remaining_bytes": msg.remaining_bytes,
+            "epoch": msg.epoch,
+        }
+    elif isinstance(msg, Blocks):
+        return [msgpack.packb([WIRE_VERSION, name, {"req": msg.req}]), msg.data]
+    else:
+        body = {f: getattr(msg, f) for f in _FIELD_TYPES[type(msg)]}
+    return [msgpack.packb([WIRE_VERSION, name, body])]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """The message in ``frames``; ``ProtocolError`` for anything malformed."""
+    if not frames or len(frames) > 2:
+        raise ProtocolError(f"expected 1 or 2 frames, got {len(frames)}")
+    head = frames[0]
+    if len(head) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(head)} bytes is over the {MAX_MESSAGE} byte limit")
+    try:
+        top = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"not a msgpack message ({type(e).__name__})") from None
+    if type(top) is not list or len(top) != 3 or type(top[2]) is not dict:
+        raise ProtocolError("not a repld message: expected [version, type, body]")
+    version, name, body = top
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"wire version {version!r} not understood (this side speaks {WIRE_VERSION})")
+    cls = _TYPES.get(name) if type(name) is str else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {name!r:.40}")
+    if cls is Blocks:
+        if len(frames) != 2:
+            raise ProtocolError("blocks: the data frame is missing")
+        return Blocks(_int(body.get("req"), "blocks.req"), frames[1])
+    if len(frames) != 1:
+        raise ProtocolError(f"{name}: unexpected extra frame")
+    if cls is Records:
+        recs = body.get("records")
+        if type(recs) is not list or len(recs) > MAX_RECORDS:
+            raise ProtocolError(f"records: expected a list of at most {MAX_RECORDS} records")
+        return Records(
+            tuple(record_from_wire(r) for r in recs),
+            _int(body.get("upto"), "records.upto"),
+            _int(body.get("remaining_files", 0), "records.remaining_files"),
+            _int(body.get("remaining_bytes", 0), "records.remaining_bytes"),
+            _int(body.get("epoch", 0), "records.epoch"),
+        )
+    return _plain(cls, name, body)
+
+
+def _plain(cls: type[Any], name: str, body: dict[str, Any]) -> Message:
+    types = _FIELD_TYPES[cls]
+    unknown = body.keys() - types.keys()
+    if unknown:
+        raise ProtocolError(f"{name}: unknown fields {sorted(unknown)!r:.80}")
+    values: dict[str, Any] = {}
+    for key, typ in types.items():
+        if key not in body:
+            continue  # the dataclass default applies, or the constructor reports it missing
+        v = body[key]
+        if typ == "int":
+            values[key] = _int(v, f"{name}.{key}")
+        elif typ == "bool":
+            if type(v) is not bool:
+                raise ProtocolError(f"{name}.{key}: expected true or false")
+            values[key] = v
+        else:
+            values[key] = _str(v, f"{name}.{key}")
+    try:
+        msg = cls(**values)
+    except TypeError:
+        raise ProtocolError(f"{name}: missing fields") from None
+    if isinstance(msg, GetBlocks):
+        check_path(msg.path)
+        if not 0 < msg.length <= MAX_BLOCK_REQUEST:
+            raise ProtocolError(f"getblocks: length {msg.length} not in 1..{MAX_BLOCK_REQUEST}")
+    return msg  # type: ignore[no-any-return]
+
+
+__all__ = [
+    "Ack",
+    "Blocks",
+    "Bye",
+    "Error",
+    "GetBlocks",
+    "Hello",
+    "Message",
+    "Ping",
+    "Records",
+    "Resend",
+    "decode",
+    "encode",
+]
