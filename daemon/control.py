@@ -141,7 +141,9 @@ class ControlServer:
             req = json.loads(data)
             cmd = req["cmd"]
         except (ValueError, KeyError, TypeError):
-            conn.sendall(_line({"ok": False, "error": 'expected one JSON line like {"cmd": "status"}'}))
+            conn.sendall(
+                _line({"ok": False, "error": 'expected one JSON line like {"cmd": "status"}'})
+            )
             return
         if cmd == "status":
             conn.sendall(_line({"ok": True, "status": self.status()}))

@@ -122,7 +122,9 @@ class Transfers:
             if block_size_for(old.size) == bs:
                 abs_old = os.path.join(self.root, old.path)
                 for i in range(0, len(old.blocks), DIGEST_SIZE):
-                    local.setdefault(old.blocks[i : i + DIGEST_SIZE], (abs_old, i // DIGEST_SIZE * bs))
+                    local.setdefault(
+                        old.blocks[i : i + DIGEST_SIZE], (abs_old, i // DIGEST_SIZE * bs)
+                    )
         partial = None
         if rec.size >= PARTIAL_MIN:
             partial = self.partial_dir / rec.sha256
@@ -135,7 +137,9 @@ class Transfers:
                 src = (str(partial), off)
             if src is not None:
                 chunks.append(_Chunk(off, length, src))
-            elif chunks and chunks[-1].local is None and chunks[-1].length + length <= REQUEST_BYTES:
+            elif (
+                chunks and chunks[-1].local is None and chunks[-1].length + length <= REQUEST_BYTES
+            ):
                 chunks[-1].length += length  # coalesce neighbouring remote blocks
             else:
                 chunks.append(_Chunk(off, length))

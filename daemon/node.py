@@ -169,9 +169,7 @@ class Node:
         self._counts = (0, 0, 0, 0)
         self._counts_seq = -1
         self._next_full_scan = 0.0
-        self.transfers = Transfers(
-            self.store, self.cfg.root, self.cfg.state / "partial", self.pump
-        )
+        self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_change: Callable[[], None] | None = None  # systemd glue hooks in here
 
     # -- setting up -----------------------------------------------------------------------------
@@ -493,7 +491,10 @@ class Node:
                     "with `repld peer add` (see `repld id`)"
                 )
                 log.warning("%s: %s", link.label, link.error)
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            elif kind in (
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            ):
                 link.error = f"handshake with {link.peer.endpoint} failed: wrong public key for it?"
                 log.warning("%s: %s", link.label, link.error)
 
@@ -664,7 +665,9 @@ class Node:
         me = self.store.replica_id
         policy = self._policy()
         steps = list(
-            plan_pull(self.store.get, page.records, replica=me, policy=policy, within=self.opts.within)
+            plan_pull(
+                self.store.get, page.records, replica=me, policy=policy, within=self.opts.within
+            )
         )
         ok = True
         if self.opts.dry_run:
@@ -827,7 +830,11 @@ class Node:
             live = [lk for lk in links if lk.established]
             best = next((lk for lk in live if self._active(lk)), live[0] if live else None)
             s = best.session if best is not None else None
-            rid = s.peer.replica_id if s is not None and s.peer is not None else self._replica_of(p.name)
+            rid = (
+                s.peer.replica_id
+                if s is not None and s.peer is not None
+                else self._replica_of(p.name)
+            )
             need_files, need_bytes = s.need() if s is not None else (0, 0)
             seen = max((lk.last_seen_wall for lk in links), default=0.0)
             errs = [lk.error for lk in links if lk.error]
@@ -837,13 +844,19 @@ class Node:
                     "replica_id": rid,
                     "endpoint": p.endpoint,
                     "connected": s is not None,
-                    "last_seen": dt.datetime.fromtimestamp(seen).astimezone().isoformat(
-                        timespec="seconds") if seen else None,  # fmt: skip
+                    "last_seen": dt.datetime.fromtimestamp(seen)
+                    .astimezone()
+                    .isoformat(timespec="seconds")
+                    if seen
+                    else None,  # fmt: skip
                     "need_files": need_files,
                     "need_bytes": need_bytes,
                     "peer_need_files": s.peer_need_files if s is not None else 0,
-                    "in_sync": bool(s is not None and s.in_sync and not any(
-                        e.peer == p.name for e in self.errors.values())),  # fmt: skip
+                    "in_sync": bool(
+                        s is not None
+                        and s.in_sync
+                        and not any(e.peer == p.name for e in self.errors.values())
+                    ),  # fmt: skip
                     "error": errs[0] if errs else None,
                 }
             )
@@ -856,7 +869,12 @@ class Node:
             "root": str(self.cfg.root),
             "state": "paused" if self.paused else self.state,
             "pid": os.getpid(),
-            "local": {"files": files, "dirs": dirs, "bytes": size, "sequence": self.store.committed_seq},
+            "local": {
+                "files": files,
+                "dirs": dirs,
+                "bytes": size,
+                "sequence": self.store.committed_seq,
+            },
             "conflicts": conflicts,
             "errors": [{"path": e.path, "error": e.error} for e in self.errors.values()],
             "peers": peers,

@@ -175,8 +175,10 @@ class Session:
         if type(msg) not in allowed:
             if self.state is not State.CLOSED and not isinstance(msg, Error):
                 out.send.append(
-                    Error("unexpected", f"{type(msg).__name__} not expected in state "
-                          f"{self.state.value}")  # fmt: skip
+                    Error(
+                        "unexpected",
+                        f"{type(msg).__name__} not expected in state {self.state.value}",
+                    )  # fmt: skip
                 )
             return out
         self.state = allowed[type(msg)]
@@ -212,10 +214,14 @@ class Session:
         if msg.epoch != self.epoch:
             return  # sent before the peer saw our Resend: the resent stream covers it
         if msg.upto < self.received_upto:
-            raise ProtocolError(f"records page up to {msg.upto} goes back (had {self.received_upto})")
+            raise ProtocolError(
+                f"records page up to {msg.upto} goes back (had {self.received_upto})"
+            )
         for r in msg.records:
             if not self.received_upto < r.seq <= msg.upto:
-                raise ProtocolError(f"{r.path}: seq {r.seq} outside the page ({self.received_upto}, {msg.upto}]")
+                raise ProtocolError(
+                    f"{r.path}: seq {r.seq} outside the page ({self.received_upto}, {msg.upto}]"
+                )
         size = sum(r.size for r in msg.records if not r.deleted)
         self._pending.append((msg.upto, len(msg.records), size))
         self.received_upto = msg.upto

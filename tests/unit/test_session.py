@@ -1,0 +1,268 @@
+"""The sync session state machine and the wire codec, in memory: no sockets, no files."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from repld.protocol import messages as wire
+from repld.protocol.errors import ProtocolError
+from repld.protocol.record import Kind, Record
+from repld.protocol.session import (
+    ApplyPage,
+    Closed,
+    Established,
+    Identity,
+    ServeBlocks,
+    Session,
+    State,
+)
+from repld.protocol.version import VersionVector
+
+TREE = "6a1f0000-0000-4000-8000-000000000001"
+A_ID = "aaaaaaaa-0000-4000-8000-000000000000"
+B_ID = "bbbbbbbb-0000-4000-8000-000000000000"
+
+
+class Side:
+    """A replica reduced to what a session needs: records by seq, and a peer mark."""
+
+    def __init__(self, rid: str, name: str, tree: str = TREE):
+        self.id = Identity(tree, rid, name)
+        self.records: dict[str, Record] = {}
+        self.seq = 0
+        self.seen = 0
+        self.fail_paths: set[str] = set()
+        self.session: Session | None = None
+
+    def write(self, path: str, content: str) -> None:
+        self.seq += 1
+        old = self.records.get(path)
+        version = (old.version if old else VersionVector()).bump(self.id.replica_id)
+        self.records[path] = Record(path, path, Kind.FILE, version, size=len(content),
+                                    sha256=f"{hash(content) & (2**256 - 1):064x}", seq=self.seq)  # fmt: skip
+
+    def since(self, after: int, limit: int) -> list[Record]:
+        return sorted((r for r in self.records.values() if r.seq > after), key=lambda r: r.seq)[
+            :limit
+        ]
+
+    def start(self) -> Session:
+        self.session = Session(self.id, seq=self.seq, seen=self.seen, window=2)
+        return self.session
+
+
+def pump(a: Side, b: Side, *, page: int = 2, rounds: int = 200) -> None:
+    """Run two sessions back to back until neither has anything to say."""
+    sa, sb = a.start(), b.start()
+    queues: dict[int, list[wire.Message]] = {id(a): [sb.hello()], id(b): [sa.hello()]}
+    for _ in range(rounds):
+        moved = False
+        for me, other in ((a, b), (b, a)):
+            s = me.session
+            assert s is not None
+            inbox, queues[id(me)] = queues[id(me)], []
+            for msg in inbox:
+                moved = True
+                # Through the codec, as on the wire.
+                out = s.receive(wire.decode(wire.encode(msg)))
+                queues[id(other)] += out.send
+                for act in out.actions:
+                    if isinstance(act, ApplyPage):
+                        ok = True
+                        for r in act.records:
+                            if r.path in me.fail_paths:
+                                ok = False
+                                continue
+                            mine = me.records.get(r.path)
+                            if mine is None or r.version.dominates(mine.version):
+                                me.seq += 1
+                                me.records[r.path] = r.with_(seq=me.seq)
+                        res = s.applied(act.upto, ok)
+                        queues[id(other)] += res.send
+                        me.seen = s.seen
+            s.local_changed(me.seq)
+            while (after := s.page_from()) is not None:
+                recs = me.since(after, page)
+                upto = recs[-1].seq if len(recs) == page else me.seq
+                queues[id(other)].append(s.page(tuple(recs), upto, len(me.since(upto, 10**6))))
+                moved = True
+        if not moved:
+            return
+    raise AssertionError("sessions did not settle")
+
+
+def contents(side: Side) -> dict[str, str]:
+    return {p: r.sha256 for p, r in side.records.items()}
+
+
+def test_two_sessions_converge_and_remember_how_far_they_got() -> None:
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    for i in range(7):
+        a.write(f"a{i}", f"from a {i}")
+    b.write("b0", "from b")
+    pump(a, b)
+    assert contents(a) == contents(b) and len(contents(a)) == 8
+    assert a.session is not None and b.session is not None
+    assert a.session.in_sync and b.session.in_sync
+    assert b.seen == a.seq  # b holds all of a's records...
+    # ...so a second meeting sends nothing new: only what changed since.
+    a.write("a0", "edited")
+    before = b.seq
+    pump(a, b)
+    assert contents(a) == contents(b)
+    assert b.seq == before + 1
+
+
+def test_a_failed_page_is_not_marked_seen_and_is_sent_again_on_retry() -> None:
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    for i in range(5):
+        a.write(f"f{i}", str(i))
+    b.fail_paths = {"f1"}
+    pump(a, b)
+    sb = b.session
+    assert sb is not None
+    assert "f1" not in b.records and "f4" in b.records  # later pages still applied
+    assert b.seen < a.records["f1"].seq  # the mark stops before the failure
+    assert not sb.in_sync and sb.need()[0] >= 1
+    b.fail_paths = set()
+    out = sb.retry()
+    assert [type(m) for m in out.send] == [wire.Resend]
+    # The peer answers the resend with the pages from the failure on, in a new epoch.
+    sa = a.session
+    assert sa is not None
+    sa.receive(out.send[0])
+    after = sa.page_from()
+    assert after == b.seen
+    recs = tuple(a.since(after, 100))
+    page = sa.page(recs, a.seq)
+    assert page.epoch == 1
+    res = sb.receive(page)
+    assert any(isinstance(x, ApplyPage) for x in res.actions)
+
+
+def test_pages_from_before_a_resend_are_dropped() -> None:
+    b = Side(B_ID, "b")
+    s = b.start()
+    s.receive(Side(A_ID, "a").start().hello())
+    s.failed_from = 0
+    s.retry()
+    stale = wire.Records((), 5, epoch=0)
+    assert s.receive(stale).actions == []
+
+
+def test_different_trees_refuse_on_both_sides() -> None:
+    a = Side(A_ID, "a")
+    other = Side(B_ID, "b", tree="77777777-0000-4000-8000-000000000000")
+    sa, so = a.start(), other.start()
+    out = sa.receive(so.hello())
+    assert sa.state is State.CLOSED
+    err = out.send[0]
+    assert isinstance(err, wire.Error) and err.fatal and "tree" in err.message
+    assert any(isinstance(x, Closed) and x.fatal for x in out.actions)
+    so.receive(err)
+    assert so.state is State.CLOSED
+
+
+def test_messages_before_hello_are_answered_with_an_error() -> None:
+    s = Side(A_ID, "a").start()
+    out = s.receive(wire.GetBlocks(1, "0" * 64, "f", 0, 10))
+    assert isinstance(out.send[0], wire.Error) and out.actions == []
+    assert s.state is State.HELLO_SENT
+    s.receive(Side(B_ID, "b").start().hello())
+    out = s.receive(wire.GetBlocks(1, "0" * 64, "f", 0, 10))
+    assert isinstance(out.actions[0], ServeBlocks)
+
+
+def test_hello_from_our_own_replica_id_is_refused() -> None:
+    s = Side(A_ID, "a").start()
+    out = s.receive(Side(A_ID, "copy").start().hello())
+    assert s.state is State.CLOSED and not any(isinstance(x, Established) for x in out.actions)
+
+
+def test_a_page_with_records_outside_its_range_is_a_protocol_error() -> None:
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    a.write("f", "x")
+    s = b.start()
+    s.receive(a.start().hello())
+    with pytest.raises(ProtocolError):
+        s.receive(wire.Records((a.records["f"].with_(seq=9),), 3))
+
+
+# -- the codec ------------------------------------------------------------------------------------
+
+
+def test_every_message_survives_the_codec() -> None:
+    rec = Record("d/ü x", "g", Kind.FILE, VersionVector.of({A_ID: 3}), mode=0o755, mtime_ns=5,
+                 size=3, sha256="ab" * 32, blocks=b"\x01" * 32, modified_by=A_ID, seq=4)  # fmt: skip
+    msgs: list[wire.Message] = [
+        wire.Hello(TREE, A_ID, "a", 4, 2, send=False),
+        wire.Records((rec,), 4, 10, 2000, 1),
+        wire.Ack(4, 1, 2),
+        wire.Resend(3, 2),
+        wire.GetBlocks(7, "ab" * 32, "d/ü x", 0, 3),
+        wire.Blocks(7, b"abc"),
+        wire.Error("gone", "no", req=7),
+        wire.Bye("done"),
+        wire.Ping(4),
+    ]
+    for m in msgs:
+        assert wire.decode(wire.encode(m)) == m
+
+
+@pytest.mark.parametrize(
+    "frames, needle",
+    [
+        ([b"\xc1garbage"], "msgpack"),
+        ([msgpack.packb([99, "hello", {}])], "wire version"),
+        ([msgpack.packb([1, "launch", {}])], "unknown message type"),
+        ([msgpack.packb([1, "ack", {"upto": -1}])], "ack.upto"),
+        ([msgpack.packb([1, "ack", {"upto": 1, "evil": 2}])], "unknown fields"),
+        ([msgpack.packb([1, "hello", {"tree_id": "t"}])], "missing"),
+        (
+            [
+                msgpack.packb(
+                    [
+                        1,
+                        "getblocks",
+                        {
+                            "req": 1,
+                            "sha256": "a",
+                            "path": "../etc/passwd",
+                            "offset": 0,
+                            "length": 1,
+                        },
+                    ]
+                )
+            ],
+            "not allowed",
+        ),  # fmt: skip
+        (
+            [
+                msgpack.packb(
+                    [
+                        1,
+                        "getblocks",
+                        {"req": 1, "sha256": "a", "path": "f", "offset": 0, "length": 1 << 30},
+                    ]
+                )
+            ],
+            "length",
+        ),  # fmt: skip
+        ([msgpack.packb([1, "records", {"records": [["x"]], "upto": 1}])], "16 fields"),
+        ([msgpack.packb([1, "blocks", {"req": 1}])], "data frame"),
+        ([b"x" * (wire.MAX_MESSAGE + 1)], "limit"),
+        ([], "frames"),
+    ],
+)
+def test_malformed_messages_are_protocol_errors(frames: list[bytes], needle: str) -> None:
+    with pytest.raises(ProtocolError, match=needle):
+        wire.decode(frames)
+
+
+def test_a_record_with_an_unsafe_path_is_refused() -> None:
+    rec = Record("ok", "g", Kind.FILE, VersionVector.of({A_ID: 1}), sha256="ab" * 32)
+    item = wire.record_to_wire(rec)
+    for bad in (b"/etc/passwd", b"a/../../b", b"", b"a\x00b"):
+        item[0] = bad
+        with pytest.raises(ProtocolError):
+            wire.record_from_wire(item)
