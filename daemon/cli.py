@@ -313,9 +313,7 @@ def _replace_peers(cfg: configmod.Config, peers: tuple[configmod.Peer, ...]) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if not args.debug:
-        logging.getLogger("repld").setLevel(logging.INFO)
-    return service.run(args.config)
+    return service.run(args.config, debug=args.debug)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

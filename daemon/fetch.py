@@ -95,6 +95,7 @@ class Transfers:
         self._next_req = 1
         self._buffered = 0
         self._link: Link | None = None
+        self.stopping = False  # set on SIGTERM: finish the current file, fetch no more
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -186,6 +187,8 @@ class Transfers:
     # -- the applier's side ---------------------------------------------------------------------
 
     def open(self, rec: Record, hint: str) -> _Reader:
+        if self.stopping:
+            raise ReplError(f"{rec.path}: not fetched, repld is stopping; the next start takes it")
         # Files before this one in the queue were skipped by the applier: drop their requests.
         while self._queue and self._queue[0].rec is not rec:
             if self._queue[0].rec.sha256 == rec.sha256 and self._queue[0].hint == hint:

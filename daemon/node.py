@@ -170,7 +170,8 @@ class Node:
         self._counts_seq = -1
         self._next_full_scan = 0.0
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
-        self.on_change: Callable[[], None] | None = None  # systemd glue hooks in here
+        self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
+        self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
 
     # -- setting up -----------------------------------------------------------------------------
 
@@ -331,7 +332,7 @@ class Node:
             self.step(self._timeout())
 
     def _timeout(self) -> float:
-        t = PING_EVERY / 2
+        t = min(PING_EVERY / 2, self.max_wait)
         if self.watcher is not None:
             due = self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST)
             if due is not None:
@@ -358,11 +359,15 @@ class Node:
         self._timers()
         self._send_pages()
         self.publish()
+        if self.on_tick is not None:
+            self.on_tick()
 
     def pump(self, timeout: float) -> None:
         """Wait for replies while the applier waits for content; serve block requests meanwhile."""
         self._poll(timeout, defer=True)
         self._timers(quick=True)
+        if self.on_tick is not None:
+            self.on_tick()
 
     def _poll(self, timeout: float, *, defer: bool) -> None:
         events = dict(self.poller.poll(timeout * 1000))
@@ -464,7 +469,7 @@ class Node:
         if len(link.complaints) >= 10:
             return
         link.complaints.append(now)
-        log.warning("%s: %s", link.label, text)
+        log.warning("%s: %s", link.label, text, extra={"PEER": link.label})
         self._send(link, wire.Error(code, text))
 
     def _monitor(self, link: PeerLink) -> None:
@@ -478,11 +483,16 @@ class Node:
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 link.connected = True
                 link.error = ""
-                log.info("%s: connected to %s", link.label, link.peer.endpoint)
+                log.info(
+                    "%s: connected to %s",
+                    link.label,
+                    link.peer.endpoint,
+                    extra={"PEER": link.label},
+                )
                 self._start_session(link, None)
             elif kind == zmq.EVENT_DISCONNECTED:
                 if link.connected:
-                    log.info("%s: disconnected", link.label)
+                    log.info("%s: disconnected", link.label, extra={"PEER": link.label})
                 link.connected = False
                 self._end_session(link, "disconnected")
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -490,13 +500,13 @@ class Node:
                     f"{link.peer.endpoint} refused our key: add this replica on {link.peer.name} "
                     "with `repld peer add` (see `repld id`)"
                 )
-                log.warning("%s: %s", link.label, link.error)
+                log.warning("%s: %s", link.label, link.error, extra={"PEER": link.label})
             elif kind in (
                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
             ):
                 link.error = f"handshake with {link.peer.endpoint} failed: wrong public key for it?"
-                log.warning("%s: %s", link.label, link.error)
+                log.warning("%s: %s", link.label, link.error, extra={"PEER": link.label})
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -522,7 +532,11 @@ class Node:
         s = link.session
         if s is None or s.state is not State.HELLO_SENT or (s.peer is not None):
             if s is not None and s.state is State.ESTABLISHED:
-                log.info("%s: new session (the peer restarted or reconnected)", link.label)
+                log.info(
+                    "%s: new session (the peer restarted or reconnected)",
+                    link.label,
+                    extra={"PEER": link.label},
+                )
             s = self._new_session(link, hello.replica_id)
             link.session = s
             self._send(link, s.hello())
@@ -558,8 +572,7 @@ class Node:
     def _act(self, link: PeerLink, action: object) -> None:
         if isinstance(action, Established):
             h = action.peer
-            log.info("%s: in session with %s (%s), its seq %d, it has seen ours up to %d",
-                     link.label, h.name, h.replica_id[:8], h.seq, h.seen)  # fmt: skip
+            log.info("%s: in session with %s (%s), its seq %d, it has seen ours up to %d", link.label, h.name, h.replica_id[:8], h.seq, h.seen)  # fmt: skip
             with self.store.transaction():
                 self.store.set_peer_mark(h.replica_id, name=link.peer.name)
             for other in list(self.links):
@@ -575,15 +588,22 @@ class Node:
         elif isinstance(action, BlocksArrived):
             self.transfers.arrived(action.reply)
         elif isinstance(action, PeerError):
-            log.warning("%s: the peer reports: %s", link.label, action.error.message)
+            log.warning(
+                "%s: the peer reports: %s",
+                link.label,
+                action.error.message,
+                extra={"PEER": link.label},
+            )
             if action.error.fatal:
                 link.error = action.error.message
         elif isinstance(action, Closed):
             if action.fatal:
                 link.error = action.reason
-                log.error("%s: %s", link.label, action.reason)
+                log.error("%s: %s", link.label, action.reason, extra={"PEER": link.label})
             else:
-                log.info("%s: session ended: %s", link.label, action.reason)
+                log.info(
+                    "%s: session ended: %s", link.label, action.reason, extra={"PEER": link.label}
+                )
             link.session = None
             if link.dealer is None:
                 self._end_session(link, action.reason)
@@ -600,7 +620,12 @@ class Node:
         except zmq.ZMQError as e:
             if e.errno in (zmq.EAGAIN, zmq.EHOSTUNREACH):
                 if link.session is not None:
-                    log.info("%s: cannot send (%s): peer gone", link.label, e.strerror)
+                    log.info(
+                        "%s: cannot send (%s): peer gone",
+                        link.label,
+                        e.strerror,
+                        extra={"PEER": link.label},
+                    )
                     self._end_session(link, "peer unreachable")
                 return False
             raise
@@ -707,7 +732,9 @@ class Node:
             self._count(stats)
             for path, err in stats.errors:
                 self.errors[path] = PathError(path, err, link.peer.name)
-                log.warning("%s: %s", link.peer.name, err)
+                log.warning(
+                    "%s: %s", link.peer.name, err, extra={"PEER": link.peer.name, "PATH": path}
+                )
             for st in steps:
                 if st.path in self.errors and not any(p == st.path for p, _ in stats.errors):
                     del self.errors[st.path]
@@ -721,8 +748,6 @@ class Node:
             with self.store.transaction():
                 self.store.set_peer_mark(peer_id, name=link.peer.name, seen_seq=s.seen)
         self._send_out(link, out)
-        if self.on_change is not None:
-            self.on_change()
 
     def _count(self, stats: ApplyStats) -> None:
         a = self.stats.applied

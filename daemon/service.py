@@ -21,6 +21,7 @@ from ..protocol.reconcile import Policy
 from ..protocol.record import is_within
 from ..protocol.session import State
 from . import config as configmod
+from . import systemd
 from .control import ControlServer, control_path
 from .control import request as control_request
 from .errors import DaemonNotRunning, ReplError, UsageError
@@ -32,28 +33,46 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 15.0
 
 
-def run(config_path: Path | None) -> int:
+def run(config_path: Path | None, *, debug: bool = False) -> int:
     rep = open_replica(config_path)
+    systemd.setup_logging(rep.store.replica_id, debug=debug)
+    notifier = systemd.Notifier()
     stop = threading.Event()
     node = Node(rep)
 
     def on_stop(signum: int, frame: object) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
+        log.info("%s: stopping after the current file", signal.Signals(signum).name)
         stop.set()
+        node.transfers.stopping = True
         node.wake()
 
     def on_hup(signum: int, frame: object) -> None:
-        node.command("reload", callback=lambda: _reload(node))
+        node.command("reload", callback=lambda: _reload(node, notifier))
+
+    def tick() -> None:
+        notifier.tick()
+        notifier.status(systemd.status_line(node.snapshot))
 
     old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
-    control = ControlServer(control_path(rep.cfg), node.read_snapshot, node.command)
+    control = ControlServer(
+        control_path(rep.cfg), node.read_snapshot, node.command,
+        inherited=systemd.inherited_socket(),
+    )  # fmt: skip
     try:
         node.open()
         control.start()
         log.info("repld %s (%s) serving %s", rep.cfg.name, rep.store.replica_id[:8], rep.cfg.root)
+        notifier.status("scanning")
+        node.on_tick = notifier.tick
+        if notifier.watchdog_every:
+            node.max_wait = min(node.max_wait, notifier.watchdog_every / 2)
         node.first_scan()
+        node.publish()
+        notifier.ready(systemd.status_line(node.snapshot))
+        node.on_tick = tick
         node.run(stop)
+        notifier.stopping()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -63,14 +82,17 @@ def run(config_path: Path | None) -> int:
     return 0
 
 
-def _reload(node: Node) -> None:
+def _reload(node: Node, notifier: systemd.Notifier) -> None:
+    notifier.reloading()
     try:
         cfg = configmod.load(node.cfg.path)
     except ReplError as e:
         log.error("reload failed, keeping the old config: %s", e)
-        return
-    node.reload(cfg)
-    log.info("config reloaded: %d peer(s)", len(cfg.peers))
+    else:
+        node.reload(cfg)
+        log.info("config reloaded from %s: %d peer(s)", cfg.path, len(cfg.peers))
+    node.publish()
+    notifier.reloaded(systemd.status_line(node.snapshot))
 
 
 @dataclass
