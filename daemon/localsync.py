@@ -5,6 +5,11 @@ last sequence number it has seen from it, plans them with the shared planner and
 ``both`` runs two passes (left pulls, then right pulls; the second pass relays what the first
 brought in, in sequence order, as a peer would). A dry run does all the scanning and planning in
 transactions that are rolled back, so it changes nothing anywhere, and prints the plan.
+
+A one-way sync (``PULL``/``PUSH``) changes the files of one side only, but it commits the scan of
+the other (the source): the versions it hands over must be ones the source has recorded for good.
+A scan rolled back would give the source's next events the same versions again, for different
+content, and a later edit of what was handed over would then silently beat them.
 """
 
 from __future__ import annotations
@@ -98,11 +103,11 @@ def sync(
     changes_left = not dry_run and direction is not Direction.PUSH
     changes_right = not dry_run and direction is not Direction.PULL
     with ExitStack() as stack:
-        # A side that must not change (dry run, one-way sync) is scanned and planned inside a
-        # transaction that is rolled back at the end: its files and its database stay as they are.
-        if not changes_left:
+        # A dry run scans and plans inside transactions that are rolled back at the end: files and
+        # databases stay as they were. A one-way sync leaves the source's files alone (no pass
+        # into it, no temporary files cleaned) but commits its scan: see the module docstring.
+        if dry_run:
             stack.enter_context(left.store.transaction(commit=False))
-        if not changes_right:
             stack.enter_context(right.store.transaction(commit=False))
         for rep in (left, right):
             report.scans[rep.cfg.name] = rep.scan(
@@ -116,10 +121,8 @@ def sync(
         if direction in (Direction.BOTH, Direction.PUSH):
             passes.append((right, left, False))
         for into, src, into_left in passes:
-            src_commits = changes_left if into_left is False else changes_right
             report.passes.append(
-                _pass(into, src, _policy(prefer, into_left), within, dry_run, src_commits,
-                      verbose, progress)  # fmt: skip
+                _pass(into, src, _policy(prefer, into_left), within, dry_run, verbose, progress)
             )
     return report
 
@@ -130,7 +133,6 @@ def _pass(
     policy: Policy,
     within: Callable[[str], bool] | None,
     dry_run: bool,
-    src_commits: bool,
     verbose: bool,
     progress: Callable[[ApplyStats], None] | None,
 ) -> PassReport:
@@ -138,9 +140,6 @@ def _pass(
     me = into.store.replica_id
     mark = into.store.peer_mark(src.store.replica_id)
     top = src.store.seq
-    # If the source's scan is rolled back, its new events will get their sequence numbers again
-    # next time: remember only what its database really holds.
-    mark_to = top if src_commits else src.store.committed_seq
 
     def remote_records() -> Iterator[Record]:
         for rec in src.store.records_since(mark.seen_seq):
@@ -179,8 +178,7 @@ def _pass(
         # Everything up to `top` is applied: next time, start after it. A failed path or a
         # subtree sync leaves the mark where it was, so nothing is skipped next time.
         with into.store.transaction():
-            into.store.set_peer_mark(src.store.replica_id, name=src.cfg.name, seen_seq=mark_to)
-        if src_commits:
-            with src.store.transaction():
-                src.store.set_peer_mark(into.store.replica_id, name=into.cfg.name, acked_seq=mark_to)
+            into.store.set_peer_mark(src.store.replica_id, name=src.cfg.name, seen_seq=top)
+        with src.store.transaction():
+            src.store.set_peer_mark(into.store.replica_id, name=into.cfg.name, acked_seq=top)
     return report

@@ -93,12 +93,6 @@ KNOWN_BUGS = {
     # elsewhere, so the deleted directory comes back (empty) everywhere.
     # Tolerated: a deleted directory that comes back empty.
     "parent-bump": "test_known_bug_deleted_directory_comes_back",
-    # A one-way sync (pull-only / push-only) scans the side that must not change inside a
-    # transaction it rolls back, yet hands that scan's versions to the other side: the next real
-    # scan reuses the same version for different content (spurious conflict), and if the other
-    # side edits what it got, the later edit wins over content it never saw (content lost).
-    # Steered clear of: the source is scanned (committed) before a one-way sync.
-    "one-way-uncommitted-versions": "test_known_bug_pull_only_hands_out_uncommitted_versions",
     # The planner looks local records up in the database while earlier steps of the same pass are
     # still only staged: when a conflict copy is planned and the peer's own record of the copy's
     # path comes later in the same pass, that record is planned against the stale local record;
@@ -610,8 +604,6 @@ class ReplicationMachine(RuleBasedStateMachine):
             sync(lrep, rrep, paths=[prefix])
             return
         into, src = (left, right) if how == "pull-only" else (right, left)
-        if "one-way-uncommitted-versions" in KNOWN_BUGS:
-            self.reps[src].scan()  # commit the source's events first: no uncommitted versions
         direction = Direction.PULL if how == "pull-only" else Direction.PUSH
         report = sync(lrep, rrep, direction=direction)
         if report.errors:
@@ -874,8 +866,8 @@ def test_known_bug_deleted_directory_comes_back(replicas):
     assert files(a) == files(b) == files(c) == {}
 
 
-@known_bug("one-way-uncommitted-versions")
-def test_known_bug_pull_only_hands_out_uncommitted_versions(replicas):
+def test_fixed_bug_pull_only_handed_out_uncommitted_versions(replicas):
+    """Found by the property test; fixed in localsync (a one-way sync commits the source's scan)."""
     a, b = replicas(2)
     (b.root / "f").write_bytes(b"v1")
     sync(a, b)
@@ -886,8 +878,10 @@ def test_known_bug_pull_only_hands_out_uncommitted_versions(replicas):
     (b.root / "f").write_bytes(b"v3 from b")  # b's next scan records this as {b: 2} again
     for _ in range(2):
         sync(a, b)
-    # a never saw v3, yet a's edit "dominates" it: v3 is overwritten, no conflict copy.
+    # a never saw v3, so a's edit must not "dominate" it: both are kept.
     assert b"v3 from b" in files(a).values()
+    assert b"a edits v2" in files(a).values()
+    assert files(a) == files(b)
 
 
 @known_bug("stale-plan-same-path")

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPLD, conflict_copies, files_bytes, make_replicas, snapshot
 
 NAMES = ["with space.txt", "new\nline.txt", "ünïcødé €.md", "tab\there", "back\\slash"]
@@ -88,9 +87,14 @@ def test_one_way_sync_leaves_other_side_untouched(tmp_path, flag):
     populate(a.root)
     (b.root / "only-b.txt").write_text("b\n")
     changed, untouched = (a, b) if flag == "--pull-only" else (b, a)
-    before = files_bytes(untouched.root), files_bytes(untouched.state)
+    before = files_bytes(untouched.root)
     a.sync(b, flag)
-    assert (files_bytes(untouched.root), files_bytes(untouched.state)) == before
+    assert files_bytes(untouched.root) == before
+    # The untouched side's database records its own scan (the versions it handed over must be
+    # committed, or it would reuse them), and nothing of the other side.
+    dump = untouched("dump").stdout
+    assert ("only-b.txt" in dump) == (flag == "--pull-only")
+    assert ("docs/a.txt" in dump) == (flag == "--push-only")
     if flag == "--pull-only":
         assert (a.root / "only-b.txt").read_text() == "b\n"
     else:
