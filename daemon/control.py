@@ -127,16 +127,18 @@ class ControlServer:
     def _one(self, conn: socket.socket) -> None:
         conn.settimeout(2.0)
         uid = peer_uid(conn)
-        if uid != os.getuid():
-            log.warning("control socket: refused a request from uid %d", uid)
-            conn.sendall(_line({"ok": False, "error": f"uid {uid} may not use this daemon"}))
-            return
+        # Read the request even when refusing it: closing with unread data would reset the
+        # connection and the client would never see why.
         data = b""
         while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
             chunk = conn.recv(4096)
             if not chunk:
                 break
             data += chunk
+        if uid != os.getuid():
+            log.warning("control socket: refused a request from uid %d", uid)
+            conn.sendall(_line({"ok": False, "error": f"uid {uid} may not use this daemon"}))
+            return
         try:
             req = json.loads(data)
             cmd = req["cmd"]
@@ -176,7 +178,10 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
             if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
                 raise not_running from None
             raise ReplError(f"cannot reach the daemon at {path}: {e.strerror}") from None
-        sock.sendall(_line({"cmd": cmd}))
+        try:
+            sock.sendall(_line({"cmd": cmd}))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon answered and closed already (a refusal): read what it said
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
