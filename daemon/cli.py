@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -20,7 +19,7 @@ from ..protocol.record import conflict_original, escape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control, service
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, DaemonNotRunning, UsageError
 from .localsync import Direction, SyncReport, sync
 from .replica import Replica, init, load_keys, open_replica
 from .scanner import ScanStats
@@ -296,20 +295,32 @@ def cmd_peer(args: argparse.Namespace) -> int:
             raise UsageError(f"a peer named {name!r} exists already; `repld peer remove {name}` first")
         if name == cfg.name:
             raise UsageError(f"{name!r} is this replica's own name")
-        peers = (*cfg.peers, configmod.Peer(name, endpoint, key))
-        configmod.write(_replace_peers(cfg, peers))
+        if any(p.public_key == key for p in cfg.peers):
+            other = next(p.name for p in cfg.peers if p.public_key == key)
+            raise UsageError(f"that public key is peer {other!r} already")
+        configmod.add_peer(cfg, configmod.Peer(name, endpoint, key))
         print(f"added peer {name} at {endpoint}")
+        _hint_reload(cfg)
         return 0
     if not cfg.peer(args.name):
         known = ", ".join(p.name for p in cfg.peers) or "none"
         raise UsageError(f"no peer named {args.name!r} in {cfg.path} (peers: {known})")
-    configmod.write(_replace_peers(cfg, tuple(p for p in cfg.peers if p.name != args.name)))
+    configmod.remove_peer(cfg, args.name)
     print(f"removed peer {args.name}")
+    _hint_reload(cfg)
     return 0
 
 
-def _replace_peers(cfg: configmod.Config, peers: tuple[configmod.Peer, ...]) -> configmod.Config:
-    return dataclasses.replace(cfg, peers=peers)
+def _hint_reload(cfg: configmod.Config) -> None:
+    """A running daemon takes the new peer list at once."""
+    try:
+        control.request(cfg, "reload", timeout=5.0)
+    except DaemonNotRunning:
+        return
+    except ReplError as e:
+        print(f"the daemon did not reload ({e}); `systemctl --user reload repld` applies the change")
+        return
+    print("the running daemon reloaded its config")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

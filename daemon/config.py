@@ -130,7 +130,40 @@ def load(path: Path | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"not valid TOML: {e}", file=path) from None
-    return parse(data, path)
+    try:
+        return parse(data, path)
+    except ConfigError as e:
+        line = line_of(text, e.key) if e.key else None
+        if line is None:
+            raise
+        message = str(e).removeprefix(f"{path}: key {e.key!r}: ")
+        raise ConfigError(message, file=f"{path}:{line}", key=e.key) from None
+
+
+def line_of(text: str, key: str) -> int | None:
+    """The line (1-based) where ``key`` is set: ``listen``, or ``peer[1].endpoint``."""
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    name = key
+    m = re.fullmatch(r"peer\[(\d+)\](?:\.(\w+))?", key)
+    if m:
+        headers = [i for i, ln in enumerate(lines) if ln.strip() == "[[peer]]"]
+        n = int(m.group(1))
+        if n >= len(headers):
+            return None
+        start = headers[n]
+        end = headers[n + 1] if n + 1 < len(headers) else len(lines)
+        if m.group(2) is None:
+            return start + 1
+        name = m.group(2)
+    else:
+        # Top-level keys come before the first table.
+        end = next((i for i, ln in enumerate(lines) if ln.strip().startswith("[")), len(lines))
+    pattern = re.compile(rf"\s*{re.escape(name)}\s*=")
+    for i in range(start, end):
+        if pattern.match(lines[i]):
+            return i + 1
+    return None
 
 
 def parse(data: dict[str, object], path: Path) -> Config:
@@ -222,40 +255,95 @@ def _q(text: str) -> str:
 
 
 def render(cfg: Config) -> str:
-    """The config as TOML text; ``load(render(cfg))`` gives back ``cfg``."""
-    lines = [
-        "# repld configuration. `repld --help` explains the commands; etc/repld.toml every option.",
-        "# Peers are managed with `repld peer add/remove`, which rewrite this file.",
-        f"root = {_q(str(cfg.root))}",
-        f"state = {_q(str(cfg.state))}",
-        f"name = {_q(cfg.name)}",
-        f"listen = {_q(cfg.listen)}",
-        f"conflict_policy = {_q(cfg.conflict_policy.value)}",
-        f"scan_interval = {cfg.scan_interval}",
-        "# gitignore-style patterns, in addition to ROOT/.repldignore (which is replicated)",
-        "ignore = [" + ", ".join(_q(i) for i in cfg.ignore) + "]",
-    ]
-    if cfg.control_socket is not None:
-        lines.append(f"control_socket = {_q(str(cfg.control_socket))}")
-    for p in cfg.peers:
-        lines += [
-            "",
-            "[[peer]]",
-            f"name = {_q(p.name)}",
-            f"endpoint = {_q(p.endpoint)}",
-            f"public_key = {_q(p.public_key)}",
-        ]
-    return "\n".join(lines) + "\n"
+    """The config as commented TOML text; ``load(render(cfg))`` gives back ``cfg``."""
+    control = (
+        f"control_socket = {_q(str(cfg.control_socket))}"
+        if cfg.control_socket is not None
+        else '# control_socket = "/run/user/1000/repld.sock"'
+    )
+    text = f"""\
+# repld configuration, written by `repld init`. Every option is explained here; `repld --help`
+# explains the commands. Edit freely: comments survive `repld peer add/remove`.
+
+# The replicated tree. Absolute path; must exist.
+root = {_q(str(cfg.root))}
+
+# Where the database and the key pair live; never replicated, even inside root.
+state = {_q(str(cfg.state))}
+
+# This replica's name, shown to peers and in logs (letters, digits, '.', '_', '-').
+name = {_q(cfg.name)}
+
+# Where peers reach this replica: tcp://HOST:PORT (tcp://0.0.0.0:{DEFAULT_PORT}: every address).
+listen = {_q(cfg.listen)}
+
+# Concurrent edits of one file: keep-both (the other edit is kept beside it as
+# NAME.conflict-<replica>-<hash>.EXT, the same on every replica), newest (the other is dropped),
+# prefer-local / prefer-remote (set on one replica only).
+conflict_policy = {_q(cfg.conflict_policy.value)}
+
+# Seconds between the daemon's full scans, the safety net behind inotify (0: never).
+scan_interval = {cfg.scan_interval}
+
+# gitignore-style patterns for this replica only, in addition to ROOT/.repldignore (which is
+# replicated, so every replica ignores the same things).
+ignore = [{", ".join(_q(i) for i in cfg.ignore)}]
+
+# The daemon's control socket, for `repld status` (default: control.sock in the state directory).
+{control}
+
+# Peers: `repld peer add NAME tcp://HOST:PORT PUBLIC_KEY` (the key from `repld id` over there).
+"""
+    return text + "".join(_peer_block(p) for p in cfg.peers)
+
+
+def _peer_block(p: Peer) -> str:
+    return (
+        f"\n[[peer]]\nname = {_q(p.name)}\nendpoint = {_q(p.endpoint)}\n"
+        f"public_key = {_q(p.public_key)}\n"
+    )
+
+
+def add_peer(cfg: Config, peer: Peer) -> None:
+    """Append a [[peer]] table to the config file, keeping everything else as the user wrote it."""
+    text = cfg.path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    _write_text(cfg.path, text + _peer_block(peer))
+    load(cfg.path)  # what was written must read back
+
+
+def remove_peer(cfg: Config, name: str) -> None:
+    """Remove the [[peer]] table named ``name`` from the config file; nothing else changes."""
+    text = cfg.path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    headers = [i for i, ln in enumerate(lines) if ln.strip().startswith("[")]
+    for n, start in enumerate(headers):
+        end = headers[n + 1] if n + 1 < len(headers) else len(lines)
+        if lines[start].strip() != "[[peer]]":
+            continue
+        body = tomllib.loads("".join(lines[start + 1 : end]))
+        if body.get("name") == name:
+            while start > 0 and not lines[start - 1].strip():
+                start -= 1  # the blank line before the table goes with it
+            _write_text(cfg.path, "".join(lines[:start] + lines[end:]))
+            load(cfg.path)
+            return
+    raise ConfigError(f"no [[peer]] named {name!r}", file=cfg.path)
 
 
 def write(cfg: Config) -> None:
     """Write the config atomically (temp file, fsync, rename), readable by the owner only."""
-    cfg.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.path.with_name(f".{cfg.path.name}.tmp{os.getpid()}")
+    _write_text(cfg.path, render(cfg))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, render(cfg).encode("utf-8"))
+        os.write(fd, text.encode("utf-8"))
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, cfg.path)
+    os.replace(tmp, path)

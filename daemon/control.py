@@ -29,7 +29,7 @@ from .errors import DaemonNotRunning, ReplError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "rescan", "pause", "resume", "sync-now")
+COMMANDS = ("status", "rescan", "pause", "resume", "sync-now", "reload")
 MAX_REQUEST = 64 * 1024
 _UNIX_PATH_MAX = 107
 

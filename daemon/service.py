@@ -49,6 +49,12 @@ def run(config_path: Path | None, *, debug: bool = False) -> int:
     def on_hup(signum: int, frame: object) -> None:
         node.command("reload", callback=lambda: _reload(node, notifier))
 
+    def on_control(name: str) -> None:
+        if name == "reload":
+            on_hup(signal.SIGHUP, None)
+        else:
+            node.command(name)
+
     def tick() -> None:
         notifier.tick()
         notifier.status(systemd.status_line(node.snapshot))
@@ -56,7 +62,7 @@ def run(config_path: Path | None, *, debug: bool = False) -> int:
     old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     control = ControlServer(
-        control_path(rep.cfg), node.read_snapshot, node.command,
+        control_path(rep.cfg), node.read_snapshot, on_control,
         inherited=systemd.inherited_socket(),
     )  # fmt: skip
     try:
