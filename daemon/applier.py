@@ -12,7 +12,10 @@ Promises:
   step was planned against; if it changed (an edit nobody has recorded yet), the path is rescanned
   and planned again, which turns it into a conflict: it is never overwritten.
 - Removals run last, children before parents; a directory that still holds something is kept,
-  and recorded as alive again, rather than given a false tombstone.
+  and recorded as alive again, rather than given a false tombstone. When it was to be replaced by
+  a file or symlink, that one is kept beside it as a conflict copy (the name and record derive
+  from the losing version only, so every replica that keeps the directory makes the same copy),
+  and only then is the directory recorded as newer than the file: nothing is lost.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..protocol.plan import Op, Step
+from ..protocol.reconcile import Conflict, Side, conflict_copy_record
 from ..protocol.record import TEMP_PREFIX, Action, Kind, Record, check_path, new_guid, parent_of
-from ..protocol.version import VersionVector
+from ..protocol.version import Order, VersionVector
 from .errors import ChangedOnDisk, FsError, ReplError
 from .store import Store
 
@@ -101,6 +105,7 @@ class Applier:
         self._batch: list[_Pending] = []
         self._batch_bytes = 0
         self._deferred: list[Step] = []
+        self._removing = False  # removals (deferred steps) have begun: none is deferred any more
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -109,6 +114,7 @@ class Applier:
             for step in steps:
                 self._take(step)
             self._flush()
+            self._removing = True
             for step in sorted(self._deferred, key=lambda s: s.path, reverse=True):
                 self._guarded(step, self._apply_deferred)
             self._flush()
@@ -141,11 +147,11 @@ class Applier:
             return
         self._flush()
         for again in self.replan(step):
-            if again.deferred:
+            if again.deferred and not self._removing:
                 self._deferred.append(again)
                 continue
             try:
-                self._stage(again)
+                (self._apply_deferred if again.deferred else self._stage)(again)
             except ChangedOnDisk as e2:
                 self._error(again.path, f"{e2}; it will be synced next time")
             except (ReplError, OSError) as e2:
@@ -280,7 +286,8 @@ class Applier:
     def _write_temp(self, rec: Record, source: str = "") -> Path:
         tmp = self._temp_name(rec.path)
         src, local = self._open_source(rec, source)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
         try:
             h = hashlib.sha256()
             size = 0
@@ -378,7 +385,8 @@ class Applier:
                 rec = rec.with_(action=action)
             note = ""
             if step is not None and step.conflict is not None:
-                note = f"conflict resolved: {step.conflict.winner.value} wins ({step.conflict.reason})"
+                c = step.conflict
+                note = f"conflict resolved: {c.winner.value} wins ({c.reason})"
                 self.stats.conflicts += 1
             elif step is not None:
                 note = step.note
@@ -420,13 +428,43 @@ class Applier:
         self._flush()
 
     def _keep_dir(self, step: Step, st: os.stat_result) -> None:
-        """The deleter did not know everything in this directory: keep it, alive and newer."""
+        """The deleter did not know everything in this directory: keep it, alive and newer.
+
+        If a file or symlink was to replace it, that one loses to the directory (as in a conflict,
+        a directory wins: it holds files) and is kept beside it as a conflict copy first; the
+        directory's new version, which dominates the file's, is recorded only once the copy is
+        safe, or else every replica would delete the file for the directory.
+        """
         assert step.expected is not None
         version = step.record.version.merge(step.expected.version).bump(self.store.replica_id)
         alive = step.expected.with_(version=version, mode=stat.S_IMODE(st.st_mode))
+        if step.op is not Op.DELETE:
+            self._keep_replacement(step, alive)
         self._record(alive, local=True, action=Action.UPDATE)
         self.stats.kept_dirs += 1
         log.info("%s: kept, it still holds files the deleting replica did not know", step.path)
+
+    def _keep_replacement(self, step: Step, kept: Record) -> None:
+        """Write the file or symlink that was to replace a kept directory as its conflict copy."""
+        copy = conflict_copy_record(step.record, step.path)
+        existing = self.store.get(copy.path)
+        if existing is not None and existing.version.compare(copy.version) is not Order.DOMINATED:
+            return  # this replica has that copy already (or a later state of it)
+        reason = "a directory that holds files beats a file"
+        conflict = Conflict(step.path, Side.LOCAL, kept, step.record, copy, reason)
+        op = Op.WRITE if copy.kind is Kind.FILE else Op.SYMLINK
+        note = f"conflict copy of {step.path}"
+        try:
+            self._stage(Step(op, copy.path, copy, existing, conflict, note=note, source=step.path))
+            self._flush()
+        except ChangedOnDisk as e:
+            raise ReplError(f"{copy.path}: {e}") from None
+        done = self.store.get(copy.path)
+        if done is None or done.version != copy.version or done.deleted:
+            raise ReplError(
+                f"{step.path}: the directory is kept, but the {copy.kind.value} that was to "
+                f"replace it could not be kept as {copy.path}; the next sync tries again"
+            )
 
 
 def _unlink_quiet(path: Path) -> None:

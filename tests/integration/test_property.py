@@ -43,7 +43,6 @@ import errno
 import functools
 import hashlib
 import itertools
-import logging
 import os
 import re
 import shutil
@@ -80,14 +79,10 @@ EDIT_TMP = ".edit-tmp"  # an editor's temporary file for atomic-replace edits (n
 # the scenario or tolerates that one symptom (look for the key below), so that the rest of the
 # property keeps running; each has a plain, strict-xfail reproduction at the end of this file.
 # Delete the entry when the bug is fixed (its xfail test then fails as XPASS, as a reminder).
-# (Found and already fixed: a file moved onto a path with a history restarted that history.)
+# (Found and already fixed: a file moved onto a path with a history restarted that history; a
+# one-way sync handed out versions from a scan it rolled back; a directory kept because it held
+# files lost the file that was to replace it.)
 KNOWN_BUGS = {
-    # A directory replaced by a file or symlink on one replica, while another replica created
-    # something inside it: the other replica keeps the directory with a version that dominates
-    # the file's, so the file is deleted everywhere, no conflict copy (content lost).
-    # Tolerated: content lost that was written at a path where the applier later kept a directory
-    # ("kept, it still holds files the deleting replica did not know", caught from its log).
-    "dir-replaced-by-file": "test_known_bug_dir_replaced_by_file_loses_the_file",
     # A replica that receives a file before the record of its (missing) parent directory creates
     # the parent with a new version of its own; that version is concurrent with a deletion made
     # elsewhere, so the deleted directory comes back (empty) everywhere.
@@ -257,28 +252,6 @@ def quiet(report: SyncReport) -> bool:
     return True
 
 
-class KeptDirs(logging.Handler):
-    """Paths where the applier kept a directory that a peer had replaced or deleted (from its
-    log: see KNOWN_BUGS["dir-replaced-by-file"])."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.paths: set[str] = set()
-        self.logger = logging.getLogger("repld.daemon.applier")
-        self.old_level = self.logger.level
-        self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "kept, it still holds files" in str(record.msg) and record.args:
-            self.paths.add(str(record.args[0]))  # type: ignore[index]
-
-    def close(self) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.old_level)
-        super().close()
-
-
 class ReplicationMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -290,11 +263,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.events: list[Event] = []
         self.written: dict[bytes, str] = {}  # content -> who wrote it first (for messages)
         self.superseded: set[bytes] = set()
-        self.paths_of: dict[bytes, set[str]] = {}  # every path each content was written to
         self.contents = 0
         self.mtime = time.time_ns()
         self.busy = False
-        self.kept_dirs = KeptDirs()
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -317,7 +288,6 @@ class ReplicationMachine(RuleBasedStateMachine):
                 self.busy = True
                 self.check_final()
         finally:
-            self.kept_dirs.close()
             for rep in self.reps:
                 rep.close()
             shutil.rmtree(self.base, ignore_errors=True)
@@ -370,9 +340,6 @@ class ReplicationMachine(RuleBasedStateMachine):
             content += (payload or b"-") * (300_000 // max(1, len(payload)))
         self.written[content] = f"r{r}:{path}"
         return content
-
-    def _wrote(self, content: bytes, path: str) -> None:
-        self.paths_of.setdefault(content, set()).add(path)
 
     def _touch(self, path: Path) -> None:
         self.mtime = max(time.time_ns(), self.mtime + 1_000_000)
@@ -428,7 +395,6 @@ class ReplicationMachine(RuleBasedStateMachine):
             self._event(r, f"symlink {path} -> {link}", {path, *missing})
             return
         content = self._content(payload, reuse, r, path)
-        self._wrote(content, path)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(content)
@@ -460,7 +426,6 @@ class ReplicationMachine(RuleBasedStateMachine):
         full = self.roots[r] / path
         self._supersede(r, path)
         content = self._content(payload, reuse, r, path)
-        self._wrote(content, path)
         mode = stat.S_IMODE(os.lstat(full).st_mode)
         if replace:  # as editors do: a temporary file beside it, renamed over it (new inode)
             tmp = full.parent / EDIT_TMP
@@ -520,8 +485,6 @@ class ReplicationMachine(RuleBasedStateMachine):
             return
         self._supersede(r, dest)
         self._mkdirs(r, missing)
-        if stat.S_ISREG(os.lstat(self.roots[r] / src).st_mode):
-            self._wrote((self.roots[r] / src).read_bytes(), dest)
         os.rename(self.roots[r] / src, self.roots[r] / dest)
         self._event(r, f"rename {src} -> {dest}", {src, dest, *missing}, {src})
 
@@ -730,9 +693,6 @@ class ReplicationMachine(RuleBasedStateMachine):
             for c, who in self.written.items()
             if c not in present and c not in self.superseded
         }
-        if "dir-replaced-by-file" in KNOWN_BUGS:  # lost where a directory was kept: the known bug
-            kept = self.kept_dirs.paths
-            lost = {c: who for c, who in lost.items() if not self.paths_of.get(c, set()) & kept}
         assert not lost, f"content lost, though no replica that had it replaced it: {lost}"
 
         # 4. Conflict copies only where two replicas changed related paths concurrently.
@@ -833,8 +793,8 @@ def test_fixed_bug_move_onto_deleted_path_kept_the_file(replicas):
     assert files(a) == files(b) == files(c) == {"q": b"precious"}
 
 
-@known_bug("dir-replaced-by-file")
-def test_known_bug_dir_replaced_by_file_loses_the_file(replicas):
+def test_fixed_bug_dir_replaced_by_file_lost_the_file(replicas):
+    """Found by the property test; fixed in the applier (the kept directory's conflict copy)."""
     a, b = replicas(2)
     (a.root / "d").mkdir()
     sync(a, b)
@@ -843,10 +803,40 @@ def test_known_bug_dir_replaced_by_file_loses_the_file(replicas):
     (b.root / "d" / "y").write_bytes(b"b's d/y")  # b, meanwhile: a new file in d
     for _ in range(3):
         sync(a, b)
-    # b kept d (it holds y) with a version that dominates a's file, which every replica then
-    # deletes; expected: the file kept as a conflict copy beside the directory.
+    # b keeps d (it holds y) with a version that dominates a's file, which every replica then
+    # replaces with the directory: the file must be kept as a conflict copy beside it first.
     assert files(a) == files(b)
-    assert b"a's file d" in files(a).values()
+    assert files(a)["d"] == "dir" and files(a)["d/y"] == b"b's d/y"
+    (copy,) = [p for p in files(a) if CONFLICT_MARK in p]
+    assert files(a)[copy] == b"a's file d" and conflict_original(copy) == "d"
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_dir_replaced_by_file_is_kept_alike_by_replicas_that_keep_the_dir(replicas, kind):
+    """b and c each keep d (each put a file in it) against a's file or symlink d, independently:
+    they make the same single copy of it, and every replica ends with the same tree."""
+    a, b, c = replicas(3)
+    (a.root / "d").mkdir()
+    sync(a, b)
+    sync(a, c)
+    (a.root / "d").rmdir()
+    if kind == "file":
+        (a.root / "d").write_bytes(b"a's file d")
+    else:
+        os.symlink("elsewhere", a.root / "d")
+    (b.root / "d" / "y").write_bytes(b"b's d/y")
+    (c.root / "d" / "z").write_bytes(b"c's d/z")
+    sync(b, a, direction=Direction.PULL)  # b keeps d and makes the copy
+    sync(c, a, direction=Direction.PULL)  # c does the same, independently
+    assert files(b).keys() - {"d/y"} == files(c).keys() - {"d/z"}
+    for _ in range(2):
+        for x, y in itertools.combinations((a, b, c), 2):
+            sync(x, y)
+    assert files(a) == files(b) == files(c)
+    copies = [p for p in files(a) if CONFLICT_MARK in p]
+    assert len(copies) == 1 and conflict_original(copies[0]) == "d"
+    assert files(a)[copies[0]] == (b"a's file d" if kind == "file" else "elsewhere")
+    assert files(a)["d/y"] == b"b's d/y" and files(a)["d/z"] == b"c's d/z"
 
 
 @known_bug("parent-bump")
