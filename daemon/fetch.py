@@ -59,6 +59,7 @@ class _File:
     chunks: list[_Chunk]
     partial: Path | None = None
     requested: int = 0  # chunks requested so far (in order)
+    done: bool = False  # opened or dropped: request nothing more for it
 
 
 @dataclass
@@ -90,7 +91,8 @@ class Transfers:
         self.partial_dir = partial_dir
         self.pump = pump  # runs the daemon's loop for up to N seconds (replies arrive through it)
         self.stats = TransferStats()
-        self._queue: deque[_File] = deque()
+        self._queue: deque[_File] = deque()  # files the applier will open, in order
+        self._to_request: deque[_File] = deque()  # files with chunks not yet requested
         self._requests: OrderedDict[int, _Request] = OrderedDict()
         self._next_req = 1
         self._buffered = 0
@@ -105,11 +107,14 @@ class Transfers:
         self._link = link
         for rec, hint in files:
             if rec.kind is Kind.FILE and rec.size:
-                self._queue.append(self._plan(rec, hint))
+                f = self._plan(rec, hint)
+                self._queue.append(f)
+                self._to_request.append(f)
         self._issue()
 
     def reset(self) -> None:
         self._queue.clear()
+        self._to_request.clear()
         self._requests.clear()
         self._buffered = 0
 
@@ -152,8 +157,9 @@ class Transfers:
         link = self._link
         if link is None:
             return
-        for f in self._queue:
-            while f.requested < len(f.chunks):
+        while self._to_request:
+            f = self._to_request[0]
+            while f.requested < len(f.chunks) and not f.done:
                 if len(self._requests) >= MAX_IN_FLIGHT or self._buffered >= MAX_BUFFERED:
                     return
                 chunk = f.chunks[f.requested]
@@ -161,6 +167,7 @@ class Transfers:
                 if chunk.local is not None:
                     continue  # read when written, fetched only if the local copy fails
                 self._request(f, chunk)
+            self._to_request.popleft()
 
     def _request(self, f: _File, chunk: _Chunk) -> _Request:
         assert self._link is not None
@@ -201,6 +208,7 @@ class Transfers:
         return _Reader(self, f)
 
     def _drop(self, f: _File) -> None:
+        f.done = True
         for req, r in list(self._requests.items()):
             if r.file is f:
                 self._buffered -= r.chunk.length
@@ -318,27 +326,34 @@ class _Reader:
 
 def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
     """The asked-for bytes of a local file with that content, if one is intact on disk."""
-    candidates = []
     rec = store.get(req.path)
     if rec is not None and not rec.deleted and rec.sha256 == req.sha256:
-        candidates.append(rec)
-    candidates += [r for r in store.live_with_hash(req.sha256) if r.path != req.path]
-    for rec in candidates:
-        if rec.kind is not Kind.FILE or req.offset + req.length > rec.size:
-            continue
-        try:
-            fd = os.open(os.path.join(root, rec.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
-                continue  # changed since it was scanned: the scan will announce the new version
-            data = os.pread(fd, req.length, req.offset)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        if len(data) == req.length:
+        data = _read_intact(root, rec, req)
+        if data is not None:
             return Blocks(req.req, data)
+    # Moved or copied since: any file with that content will do.
+    for other in store.live_with_hash(req.sha256):
+        if other.path != req.path:
+            data = _read_intact(root, other, req)
+            if data is not None:
+                return Blocks(req.req, data)
     return Error("gone", f"{req.path}: that version is not here any more", req=req.req)
+
+
+def _read_intact(root: Path, rec: Record, req: GetBlocks) -> bytes | None:
+    if rec.kind is not Kind.FILE or req.offset + req.length > rec.size:
+        return None
+    try:
+        fd = os.open(os.path.join(root, rec.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+            return None  # changed since it was scanned: the scan will announce the new version
+        data = os.pread(fd, req.length, req.offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == req.length else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from ..protocol import messages as wire
 from ..protocol.errors import ProtocolError
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, conflict_original
+from ..protocol.record import Kind, Record, conflict_original
 from ..protocol.session import (
     ApplyPage,
     BlocksArrived,
@@ -51,6 +52,7 @@ from .errors import ReplError
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .replica import Replica, load_keys
+from .scanner import kind_of
 from .watcher import WATCH_LIMIT_HELP, Watcher, _watch_limit
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ DEBOUNCE_QUIET = 0.02
 DEBOUNCE_LONGEST = 0.25
 DEGRADED_SCAN_EVERY = 60.0
 HWM = 10000
+LINK_GRACE = 1.0  # seconds a non-preferred link waits for the preferred one to come up
 ZAP_DOMAIN = "repld"
 
 
@@ -96,6 +99,7 @@ class PeerLink:
     last_seen_wall: float = 0.0
     last_ping: float = 0.0
     last_retry: float = 0.0
+    established_at: float = 0.0
     error: str = ""  # the last error that ended a session, for status
     complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
 
@@ -158,7 +162,7 @@ class Node:
         self.auth: ThreadAuthenticator | None = None
         self.keycheck = _KeyCheck(set())
         self.poller = zmq.Poller()
-        self._inbox: deque[tuple[PeerLink, list[bytes]]] = deque()
+        self._inbox: deque[tuple[PeerLink, list[bytes], wire.Message | None]] = deque()
         self._pumping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.watcher: Watcher | None = None
@@ -169,6 +173,7 @@ class Node:
         self._counts = (0, 0, 0, 0)
         self._counts_seq = -1
         self._next_full_scan = 0.0
+        self._applied: dict[str, Record] = {}  # what we wrote, so its inotify echo is not rescanned
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
@@ -344,8 +349,8 @@ class Node:
     def step(self, timeout: float) -> None:
         self._poll(timeout, defer=False)
         while self._inbox:
-            link, frames = self._inbox.popleft()
-            self._handle(link, frames)
+            link, frames, msg = self._inbox.popleft()
+            self._handle(link, frames, msg)
         if self._drain_wake():
             self._run_commands()
         if self.watcher is not None and not self.paused:
@@ -355,7 +360,7 @@ class Node:
                 if full:
                     self.full_scan()
                 else:
-                    self.scan(paths)
+                    self.scan([p for p in paths if not self._our_echo(p)])
         self._timers()
         self._send_pages()
         self.publish()
@@ -436,16 +441,17 @@ class Node:
             if isinstance(msg, wire.Blocks) or (isinstance(msg, wire.Error) and msg.req):
                 self.transfers.arrived(msg)
                 return
-            self._inbox.append((link, frames))
+            self._inbox.append((link, frames, msg))
             return
-        self._handle(link, frames)
+        self._handle(link, frames, None)
 
-    def _handle(self, link: PeerLink, frames: list[bytes]) -> None:
-        try:
-            msg = wire.decode(frames)
-        except ProtocolError as e:
-            self._complain(link, "malformed", f"malformed message: {e}")
-            return
+    def _handle(self, link: PeerLink, frames: list[bytes], msg: wire.Message | None) -> None:
+        if msg is None:
+            try:
+                msg = wire.decode(frames)
+            except ProtocolError as e:
+                self._complain(link, "malformed", f"malformed message: {e}")
+                return
         if isinstance(msg, wire.Hello):
             self._start_session(link, msg)
             return
@@ -516,6 +522,7 @@ class Node:
             self.me,
             seq=self.store.committed_seq,
             seen=seen,
+            seen_of=peer_replica or "",
             send=self.opts.send,
             receive=self.opts.receive,
         )
@@ -523,35 +530,24 @@ class Node:
     def _start_session(self, link: PeerLink, hello: wire.Hello | None) -> None:
         """Our DEALER connected (``hello`` None: we speak first), or a peer said hello."""
         if hello is None:
-            # We do not know the peer's replica id yet; a hello with seen=0 would make it send
-            # everything, so look it up by the name we knew it under.
-            rid = self._replica_of(link.peer.name)
-            link.session = self._new_session(link, rid)
+            # Who answers is known only from its hello: guess from the name we last saw it
+            # under; the session starts over from nothing if the guess was wrong.
+            link.session = self._new_session(link, self._replica_of(link.peer.name))
             self._send(link, link.session.hello())
             return
         s = link.session
-        if s is None or s.state is not State.HELLO_SENT or (s.peer is not None):
+        if s is None or s.state is not State.HELLO_SENT:
             if s is not None and s.state is State.ESTABLISHED:
-                log.info(
-                    "%s: new session (the peer restarted or reconnected)",
-                    link.label,
-                    extra={"PEER": link.label},
-                )
-            s = self._new_session(link, hello.replica_id)
-            link.session = s
-            self._send(link, s.hello())
-        elif s.seen == 0 and self.store.peer_mark(hello.replica_id).seen_seq:
-            # Our hello went out before we knew who answers: correct what we asked for.
+                log.info("%s: new session (the peer restarted or reconnected)", link.label)
             s = self._new_session(link, hello.replica_id)
             link.session = s
             self._send(link, s.hello())
         self._send_out(link, s.receive(hello))
 
     def _replica_of(self, name: str) -> str | None:
-        for mark in self.store.peer_marks():
-            if mark.name == name:
-                return mark.replica_id
-        return None
+        """The replica last seen under ``name`` (a re-initialised peer leaves an older mark)."""
+        marks = [m for m in self.store.peer_marks() if m.name == name]
+        return max(marks, key=lambda m: m.last_sync_ns).replica_id if marks else None
 
     def _end_session(self, link: PeerLink, reason: str) -> None:
         if link.session is not None and link.session.state is not State.CLOSED:
@@ -573,6 +569,7 @@ class Node:
         if isinstance(action, Established):
             h = action.peer
             log.info("%s: in session with %s (%s), its seq %d, it has seen ours up to %d", link.label, h.name, h.replica_id[:8], h.seq, h.seen)  # fmt: skip
+            link.established_at = self.clock()
             with self.store.transaction():
                 self.store.set_peer_mark(h.replica_id, name=link.peer.name)
             for other in list(self.links):
@@ -610,11 +607,13 @@ class Node:
 
     def _send(self, link: PeerLink, msg: wire.Message) -> bool:
         frames = wire.encode(msg)
+        # Zero-copy pays off only for big frames; for small ones its bookkeeping costs more.
+        copy = sum(len(f) for f in frames) < (64 << 10)
         try:
             if link.dealer is not None:
-                link.dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                link.dealer.send_multipart(frames, zmq.NOBLOCK, copy=copy)
             elif self.router is not None:
-                self.router.send_multipart([link.rid, *frames], zmq.NOBLOCK, copy=False)
+                self.router.send_multipart([link.rid, *frames], zmq.NOBLOCK, copy=copy)
             else:
                 return False
         except zmq.ZMQError as e:
@@ -644,10 +643,13 @@ class Node:
              and o.session.peer is not None and o.session.peer.replica_id == s.peer.replica_id),
             None,
         )  # fmt: skip
-        if other is None:
-            return True
         we_dial_preferred = self.me.replica_id < s.peer.replica_id
-        return (link.dealer is not None) == we_dial_preferred
+        preferred = (link.dealer is not None) == we_dial_preferred
+        if other is None:
+            # The preferred link may be a moment away (both sides dial at start): give it a
+            # second before streaming everything twice; after that, any link will do.
+            return preferred or self.clock() - link.established_at > LINK_GRACE
+        return preferred
 
     def _send_pages(self) -> None:
         top = self.store.committed_seq
@@ -724,12 +726,17 @@ class Node:
                 lambda rec: self.transfers.open(rec, rec.path),  # type: ignore[arg-type,return-value]
                 via=link.peer.name,
                 replan=replan,
+                keep_steps=True,
             )
             try:
                 stats = applier.apply(steps)
             finally:
                 self.transfers.reset()
             self._count(stats)
+            if len(self._applied) > 200_000:
+                self._applied.clear()  # the watcher is not telling us about them: forget
+            for st in stats.done:
+                self._applied[st.path] = st.record
             for path, err in stats.errors:
                 self.errors[path] = PathError(path, err, link.peer.name)
                 log.warning(
@@ -767,7 +774,26 @@ class Node:
         stats = self.rep.scan(paths=paths, clean_temp=False)
         self._scan_done(stats)
 
+    def _our_echo(self, path: str) -> bool:
+        """Whether an inotify event for ``path`` is only the echo of our own write."""
+        rec = self._applied.pop(path, None)
+        if rec is None:
+            return False
+        try:
+            st = os.lstat(os.path.join(self.cfg.root, path))
+        except FileNotFoundError:
+            return rec.deleted
+        except OSError:
+            return False
+        if rec.deleted or kind_of(st.st_mode) is not rec.kind:
+            return False
+        if rec.kind is Kind.FILE:
+            return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (
+                rec.size, rec.mtime_ns, rec.mode)  # fmt: skip
+        return rec.kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == rec.mode
+
     def full_scan(self) -> None:
+        self._applied.clear()
         stats = self.rep.scan(paths=None, clean_temp=True)
         interval = self.cfg.scan_interval
         if self.watcher is None or not self.watcher.alive:

@@ -34,10 +34,11 @@ class Hello:
     replica_id: str
     name: str
     seq: int  # our newest sequence number
-    seen: int  # the newest of the other's sequence numbers we hold
+    seen: int  # the newest of the other's sequence numbers we hold...
     send: bool = True  # we will stream our records (false for a --pull-only one-shot sync)
     receive: bool = True  # we want the other's records (false for --push-only or a dry run)
     protocol: str = PROTOCOL
+    seen_of: str = ""  # ...if the other is this replica (a dialler guesses who answers)
 
 
 @dataclass(frozen=True, slots=True)

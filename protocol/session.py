@@ -115,12 +115,14 @@ class Session:
         send: bool = True,
         receive: bool = True,
         window: int = 4,
+        seen_of: str = "",
     ):
         self.me = me
         self.state = State.HELLO_SENT
         self.peer: Hello | None = None
         self.local_seq = seq  # our newest sequence number
         self.seen = seen  # the peer's records we hold, contiguous and applied without error
+        self.seen_of = seen_of  # the replica `seen` counts; "" when we do not know who answers
         self.send_records = send
         self.receive_records = receive
         self.window = window
@@ -151,6 +153,7 @@ class Session:
             name=self.me.name,
             seq=self.local_seq,
             seen=self.seen,
+            seen_of=self.seen_of,
             send=self.send_records,
             receive=self.receive_records,
         )
@@ -203,7 +206,13 @@ class Session:
             return
         self.peer = msg
         self.peer_seq = msg.seq
-        self.sent_upto = self.acked_upto = msg.seen if msg.seen <= self.local_seq else 0
+        if msg.replica_id != self.seen_of:
+            # We counted for another replica (a peer re-initialised under the same name, or
+            # none known): it streams everything from the start, so we expect that.
+            self.seen = self.received_upto = 0
+        # What it holds of ours counts only if it says so of this replica; else start over.
+        start = msg.seen if msg.seen_of == self.me.replica_id and msg.seen <= self.local_seq else 0
+        self.sent_upto = self.acked_upto = start
         self.peer_acked_all = self.acked_upto >= self.local_seq
         out.actions.append(Established(msg))
 

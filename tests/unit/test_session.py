@@ -46,14 +46,15 @@ class Side:
             :limit
         ]
 
-    def start(self) -> Session:
-        self.session = Session(self.id, seq=self.seq, seen=self.seen, window=2)
+    def start(self, seen_of: str = "") -> Session:
+        self.session = Session(self.id, seq=self.seq, seen=self.seen, window=2, seen_of=seen_of)
         return self.session
 
 
-def pump(a: Side, b: Side, *, page: int = 2, rounds: int = 200) -> None:
+def pump(a: Side, b: Side, *, page: int = 2, rounds: int = 200) -> int:
     """Run two sessions back to back until neither has anything to say."""
-    sa, sb = a.start(), b.start()
+    sa, sb = a.start(b.id.replica_id), b.start(a.id.replica_id)
+    sent: list[int] = []
     queues: dict[int, list[wire.Message]] = {id(a): [sb.hello()], id(b): [sa.hello()]}
     for _ in range(rounds):
         moved = False
@@ -85,9 +86,10 @@ def pump(a: Side, b: Side, *, page: int = 2, rounds: int = 200) -> None:
                 recs = me.since(after, page)
                 upto = recs[-1].seq if len(recs) == page else me.seq
                 queues[id(other)].append(s.page(tuple(recs), upto, len(me.since(upto, 10**6))))
+                sent.append(len(recs))
                 moved = True
         if not moved:
-            return
+            return sum(sent)
     raise AssertionError("sessions did not settle")
 
 
@@ -105,12 +107,25 @@ def test_two_sessions_converge_and_remember_how_far_they_got() -> None:
     assert a.session is not None and b.session is not None
     assert a.session.in_sync and b.session.in_sync
     assert b.seen == a.seq  # b holds all of a's records...
-    # ...so a second meeting sends nothing new: only what changed since.
+    # ...so a second meeting sends only what changed since (and its echo back).
     a.write("a0", "edited")
     before = b.seq
-    pump(a, b)
+    assert pump(a, b) == 2
     assert contents(a) == contents(b)
     assert b.seq == before + 1
+
+
+def test_a_mark_for_another_replica_is_not_trusted() -> None:
+    """A peer re-initialised under the same name: what we had seen of the old one means nothing."""
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    for i in range(3):
+        a.write(f"f{i}", str(i))
+    b.seen = a.seq  # as if b had seen all of a: but it counted another replica's sequence
+    sa, sb = a.start(B_ID), b.start("cccccccc-0000-4000-8000-000000000000")
+    sa.receive(sb.hello())
+    sb.receive(sa.hello())
+    assert sa.page_from() == 0  # a streams from the start
+    assert sb.seen == 0 and sb.received_upto == 0
 
 
 def test_a_failed_page_is_not_marked_seen_and_is_sent_again_on_retry() -> None:
