@@ -631,8 +631,20 @@ COMMANDS = {
 }
 
 
+def _keys_are_not_options(argv: list[str]) -> list[str]:
+    """A Z85 key may start with '-': in `peer add NAME ENDPOINT KEY`, end the options before it."""
+    try:
+        at = argv.index("peer")
+    except ValueError:
+        return argv
+    rest = argv[at + 1 :]
+    if len(rest) == 4 and rest[0] == "add" and rest[3].startswith("-") and "--" not in rest:
+        return [*argv[: at + 4], "--", rest[3]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_keys_are_not_options(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="repld: %(levelname)s: %(name)s: %(message)s" if args.debug

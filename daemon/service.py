@@ -9,6 +9,7 @@ no listener and no watcher, stopping once both sides hold each other's records.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 import signal
 import threading
 import time
@@ -152,7 +153,11 @@ def sync_with_peer(
         hold_send=prefer is not None,
     )
     report = PeerSyncReport()
-    with open_replica(config_path) as rep:
+    with open_replica(config_path) as rep, ExitStack() as stack:
+        if dry_run:
+            # Everything this replica records while it looks (its own scan, the peer's mark)
+            # happens in one transaction that is rolled back: a dry run changes no database.
+            stack.enter_context(rep.store.transaction(commit=False))
         node = Node(rep, options=opts)
         try:
             node.open()
