@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_BYTES = 1 << 20  # one request asks for up to this much of one file
 MAX_IN_FLIGHT = 64  # requests
-MAX_BUFFERED = 64 << 20  # bytes requested or received and not yet written
+MAX_BUFFERED = 16 << 20  # bytes requested or received and not yet written: bounds memory
 PARTIAL_MIN = 4 << 20  # files this big keep a resumable partial copy
 STALL_TIMEOUT = 30.0  # seconds without any reply before a transfer is given up
 
