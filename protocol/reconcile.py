@@ -6,10 +6,12 @@
 - concurrent, one side deleted: the modification wins, nothing is lost;
 - concurrent, different content: a conflict. Without a preference every replica picks the same
   winner from the two records alone (a directory beats anything else, then the newer mtime, then
-  the larger replica id, then the larger content hash); the loser is kept beside the winner as a
-  conflict copy whose name and record derive only from the losing version, so two replicas that
-  resolve the same conflict independently produce the same copy, once. The resolved version is the
-  merge of both, so it dominates both and a third replica never sees the conflict again.
+  the larger replica id, then that replica's later change, then the larger content hash: see
+  ``_winner_key``, which also picks the metadata of a same-content merge); the loser is kept
+  beside the winner as a conflict copy whose name and record derive only from the losing version,
+  so two replicas that resolve the same conflict independently produce the same copy, once. The
+  resolved version is the merge of both, so it dominates both and a third replica never sees the
+  conflict again.
 
 A preference (``--prefer``, or a prefer-* policy) is a choice only one replica makes, so its result
 also gets a new event by the resolving replica: it then dominates any resolution that another
@@ -55,8 +57,16 @@ class Resolution:
     note: str = ""
 
 
-def _winner_key(r: Record) -> tuple[int, int, str, str]:
-    return (1 if r.kind is Kind.DIR else 0, r.mtime_ns, r.modified_by, r.content_id())
+def _winner_key(r: Record) -> tuple[int, int, str, int, str, int, str, str]:
+    """Orders two records alike on every replica, from replicated fields only.
+
+    After kind and mtime: the replica that made the change, then its sequence number when it did
+    (so of two changes by one replica the later one wins: a chmod keeps the mtime and the content,
+    and must still beat the mode it changed), then content, mode and guid, so that two records
+    never tie unless they describe the same thing the same way.
+    """
+    return (1 if r.kind is Kind.DIR else 0, r.mtime_ns, r.modified_by, r.origin_seq,
+            r.content_id(), r.mode, r.kind.value, r.guid)  # fmt: skip
 
 
 def conflict_copy_record(loser: Record, path: str) -> Record:

@@ -81,7 +81,8 @@ EDIT_TMP = ".edit-tmp"  # an editor's temporary file for atomic-replace edits (n
 # Delete the entry when the bug is fixed (its xfail test then fails as XPASS, as a reminder).
 # (Found and already fixed: a file moved onto a path with a history restarted that history; a
 # one-way sync handed out versions from a scan it rolled back; a directory kept because it held
-# files lost the file that was to replace it.)
+# files lost the file that was to replace it; a same-content merge took its metadata from
+# whichever record was local when the winner key tied, so a chmod diverged.)
 KNOWN_BUGS = {
     # A replica that receives a file before the record of its (missing) parent directory creates
     # the parent with a new version of its own; that version is concurrent with a deletion made
@@ -95,12 +96,6 @@ KNOWN_BUGS = {
     # The next scan records the file again: a copy the peer had moved away comes back.
     # Tolerated: conflict copies are left out of the database-vs-disk check after each sync.
     "stale-plan-same-path": "test_known_bug_conflict_copy_recorded_as_deleted",
-    # Concurrent records with the same content merge, taking mode and mtime from the "winner" by
-    # (is dir, mtime, modified_by, hash); a chmod changes neither mtime nor hash, so the key ties
-    # and max() keeps whichever record is local: two replicas merging the same change end up with
-    # equal versions but different modes, forever (and a chmod can be undone everywhere).
-    # Tolerated: the final trees are compared without permission bits.
-    "merge-metadata-tie": "test_known_bug_same_content_merge_diverges_on_mode",
     # conflict_original() of a copy of an extensionless conflict copy names the wrong original
     # (the new mark goes before the old one, taken for an extension; the last mark is stripped).
     # Not needed: the checks find originals with lineage(), not conflict_original().
@@ -224,13 +219,6 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
         else:
             out[path] = ("other", st_.st_mode)
     return out
-
-
-def without_mode(entry: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A snapshot entry less its permission bits."""
-    if entry[0] == "file":
-        return (entry[0], entry[1], entry[3])
-    return ("dir",) if entry[0] == "dir" else entry
 
 
 def describe_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -664,11 +652,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         say(f"final tree: {snaps[0]!r}")
 
         # 1. Identical trees; nothing outside the roots; no temporary file left.
-        same = snaps
-        if "merge-metadata-tie" in KNOWN_BUGS:  # modes may differ: the known bug
-            same = [{p: without_mode(v) for p, v in snap.items()} for snap in snaps]
         for r in range(1, n):
-            assert same[r] == same[0], f"r0 and r{r} differ:\n{describe_diff(snaps[0], snaps[r])}"
+            assert snaps[r] == snaps[0], f"r0 and r{r} differ:\n{describe_diff(snaps[0], snaps[r])}"
         expected = {f"r{i}" for i in range(n)} | {f"c{i}" for i in range(n)}
         assert set(os.listdir(self.base)) == expected, f"outside the roots: {os.listdir(self.base)}"
         for i in range(n):
@@ -904,8 +889,9 @@ def test_known_bug_conflict_copy_recorded_as_deleted(replicas):
     assert rec is not None and not rec.deleted, "the copy is on disk, its record says deleted"
 
 
-@known_bug("merge-metadata-tie")
-def test_known_bug_same_content_merge_diverges_on_mode(replicas):
+def test_fixed_bug_same_content_merge_diverged_on_mode(replicas):
+    """Found by the property test; fixed in reconcile (the winner key orders every field that a
+    same-content merge takes its metadata from, and a replica's later change first)."""
     a, b, c, d = replicas(4)
     (a.root / "d").mkdir()
     os.chmod(a.root / "d", 0o755)
@@ -915,8 +901,8 @@ def test_known_bug_same_content_merge_diverges_on_mode(replicas):
     sync(c, b)
     os.chmod(a.root / "d", 0o700)  # {a:2}, by a; a directory's mtime does not change
     sync(d, a)  # d takes a's {a:2}, 700
-    sync(c, a)  # c merges {a:2} with its {a:1, b:1}: the key ties, c keeps its own 755
-    sync(d, b)  # d merges the same two versions: the key ties, d keeps its own 700
+    sync(c, a)  # c merges {a:2} with its {a:1, b:1}: mtime and replica tie, a's later change wins
+    sync(d, b)  # d merges the same two versions: the same outcome
     for _ in range(2):
         for x, y in itertools.combinations((a, b, c, d), 2):
             sync(x, y)

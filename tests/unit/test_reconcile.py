@@ -1,7 +1,6 @@
 """Reconcile rules of DESIGN.md "Conflicts", one test per case."""
 
 import pytest
-
 from repld.protocol.reconcile import Policy, Side, reconcile
 from repld.protocol.record import Kind, Record, conflict_original
 from repld.protocol.version import Order, VersionVector
@@ -12,7 +11,8 @@ C = "cccccccc-3333-3333-3333-333333333333"
 SHA1, SHA2 = "1" * 64, "2" * 64
 
 
-def rec(version, *, sha=SHA1, by=A, mtime=100, deleted=False, kind=Kind.FILE, path="d/report.txt", target=""):
+def rec(version, *, sha=SHA1, by=A, mtime=100, deleted=False, kind=Kind.FILE, path="d/report.txt",
+        target=""):
     return Record(path, "guid-1", kind, VersionVector.of(version), deleted=deleted, mode=0o644,
                   mtime_ns=mtime, size=5, sha256=sha if kind is Kind.FILE else "", modified_by=by,
                   target=target)
@@ -45,6 +45,21 @@ def test_same_content_merges_without_conflict():
     assert res.result.version == VersionVector.of({A: 2, B: 1})
     # Metadata comes from the deterministic winner, so both sides agree.
     assert res.result == reconcile(remote, local, replica=B).result
+
+
+def test_same_content_merge_ties_on_mode_and_guid_alike_everywhere():
+    """A chmod keeps mtime and content: the merged metadata must still be the same on every
+    replica (it was whichever record was local), and the later change by one replica wins."""
+    old = rec({A: 1, B: 1}, kind=Kind.DIR).with_(mode=0o755, origin_seq=3)
+    chmod = rec({A: 2}, kind=Kind.DIR).with_(mode=0o700, origin_seq=7)  # by A, later
+    for local, remote in ((old, chmod), (chmod, old)):
+        res = reconcile(local, remote, replica=C)
+        assert res.conflict is None and res.result.mode == 0o700
+        assert res.result.version == VersionVector.of({A: 2, B: 1})
+    # Records that differ in nothing the key looked at before but mode or guid.
+    x = rec({A: 2}).with_(mode=0o644, guid="g1")
+    y = rec({A: 1, B: 1}).with_(mode=0o755, guid="g2")
+    assert reconcile(x, y, replica=A).result == reconcile(y, x, replica=B).result
 
 
 def test_both_deleted_merges():
@@ -114,7 +129,9 @@ def test_symlink_conflict_copy_named_by_target_hash():
     assert res.result.target == "y" and res.conflict.copy.target == "x"
 
 
-@pytest.mark.parametrize("policy,expect", [(Policy.PREFER_LOCAL, SHA1), (Policy.PREFER_REMOTE, SHA2)])
+@pytest.mark.parametrize(
+    "policy,expect", [(Policy.PREFER_LOCAL, SHA1), (Policy.PREFER_REMOTE, SHA2)]
+)
 def test_preference_wins_and_dominates_any_independent_resolution(policy, expect):
     a = rec({A: 2}, sha=SHA1, by=A, mtime=100)
     b = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=200)
