@@ -1,0 +1,378 @@
+"""Real daemons on 127.0.0.1 (real inotify, real CurveZMQ): live sync between 2 and 3 replicas."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import zmq
+from daemons import Cluster, Replica
+from helpers import conflict_copies, run
+
+UNICODE = "ünïcødé € name.txt"
+SPACES = "two  words and more.txt"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with Cluster(tmp_path) as c:
+        yield c
+
+
+def populate(root: Path) -> None:
+    (root / "docs" / "deep").mkdir(parents=True)
+    (root / "empty" / "nested-empty").mkdir(parents=True)
+    (root / "docs" / "a.txt").write_text("alpha\n")
+    (root / "docs" / "deep" / "blob.bin").write_bytes(os.urandom(300_000))
+    (root / "docs" / UNICODE).write_text("unicode\n")
+    (root / SPACES).write_text("spaces\n")
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    (root / "link").symlink_to("docs/a.txt")
+    (root / "dangling").symlink_to("/nowhere/at/all")
+
+
+def started(cluster: Cluster, *names: str, **kw) -> list[Replica]:
+    reps = cluster.make(*names, **kw)
+    cluster.start()
+    cluster.wait_converged(what="first contact")
+    return reps
+
+
+def test_initial_sync_of_a_populated_tree(cluster):
+    a, b, c = cluster.make("a", "b", "c")
+    populate(a.root)
+    (c.root / "from-c.txt").write_text("c was here\n")
+    cluster.start()
+    cluster.wait_converged(what="initial sync")
+    for r in (b, c):
+        assert os.access(r.root / "run.sh", os.X_OK)
+        assert os.readlink(r.root / "dangling") == "/nowhere/at/all"
+        assert os.readlink(r.root / "link") == "docs/a.txt"
+        assert (r.root / "docs" / UNICODE).read_text() == "unicode\n"
+        assert (r.root / "empty" / "nested-empty").is_dir()
+    assert (a.root / "from-c.txt").read_text() == "c was here\n"
+    assert not any(r.status()["errors"] for r in cluster.replicas)
+
+
+def _editor_save(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.swp")
+    tmp.write_text(text)
+    os.rename(tmp, path)
+
+
+def test_every_live_change_on_either_side(cluster):
+    a, b = cluster.make("a", "b")
+    populate(a.root)
+    cluster.start()
+    cluster.wait_converged(what="initial sync")
+    ra, rb = a.root, b.root
+    changes = [
+        ("create on a", lambda: (ra / "new.txt").write_text("new\n")),
+        ("create on b", lambda: (rb / "docs" / "from-b.txt").write_text("b\n")),
+        ("mkdir on b", lambda: (rb / "made-on-b").mkdir()),
+        ("edit on b", lambda: (rb / "docs" / "a.txt").write_text("alpha, edited on b\n")),
+        ("edit on a", lambda: (ra / "new.txt").write_text("new, edited on a\n")),
+        ("append on a", lambda: (ra / "docs" / "deep" / "blob.bin").open("ab").write(b"x" * 5000)),
+        ("chmod on a", lambda: (ra / "run.sh").chmod(0o700)),
+        ("chmod on b", lambda: (rb / "new.txt").chmod(0o640)),
+        ("delete on b", lambda: (rb / SPACES).unlink()),
+        ("delete on a", lambda: (ra / "dangling").unlink()),
+        ("rename on a", lambda: os.rename(ra / "docs" / UNICODE, ra / "docs" / "renamed é.txt")),
+        ("rename on b", lambda: os.rename(rb / "new.txt", rb / "made-on-b" / "moved.txt")),
+        ("symlink on b", lambda: (rb / "link2").symlink_to("made-on-b/moved.txt")),
+        ("move a directory on a", lambda: os.rename(ra / "docs" / "deep", ra / "deep-moved")),
+        ("move a directory on b", lambda: os.rename(rb / "empty", rb / "made-on-b" / "empty")),
+        ("editor save on a", lambda: _editor_save(ra / "docs" / "a.txt", "saved by an editor\n")),
+        ("editor save on b", lambda: _editor_save(rb / "run.sh", "#!/bin/sh\necho saved\n")),
+        ("delete a tree on b", lambda: shutil.rmtree(rb / "deep-moved")),
+        ("delete a tree on a", lambda: shutil.rmtree(ra / "made-on-b")),
+    ]
+    for what, change in changes:
+        change()
+        cluster.wait_converged(what=what)
+    assert not (b.root / "docs" / "deep").exists() and not (a.root / "deep-moved").exists()
+    assert (b.root / "docs" / "a.txt").read_text() == "saved by an editor\n"
+    assert (a.root / "run.sh").read_text() == "#!/bin/sh\necho saved\n"
+    assert not list(a.root.rglob("*.swp")) and not conflict_copies(a.root)
+    assert not (a.root / "made-on-b").exists() and not (b.root / "made-on-b").exists()
+    assert os.access(a.root / "run.sh", os.X_OK) == os.access(b.root / "run.sh", os.X_OK)
+
+
+def test_concurrent_edits_while_apart_keep_both(cluster):
+    a, b, c = cluster.make("a", "b", "c")
+    (a.root / "f.txt").write_text("base\n")
+    cluster.start()
+    cluster.wait_converged(what="initial sync")
+    b.stop()
+    (a.root / "f.txt").write_text("edited on a\n")
+    cluster.wait_converged([a, c], what="a's edit reaches c")
+    (b.root / "f.txt").write_text("edited on b while apart\n")
+    b.start()
+    cluster.wait_converged(what="after b came back")
+    for r in cluster.replicas:
+        copies = conflict_copies(r.root)
+        assert len(copies) == 1, (r.name, copies)
+        texts = sorted([(r.root / "f.txt").read_text(), (r.root / copies[0]).read_text()])
+        assert texts == ["edited on a\n", "edited on b while apart\n"], r.name
+
+
+def test_delete_against_modify_while_apart_keeps_the_modification(cluster):
+    a, b = cluster.make("a", "b")
+    (a.root / "f.txt").write_text("base\n")
+    cluster.start()
+    cluster.wait_converged(what="initial sync")
+    b.stop()
+    (a.root / "f.txt").unlink()
+    (b.root / "f.txt").write_text("modified on b while apart\n")
+    b.start()
+    cluster.wait_converged(what="after b came back")
+    for r in (a, b):
+        assert (r.root / "f.txt").read_text() == "modified on b while apart\n"
+        assert not conflict_copies(r.root)
+
+
+def test_chain_relays_both_ways(cluster):
+    a, b, c = started(cluster, "a", "b", "c", links=[("a", "b"), ("b", "c")])
+    assert [p["name"] for p in a.status()["peers"]] == ["b"]
+    (a.root / "from-a.txt").write_text("a\n")
+    cluster.wait_converged(what="a's file reaches c through b")
+    assert (c.root / "from-a.txt").read_text() == "a\n"
+    (c.root / "sub").mkdir()
+    (c.root / "sub" / "from-c.txt").write_text("c\n")
+    cluster.wait_converged(what="c's file reaches a through b")
+    assert (a.root / "sub" / "from-c.txt").read_text() == "c\n"
+    (a.root / "from-a.txt").unlink()
+    cluster.wait_converged(what="a's delete reaches c")
+    assert not (c.root / "from-a.txt").exists()
+
+
+def test_peer_offline_during_a_delete_does_not_bring_it_back(cluster):
+    a, b, c = cluster.make("a", "b", "c")
+    (a.root / "doomed.txt").write_text("delete me\n")
+    (a.root / "keep.txt").write_text("keep\n")
+    cluster.start()
+    cluster.wait_converged(what="initial sync")
+    c.stop()
+    (a.root / "doomed.txt").unlink()
+    cluster.wait_converged([a, b], what="the delete reaches b")
+    a.stop()  # c can learn of the delete only through b
+    c.start()
+    cluster.wait_converged([b, c], what="c back, with only b up")
+    a.start()
+    cluster.wait_converged(what="all three up")
+    for r in cluster.replicas:
+        assert not (r.root / "doomed.txt").exists(), r.name
+        assert (r.root / "keep.txt").exists(), r.name
+    # A later change still travels, and the deleted file still does not come back with it.
+    (c.root / "later.txt").write_text("later\n")
+    cluster.wait_converged(what="a later change")
+    assert not any((r.root / "doomed.txt").exists() for r in cluster.replicas)
+
+
+BIG = 256 << 20
+CHUNK = 8 << 20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(CHUNK):
+            h.update(data)
+    return h.hexdigest()
+
+
+def test_receiver_killed_mid_transfer_resumes_without_refetching(cluster):
+    a, b = cluster.make("a", "b")
+    big = a.root / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(BIG // CHUNK):
+            f.write(os.urandom(CHUNK))
+    digest = _sha256(big)
+    a.start()
+    cluster.wait_until(lambda: a.status()["local"]["bytes"] == BIG, 30, "a has scanned big.bin")
+    target = b.root / "big.bin"
+    partial_dir = b.state / "partial"
+    observed: list[int] = []
+
+    def no_partial_under_real_name() -> None:
+        if target.exists():
+            assert target.stat().st_size == BIG, "a partial file under the real name"
+
+    def caught_mid_way() -> bool:
+        no_partial_under_real_name()
+        sizes = [p.stat().st_size for p in partial_dir.glob("*")] if partial_dir.is_dir() else []
+        if sizes:
+            observed.append(max(sizes))
+        assert not target.exists(), "the transfer finished before it could be interrupted"
+        return bool(sizes) and max(sizes) >= 16 << 20
+
+    b.start(wait=False)
+    cluster.wait_until(caught_mid_way, 30, "b's partial/ file to grow past 16 MiB")
+    b.kill()
+    at_kill = max(p.stat().st_size for p in partial_dir.glob("*"))
+    assert at_kill < BIG, at_kill
+    no_partial_under_real_name()
+    b.start(wait=False)
+
+    def done() -> bool:
+        no_partial_under_real_name()
+        return b.running and cluster.in_sync() and target.exists()
+
+    cluster.wait_until(done, 30, "b to finish big.bin after its restart")
+    assert _sha256(target) == digest
+    assert cluster.identical()
+    t = b.status()["transfer"]
+    assert t["fetched_bytes"] < BIG, (t, at_kill, observed)
+    assert t["resumed_bytes"] > 0, t
+    assert t["fetched_bytes"] + t["resumed_bytes"] + t["reused_bytes"] >= BIG, t
+    assert not list(partial_dir.glob("*")), "the partial copy outlived the transfer"
+
+
+def test_peer_with_an_unadmitted_key_gets_nothing(cluster):
+    a, b = cluster.make("a", "b")
+    populate(a.root)
+    intruder = cluster.add("intruder")
+    intruder.add_peer(a)  # it knows a's key and endpoint, but a never admitted its key:
+    stale = zmq.curve_keypair()[0].decode()  # a knows it under a key it does not have
+    a.add_peer_key(intruder.name, intruder.endpoint, stale)
+    cluster.start()
+    cluster.wait_converged([a, b], what="a and b in sync")
+
+    def refused() -> bool:
+        p = intruder.peer_status("a")
+        return p is not None and bool(p["error"])
+
+    cluster.wait_until(refused, 30, "the intruder's status to show why a refuses it")
+    p = intruder.peer_status("a")
+    assert not p["connected"] and "key" in p["error"], p
+    assert not a.peer_status("intruder")["connected"]
+    assert intruder.tree() == {}
+    (a.root / "later.txt").write_text("later\n")
+    cluster.wait_converged([a, b], what="a later change")
+    assert intruder.tree() == {}
+    assert not a.peer_status("intruder")["connected"]
+    assert intruder.status()["local"]["files"] == 0
+
+
+def test_different_tree_ids_refuse_to_sync(cluster):
+    a = cluster.add("a")
+    b = cluster.add("b", new_tree=True)
+    assert a.ident["tree_id"] != b.ident["tree_id"]
+    cluster.link(a, b)
+    (a.root / "only-a.txt").write_text("a\n")
+    (b.root / "only-b.txt").write_text("b\n")
+    before = (a.tree(), b.tree())
+    cluster.start()
+
+    def both_refused() -> bool:
+        peers = [a.peer_status("b"), b.peer_status("a")]
+        return all(p is not None and p["error"] and "tree" in p["error"] for p in peers)
+
+    cluster.wait_until(both_refused, 30, "both sides to report the tree mismatch")
+    for r, other in ((a, "b"), (b, "a")):
+        p = r.peer_status(other)
+        assert not p["connected"] and not p["in_sync"], p
+    assert (a.tree(), b.tree()) == before
+
+
+# A ZMTP 3.0 greeting (signature, version, mechanism CURVE, as-server 0, filler) from no one.
+GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"CURVE".ljust(20, b"\x00") + bytes(32)
+
+
+def test_garbage_on_the_port_does_not_hurt(cluster):
+    a, b = started(cluster, "a", "b")
+    host, port = "127.0.0.1", a.port
+    for payload in (os.urandom(4096), GREETING + os.urandom(4096), GREETING, b"\xff" * 100000,
+                    b"GET / HTTP/1.0\r\n\r\n"):  # fmt: skip
+        with socket.create_connection((host, port), timeout=5) as s:
+            try:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(2)
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass  # the daemon may well hang up on us: that is fine
+    assert a.running and b.running
+    assert a.status()["state"] == "idle"
+    (b.root / "after-garbage.txt").write_text("still syncing\n")
+    cluster.wait_converged(what="a change after the garbage")
+    (a.root / "after-garbage.txt").write_text("both ways\n")
+    cluster.wait_converged(what="a change on the attacked side")
+    assert a.running
+
+
+def test_status_exit_codes_and_human_output(cluster):
+    a, b = cluster.make("a", "b")
+    proc = a("status", check=False)
+    assert proc.returncode == 3, proc
+    assert "not running" in proc.stderr and "Traceback" not in proc.stderr
+    proc = a("status", "--json", check=False)
+    assert proc.returncode == 3 and "not running" in proc.stderr
+    cluster.start(a)
+    out = a("status").stdout
+    assert "peer b" in out and b.endpoint in out and "not connected" in out
+    cluster.start(b)
+    cluster.wait_converged(what="a and b connected")
+    out = a("status").stdout
+    assert "peer b" in out and "in sync" in out
+    st = json.loads(a("status", "--json").stdout)
+    assert st["peers"][0]["name"] == "b" and st["peers"][0]["replica_id"] == b.replica_id
+    a.stop()
+    assert a("status", check=False).returncode == 3
+
+
+def _apart(cluster: Cluster) -> tuple[Replica, Replica]:
+    """a and b in sync, then a's daemon stopped and both sides changed: b's change recorded."""
+    a, b = started(cluster, "a", "b")
+    (a.root / "shared.txt").write_text("base\n")
+    (a.root / "gone.txt").write_text("to be deleted on b\n")
+    cluster.wait_converged(what="base files")
+    a.stop()
+    seq = b.status()["local"]["sequence"]
+    (a.root / "new-on-a.txt").write_text("a\n")
+    (a.root / "shared.txt").write_text("edited on a\n")
+    (b.root / "new-on-b.txt").write_text("b\n")
+    (b.root / "gone.txt").unlink()
+    cluster.wait_until(lambda: b.status()["local"]["sequence"] >= seq + 2, 30, "b's 2 changes")
+    return a, b
+
+
+def test_one_shot_sync_with_a_running_peer(cluster):
+    a, b = _apart(cluster)
+    proc = run("--config", a.config, "sync", "b", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert not (a.root / "gone.txt").exists() and (b.root / "new-on-a.txt").exists()
+    assert (b.root / "shared.txt").read_text() == "edited on a\n"
+    assert (a.root / "new-on-b.txt").read_text() == "b\n"
+    cluster.wait_converged(what="after the one-shot sync")
+    again = a("sync", "b", "-n").stdout
+    assert "0 actions planned" in again, again
+
+
+def test_one_shot_dry_run_changes_nothing(cluster):
+    a, b = _apart(cluster)
+    before = (a.tree(), b.tree(), a("dump").stdout)
+    proc = a("sync", "b", "-n")
+    assert "nothing changed" in proc.stdout and "new-on-b.txt" in proc.stdout, proc.stdout
+    assert not (b.root / "new-on-a.txt").exists() and (a.root / "gone.txt").exists()
+    after = (a.tree(), b.tree(), a("dump").stdout)
+    assert after[:2] == before[:2], "a dry run changed a tree"
+    assert after[2] == before[2], "a dry run changed a's database"
+
+
+def test_peer_key_starting_with_a_dash_can_be_added(cluster):
+    """About 1 key in 85 starts with "-" (Z85): `repld peer add NAME ENDPOINT KEY`, exactly as
+    `repld id` prints the key, must take it."""
+    (a,) = cluster.make("a")
+    key = next(k for k in (zmq.curve_keypair()[0].decode() for _ in range(10000)) if k[0] == "-")
+    proc = a("peer", "add", "dash", "tcp://127.0.0.1:1", key, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(a("peer", "list", "--json").stdout)[0]["public_key"] == key
