@@ -21,7 +21,7 @@ from . import config as configmod
 from . import control, service
 from .errors import ConfigError, DaemonNotRunning, UsageError
 from .localsync import Direction, SyncReport, sync
-from .replica import Replica, init, load_keys, open_replica
+from .replica import Replica, init, list_conflicts, load_keys, open_replica
 from .scanner import ScanStats
 
 log = logging.getLogger("repld")
@@ -513,26 +513,7 @@ def _rel_path(rep: Replica, given: str) -> str:
 
 
 def _conflicts(rep: Replica) -> list[dict[str, Any]]:
-    rows = rep.store.execute(
-        "SELECT path FROM records WHERE deleted = 0 AND path LIKE '%.conflict-%' ORDER BY path"
-    ).fetchall()
-    out = []
-    for (copy_path,) in rows:
-        original = conflict_original(copy_path)
-        if original is None:
-            continue
-        rec = rep.store.get(copy_path)
-        orig = rep.store.get(original)
-        assert rec is not None
-        out.append({
-            "path": original,
-            "copy": copy_path,
-            "copy_replica": rec.modified_by,
-            "copy_size": rec.size,
-            "copy_mtime": _fmt_time(rec.mtime_ns),
-            "path_exists": orig is not None and not orig.deleted,
-        })  # fmt: skip
-    return out
+    return list_conflicts(rep.store)
 
 
 def cmd_conflicts(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from .errors import DaemonNotRunning, ReplError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "rescan", "pause", "resume", "sync-now", "reload")
+COMMANDS = ("status", "peers", "conflicts", "rescan", "pause", "resume", "sync-now", "reload")
 MAX_REQUEST = 64 * 1024
 _UNIX_PATH_MAX = 107
 
@@ -59,11 +59,13 @@ class ControlServer:
         status: Callable[[], dict[str, Any]],
         command: Callable[[str], None],
         *,
+        conflicts: Callable[[], list[dict[str, Any]]] | None = None,
         inherited: socket.socket | None = None,
     ):
         self.path = path
         self.status = status
         self.command = command
+        self.conflicts = conflicts
         self._sock = inherited
         self._owns_path = inherited is None
         self._stop = threading.Event()
@@ -149,6 +151,10 @@ class ControlServer:
             return
         if cmd == "status":
             conn.sendall(_line({"ok": True, "status": self.status()}))
+        elif cmd == "peers":
+            conn.sendall(_line({"ok": True, "peers": self.status().get("peers", [])}))
+        elif cmd == "conflicts" and self.conflicts is not None:
+            conn.sendall(_line({"ok": True, "conflicts": self.conflicts()}))
         elif cmd in COMMANDS:
             self.command(cmd)
             conn.sendall(_line({"ok": True}))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 
+from ..protocol.record import conflict_original
 from . import config as configmod
 from .config import Config
 from .errors import ConfigError, StoreError
@@ -141,3 +144,27 @@ def init(
     with Replica(cfg) as rep:
         stats = rep.scan(clean_temp=True, progress=progress)
     return cfg, stats
+
+
+def list_conflicts(store: Store) -> list[dict[str, Any]]:
+    """Conflict copies that are still there, with the file each is a copy of."""
+    rows = store.execute(
+        "SELECT path FROM records WHERE deleted = 0 AND path LIKE '%.conflict-%' ORDER BY path"
+    ).fetchall()
+    out = []
+    for (copy_path,) in rows:
+        original = conflict_original(copy_path)
+        rec = store.get(copy_path)
+        if original is None or rec is None:
+            continue
+        orig = store.get(original)
+        when = dt.datetime.fromtimestamp(rec.mtime_ns / 1e9).astimezone()
+        out.append({
+            "path": original,
+            "copy": copy_path,
+            "copy_replica": rec.modified_by,
+            "copy_size": rec.size,
+            "copy_mtime": when.isoformat(timespec="seconds") if rec.mtime_ns else "-",
+            "path_exists": orig is not None and not orig.deleted,
+        })  # fmt: skip
+    return out

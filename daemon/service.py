@@ -9,10 +9,10 @@ no listener and no watcher, stopping once both sides hold each other's records.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from .control import ControlServer, control_path
 from .control import request as control_request
 from .errors import DaemonNotRunning, ReplError, UsageError
 from .node import Node, Options
-from .replica import open_replica
+from .replica import list_conflicts, open_replica
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def run(config_path: Path | None, *, debug: bool = False) -> int:
     old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     control = ControlServer(
         control_path(rep.cfg), node.read_snapshot, on_control,
+        conflicts=lambda: _conflicts(rep.cfg.db_path),
         inherited=systemd.inherited_socket(),
     )  # fmt: skip
     try:
@@ -87,6 +89,12 @@ def run(config_path: Path | None, *, debug: bool = False) -> int:
         node.close()
         rep.close()
     return 0
+
+
+def _conflicts(db_path: Path) -> list[dict[str, Any]]:
+    """For the control thread: its own read-only connection (the engine owns the other)."""
+    with Store(db_path, write=False) as store:
+        return list_conflicts(store)
 
 
 def _reload(node: Node, notifier: systemd.Notifier) -> None:
