@@ -100,6 +100,7 @@ class PeerLink:
     last_ping: float = 0.0
     last_retry: float = 0.0
     established_at: float = 0.0
+    last_hello: float = -10.0  # when we last started a session on this link
     error: str = ""  # the last error that ended a session, for status
     complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
 
@@ -456,8 +457,12 @@ class Node:
             self._start_session(link, msg)
             return
         if link.session is None:
-            if not isinstance(msg, (wire.Error, wire.Bye)):
-                self._complain(link, "unexpected", f"{type(msg).__name__} before hello")
+            if isinstance(msg, wire.GetBlocks):
+                self._send(link, serve(self.store, self.cfg.root, msg))
+            elif not isinstance(msg, (wire.Error, wire.Bye, wire.Blocks)):
+                # The peer thinks a session is on; ours ended (a disconnect we saw and it did
+                # not): start a new one, which streams again from our marks.
+                self._restart(link, self._replica_of(link.peer.name))
             return
         try:
             out = link.session.receive(msg)
@@ -528,21 +533,45 @@ class Node:
         )
 
     def _start_session(self, link: PeerLink, hello: wire.Hello | None) -> None:
-        """Our DEALER connected (``hello`` None: we speak first), or a peer said hello."""
+        """A new connection (``hello`` None: we speak first), or the peer's hello.
+
+        A hello that is not a reply starts a new session on both sides: we answer it with a
+        reply, and a reply is never answered, so two sides that both restart cannot bounce
+        hellos forever.
+        """
         if hello is None:
             # Who answers is known only from its hello: guess from the name we last saw it
             # under; the session starts over from nothing if the guess was wrong.
             link.session = self._new_session(link, self._replica_of(link.peer.name))
+            link.last_hello = self.clock()
             self._send(link, link.session.hello())
             return
         s = link.session
-        if s is None or s.state is not State.HELLO_SENT:
-            if s is not None and s.state is State.ESTABLISHED:
-                log.info("%s: new session (the peer restarted or reconnected)", link.label)
-            s = self._new_session(link, hello.replica_id)
-            link.session = s
-            self._send(link, s.hello())
+        if hello.reply:
+            if s is not None and s.state is State.HELLO_SENT:
+                if s.seen_of != hello.replica_id and self.store.peer_mark(hello.replica_id).seen_seq:
+                    # We guessed the wrong replica: ask again, knowing who it is this time.
+                    self._restart(link, hello.replica_id)
+                    return
+                self._send_out(link, s.receive(hello))
+            elif s is None or s.state is State.CLOSED:
+                self._restart(link, hello.replica_id)
+            return  # a duplicate reply on a live session: nothing to do
+        if s is not None and s.state is State.ESTABLISHED:
+            log.info("%s: new session (the peer restarted or reconnected)", link.label,
+                     extra={"PEER": link.label})  # fmt: skip
+        s = self._new_session(link, hello.replica_id)
+        link.session = s
+        self._send(link, s.hello(reply=True))
         self._send_out(link, s.receive(hello))
+
+    def _restart(self, link: PeerLink, replica_id: str | None) -> None:
+        """Start a new session on a live connection (at most every 2 s per link)."""
+        if self.clock() - link.last_hello < 2.0:
+            return
+        link.last_hello = self.clock()
+        link.session = self._new_session(link, replica_id)
+        self._send(link, link.session.hello())
 
     def _replica_of(self, name: str) -> str | None:
         """The replica last seen under ``name`` (a re-initialised peer leaves an older mark)."""

@@ -39,6 +39,7 @@ class Hello:
     receive: bool = True  # we want the other's records (false for --push-only or a dry run)
     protocol: str = PROTOCOL
     seen_of: str = ""  # ...if the other is this replica (a dialler guesses who answers)
+    reply: bool = False  # an answer to the other's hello: never answered itself
 
 
 @dataclass(frozen=True, slots=True)

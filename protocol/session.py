@@ -42,8 +42,12 @@ class State(enum.Enum):
 
 
 _TRANSITIONS: dict[State, dict[type[Message], State]] = {
+    # Before the peer's hello, what its previous session still sends is dropped (the new
+    # session streams it again from our mark); block traffic is served and delivered anyway.
     State.HELLO_SENT: {Hello: State.ESTABLISHED, Error: State.HELLO_SENT, Bye: State.CLOSED,
-                       Ping: State.HELLO_SENT},
+                       Ping: State.HELLO_SENT, Records: State.HELLO_SENT, Ack: State.HELLO_SENT,
+                       Resend: State.HELLO_SENT, GetBlocks: State.HELLO_SENT,
+                       Blocks: State.HELLO_SENT},
     State.ESTABLISHED: {Records: State.ESTABLISHED, Ack: State.ESTABLISHED,
                         Resend: State.ESTABLISHED, GetBlocks: State.ESTABLISHED,
                         Blocks: State.ESTABLISHED, Error: State.ESTABLISHED,
@@ -146,8 +150,9 @@ class Session:
 
     # -- starting and ending -------------------------------------------------------------------
 
-    def hello(self) -> Hello:
+    def hello(self, *, reply: bool = False) -> Hello:
         return Hello(
+            reply=reply,
             tree_id=self.me.tree_id,
             replica_id=self.me.replica_id,
             name=self.me.name,
@@ -184,7 +189,9 @@ class Session:
                     )  # fmt: skip
                 )
             return out
-        self.state = allowed[type(msg)]
+        before, self.state = self.state, allowed[type(msg)]
+        if before is State.HELLO_SENT and isinstance(msg, (Records, Ack, Resend, Ping)):
+            return out  # the peer's previous session: dropped, see _TRANSITIONS
         handler = getattr(self, f"_on_{type(msg).__name__.lower()}")
         handler(msg, out)
         return out

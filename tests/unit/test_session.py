@@ -178,14 +178,27 @@ def test_different_trees_refuse_on_both_sides() -> None:
     assert so.state is State.CLOSED
 
 
-def test_messages_before_hello_are_answered_with_an_error() -> None:
-    s = Side(A_ID, "a").start()
-    out = s.receive(wire.GetBlocks(1, "0" * 64, "f", 0, 10))
-    assert isinstance(out.send[0], wire.Error) and out.actions == []
-    assert s.state is State.HELLO_SENT
-    s.receive(Side(B_ID, "b").start().hello())
+def test_before_the_peers_hello_its_old_stream_is_dropped_but_blocks_are_served() -> None:
+    """A restarted session may still receive what the peer's previous one sent: dropped
+    silently (the new session streams it again), while block requests are still served."""
+    a = Side(A_ID, "a")
+    a.write("f", "x")
+    s = Side(B_ID, "b").start()
+    out = s.receive(wire.Records((a.records["f"],), a.seq))
+    assert out.send == [] and out.actions == [] and s.state is State.HELLO_SENT
     out = s.receive(wire.GetBlocks(1, "0" * 64, "f", 0, 10))
     assert isinstance(out.actions[0], ServeBlocks)
+    s.receive(a.start(B_ID).hello(reply=True))
+    assert s.state is State.ESTABLISHED
+    out = s.receive(wire.Records((a.records["f"],), a.seq))
+    assert any(isinstance(x, ApplyPage) for x in out.actions)
+
+
+def test_a_message_a_state_does_not_allow_is_answered_with_an_error() -> None:
+    s = Side(A_ID, "a").start()
+    s.receive(Side(B_ID, "b").start().hello())
+    out = s.receive(Side(B_ID, "b").start().hello())  # a second hello on a live session
+    assert isinstance(out.send[0], wire.Error) and out.actions == []
 
 
 def test_hello_from_our_own_replica_id_is_refused() -> None:
