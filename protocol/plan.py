@@ -8,6 +8,12 @@ caller applies the steps (or, for a dry run, prints them).
 Steps that remove things (deletions, and a directory replaced by something else) are ``deferred``:
 the caller applies them after all others and in reverse path order, so that children go before
 their parents and a renamed file's old copy is still there to copy blocks from.
+
+The caller's lookup reads what the local replica has recorded, but the steps planned so far in a
+pass may not be applied (recorded) yet. A path comes once in a remote stream, so only a conflict
+copy can be planned twice in one pass (as a copy, and as the remote's own record of that path, or
+as copies of two conflicts): ``plan_pull`` remembers the records it planned at conflict-copy paths
+and looks those up first, never a stale record. They are few; memory stays bounded.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .reconcile import Conflict, Policy, reconcile
-from .record import Kind, Record
+from .record import Kind, Record, conflict_original
 from .version import Order
 
 
@@ -124,10 +130,18 @@ def plan_pull(
 
     ``within`` limits the plan to some paths (a subtree sync); records outside it are skipped.
     """
+    planned: dict[str, Record] = {}  # conflict-copy paths planned in this pass -> their record
+
+    def lookup(path: str) -> Record | None:
+        rec = planned.get(path)
+        return rec if rec is not None else local_lookup(path)
+
     for remote in remote_records:
         if within is not None and not within(remote.path):
             continue
-        local = local_lookup(remote.path)
-        yield from plan_record(
-            local, remote, replica=replica, policy=policy, local_lookup=local_lookup
-        )
+        for step in plan_record(
+            lookup(remote.path), remote, replica=replica, policy=policy, local_lookup=lookup
+        ):
+            if step.path != remote.path or conflict_original(step.path) is not None:
+                planned[step.path] = step.record
+            yield step

@@ -162,13 +162,24 @@ def is_within(path: str, prefix: str) -> bool:
     return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
+def loser_digest(loser: Record) -> str:
+    """A hash of a whole losing version: its content and its version vector."""
+    ident = f"{loser.content_id()}\0{loser.version.encode()}"
+    return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def conflict_copy_path(path: str, loser: Record) -> str:
-    """``NAME.conflict-<short replica>-<short hash>.EXT``, derived only from the losing version."""
+    """``NAME.conflict-<short replica>-<short hash>.EXT``, derived only from the losing version.
+
+    The hash is of the whole losing version (content and version vector), not of the content
+    alone: a later conflict that loses the same content again is another version, and its copy
+    must not land on the path (and the history, maybe a tombstone) of an earlier copy.
+    """
     head, name = posixpath.split(path)
     stem, dot, ext = name.rpartition(".")
     if not dot or not stem:  # no extension, or a dotfile such as .bashrc
         stem, ext = name, ""
-    mark = f"{CONFLICT_MARK}{short_id(loser.modified_by)}-{loser.content_id()[:8]}"
+    mark = f"{CONFLICT_MARK}{short_id(loser.modified_by)}-{loser_digest(loser)[:8]}"
     copy_name = f"{stem}{mark}.{ext}" if ext else f"{stem}{mark}"
     return posixpath.join(head, copy_name) if head else copy_name
 

@@ -82,20 +82,15 @@ EDIT_TMP = ".edit-tmp"  # an editor's temporary file for atomic-replace edits (n
 # (Found and already fixed: a file moved onto a path with a history restarted that history; a
 # one-way sync handed out versions from a scan it rolled back; a directory kept because it held
 # files lost the file that was to replace it; a same-content merge took its metadata from
-# whichever record was local when the winner key tied, so a chmod diverged.)
+# whichever record was local when the winner key tied, so a chmod diverged; the planner read
+# stale records for conflict copies it had planned earlier in the same pass, and a copy named
+# by content alone could land on an earlier copy's tombstone and be skipped.)
 KNOWN_BUGS = {
     # A replica that receives a file before the record of its (missing) parent directory creates
     # the parent with a new version of its own; that version is concurrent with a deletion made
     # elsewhere, so the deleted directory comes back (empty) everywhere.
     # Tolerated: a deleted directory that comes back empty.
     "parent-bump": "test_known_bug_deleted_directory_comes_back",
-    # The planner looks local records up in the database while earlier steps of the same pass are
-    # still only staged: when a conflict copy is planned and the peer's own record of the copy's
-    # path comes later in the same pass, that record is planned against the stale local record;
-    # a database-only step then overwrites the fresh one (disk: the copy; database: a tombstone).
-    # The next scan records the file again: a copy the peer had moved away comes back.
-    # Tolerated: conflict copies are left out of the database-vs-disk check after each sync.
-    "stale-plan-same-path": "test_known_bug_conflict_copy_recorded_as_deleted",
     # conflict_original() of a copy of an extensionless conflict copy names the wrong original
     # (the new mark goes before the old one, taken for an extension; the last mark is stripped).
     # Not needed: the checks find originals with lineage(), not conflict_original().
@@ -593,12 +588,10 @@ class ReplicationMachine(RuleBasedStateMachine):
             self._learn(right, left)
         if not report.errors:  # then both databases describe their disks exactly
             for r in (left, right):
-                self._check_database(r, snapshot(self.roots[r]), after_sync=True)
+                self._check_database(r, snapshot(self.roots[r]))
         return report
 
-    def _check_database(
-        self, r: int, snap: dict[str, tuple[Any, ...]], after_sync: bool = False
-    ) -> dict[str, Any]:
+    def _check_database(self, r: int, snap: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
         """Replica r's live records describe exactly its disk; returns every record's version."""
         live: dict[str, tuple[Any, ...]] = {}
         versions: dict[str, Any] = {}
@@ -616,9 +609,6 @@ class ReplicationMachine(RuleBasedStateMachine):
             path: ("file", hashlib.sha256(v[1]).hexdigest(), *v[2:]) if v[0] == "file" else v
             for path, v in snap.items()
         }
-        if after_sync and "stale-plan-same-path" in KNOWN_BUGS:  # conflict copies: the known bug
-            live = {p: v for p, v in live.items() if CONFLICT_MARK not in p}
-            disk = {p: v for p, v in disk.items() if CONFLICT_MARK not in p}
         assert live == disk, f"r{r}: database and disk differ:\n{describe_diff(live, disk)}"
         return versions
 
@@ -859,8 +849,12 @@ def test_fixed_bug_pull_only_handed_out_uncommitted_versions(replicas):
     assert files(a) == files(b)
 
 
-@known_bug("stale-plan-same-path")
-def test_known_bug_conflict_copy_recorded_as_deleted(replicas):
+def test_fixed_bug_conflict_copy_recorded_as_deleted(replicas):
+    """Found by the property test; fixed in the planner (it sees the conflict copies it planned
+    earlier in the same pass, not the database's stale record) and in copy names (they derive from
+    the whole losing version, so a new copy never lands on an earlier copy's tombstone)."""
+    from repld.protocol.record import conflict_copy_path
+
     a, b = replicas(2)
     t = time.time_ns()
 
@@ -870,23 +864,32 @@ def test_known_bug_conflict_copy_recorded_as_deleted(replicas):
 
     write(b, "p", b"X", t)
     write(a, "p", b"Y", t + 10**9)
-    sync(a, b)  # a conflict: a's Y wins, b's X is kept as p.conflict-<b>-<X>
-    copy = next(p for p in files(a) if CONFLICT_MARK in p)
-    (b.root / copy).unlink()
+    sync(a, b)  # a conflict: a's Y wins, b's X is kept as a conflict copy
+    first = next(p for p in files(a) if CONFLICT_MARK in p)
+    (b.root / first).unlink()
     sync(a, b)  # the copy is removed everywhere: a tombstone on both
     write(a, "p", b"Z", t + 3 * 10**9)  # a edits p ...
     write(b, "p", b"X", t + 2 * 10**9)  # ... and b, concurrently, writes X to p again
     b.scan()
-    write(b, copy, b"W", t + 2 * 10**9)  # b's record of the copy's path changes after p's
+    # X loses again, as another version: its copy gets another name than the first one (whose
+    # tombstone, concurrent with it, made the planner skip the copy: X was lost).
+    copy = conflict_copy_path("p", b.store.get("p"))
+    assert copy != first
+    write(b, copy, b"W", t + 2 * 10**9)  # b's record of that path changes after p's
     b.scan()
     (b.root / copy).unlink()
     b.scan()
-    # In one pass a plans the copy of X (p's conflict), then b's tombstone of the copy's path
-    # against its old tombstone: "both deleted", a database-only step that buries the new copy.
+    # In one pass a plans the copy of X (p's conflict), then b's tombstone of the copy's path; it
+    # was planned against the database's record (none): a database-only step buried the new copy.
     sync(a, b)
     rec = a.store.get(copy)
     assert (a.root / copy).read_bytes() == b"X"
     assert rec is not None and not rec.deleted, "the copy is on disk, its record says deleted"
+    sync(a, b)
+    assert files(a) == files(b) and files(a)[copy] == b"X" and files(a)["p"] == b"Z"
+    for rep in (a, b):
+        live = {r.path for r in rep.store.iter_paths() if not r.deleted}
+        assert live == set(files(rep)), f"{rep.cfg.name}: database and disk differ"
 
 
 def test_fixed_bug_same_content_merge_diverged_on_mode(replicas):

@@ -2,7 +2,7 @@
 
 import pytest
 from repld.protocol.reconcile import Policy, Side, reconcile
-from repld.protocol.record import Kind, Record, conflict_original
+from repld.protocol.record import Kind, Record, conflict_original, loser_digest
 from repld.protocol.version import Order, VersionVector
 
 A = "aaaaaaaa-1111-1111-1111-111111111111"
@@ -92,7 +92,7 @@ def test_conflict_has_same_outcome_on_both_replicas():
     assert on_a.conflict.copy == on_b.conflict.copy  # one copy, same name and record
     copy = on_a.conflict.copy
     assert copy.sha256 == SHA1 and copy.version == a.version
-    assert copy.path == "d/report.conflict-aaaaaaaa-11111111.txt"
+    assert copy.path == f"d/report.conflict-aaaaaaaa-{loser_digest(a)[:8]}.txt"
     assert conflict_original(copy.path) == "d/report.txt"
     v = on_a.result.version
     assert v.dominates(a.version) and v.dominates(b.version)

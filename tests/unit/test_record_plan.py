@@ -3,11 +3,19 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from repld.protocol.errors import UnsafePathError
 from repld.protocol.plan import Op, plan_pull, plan_record
+from repld.protocol.reconcile import conflict_copy_record
 from repld.protocol.record import (
-    Kind, Record, block_size_for, check_path, conflict_copy_path, conflict_original, escape, unescape,
+    Kind,
+    Record,
+    block_size_for,
+    check_path,
+    conflict_copy_path,
+    conflict_original,
+    escape,
+    loser_digest,
+    unescape,
 )
 from repld.protocol.version import VersionVector
 
@@ -15,7 +23,9 @@ A = "aaaaaaaa-1111-1111-1111-111111111111"
 B = "bbbbbbbb-2222-2222-2222-222222222222"
 
 
-@pytest.mark.parametrize("bad", ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a/", "a\0b", "a/\udcff"])
+@pytest.mark.parametrize(
+    "bad", ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a/", "a\0b", "a/\udcff"]
+)
 def test_unsafe_paths_are_refused(bad):
     with pytest.raises(UnsafePathError):
         check_path(bad)
@@ -43,15 +53,25 @@ def _file(path, by=A, sha="1" * 64):
 
 
 @pytest.mark.parametrize("path,copy", [
-    ("notes.txt", "notes.conflict-aaaaaaaa-11111111.txt"),
-    ("d/archive.tar.gz", "d/archive.tar.conflict-aaaaaaaa-11111111.gz"),
-    (".bashrc", ".bashrc.conflict-aaaaaaaa-11111111"),
-    ("Makefile", "Makefile.conflict-aaaaaaaa-11111111"),
+    ("notes.txt", "notes.conflict-aaaaaaaa-{h}.txt"),
+    ("d/archive.tar.gz", "d/archive.tar.conflict-aaaaaaaa-{h}.gz"),
+    (".bashrc", ".bashrc.conflict-aaaaaaaa-{h}"),
+    ("Makefile", "Makefile.conflict-aaaaaaaa-{h}"),
 ])
 def test_conflict_copy_names(path, copy):
+    copy = copy.format(h=loser_digest(_file(path))[:8])
     assert conflict_copy_path(path, _file(path)) == copy
     assert conflict_original(copy) == path
     assert conflict_original(path) is None
+
+
+def test_conflict_copy_name_derives_from_the_whole_losing_version():
+    """The same content losing again, as another version, gets another copy: the first copy's
+    path may hold a history (say, a tombstone) that the new copy must not run into."""
+    first = _file("notes.txt")
+    again = first.with_(version=first.version.bump(B))
+    assert conflict_copy_path("notes.txt", first) != conflict_copy_path("notes.txt", again)
+    assert conflict_copy_path("notes.txt", first) == conflict_copy_path("notes.txt", first)
 
 
 def test_block_sizes_grow_with_file():
@@ -81,7 +101,8 @@ def test_plan_delete_is_deferred_and_expects_local_state():
 
 def test_plan_conflict_writes_copy_first():
     local = _file("f", by=A, sha="1" * 64)
-    remote = Record("f", "g", Kind.FILE, VersionVector.of({B: 1}), modified_by=B, sha256="2" * 64, mtime_ns=5)
+    remote = Record("f", "g", Kind.FILE, VersionVector.of({B: 1}), modified_by=B,
+                    sha256="2" * 64, mtime_ns=5)  # fmt: skip
     steps = plan_record(local, remote, replica=A, local_lookup=lambda p: None)
     assert [s.op for s in steps] == [Op.WRITE, Op.WRITE]
     assert steps[0].path.startswith("f.conflict-aaaaaaaa-") and steps[0].record.sha256 == "1" * 64
@@ -99,3 +120,24 @@ def test_plan_subtree_filter():
     remote = [_file("a/x", by=B), _file("b/y", by=B)]
     steps = list(plan_pull(lambda p: None, remote, replica=A, within=lambda p: p.startswith("a/")))
     assert [s.path for s in steps] == ["a/x"]
+
+
+@pytest.mark.parametrize("copy_first", [False, True])
+def test_plan_pull_sees_the_conflict_copies_it_planned_earlier_in_the_pass(copy_first):
+    """Planned steps are recorded only when applied: a lookup of the copy's path during the same
+    pass must see the planned copy, not what the database held before (found by the property
+    test: a copy written to disk was recorded as deleted, or written twice)."""
+    local = _file("f", by=A, sha="1" * 64)
+    remote = Record("f", "g", Kind.FILE, VersionVector.of({B: 1}), modified_by=B,
+                    sha256="2" * 64, mtime_ns=5)  # fmt: skip
+    copy = conflict_copy_record(local, "f")  # what the remote holds too, having resolved it alike
+    db = {"f": local}  # never updated during the pass, like a database before the batch commits
+    stream = [copy, remote] if copy_first else [remote, copy]
+    steps = list(plan_pull(db.get, stream, replica=A))
+    assert sorted((s.op.value, s.path) for s in steps) == [("write", "f"), ("write", copy.path)]
+    # A later record of the copy's path (the remote deleted it) is planned against the copy.
+    gone = copy.with_(version=copy.version.bump(B), deleted=True, modified_by=B)
+    steps = list(plan_pull(db.get, [remote, gone], replica=A))
+    assert [(s.op, s.path) for s in steps] == [
+        (Op.WRITE, copy.path), (Op.WRITE, "f"), (Op.DELETE, copy.path)]
+    assert steps[2].expected == copy
