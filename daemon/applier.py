@@ -33,7 +33,15 @@ from typing import BinaryIO
 
 from ..protocol.plan import Op, Step
 from ..protocol.reconcile import Conflict, Side, conflict_copy_record
-from ..protocol.record import TEMP_PREFIX, Action, Kind, Record, check_path, new_guid, parent_of
+from ..protocol.record import (
+    TEMP_PREFIX,
+    Action,
+    Kind,
+    Record,
+    check_path,
+    derived_guid,
+    parent_of,
+)
 from ..protocol.version import Order, VersionVector
 from .errors import ChangedOnDisk, FsError, ReplError
 from .store import Store
@@ -214,7 +222,22 @@ class Applier:
         return st
 
     def _ensure_parent(self, path: str) -> None:
-        """Create missing parent directories, and record them as alive here."""
+        """Create missing parent directories, and record them as alive here.
+
+        A parent created only to hold an incoming entry is not a change of its own, so it gets no
+        new version: a version of its own would be an event nobody else knows, and would beat or
+        be concurrent with a deletion made elsewhere, bringing a deleted directory back.
+        - With no record here it is a placeholder with an empty version, which any real record
+          of it wins over: whoever sent the entry holds the directory, so its record is on its way
+          (later in the same pass) or is outside a subtree sync and comes with the next full one.
+        - Over a tombstone (or a record of another kind) it keeps that record's version, alive.
+          The entry is then new to the deleter (had the deleter known it, the entry's own
+          tombstone would be here already: a stream brings children's tombstones before their
+          parent's, and it would have won over the entry), so the directory must live on. A
+          replica that holds the tombstone takes the same version, alive, as a modification that
+          beats the deletion (see reconcile); any later change, a deletion by someone who knows
+          all this included, dominates it.
+        """
         parent = parent_of(path)
         if not parent or parent in self._dirs_ok:
             return
@@ -232,13 +255,17 @@ class Applier:
             break
         for d in reversed(missing):
             self._abs(d)
-            os.mkdir(self._p(d), 0o755)
             rec = self.store.get(d)
-            if rec is None or rec.deleted or rec.kind is not Kind.DIR:
-                base = rec.version if rec is not None else VersionVector()
-                guid = rec.guid if rec is not None else new_guid()
-                new = Record(d, guid, Kind.DIR, base.bump(self.store.replica_id), mode=0o755)
-                self._record(new, local=True, action=Action.CREATE)
+            mode = rec.mode if rec is not None and rec.kind is Kind.DIR and rec.mode else 0o755
+            os.mkdir(self._p(d), mode)
+            os.chmod(self._p(d), mode)
+            if rec is None:
+                placeholder = Record(d, derived_guid("parent", d), Kind.DIR, VersionVector(),
+                                     mode=mode)  # fmt: skip
+                self._record(placeholder, local=True, action=Action.CREATE)
+            elif rec.deleted or rec.kind is not Kind.DIR:
+                alive = Record(d, rec.guid, Kind.DIR, rec.version, mode=mode)
+                self._record(alive, local=True, action=Action.CREATE)
 
     # -- staging (everything but removals) ------------------------------------------------------
 

@@ -94,8 +94,10 @@ def reconcile(
         return Resolution(Order.DOMINATED, remote, note="new")
     order = local.version.compare(remote.version)
     if order is Order.EQUAL and not local.same_content(remote):
-        # Equal histories must mean equal content; if they do not (a damaged database), resolve it
-        # as a conflict rather than silently keep two different files "in sync".
+        # Equal histories must mean equal content; if they do not, resolve it as a conflict rather
+        # than silently keep two different files "in sync". (A damaged database; or, by design, a
+        # directory that came back alive over its tombstone with the tombstone's version, because
+        # a file new to the deleter arrived in it: then the directory beats the deletion.)
         order = Order.CONCURRENT
     if order in (Order.EQUAL, Order.DOMINATES):
         return Resolution(order, None)
