@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import posixpath
+import re
 import unicodedata
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ DIGEST_SIZE = 32
 
 TEMP_PREFIX = ".repld-tmp-"
 CONFLICT_MARK = ".conflict-"
+_MARK_RE = re.compile(re.escape(CONFLICT_MARK) + "[0-9a-f]{8}-[0-9a-f]{8}")
 
 _GUID_NAMESPACE = uuid.UUID("6f1e4c1e-4b4e-4d3c-9a51-7265706c6421")
 
@@ -177,7 +179,10 @@ def conflict_copy_path(path: str, loser: Record) -> str:
     """
     head, name = posixpath.split(path)
     stem, dot, ext = name.rpartition(".")
-    if not dot or not stem:  # no extension, or a dotfile such as .bashrc
+    if not dot or not stem or _MARK_RE.fullmatch(dot + ext):
+        # No extension, a dotfile such as .bashrc, or a copy of an extensionless name, whose
+        # last "extension" is its own mark: the new mark goes last, where conflict_original
+        # looks for it.
         stem, ext = name, ""
     mark = f"{CONFLICT_MARK}{short_id(loser.modified_by)}-{loser_digest(loser)[:8]}"
     copy_name = f"{stem}{mark}.{ext}" if ext else f"{stem}{mark}"

@@ -85,13 +85,9 @@ EDIT_TMP = ".edit-tmp"  # an editor's temporary file for atomic-replace edits (n
 # whichever record was local when the winner key tied, so a chmod diverged; the planner read
 # stale records for conflict copies it had planned earlier in the same pass, and a copy named
 # by content alone could land on an earlier copy's tombstone and be skipped; a parent directory
-# created for an incoming file got a version of its own, which beat a deletion made elsewhere.)
-KNOWN_BUGS = {
-    # conflict_original() of a copy of an extensionless conflict copy names the wrong original
-    # (the new mark goes before the old one, taken for an extension; the last mark is stripped).
-    # Not needed: the checks find originals with lineage(), not conflict_original().
-    "copy-of-copy-name": "test_known_bug_conflict_original_of_a_copy_of_a_copy",
-}
+# created for an incoming file got a version of its own, which beat a deletion made elsewhere;
+# conflict_original named the wrong original for a copy of an extensionless conflict copy.)
+KNOWN_BUGS: dict[str, str] = {}  # none open
 
 REPLICA = st.integers(0, 3)  # taken modulo the number of replicas
 PICK = st.integers(0, 63)  # picks one existing entry, modulo how many there are
@@ -680,7 +676,7 @@ class ReplicationMachine(RuleBasedStateMachine):
             original = conflict_original(path)
             assert original is not None, f"{path}: looks like a conflict copy but does not parse"
             # A copy of P (or of a copy of P) needs concurrent changes of P, or above or below it.
-            # (lineage, not conflict_original: see KNOWN_BUGS["copy-of-copy-name"])
+            # (lineage, not only conflict_original: a copy of a copy's original is a copy too)
             candidates = lineage(path) - {path}
             assert any(related(o, c) for o in candidates for c in contested), (
                 f"conflict copy {path} but no two replicas changed {original} concurrently "
@@ -962,8 +958,9 @@ def test_fixed_bug_same_content_merge_diverged_on_mode(replicas):
     assert modes[0] == 0o700  # a's chmod is the only change there was
 
 
-@known_bug("copy-of-copy-name")
-def test_known_bug_conflict_original_of_a_copy_of_a_copy():
+def test_fixed_bug_conflict_original_of_a_copy_of_a_copy():
+    """Found by the property test; fixed in conflict_copy_path (a copy of an extensionless name
+    ends in its mark, which is no extension: the new mark goes after it)."""
     from repld.protocol.record import Record, conflict_copy_path
     from repld.protocol.version import VersionVector
 
@@ -972,8 +969,8 @@ def test_known_bug_conflict_original_of_a_copy_of_a_copy():
     for path in ("notes", ".bashrc"):
         copy = conflict_copy_path(path, loser)
         copy_of_copy = conflict_copy_path(copy, loser.with_(modified_by="dddddddd-0000"))
-        # e.g. "notes.conflict-dddddddd-cccccccc.conflict-bbbbbbbb-cccccccc": the new mark goes
-        # before the old one (taken for an extension), and conflict_original strips the last.
+        # was "notes.conflict-dddddddd-....conflict-bbbbbbbb-...": the new mark went before the
+        # old one (taken for an extension), and conflict_original strips the last.
         assert conflict_original(copy_of_copy) == copy
 
 

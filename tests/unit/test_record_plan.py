@@ -65,6 +65,16 @@ def test_conflict_copy_names(path, copy):
     assert conflict_original(path) is None
 
 
+@pytest.mark.parametrize("path", ["notes", ".bashrc", "notes.txt", "d/archive.tar.gz"])
+def test_conflict_original_of_a_copy_of_a_copy(path):
+    """A copy of a copy names the copy as its original, whatever the extension (found by the
+    property test: for extensionless names the new mark went before the old one)."""
+    copy = conflict_copy_path(path, _file(path))
+    copy_of_copy = conflict_copy_path(copy, _file(copy, by=B))
+    assert conflict_original(copy_of_copy) == copy and conflict_original(copy) == path
+    assert conflict_copy_path(copy_of_copy, _file(path)) != copy_of_copy
+
+
 def test_conflict_copy_name_derives_from_the_whole_losing_version():
     """The same content losing again, as another version, gets another copy: the first copy's
     path may hold a history (say, a tombstone) that the new copy must not run into."""
