@@ -22,16 +22,13 @@ from pathlib import Path
 
 from ..protocol.errors import UnsafePathError
 from ..protocol.record import (
-    DIGEST_SIZE,
     TEMP_PREFIX,
     Action,
     Kind,
     Record,
     block_size_for,
     check_path,
-    is_within,
     new_guid,
-    parent_of,
 )
 from ..protocol.version import VersionVector
 from .ignore import Ignore
@@ -285,7 +282,8 @@ class Scanner:
             if rec.mode != mode:
                 self._event(rec, rec.with_(mode=mode, mtime_ns=st.st_mtime_ns), Action.UPDATE)
             return
-        new = Record(path, new_guid(), Kind.DIR, VersionVector(), mode=mode, mtime_ns=st.st_mtime_ns)
+        new = Record(path, new_guid(), Kind.DIR, VersionVector(), mode=mode,
+                     mtime_ns=st.st_mtime_ns)  # fmt: skip
         self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
 
     def _check_symlink(self, path: str, rec: Record | None) -> None:
@@ -294,7 +292,8 @@ class Scanner:
         except OSError as e:
             self._error(path, f"cannot read link: {e.strerror}")
             return
-        if rec is not None and not rec.deleted and rec.kind is Kind.SYMLINK and rec.target == target:
+        live = rec is not None and not rec.deleted and rec.kind is Kind.SYMLINK
+        if live and rec is not None and rec.target == target:
             return
         new = Record(path, new_guid(), Kind.SYMLINK, VersionVector(), target=target)
         self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)

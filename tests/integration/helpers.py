@@ -31,7 +31,9 @@ class Rep:
     root: Path
     config: Path
 
-    def __call__(self, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str | os.PathLike[str], check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run("--config", self.config, *args, check=check)
 
     def sync(self, other: Rep, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -75,14 +77,19 @@ def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]
                 out[rel] = ("dir", stat.S_IMODE(st.st_mode))
             else:
                 digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                out[rel] = ("file", digest, stat.S_IMODE(st.st_mode)) + ((st.st_mtime_ns,) if mtimes else ())
+                mtime = (st.st_mtime_ns,) if mtimes else ()
+                out[rel] = ("file", digest, stat.S_IMODE(st.st_mode), *mtime)
     return out
 
 
 def files_bytes(root: Path) -> dict[str, bytes]:
     """Every file below root with its exact bytes (for 'nothing changed' checks)."""
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() and not p.is_symlink() else b"")
-            for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): (
+            p.read_bytes() if p.is_file() and not p.is_symlink() else b""
+        )
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def conflict_copies(root: Path) -> list[str]:

@@ -3,7 +3,6 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from repld.protocol.errors import ProtocolError
 from repld.protocol.version import Order, VersionVector
 
