@@ -512,13 +512,9 @@ def _rel_path(rep: Replica, given: str) -> str:
     return given.strip("/")
 
 
-def _conflicts(rep: Replica) -> list[dict[str, Any]]:
-    return list_conflicts(rep.store)
-
-
 def cmd_conflicts(args: argparse.Namespace) -> int:
     with open_replica(args.config, write=False) as rep:
-        rows = _conflicts(rep)
+        rows = list_conflicts(rep.store)
     if args.json:
         _print_json(rows)
     elif not rows:
@@ -539,7 +535,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             original, copies = conflict_original(path), [path]
         else:
             original = path
-            copies = [r["copy"] for r in _conflicts(rep) if r["path"] == path]
+            copies = [r["copy"] for r in list_conflicts(rep.store) if r["path"] == path]
         assert original is not None
         if not copies:
             raise ReplError(f"{path}: no conflict to resolve (see `repld conflicts`)")

@@ -64,6 +64,7 @@ class _File:
 
 @dataclass
 class _Request:
+    req: int
     file: _File
     chunk: _Chunk
     sent: float
@@ -173,7 +174,7 @@ class Transfers:
         assert self._link is not None
         req = self._next_req
         self._next_req += 1
-        r = _Request(f, chunk, time.monotonic())
+        r = _Request(req, f, chunk, time.monotonic())
         self._requests[req] = r
         self._buffered += chunk.length
         ok = self._link.send(GetBlocks(req, f.rec.sha256, f.hint, chunk.offset, chunk.length))
@@ -216,10 +217,10 @@ class Transfers:
 
     def _wait(self, f: _File, chunk: _Chunk) -> bytes:
         """The data of a remote chunk of the current file, requesting it if need be."""
-        r = next((r for r in self._requests.values() if r.file is f and r.chunk is chunk), None)
+        r = next((r for r in self._requests.values() if r.chunk is chunk), None)
         if r is None:
             r = self._request(f, chunk)
-        req = next(k for k, v in self._requests.items() if v is r)
+        req = r.req
         link = self._link
         last = time.monotonic()
         seen = self.stats.fetched_bytes

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Record, is_within
+from ..protocol.record import Record, subtree_filter
 from .applier import Applier, ApplyStats
 from .errors import ReplError, TreeMismatchError
 from .replica import Replica
@@ -94,10 +94,7 @@ def sync(
         )
     if left.store.replica_id == right.store.replica_id:
         raise ReplError(f"{left.cfg.path} and {right.cfg.path} are the same replica")
-    within = None
-    if paths:
-        prefixes = [p.strip("/") for p in paths]
-        within = lambda p: any(is_within(p, pre) for pre in prefixes)  # noqa: E731
+    within = subtree_filter(paths)
 
     report = SyncReport(dry_run=dry_run)
     changes_left = not dry_run and direction is not Direction.PUSH

@@ -51,9 +51,9 @@ from .applier import Applier, ApplyStats
 from .errors import ReplError
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
-from .replica import Replica, load_keys
+from .replica import Replica, list_conflicts, load_keys
 from .scanner import kind_of
-from .watcher import WATCH_LIMIT_HELP, Watcher, _watch_limit
+from .watcher import WATCH_LIMIT_HELP, Watcher, watch_limit
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ class Node:
         self._counts = (0, 0, 0, 0)
         self._counts_seq = -1
         self._next_full_scan = 0.0
+        self._rid_by_name: dict[str, str] | None = None  # see _replica_of
         self._applied: dict[str, Record] = {}  # what we wrote, so its inotify echo is not rescanned
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
@@ -199,7 +200,7 @@ class Node:
             if not self.watcher.start():
                 if self.watcher.degraded == "inotify watch limit reached":
                     log.warning(
-                        WATCH_LIMIT_HELP.format(limit=_watch_limit(), interval=DEGRADED_SCAN_EVERY)
+                        WATCH_LIMIT_HELP.format(limit=watch_limit(), interval=DEGRADED_SCAN_EVERY)
                     )
                 else:
                     log.warning("%s; falling back to a full scan every %g s",
@@ -574,9 +575,14 @@ class Node:
         self._send(link, link.session.hello())
 
     def _replica_of(self, name: str) -> str | None:
-        """The replica last seen under ``name`` (a re-initialised peer leaves an older mark)."""
-        marks = [m for m in self.store.peer_marks() if m.name == name]
-        return max(marks, key=lambda m: m.last_sync_ns).replica_id if marks else None
+        """The replica last seen under ``name`` (a re-initialised peer leaves an older mark).
+
+        Read from the database once; sessions keep it current (status asks every loop)."""
+        if self._rid_by_name is None:
+            self._rid_by_name = {}
+            for m in sorted(self.store.peer_marks(), key=lambda m: m.last_sync_ns):
+                self._rid_by_name[m.name] = m.replica_id
+        return self._rid_by_name.get(name)
 
     def _end_session(self, link: PeerLink, reason: str) -> None:
         if link.session is not None and link.session.state is not State.CLOSED:
@@ -601,6 +607,8 @@ class Node:
             link.established_at = self.clock()
             with self.store.transaction():
                 self.store.set_peer_mark(h.replica_id, name=link.peer.name)
+            if self._rid_by_name is not None:
+                self._rid_by_name[link.peer.name] = h.replica_id
             for other in list(self.links):
                 # A peer that dialled in again (it restarted): its old link is dead.
                 if (other is not link and other.dealer is None and link.dealer is None
@@ -734,11 +742,12 @@ class Node:
             remote = {r.path: r for r in page.records}
             fetch_link = FetchLink(link.label, lambda m: self._send(link, m),
                                    lambda: link.session is s and s.state is State.ESTABLISHED)  # fmt: skip
+            writes = [st for st in steps if st.op is Op.WRITE and st.record.kind is Kind.FILE]
+            local = self.store.hashes_present({st.record.sha256 for st in writes})
             self.transfers.prefetch(
                 fetch_link,
-                [(st.record, st.source or st.path) for st in steps
-                 if st.op is Op.WRITE and st.record.kind is Kind.FILE
-                 and not self.store.live_with_hash(st.record.sha256)],
+                [(st.record, st.source or st.path) for st in writes
+                 if st.record.sha256 not in local],
             )  # fmt: skip
 
             def replan(step: Step) -> list[Step]:
@@ -771,8 +780,9 @@ class Node:
                 log.warning(
                     "%s: %s", link.peer.name, err, extra={"PEER": link.peer.name, "PATH": path}
                 )
+            failed = {p for p, _ in stats.errors}
             for st in steps:
-                if st.path in self.errors and not any(p == st.path for p, _ in stats.errors):
+                if st.path in self.errors and st.path not in failed:
                     del self.errors[st.path]
             ok = not stats.errors
             self.state = "idle"
@@ -898,7 +908,7 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         if self._counts_seq != self.store.committed_seq:
-            self._counts = (*self.store.counts(), self._conflict_count())
+            self._counts = (*self.store.counts(), len(list_conflicts(self.store)))
             self._counts_seq = self.store.committed_seq
         files, dirs, size, conflicts = self._counts
         peers = []
@@ -968,12 +978,6 @@ class Node:
                 "conflicts_resolved": a.conflicts,
             },
         }
-
-    def _conflict_count(self) -> int:
-        row = self.store.execute(
-            "SELECT COUNT(*) FROM records WHERE deleted = 0 AND path LIKE '%.conflict-%'"
-        ).fetchone()
-        return int(row[0] or 0)
 
     def publish(self) -> None:
         snap = self.status()

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..protocol.plan import Step
 from ..protocol.reconcile import Policy
-from ..protocol.record import is_within
+from ..protocol.record import subtree_filter
 from ..protocol.session import State
 from . import config as configmod
 from . import systemd
@@ -147,10 +147,6 @@ def sync_with_peer(
                 "--pull-only or PATHs need it stopped first (`systemctl --user stop repld`)"
             )
         return _wait_daemon(cfg, peer_name, timeout)
-    within = None
-    if paths:
-        prefixes = [p.strip("/") for p in paths]
-        within = lambda p: any(is_within(p, pre) for pre in prefixes)  # noqa: E731
     policy = None
     if prefer:
         policy = Policy.PREFER_LOCAL if prefer == "local" else Policy.PREFER_REMOTE
@@ -159,7 +155,7 @@ def sync_with_peer(
         receive=not push_only,
         dry_run=dry_run,
         policy=policy,
-        within=within,
+        within=subtree_filter(paths),
         listen=False,
         watch=False,
         only_peer=peer_name,

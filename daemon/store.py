@@ -342,6 +342,22 @@ class Store:
         ).fetchone()
         return int(row[0] or 0), int(row[1] or 0)
 
+    def hashes_present(self, hashes: set[str]) -> set[str]:
+        """Which of ``hashes`` some live record here has (one query per 500 hashes)."""
+        found: set[str] = set()
+        todo = sorted(hashes)
+        for i in range(0, len(todo), 500):
+            chunk = todo[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.execute(
+                # The condition repeats the partial index's, or SQLite would scan the whole table.
+                f"SELECT DISTINCT sha256 FROM records WHERE sha256 IN ({marks}) AND sha256 != '' "
+                "AND deleted = 0",
+                tuple(chunk),
+            )
+            found.update(r[0] for r in rows)
+        return found
+
     def live_with_hash(self, sha256: str) -> list[Record]:
         rows = self.execute(
             # The condition repeats the partial index's, or SQLite would scan the whole table.

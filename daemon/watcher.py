@@ -37,7 +37,7 @@ WATCH_LIMIT_HELP = (
 )
 
 
-def _watch_limit() -> str:
+def watch_limit() -> str:
     try:
         return Path("/proc/sys/fs/inotify/max_user_watches").read_text().strip()
     except OSError:
@@ -84,6 +84,7 @@ class Watcher:
         self._first = 0.0
         self._last = 0.0
         self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._spy: _OverflowSpy | None = None
         self.degraded = ""  # why watching is incomplete, for status and logs
 
     def start(self) -> bool:
@@ -108,7 +109,9 @@ class Watcher:
         return True
 
     def stop(self) -> None:
-        logging.getLogger("watchdog.observers").removeHandler(getattr(self, "_spy", None))  # type: ignore[arg-type]
+        if self._spy is not None:
+            logging.getLogger("watchdog.observers").removeHandler(self._spy)
+            self._spy = None
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)

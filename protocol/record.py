@@ -13,6 +13,7 @@ import posixpath
 import re
 import unicodedata
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UnsafePathError
@@ -168,6 +169,14 @@ def loser_digest(loser: Record) -> str:
     """A hash of a whole losing version: its content and its version vector."""
     ident = f"{loser.content_id()}\0{loser.version.encode()}"
     return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def subtree_filter(paths: list[str] | None) -> Callable[[str], bool] | None:
+    """For a sync limited to some subtrees: whether a path lies in one of them (None: all)."""
+    if not paths:
+        return None
+    prefixes = [p.strip("/") for p in paths]
+    return lambda path: any(is_within(path, pre) for pre in prefixes)
 
 
 def conflict_copy_path(path: str, loser: Record) -> str:

@@ -280,7 +280,6 @@ class Session:
         self.peer_seq = max(self.peer_seq, msg.seq)
 
     def _on_bye(self, msg: Bye, out: Output) -> None:
-        self.state = State.HELLO_SENT  # _closed sets CLOSED and says why
         self._closed(out, msg.reason or "the peer said goodbye")
 
     # -- our side of the stream ----------------------------------------------------------------

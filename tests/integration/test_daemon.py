@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from daemons import Cluster, Replica
+from daemons import Cluster, Replica, free_port
 from helpers import conflict_copies, run
 
 UNICODE = "ünïcødé € name.txt"
@@ -151,6 +151,20 @@ def test_chain_relays_both_ways(cluster):
     (a.root / "from-a.txt").unlink()
     cluster.wait_converged(what="a's delete reaches c")
     assert not (c.root / "from-a.txt").exists()
+
+
+def test_one_side_reaching_the_other_is_enough(cluster):
+    """A laptop behind NAT: it dials the desktop, the desktop cannot dial it back, yet changes
+    flow both ways over the one connection."""
+    desk, lap = cluster.make("desk", "lap", links=[])
+    lap.add_peer(desk)
+    desk.add_peer_key("lap", f"tcp://127.0.0.1:{free_port()}", lap.public_key)  # nobody there
+    (desk.root / "from-desk.txt").write_text("desk\n")
+    (lap.root / "from-lap.txt").write_text("lap\n")
+    cluster.start()
+    cluster.wait_converged(what="both files cross the laptop's one connection")
+    assert (lap.root / "from-desk.txt").read_text() == "desk\n"
+    assert (desk.root / "from-lap.txt").read_text() == "lap\n"
 
 
 def test_peer_offline_during_a_delete_does_not_bring_it_back(cluster):
