@@ -173,7 +173,7 @@ class Node:
         self._snapshot_lock = threading.Lock()
         self._counts = (0, 0, 0, 0)
         self._counts_seq = -1
-        self._next_full_scan = 0.0
+        self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
         self._applied: dict[str, Record] = {}  # what we wrote, so its inotify echo is not rescanned
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
@@ -834,11 +834,17 @@ class Node:
     def full_scan(self) -> None:
         self._applied.clear()
         stats = self.rep.scan(paths=None, clean_temp=True)
-        interval = self.cfg.scan_interval
-        if self.watcher is None or not self.watcher.alive:
-            interval = min(interval, DEGRADED_SCAN_EVERY) if self.opts.watch else interval
-        self._next_full_scan = self.clock() + interval
+        every = self._full_scan_every()
+        self._next_full_scan = None if every is None else self.clock() + every
         self._scan_done(stats)
+
+    def _full_scan_every(self) -> float | None:
+        """Seconds between full scans: the config's (0: never), at most a minute while the
+        tree should be watched but is not (watch limit reached, watcher thread dead)."""
+        every = self.cfg.scan_interval or None
+        if self.opts.watch and (self.watcher is None or not self.watcher.alive):
+            every = min(every or DEGRADED_SCAN_EVERY, DEGRADED_SCAN_EVERY)
+        return every
 
     def _scan_done(self, stats: Any) -> None:
         for path, err in stats.errors:
@@ -851,7 +857,7 @@ class Node:
         if self.watcher is not None:
             self.watcher.request_full_scan()
         else:
-            self._next_full_scan = 0.0
+            self._next_full_scan = self.clock()
 
     # -- timers and commands --------------------------------------------------------------------
 
@@ -873,11 +879,12 @@ class Node:
                 self._send_out(link, s.retry())
         if quick:
             return
-        if not self.paused and now >= self._next_full_scan and self._next_full_scan:
+        every = self._full_scan_every()
+        due = self._next_full_scan
+        if every is not None and (due is None or due > now + every):
+            self._next_full_scan = due = now + every  # the watcher died since the last scan
+        if not self.paused and due is not None and now >= due:
             self.full_scan()
-        elif self.watcher is not None and not self.watcher.alive and self.opts.watch:
-            if self._next_full_scan - now > DEGRADED_SCAN_EVERY:
-                self._next_full_scan = now + DEGRADED_SCAN_EVERY
 
     def _run_commands(self) -> None:
         while True:
