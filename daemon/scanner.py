@@ -125,6 +125,7 @@ class Scanner:
         self.progress = progress
         self.me = store.replica_id
         self.stats = ScanStats()
+        self._known_inos: set[int] | None = None  # None: not loaded, ask the store
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -132,13 +133,23 @@ class Scanner:
         """Scan the whole tree, or only ``paths`` (and what is below them); one transaction."""
         self.stats = ScanStats()
         self._start_seq = self.store.seq
+        try:
+            self._scan(paths)
+        finally:
+            self._known_inos = None
+        return self.stats
+
+    def _scan(self, paths: Iterable[str] | None) -> None:
         with self.store.transaction():
             if paths is None:
+                # A whole walk asks "was this new file moved here?" once per new file: one read
+                # of the known inodes up front answers "no" for most without a query (and the
+                # first scan of a big tree has no records at all).
+                self._known_inos = self.store.file_inodes()
                 self._walk("")
             else:
                 for path in sorted(set(paths)):
                     self._scan_path(path)
-        return self.stats
 
     def _scan_path(self, path: str) -> None:
         if not path or path == ".":
@@ -353,6 +364,8 @@ class Scanner:
             return
         note = f"moved from {moved.path}" if moved is not None else ""
         self.store.put(new, local=True, note=note)
+        if self._known_inos is not None:
+            self._known_inos.add(st.st_ino)
         if action is Action.CREATE:
             self.stats.created += 1
         else:
@@ -365,6 +378,8 @@ class Scanner:
 
     def _moved_from(self, path: str, st: os.stat_result) -> Record | None:
         """A live record elsewhere for this very inode whose old path no longer holds it."""
+        if self._known_inos is not None and st.st_ino not in self._known_inos:
+            return None
         rows = self.store.execute(
             "SELECT path FROM records WHERE ino = ? AND ino != 0 AND kind = 'file' "
             "AND (deleted = 0 OR seq > ?) AND size = ? AND mtime_ns = ? AND path != ? LIMIT 4",

@@ -389,13 +389,14 @@ class Store:
             record = record.with_(origin_seq=seq, seq=seq, replicated_ns=now)
         else:
             record = record.with_(seq=seq, replicated_ns=now)
+        version = record.version.encode()
         self._pending_records.append(
             (
                 parent_of(record.path),
                 record.path,
                 record.guid,
                 record.kind.value,
-                record.version.encode(),
+                version,
                 int(record.deleted),
                 record.mode,
                 record.mtime_ns,
@@ -420,7 +421,7 @@ class Store:
                 record.modified_by,
                 record.origin_seq,
                 record.action.value,
-                record.version.encode(),
+                version,
                 record.kind.value,
                 record.size,
                 record.sha256,
@@ -455,6 +456,10 @@ class Store:
         """A raw query that sees every write so far."""
         self.flush()
         return self.db.execute(sql, params)
+
+    def file_inodes(self) -> set[int]:
+        """The inode numbers the records of files remember (the stat cache's, for move checks)."""
+        return {ino for (ino,) in self.execute("SELECT ino FROM records WHERE ino != 0")}
 
     def set_ino(self, path: str, ino: int) -> None:
         """Refresh the local stat cache (not an event: no sequence number, nothing replicated)."""

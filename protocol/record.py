@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import operator
+import os
 import posixpath
 import re
 import unicodedata
@@ -103,9 +105,10 @@ class Record:
 
     def with_(self, **changes: object) -> Record:
         # dataclasses.replace is several times slower, and this runs once per file per scan.
-        values = {name: getattr(self, name) for name in _FIELDS}
-        values.update(changes)
-        return Record(**values)  # type: ignore[arg-type]
+        values = list(_get_fields(self))
+        for name, value in changes.items():
+            values[_FIELD_INDEX[name]] = value
+        return Record(*values)
 
     def describe(self) -> str:
         if self.deleted:
@@ -118,10 +121,18 @@ class Record:
 
 
 _FIELDS = tuple(Record.__dataclass_fields__)
+_FIELD_INDEX = {name: i for i, name in enumerate(_FIELDS)}
+_get_fields = operator.attrgetter(*_FIELDS)
 
 
 def new_guid() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID in its usual text form; ``str(uuid.uuid4())`` costs about 3x
+    as much, and a first scan makes one per file."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def derived_guid(*parts: str) -> str:

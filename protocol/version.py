@@ -64,9 +64,15 @@ class VersionVector:
 
     def bump(self, replica: str) -> VersionVector:
         """This vector with one more event by ``replica``."""
-        counters = self.as_dict()
-        counters[replica] = counters.get(replica, 0) + 1
-        return VersionVector.of(counters)
+        # Built directly: the entries are already valid and sorted (once per file per scan).
+        entries = list(self.entries)
+        for i, (r, c) in enumerate(entries):
+            if r == replica:
+                entries[i] = (r, c + 1)
+                return VersionVector(tuple(entries))
+        entries.append((replica, 1))
+        entries.sort()
+        return VersionVector(tuple(entries))
 
     def merge(self, other: VersionVector) -> VersionVector:
         """The least vector that dominates or equals both."""
