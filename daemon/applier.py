@@ -44,6 +44,7 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .errors import ChangedOnDisk, FsError, ReplError
+from .scanner import hash_file_stat
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -313,23 +314,21 @@ class Applier:
     def _write_temp(self, rec: Record, source: str = "") -> Path:
         tmp = self._temp_name(rec.path)
         src, local = self._open_source(rec, source)
+        spool = getattr(src, "spool", None)
+        if spool is not None and _same_device(spool.parent, tmp.parent):
+            return self._adopt_spool(rec, src, tmp)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
         try:
-            h = hashlib.sha256()
-            size = 0
             with src:
+                h, size = hashlib.sha256(), 0
                 while chunk := src.read(COPY_CHUNK):
                     h.update(chunk)
                     size += len(chunk)
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view) :]
-            if h.hexdigest() != rec.sha256 or size != rec.size:
-                raise ReplError(
-                    f"{rec.path}: content does not match its record (the source changed while "
-                    "syncing); skipped, the next sync takes it"
-                )
+            _check_content(rec, h.hexdigest(), size)
             os.fchmod(fd, rec.mode)
             os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
         except BaseException:
@@ -339,6 +338,33 @@ class Applier:
         os.close(fd)
         if local:
             self.stats.copied_locally += 1
+        return tmp
+
+    def _adopt_spool(self, rec: Record, src: BinaryIO, tmp: Path) -> Path:
+        """A big fetched file: the fetcher wrote every block to its spool (the resumable partial
+        file, on this file system) as it read it, so that copy is checked and renamed to the temp
+        name: the bytes are written once, not twice."""
+        with src:
+            size = 0
+            while chunk := src.read(COPY_CHUNK):
+                size += len(chunk)
+            spool = src.take_spool()  # type: ignore[attr-defined]
+        try:
+            # Each block was checked against the record's block hash before it went into the
+            # spool (or, resumed, when read back from it): a spool of the right size without
+            # holes is the content the record describes, and a second SHA-256 pass over it would
+            # only cost time. Anything less sure is hashed whole.
+            if src.blocks_checked and _dense(spool, rec.size):  # type: ignore[attr-defined]
+                sha = rec.sha256
+            else:
+                sha, _, size, _ = hash_file_stat(spool)
+            _check_content(rec, sha, size)
+            os.chmod(spool, rec.mode)
+            os.utime(spool, ns=(rec.mtime_ns, rec.mtime_ns))
+            os.rename(spool, tmp)  # the batch's syncfs makes it durable, as for any temp file
+        except BaseException:
+            _unlink_quiet(spool)
+            raise
         return tmp
 
     def _open_source(self, rec: Record, source: str = "") -> tuple[BinaryIO, bool]:
@@ -492,6 +518,35 @@ class Applier:
                 f"{step.path}: the directory is kept, but the {copy.kind.value} that was to "
                 f"replace it could not be kept as {copy.path}; the next sync tries again"
             )
+
+
+def _check_content(rec: Record, sha256: str, size: int) -> None:
+    if sha256 != rec.sha256 or size != rec.size:
+        raise ReplError(
+            f"{rec.path}: content does not match its record (the source changed while syncing); "
+            "skipped, the next sync takes it"
+        )
+
+
+def _dense(path: Path, size: int) -> bool:
+    """``path`` is ``size`` bytes long and every byte of it was written (no hole)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.fstat(fd).st_size == size and os.lseek(fd, 0, os.SEEK_HOLE) >= size
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
 
 
 def _unlink_quiet(path: Path) -> None:

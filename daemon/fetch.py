@@ -246,7 +246,12 @@ class Transfers:
 
 
 class _Reader:
-    """A file-like object the applier reads a remote file's content from, block by block."""
+    """A file-like object the applier reads a remote file's content from, block by block.
+
+    A big file is also written, block by block, to its partial file (``spool``): that copy lets
+    a cut transfer resume, and once every block is in it the applier can take it whole
+    (``take_spool``) instead of writing the same bytes a second time.
+    """
 
     def __init__(self, transfers: Transfers, f: _File):
         self.t = transfers
@@ -254,6 +259,12 @@ class _Reader:
         self.bs = block_size_for(f.rec.size)
         self.i = 0
         self._partial_fd: int | None = None
+        self.spool: Path | None = f.partial
+        # Whether every block read so far was checked against its recorded hash: then the
+        # content is the sender's, and hashing the whole file again proves nothing new.
+        self.blocks_checked = len(f.rec.blocks) == DIGEST_SIZE * (
+            (f.rec.size + self.bs - 1) // self.bs
+        )
         if f.partial is not None:
             f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._partial_fd = os.open(f.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -264,9 +275,12 @@ class _Reader:
 
     def _verified(self, offset: int, data: bytes) -> bool:
         """Every block in ``data`` (which starts at ``offset``) has its recorded hash."""
+        view = memoryview(data)
         for at in range(0, len(data), self.bs):
             want = self._digest(offset + at)
-            if want and hashlib.sha256(data[at : at + self.bs]).digest() != want:
+            if not want:
+                self.blocks_checked = False  # a record without block hashes: whole file only
+            elif hashlib.sha256(view[at : at + self.bs]).digest() != want:
                 return False
         return True
 
@@ -293,16 +307,30 @@ class _Reader:
         data = self._local(chunk) if chunk.local is not None else None
         if data is not None:
             if self.f.partial is not None and chunk.local and chunk.local[0] == str(self.f.partial):
-                self.t.stats.resumed_bytes += len(data)
+                self.t.stats.resumed_bytes += len(data)  # already in the partial file
             else:
                 self.t.stats.reused_bytes += len(data)
+                self._spool_write(data, chunk.offset)
             return data
         data = self.t._wait(self.f, chunk)
         if not self._verified(chunk.offset, data):
             raise ReplError(f"{self.f.rec.path}: a block from the peer does not match its hash")
-        if self._partial_fd is not None:
-            os.pwrite(self._partial_fd, data, chunk.offset)
+        self._spool_write(data, chunk.offset)
         return data
+
+    def _spool_write(self, data: bytes, offset: int) -> None:
+        if self._partial_fd is not None and os.pwrite(self._partial_fd, data, offset) != len(data):
+            raise ReplError(f"{self.f.rec.path}: short write to {self.f.partial}")
+
+    def take_spool(self) -> Path:
+        """Hand over the partial file, complete now (every block was read, so every block is in
+        it, verified): the caller renames it into place, and it is no longer this reader's."""
+        assert self.spool is not None and self.i >= len(self.f.chunks)
+        if self._partial_fd is not None:
+            os.close(self._partial_fd)
+            self._partial_fd = None
+        spool, self.spool, self.f.partial = self.spool, None, None
+        return spool
 
     def close(self) -> None:
         if self._partial_fd is not None:

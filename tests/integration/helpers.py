@@ -70,15 +70,20 @@ def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]
         for name in dirs + files:
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            st = p.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
-            else:
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                mtime = (st.st_mtime_ns,) if mtimes else ()
-                out[rel] = ("file", digest, stat.S_IMODE(st.st_mode), *mtime)
+            try:
+                st = p.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    out[rel] = ("link", os.readlink(p))
+                elif stat.S_ISDIR(st.st_mode):
+                    out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+                else:
+                    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                    mtime = (st.st_mtime_ns,) if mtimes else ()
+                    out[rel] = ("file", digest, stat.S_IMODE(st.st_mode), *mtime)
+            except FileNotFoundError:
+                # A live tree changed under the walk (a daemon's temp file renamed into place):
+                # this snapshot matches no other, and a poll looks again.
+                out[rel] = ("vanished while read",)
     return out
 
 

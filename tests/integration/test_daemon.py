@@ -249,6 +249,29 @@ def test_receiver_killed_mid_transfer_resumes_without_refetching(cluster):
     assert not list(partial_dir.glob("*")), "the partial copy outlived the transfer"
 
 
+def test_big_file_edit_fetches_only_the_changed_blocks(cluster):
+    a, b = cluster.make("a", "b")
+    size = 24 << 20  # big enough for the resumable spool path (>= 4 MiB)
+    big = a.root / "disk.img"
+    big.write_bytes(os.urandom(size))
+    cluster.start()
+    cluster.wait_converged(what="the first copy of disk.img")
+    first = b.status()["transfer"]
+    with open(big, "r+b") as f:  # one MiB in the middle rewritten, in place
+        f.seek(10 << 20)
+        f.write(os.urandom(1 << 20))
+    digest = _sha256(big)
+    cluster.wait_until(lambda: _sha256(b.root / "disk.img") == digest, 60, "the edit to reach b")
+    cluster.wait_converged(what="a and b in sync after the edit")
+    t = b.status()["transfer"]
+    fetched = t["fetched_bytes"] - first["fetched_bytes"]
+    reused = t["reused_bytes"] - first["reused_bytes"]
+    assert 0 < fetched <= 4 << 20, t  # the changed block(s), not the file
+    assert fetched + reused == size, t
+    assert cluster.identical()
+    assert not list((b.state / "partial").glob("*")), "the spool outlived the transfer"
+
+
 def test_peer_with_an_unadmitted_key_gets_nothing(cluster):
     a, b = cluster.make("a", "b")
     populate(a.root)
