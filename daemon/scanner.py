@@ -12,6 +12,7 @@ grow with the tree; all its events are one transaction.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from ..protocol.errors import UnsafePathError
 from ..protocol.record import (
+    MIN_BLOCK,
     TEMP_PREFIX,
     Action,
     Kind,
@@ -55,22 +57,39 @@ class ScanStats:
 
 
 def hash_file_stat(path: str | Path) -> tuple[str, bytes, int, os.stat_result]:
-    """(SHA-256 hex of the whole file, concatenated block digests, size, stat after reading)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """(SHA-256 hex of the whole file, concatenated block digests, size, stat after reading).
+
+    The blocks always match ``block_size_for`` of the size returned: a file whose size crossed a
+    block size boundary while it was read is read again. Opened non-blocking: a FIFO that took a
+    file's place since it was seen does not hang the scan (callers check the mode)."""
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        sha, blocks, size = hash_fd(fd)
-        return sha, blocks, size, os.fstat(fd)
+        bsize = MIN_BLOCK
+        for _ in range(3):
+            sha, blocks, size = _hash_fd(fd, bsize)
+            st = os.fstat(fd)
+            if (want := block_size_for(size)) == bsize or not stat.S_ISREG(st.st_mode):
+                return sha, blocks, size, st
+            os.lseek(fd, 0, os.SEEK_SET)
+            bsize = want
+        raise OSError(errno.EAGAIN, "its size keeps changing while it is read")
     finally:
         os.close(fd)
 
 
-def hash_fd(fd: int) -> tuple[str, bytes, int]:
-    bsize = block_size_for(os.fstat(fd).st_size)
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _hash_fd(fd: int, bsize: int) -> tuple[str, bytes, int]:
     first = os.read(fd, bsize)
     if len(first) < bsize or not (peek := os.read(fd, READ_CHUNK)):
-        # One block (nearly every file): hash once, the file digest is the block digest.
+        # One block (nearly every file): hash once, the file digest is the block digest; no
+        # fstat needed to know the block size, as every size up to MIN_BLOCK has MIN_BLOCK.
         digest = hashlib.sha256(first).digest()
         return digest.hex(), digest, len(first)
+    if (want := block_size_for(os.fstat(fd).st_size)) > bsize:
+        os.lseek(fd, 0, os.SEEK_SET)  # a big file: blocks of its own size
+        return _hash_fd(fd, want)
     whole = hashlib.sha256(first)
     blocks = [hashlib.sha256(first).digest()]
     total = len(first)
@@ -126,6 +145,7 @@ class Scanner:
         self.me = store.replica_id
         self.stats = ScanStats()
         self._known_inos: set[int] | None = None  # None: not loaded, ask the store
+        self._first_version = VersionVector().bump(self.me).encode()
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -198,7 +218,7 @@ class Scanner:
 
     def _scan_dir(self, rel: str) -> list[str]:
         """Scan one directory's entries; return its subdirectories to walk next."""
-        abs_dir = self.root / rel if rel else self.root
+        abs_dir = f"{self._root_s}/{rel}" if rel else self._root_s
         try:
             with os.scandir(abs_dir) as it:
                 entries = {e.name: e for e in it}
@@ -209,12 +229,16 @@ class Scanner:
             return []
         records = {r.path.rpartition("/")[2]: r for r in self.store.children(rel)}
         subdirs: list[str] = []
+        prefix = f"{rel}/" if rel else ""
+        # In a whole walk, a file no record has and whose inode no record has is new: recorded
+        # straight from the directory entry (no lstat; the fstat after reading gives the stat).
+        new_files = self._known_inos is not None
         for name in sorted(entries.keys() | records.keys()):
-            path = f"{rel}/{name}" if rel else name
+            path = prefix + name
             if name.startswith(TEMP_PREFIX):
                 if self.clean_temp:  # left by a crash; only ever a temp name, never tracked
                     try:
-                        os.unlink(self.root / path)
+                        os.unlink(f"{self._root_s}/{path}")
                     except OSError:
                         pass
                 continue
@@ -224,10 +248,15 @@ class Scanner:
                 if rec is not None and not rec.deleted:
                     self._gone(rec)
                 continue
-            try:
-                check_path(path)
-            except UnsafePathError as e:
-                self._error(path, f"not replicated: {e}")
+            if not name.isascii():
+                # A name from the directory has no "/" or NUL and is never "", "." or "..", and
+                # rel was checked: only its encoding can make the path unsafe.
+                try:
+                    check_path(path)
+                except UnsafePathError as e:
+                    self._error(path, f"not replicated: {e}")
+                    continue
+            if rec is None and new_files and self._new_file(path, entry):
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -243,6 +272,35 @@ class Scanner:
         if self.progress is not None:
             self.progress(self.stats)
         return subdirs
+
+    def _new_file(self, path: str, entry: os.DirEntry[str]) -> bool:
+        """Record a file at a path with no record, if it is plainly a new file (a regular file
+        whose inode no record has, so not moved here); False: not handled, scan it as usual."""
+        known = self._known_inos
+        assert known is not None
+        try:
+            if entry.inode() in known or not entry.is_file(follow_symlinks=False):
+                return False
+        except OSError:
+            return False
+        if self.ignore(path, False):
+            return True
+        try:
+            sha, blocks, size, st = hash_file_stat(f"{self._root_s}/{path}")
+        except OSError:
+            return False  # gone or unreadable: the usual way reports what is there now
+        ino = st.st_ino
+        if ino in known or not stat.S_ISREG(st.st_mode):
+            return False  # replaced since the directory was read
+        self.stats.files += 1
+        self.stats.hashed_bytes += size
+        self.store.put_local(path, new_guid(), "file", self._first_version, "create",
+                             st.st_mode & 0o7777, st.st_mtime_ns, size, sha, blocks, ino)
+        known.add(ino)
+        self.stats.created += 1
+        if self.verbose:
+            self.stats.changes.append(("create", path))
+        return True
 
     def _scan_entry(
         self, path: str, st: os.stat_result | None, rec: Record | None, *, descend: bool
@@ -331,6 +389,9 @@ class Scanner:
             except OSError as e:
                 self._error(path, f"cannot read: {e.strerror}")
                 return
+            if not stat.S_ISREG(st.st_mode):
+                self._error(path, "cannot read: no longer a regular file")  # the next scan sees it
+                return
             self.stats.hashed_bytes += size
         if live and rec is not None:
             version, guid, action = rec.version.bump(self.me), rec.guid, Action.UPDATE
@@ -344,28 +405,17 @@ class Scanner:
             version, guid, action = base.bump(self.me), new_guid(), Action.CREATE
             if rec is not None and rec.kind is not Kind.DIR and not rec.deleted:
                 action = Action.UPDATE  # a symlink became a file
-        new = Record(
-            path,
-            guid,
-            Kind.FILE,
-            version,
-            mode=mode,
-            mtime_ns=st.st_mtime_ns,
-            size=size,
-            sha256=sha,
-            blocks=blocks,
-            action=action,
-            ino=st.st_ino,
-        )
+        mtime_ns, ino = st.st_mtime_ns, st.st_ino
         if live and rec is not None and rec.sha256 == sha and (rec.mode, rec.mtime_ns) == (
-            mode, st.st_mtime_ns
+            mode, mtime_ns
         ):
-            self.store.set_ino(path, st.st_ino)  # same file, new inode: cache only
+            self.store.set_ino(path, ino)  # same file, new inode: cache only
             return
         note = f"moved from {moved.path}" if moved is not None else ""
-        self.store.put(new, local=True, note=note)
+        self.store.put_local(path, guid, "file", version.encode(), action.value, mode, mtime_ns,
+                             size, sha, blocks, ino, note)  # fmt: skip
         if self._known_inos is not None:
-            self._known_inos.add(st.st_ino)
+            self._known_inos.add(ino)
         if action is Action.CREATE:
             self.stats.created += 1
         else:

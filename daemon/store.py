@@ -389,50 +389,58 @@ class Store:
             record = record.with_(origin_seq=seq, seq=seq, replicated_ns=now)
         else:
             record = record.with_(seq=seq, replicated_ns=now)
-        version = record.version.encode()
+        self._append(
+            record.path, record.guid, record.kind.value, record.version.encode(),
+            record.deleted, record.mode, record.mtime_ns, record.size, record.sha256,
+            record.blocks, record.target, record.modified_by, record.origin_seq,
+            record.action.value, record.changed_ns, seq, record.replicated_ns, record.ino,
+            via, note,
+        )  # fmt: skip
+        return record
+
+    def put_local(
+        self,
+        path: str,
+        guid: str,
+        kind: str,
+        version: str,
+        action: str,
+        mode: int,
+        mtime_ns: int,
+        size: int,
+        sha256: str,
+        blocks: bytes,
+        ino: int,
+        note: str = "",
+    ) -> int:
+        """``put(Record(path, guid, Kind(kind), VersionVector.decode(version), mode=mode, ...,
+        action=Action(action), ino=ino), local=True, note=note)`` without building a Record:
+        the scanner's path for a new or changed file (once per file of a first
+        scan). Kind, version and action come in their stored text forms. Returns the seq."""
+        seq = self._next_seq()
+        me = self.replica_id
+        self._append(path, guid, kind, version, False, mode, mtime_ns, size, sha256, blocks, "",
+                     me, seq, action, self._clock(), seq, 0, ino, "", note)  # type: ignore[operator]  # fmt: skip
+        return seq
+
+    def _append(
+        self, path: str, guid: str, kind: str, version: str, deleted: bool, mode: int,
+        mtime_ns: int, size: int, sha256: str, blocks: bytes, target: str, modified_by: str,
+        origin_seq: int, action: str, changed_ns: int, seq: int, replicated_ns: int, ino: int,
+        via: str, note: str,
+    ) -> None:  # fmt: skip
+        """Buffer one record row and its history row (written by flush, in order)."""
         self._pending_records.append(
-            (
-                parent_of(record.path),
-                record.path,
-                record.guid,
-                record.kind.value,
-                version,
-                int(record.deleted),
-                record.mode,
-                record.mtime_ns,
-                record.size,
-                record.sha256,
-                record.blocks,
-                record.target,
-                record.modified_by,
-                record.origin_seq,
-                record.action.value,
-                record.changed_ns,
-                record.seq,
-                record.replicated_ns,
-                record.ino,
-            )
+            (parent_of(path), path, guid, kind, version, int(deleted), mode, mtime_ns,
+             size, sha256, blocks, target, modified_by, origin_seq, action, changed_ns, seq,
+             replicated_ns, ino)  # fmt: skip
         )
         self._pending_history.append(
-            (
-                record.path,
-                record.guid,
-                seq,
-                record.modified_by,
-                record.origin_seq,
-                record.action.value,
-                version,
-                record.kind.value,
-                record.size,
-                record.sha256,
-                record.changed_ns,
-                via,
-                note,
-            )
+            (path, guid, seq, modified_by, origin_seq, action, version, kind, size, sha256,
+             changed_ns, via, note)  # fmt: skip
         )
         if len(self._pending_records) >= PAGE:
             self.flush()
-        return record
 
     def flush(self) -> None:
         """Write buffered rows (puts are batched: one executemany is much cheaper than many

@@ -169,7 +169,10 @@ def is_nfc(path: str) -> bool:
 
 def parent_of(path: str) -> str:
     """The parent's path; the root's children have parent ``""``."""
-    return posixpath.dirname(path)
+    head = path.rpartition("/")[0]
+    if head.endswith("/") or (not head and path.startswith("/")):
+        return posixpath.dirname(path)  # not a checked path; dirname's answer, whatever it is
+    return head  # a checked path (once per stored record, so no posixpath call)
 
 
 def is_within(path: str, prefix: str) -> bool:
