@@ -86,7 +86,12 @@ class ApplyStats:
 @dataclass
 class _Pending:
     step: Step
-    tmp: Path | None = None
+    tmp: Path | None = None  # a named temporary file (or symlink) beside the target
+    fd: int | None = None  # an unnamed one (O_TMPFILE), linked to its name at install
+
+
+# Unnamed temporary files held open in one batch (each holds a file descriptor until installed).
+MAX_UNNAMED = 256
 
 
 class Applier:
@@ -113,6 +118,8 @@ class Applier:
         self.stats = ApplyStats()
         self._batch: list[_Pending] = []
         self._batch_bytes = 0
+        self._batch_fds = 0
+        self._unnamed_ok = hasattr(os, "O_TMPFILE")  # until the file system says otherwise
         self._deferred: list[Step] = []
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
 
@@ -136,7 +143,11 @@ class Applier:
             self._deferred.append(step)
             return
         self._guarded(step, self._stage)
-        if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+        if (
+            len(self._batch) >= BATCH_FILES
+            or self._batch_bytes >= BATCH_BYTES
+            or self._batch_fds >= MAX_UNNAMED
+        ):
             self._flush()
 
     def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
@@ -280,8 +291,19 @@ class Applier:
         if step.op is Op.WRITE:
             self._check(path, step.expected)
             self._ensure_parent(path)
-            tmp = self._write_temp(rec, step.source)
-            self._batch.append(_Pending(step, tmp))
+            src, local = self._open_source(rec, step.source)
+            fd = None
+            try:
+                new = step.expected is None or step.expected.deleted
+                if new and getattr(src, "spool", None) is None:  # a spool is adopted instead
+                    fd = self._write_unnamed(rec, src, local)
+                if fd is not None:
+                    self._batch.append(_Pending(step, fd=fd))
+                    self._batch_fds += 1
+                else:
+                    self._batch.append(_Pending(step, self._write_temp(rec, src, local)))
+            finally:
+                src.close()  # consumed and closed already, unless something failed first
             self._batch_bytes += rec.size
         elif step.op is Op.MKDIR:
             st = self._check(path, step.expected)
@@ -311,34 +333,60 @@ class Applier:
         tag = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         return Path(self._p(parent_of(path)) + f"/{TEMP_PREFIX}{tag}-{os.urandom(4).hex()}")
 
-    def _write_temp(self, rec: Record, source: str = "") -> Path:
+    def _write_temp(self, rec: Record, src: BinaryIO, local: bool) -> Path:
         tmp = self._temp_name(rec.path)
-        src, local = self._open_source(rec, source)
         spool = getattr(src, "spool", None)
         if spool is not None and _same_device(spool.parent, tmp.parent):
             return self._adopt_spool(rec, src, tmp)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
         try:
-            with src:
-                h, size = hashlib.sha256(), 0
-                while chunk := src.read(COPY_CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-            _check_content(rec, h.hexdigest(), size)
-            os.fchmod(fd, rec.mode)
-            os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
+            self._fill(fd, rec, src, local)
         except BaseException:
-            os.close(fd)
             _unlink_quiet(tmp)
             raise
-        os.close(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def _write_unnamed(self, rec: Record, src: BinaryIO, local: bool) -> int | None:
+        """A new file's content in an unnamed temporary file (O_TMPFILE) in its directory, or
+        None (``src`` untouched) on a file system without them. Nothing else sees the file, the
+        inotify watch included: no event until it is linked to its name, and nothing to clean
+        up after a crash."""
+        if not self._unnamed_ok:
+            return None
+        try:
+            fd = os.open(self._p(parent_of(rec.path)), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
+                         0o600)  # fmt: skip
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                self._unnamed_ok = False
+                log.info("%s: no unnamed temporary files here (%s)", self.root, e.strerror)
+                return None
+            raise
+        try:
+            self._fill(fd, rec, src, local)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _fill(self, fd: int, rec: Record, src: BinaryIO, local: bool) -> None:
+        """Write ``src`` to ``fd``, check it is ``rec``'s content, give it ``rec``'s metadata."""
+        with src:
+            h, size = hashlib.sha256(), 0
+            while chunk := src.read(COPY_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        _check_content(rec, h.hexdigest(), size)
+        os.fchmod(fd, rec.mode)
+        os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
         if local:
             self.stats.copied_locally += 1
-        return tmp
 
     def _adopt_spool(self, rec: Record, src: BinaryIO, tmp: Path) -> Path:
         """A big fetched file: the fetcher wrote every block to its spool (the resumable partial
@@ -389,16 +437,44 @@ class Applier:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._dirs_ok.clear()
-        has_files = any(p.tmp is not None for p in batch)
+        self._batch_fds = 0
+        has_files = any(p.tmp is not None or p.fd is not None for p in batch)
         if has_files:
             syncfs(self.root)
         ready: list[tuple[_Pending, int]] = []
+        try:
+            self._install_batch(batch, ready)
+        finally:
+            for p in batch:  # left over only if installing stopped on an exception
+                if p.fd is not None:
+                    os.close(p.fd)
+        if has_files:
+            syncfs(self.root)
+        with self.store.transaction():
+            for p, ino in ready:
+                self._record(p.step.record.with_(ino=ino), local=False, step=p.step)
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+
+    def _install_batch(self, batch: list[_Pending], ready: list[tuple[_Pending, int]]) -> None:
         for p in batch:
             ino = 0
-            if p.tmp is not None:
+            if p.fd is not None:
                 try:
-                    self._check(p.step.path, p.step.expected)
-                    os.rename(p.tmp, self._p(p.step.path))
+                    self._link_unnamed(p.fd, p.step)
+                    ino = os.fstat(p.fd).st_ino
+                except ChangedOnDisk as e:
+                    self._changed(p.step, e)
+                    continue
+                except OSError as e:
+                    self._error(p.step.path, str(FsError(p.step.path, e)))
+                    continue
+                finally:
+                    os.close(p.fd)
+                    p.fd = None
+            elif p.tmp is not None:
+                try:
+                    self._install(p.tmp, p.step)
                     ino = os.lstat(self._p(p.step.path)).st_ino
                 except ChangedOnDisk as e:
                     _unlink_quiet(p.tmp)
@@ -416,19 +492,51 @@ class Applier:
                 except OSError:
                     ino = 0
             ready.append((p, ino))
-        if has_files:
-            syncfs(self.root)
-        with self.store.transaction():
-            for p, ino in ready:
-                self._record(p.step.record.with_(ino=ino), local=False, step=p.step)
-        if self.on_progress is not None:
-            self.on_progress(self.stats)
+
+    def _link_unnamed(self, fd: int, step: Step) -> None:
+        """Give an unnamed temporary file its name; fails if anything appeared there since."""
+        self._check(step.path, step.expected)
+        # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N links the open file (open(2) documents
+        # this for O_TMPFILE). os.link calls plain link(), which does not follow, unless a
+        # dir_fd is given: the source is absolute, so the one given here is never used.
+        dir_fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(f"/proc/self/fd/{fd}", self._p(step.path), src_dir_fd=dir_fd,
+                    follow_symlinks=True)  # fmt: skip
+        except FileExistsError:
+            raise ChangedOnDisk(step.path, "something new is there") from None
+        finally:
+            os.close(dir_fd)
+
+    def _install(self, tmp: Path, step: Step) -> None:
+        """Put the temp file in place. A file new here is linked to its name, which fails if
+        anything appeared there since the check (nothing is replaced that was not planned for),
+        and raises no rename events: watchdog pairs those up at a cost that grows with how many
+        are in flight, which is many during a big sync."""
+        self._check(step.path, step.expected)
+        target = self._p(step.path)
+        if step.expected is None or step.expected.deleted:
+            try:
+                os.link(tmp, target, follow_symlinks=False)
+            except FileExistsError:
+                raise ChangedOnDisk(step.path, "something new is there") from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                os.rename(tmp, target)  # a file system without hard links
+                return
+            os.unlink(tmp)
+        else:
+            os.rename(tmp, target)
 
     def _discard_batch(self) -> None:
         for p in self._batch:
             if p.tmp is not None:
                 _unlink_quiet(p.tmp)
+            if p.fd is not None:
+                os.close(p.fd)  # an unnamed file: gone with its last descriptor
         self._batch = []
+        self._batch_fds = 0
 
     def _record(
         self, rec: Record, *, local: bool, step: Step | None = None, action: Action | None = None

@@ -17,8 +17,18 @@ import time
 from pathlib import Path
 
 from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
     DirModifiedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
     FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileOpenedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -35,6 +45,24 @@ WATCH_LIMIT_HELP = (
     "`echo fs.inotify.max_user_watches=524288 | sudo tee /etc/sysctl.d/40-repld.conf && "
     "sudo sysctl --system`, then restart repld"
 )
+
+
+# The events that can mean a change. Left out, so the kernel does not even queue them: opens and
+# reads (every block served to a peer would cost an event or two), and the "directory modified"
+# event watchdog adds for the parent of every created or deleted entry (the entry's own event
+# names the path already).
+EVENTS = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,  # chmod, chown, utime (FileModifiedEvent puts IN_ATTRIB in the mask)
+    DirAttribEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+]
 
 
 def watch_limit() -> str:
@@ -90,7 +118,7 @@ class Watcher:
     def start(self) -> bool:
         """Start watching; False (and ``degraded`` says why) if the tree cannot be watched."""
         observer = Observer()
-        observer.schedule(_Handler(self), self.root, recursive=True)
+        observer.schedule(_Handler(self), self.root, recursive=True, event_filter=EVENTS)
         try:
             observer.start()
         except OSError as e:

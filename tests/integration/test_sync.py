@@ -285,6 +285,25 @@ def test_ignored_paths_stay_local(tmp_path):
     assert not (b.root / "cache").exists() and not (b.root / "w.tmp").exists()
 
 
+def _writing_a_temp_file(pid: int, root: Path) -> bool:
+    """Whether ``pid`` holds a temporary file under ``root`` open: a named one, or an unnamed
+    one (O_TMPFILE), which /proc shows as ``DIR/#INODE (deleted)``."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{root}/") and (
+            "/.repld-tmp-" in target or target.endswith(" (deleted)")
+        ):
+            return True
+    return False
+
+
 def test_kill_during_sync_leaves_no_partial_file_and_next_sync_repairs(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     src = a.root / "data"
@@ -302,7 +321,7 @@ def test_kill_during_sync_leaves_no_partial_file_and_next_sync_repairs(tmp_path)
         while time.monotonic() < deadline and proc.poll() is None and not seen:
             names = os.listdir(b.root / "data") if (b.root / "data").exists() else []
             if kill_when == "temp":
-                seen = any(n.startswith(".repld-tmp-") for n in names)
+                seen = _writing_a_temp_file(proc.pid, b.root)
             else:
                 seen = any(not n.startswith(".repld-tmp-") for n in names)
         assert seen and proc.poll() is None, "the sync ended before it could be killed mid-way"
