@@ -351,6 +351,11 @@ def format_status(st: dict[str, Any]) -> str:
     ]
     if not st.get("watching", True):
         lines.append("  watching: off (inotify unavailable or its limit reached): periodic full scans")
+    elif st.get("unwatched_dirs"):
+        lines.append(
+            f"  watching: {st['unwatched_dirs']} directories beyond the inotify watch limit, "
+            "rescanned every minute (see the log for the fix)"
+        )
     for p in peers:
         if p["connected"]:
             state = "in sync" if p["in_sync"] else (

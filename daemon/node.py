@@ -51,9 +51,10 @@ from .applier import Applier, ApplyStats
 from .errors import ReplError
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
+from .ignore import IGNORE_FILE
 from .replica import Replica, list_conflicts, load_keys
 from .scanner import kind_of
-from .watcher import WATCH_LIMIT_HELP, Watcher, watch_limit
+from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class Node:
         self._counts = (0, 0, 0, 0)
         self._counts_seq = -1
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
+        self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
         self._applied: dict[str, Record] = {}  # what we wrote, so its inotify echo is not rescanned
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
@@ -196,15 +198,13 @@ class Node:
                 self._dial(peer)
         self.poller.register(self._wake_r, zmq.POLLIN)
         if self.opts.watch:
-            self.watcher = Watcher(self.cfg.root, self._wake_w, exclude=(self.cfg.state,))
+            self.watcher = Watcher(self.cfg.root, self._wake_w, exclude=(self.cfg.state,),
+                                   ignored=self.rep.ignore(),
+                                   rescan_every=DEGRADED_SCAN_EVERY)  # fmt: skip
             if not self.watcher.start():
-                if self.watcher.degraded == "inotify watch limit reached":
-                    log.warning(
-                        WATCH_LIMIT_HELP.format(limit=watch_limit(), interval=DEGRADED_SCAN_EVERY)
-                    )
-                else:
-                    log.warning("%s; falling back to a full scan every %g s",
-                                self.watcher.degraded, DEGRADED_SCAN_EVERY)  # fmt: skip
+                # (The watch limit was told already, with its fix.)
+                log.warning("%s; falling back to a full scan every %g s",
+                            self.watcher.degraded, DEGRADED_SCAN_EVERY)  # fmt: skip
         self.state = "scanning"
         self.publish()
 
@@ -301,7 +301,13 @@ class Node:
         for name, peer in wanted.items():
             if name not in dialled and (self.opts.only_peer in (None, name)):
                 self._dial(peer)
+        self._refresh_watches()
         self.request_full_scan()
+
+    def _refresh_watches(self) -> None:
+        """New ignore rules for the watches, and another try at what could not be watched."""
+        if self.watcher is not None and self.watcher.alive:
+            self.watcher.refresh(self.rep.ignore())
 
     def _drop_link(self, link: PeerLink, reason: str) -> None:
         if link.session is not None and link.established:
@@ -359,6 +365,8 @@ class Node:
             due = self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST)
             if due is not None and due <= 0:
                 full, paths = self.watcher.take()
+                if IGNORE_FILE in paths:
+                    self._refresh_watches()
                 if full:
                     self.full_scan()
                 else:
@@ -885,6 +893,14 @@ class Node:
             self._next_full_scan = due = now + every  # the watcher died since the last scan
         if not self.paused and due is not None and now >= due:
             self.full_scan()
+        w = self.watcher
+        if w is not None and w.alive and w.unwatched and not self.paused:
+            # Directories beyond the watch limit: rescanned on a timer instead.
+            if self._next_unwatched_scan is None:
+                self._next_unwatched_scan = now + DEGRADED_SCAN_EVERY
+            elif now >= self._next_unwatched_scan:
+                self._next_unwatched_scan = now + DEGRADED_SCAN_EVERY
+                self.scan(sorted(w.unwatched))
 
     def _run_commands(self) -> None:
         while True:
@@ -893,6 +909,7 @@ class Node:
                     return
                 name, args = self.commands.popleft()
             if name == "rescan":
+                self._refresh_watches()
                 self.full_scan()
             elif name == "pause":
                 self.paused = True
@@ -976,6 +993,8 @@ class Node:
             "errors": [{"path": e.path, "error": e.error} for e in self.errors.values()],
             "peers": peers,
             "watching": self.watcher is not None and self.watcher.alive,
+            # Directories beyond the inotify watch limit, rescanned every minute instead.
+            "unwatched_dirs": len(self.watcher.unwatched) if self.watcher is not None else 0,
             "transfer": {
                 "files_written": a.written,
                 "bytes_written": a.written_bytes,

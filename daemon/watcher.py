@@ -1,10 +1,18 @@
-"""The watcher: inotify events (through watchdog) turned into hints of paths to scan.
+"""The watcher: inotify events turned into hints of paths to scan.
 
 Events are hints, never the truth: each one only names a path for the scanner to look at. The
-watcher thread collects paths in a set and wakes the daemon's loop through a pipe; the loop takes
-them after a short quiet period (``Watcher.take``). Whatever the watcher cannot vouch for (a queue
-overflow, a watch that could not be added) turns into a request for a full scan, never into a
-missed change.
+watcher keeps one inotify watch per directory of the tree, ignored subtrees left out (a home
+directory's caches would otherwise use up the kernel's watch limit for nothing). It sits on
+watchdog's inotify layer (``InotifyFD``: the inotify descriptor, its reading thread and the
+watch bookkeeping) and handles each event right on that thread: no event objects, queues and
+dispatch threads in between, which cost more than the scan itself when thousands of files
+arrive at once.
+
+The paths are collected in a set; the daemon's loop is woken through a pipe and takes them after
+a short quiet period (``Watcher.take``). Whatever the watcher cannot vouch for turns into a scan,
+never into a missed change: a queue overflow asks for a full scan (and the watches are checked
+again), and a directory that cannot be watched because the watch limit is reached is listed in
+``unwatched``, which the daemon rescans every minute, and said once in the log with the fix.
 """
 
 from __future__ import annotations
@@ -14,55 +22,42 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import (
-    DirAttribEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    FileAttribEvent,
-    FileClosedEvent,
-    FileClosedNoWriteEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileOpenedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
+from watchdog.observers.inotify_c import InotifyConstants as IN
+from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
 from ..protocol.record import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
 
 WATCH_LIMIT_HELP = (
-    "the inotify watch limit is reached (fs.inotify.max_user_watches = {limit}); repld falls back "
-    "to a full scan every {interval:g} s. To watch the whole tree, raise the limit: "
+    "the inotify watch limit is reached (fs.inotify.max_user_watches = {limit}): {count} "
+    "director{ies} of the tree cannot be watched (the first: {first}); repld rescans them every "
+    "{interval:g} s instead. To watch the whole tree, raise the limit: "
     "`echo fs.inotify.max_user_watches=524288 | sudo tee /etc/sysctl.d/40-repld.conf && "
-    "sudo sysctl --system`, then restart repld"
+    "sudo sysctl --system`, then `repld rescan` (or restart repld)"
 )
 
+# What can mean a change: creations, writes, metadata (chmod, chown, utime), deletions and both
+# halves of a rename. Not opens and reads: every block served to a peer would cost events.
+# IN_ONLYDIR: a directory replaced by something else since it was listed is not watched.
+MASK = (
+    IN.IN_CREATE
+    | IN.IN_MODIFY
+    | IN.IN_ATTRIB
+    | IN.IN_CLOSE_WRITE
+    | IN.IN_DELETE
+    | IN.IN_MOVED_FROM
+    | IN.IN_MOVED_TO
+    | IN.IN_DELETE_SELF
+    | IN.IN_DONT_FOLLOW
+    | IN.IN_ONLYDIR
+    | IN.IN_EXCL_UNLINK
+)
 
-# The events that can mean a change. Left out, so the kernel does not even queue them: opens and
-# reads (every block served to a peer would cost an event or two), and the "directory modified"
-# event watchdog adds for the parent of every created or deleted entry (the entry's own event
-# names the path already).
-EVENTS = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileModifiedEvent,
-    FileAttribEvent,  # chmod, chown, utime (FileModifiedEvent puts IN_ATTRIB in the mask)
-    DirAttribEvent,
-    FileClosedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-]
+Ignored = Callable[[str, bool], bool]  # (relative path, is a directory) -> not replicated
 
 
 def watch_limit() -> str:
@@ -72,83 +67,193 @@ def watch_limit() -> str:
         return "unknown"
 
 
-class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: Watcher):
-        self.w = watcher
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if isinstance(event, (DirModifiedEvent, FileOpenedEvent, FileClosedNoWriteEvent)):
-            return  # a directory's own mtime, or a read: the children's events say what changed
-        paths = [event.src_path]
-        dest = getattr(event, "dest_path", "")
-        if dest:
-            paths.append(dest)
-        self.w.add([os.fsdecode(p) for p in paths])
-
-
-class _OverflowSpy(logging.Handler):
-    """watchdog only logs an inotify queue overflow; that warning is our cue to scan everything."""
-
-    def __init__(self, watcher: Watcher):
-        super().__init__(logging.WARNING)
-        self.w = watcher
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.w.request_full_scan()
-
-
 class Watcher:
     """Watches ``root`` recursively; ``wake`` is a file descriptor written once per burst."""
 
-    def __init__(self, root: Path, wake_fd: int, *, exclude: tuple[Path, ...] = ()):
+    def __init__(
+        self,
+        root: Path,
+        wake_fd: int,
+        *,
+        exclude: tuple[Path, ...] = (),
+        ignored: Ignored | None = None,
+        rescan_every: float = 60.0,
+    ):
         self.root = str(root)
         self._prefix = self.root.rstrip("/") + "/"
         self.wake_fd = wake_fd
         self.exclude = tuple(str(p).rstrip("/") + "/" for p in exclude)
-        self._lock = threading.Lock()
+        self.ignored: Ignored = ignored or (lambda path, is_dir: False)
+        self.rescan_every = rescan_every  # how often the daemon scans ``unwatched`` (for the log)
+        self._lock = threading.Lock()  # the pending paths
         self._paths: set[str] = set()
         self._full = False
         self._first = 0.0
         self._last = 0.0
-        self._observer: Observer | None = None  # type: ignore[valid-type]
-        self._spy: _OverflowSpy | None = None
+        self._wlock = threading.RLock()  # the watches
+        self._fd: InotifyFD | None = None
+        self._wd_path: dict[int, str] = {}  # watch descriptor -> directory ("" is the root)
+        self._path_wd: dict[str, int] = {}
+        self._id = id(self)
+        self.unwatched: set[str] = set()  # subtrees without a watch (the watch limit)
+        self._told_limit = False
         self.degraded = ""  # why watching is incomplete, for status and logs
 
+    # -- life cycle -----------------------------------------------------------------------------
+
     def start(self) -> bool:
-        """Start watching; False (and ``degraded`` says why) if the tree cannot be watched."""
-        observer = Observer()
-        observer.schedule(_Handler(self), self.root, recursive=True, event_filter=EVENTS)
+        """Start watching; False (and ``degraded`` says why) if the root cannot be watched.
+        Directories beyond the watch limit do not make it fail: see ``unwatched``."""
         try:
-            observer.start()
+            self._fd = InotifyFD()
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                self.degraded = "inotify watch limit reached"
-            else:
-                self.degraded = f"cannot watch {self.root}: {e.strerror or e}"
-            try:
-                observer.stop()
-            except Exception:
-                pass
+            self.degraded = f"cannot use inotify: {e.strerror or e}"
             return False
-        self._observer = observer
-        self._spy = _OverflowSpy(self)
-        logging.getLogger("watchdog.observers").addHandler(self._spy)
+        self._fd.start()
+        with self._wlock:
+            self._watch_tree("")
+            watched = "" in self._path_wd
+        if not watched:
+            self.degraded = (
+                "inotify watch limit reached"
+                if "" in self.unwatched
+                else f"cannot watch {self.root}"
+            )
+            self.stop()
+            return False
         return True
 
     def stop(self) -> None:
-        if self._spy is not None:
-            logging.getLogger("watchdog.observers").removeHandler(self._spy)
-            self._spy = None
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fd.stop()  # closes the descriptor, which ends its thread
+            fd.join(timeout=5)
 
     @property
     def alive(self) -> bool:
-        """False when watchdog's thread died (for instance on a watch it could not add later)."""
-        return self._observer is not None and self._observer.is_alive()
+        """False when the inotify thread is gone (stopped, or died on an error)."""
+        return self._fd is not None and self._fd.is_alive()
+
+    def refresh(self, ignored: Ignored | None = None) -> None:
+        """Take new ignore rules, and try again to watch what could not be watched."""
+        if ignored is not None:
+            self.ignored = ignored
+        with self._wlock:
+            for path in [p for p in self._path_wd if p and self._ignored_dir(p)]:
+                self._unwatch_tree(path)
+            self.unwatched.clear()  # (the limit is told once per run, not once per retry)
+            self._watch_tree("")
+
+    # -- the watches ----------------------------------------------------------------------------
+
+    def _ignored_dir(self, rel: str) -> bool:
+        return (self._prefix + rel + "/").startswith(self.exclude) or self.ignored(rel, True)
+
+    def _watch_tree(self, top: str) -> None:
+        """Watch ``top`` and every directory below it that is not ignored."""
+        fd = self._fd
+        if fd is None:
+            return
+        stack = [top]
+        while stack:
+            rel = stack.pop()
+            path = self._prefix + rel if rel else self.root
+            try:
+                wd = fd.add_callback(os.fsencode(path), MASK, self, self._id)  # type: ignore[arg-type]
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    self._limit_reached(rel)
+                continue  # gone, not a directory any more, or unreadable: the scan says so
+            if wd < 0:
+                continue  # EACCES, which watchdog does not raise
+            old = self._wd_path.get(wd)
+            if old is not None and old != rel:
+                self._path_wd.pop(old, None)  # the same directory, moved
+            self._wd_path[wd] = rel
+            self._path_wd[rel] = wd
+            try:
+                with os.scandir(path) as it:
+                    for entry in it:
+                        if entry.name.startswith(TEMP_PREFIX):
+                            continue
+                        try:
+                            if not entry.is_dir(follow_symlinks=False):
+                                continue
+                        except OSError:
+                            continue
+                        sub = f"{rel}/{entry.name}" if rel else entry.name
+                        if not self._ignored_dir(sub):
+                            stack.append(sub)
+            except OSError:
+                continue
+
+    def _unwatch_tree(self, top: str) -> None:
+        prefix = top + "/"
+        gone = [(p, wd) for p, wd in self._path_wd.items() if p == top or p.startswith(prefix)]
+        for p, wd in gone:
+            del self._path_wd[p]
+            self._wd_path.pop(wd, None)
+        self.unwatched = {u for u in self.unwatched if u != top and not u.startswith(prefix)}
+        if self._fd is not None and gone:
+            self._fd.remove_callbacks([(wd, self._id) for _, wd in gone])  # type: ignore[misc]
+
+    def _limit_reached(self, rel: str) -> None:
+        self.unwatched.add(rel)
+        self.degraded = "inotify watch limit reached"
+        if not self._told_limit:
+            self._told_limit = True
+            # Said once the walk is over, with the count; the first one names the place.
+            threading.Timer(0, self._tell_limit).start()
+
+    def _tell_limit(self) -> None:
+        with self._wlock:
+            count, first = len(self.unwatched), min(self.unwatched, default="")
+        log.warning(
+            WATCH_LIMIT_HELP.format(
+                limit=watch_limit(),
+                count=count,
+                ies="y" if count == 1 else "ies",
+                first=first or ".",
+                interval=self.rescan_every,
+            )
+        )
+
+    # -- inotify's thread calls these (the WatchCallback protocol) ------------------------------
+
+    def on_event(self, event: InotifyEvent) -> None:
+        with self._wlock:
+            top = self._wd_path.get(event.wd)
+            if top is None:
+                return
+            if not event.name:
+                # The directory itself (its metadata, its removal): the watch of its parent
+                # reports the same change with the name, and the root's own is not replicated.
+                return
+            name = os.fsdecode(event.name)
+            if name.startswith(TEMP_PREFIX):
+                return  # our own temporary files; their link or rename names the real path
+            rel = f"{top}/{name}" if top else name
+            if event.is_directory:
+                if event.is_moved_from:
+                    self._unwatch_tree(rel)
+                elif (event.is_create or event.is_moved_to) and not self._ignored_dir(rel):
+                    # Watched from now on; what it held already is found by scanning it.
+                    self._watch_tree(rel)
+        self.add([self._prefix + rel])
+
+    def on_watch_deleted(self, wd: int) -> None:
+        with self._wlock:
+            path = self._wd_path.pop(wd, None)
+            if path is not None and self._path_wd.get(path) == wd:
+                del self._path_wd[path]
+
+    def on_queue_overflow(self) -> None:
+        log.warning("inotify queue overflow: events were lost; scanning the whole tree")
+        self.request_full_scan()
+        with self._wlock:
+            self._watch_tree("")  # directories made during the overflow have no watch yet
+
+    # -- hints ----------------------------------------------------------------------------------
 
     def add(self, abs_paths: list[str]) -> None:
         rels = []

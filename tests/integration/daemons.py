@@ -98,12 +98,13 @@ class Replica(Rep):
         # "--": a Z85 key may start with "-" (see test_peer_key_starting_with_a_dash).
         self("peer", "add", "--", name, endpoint, key)
 
-    def start(self, *, wait: bool = True) -> None:
+    def start(self, *, wait: bool = True, wrap: Sequence[str] = ()) -> None:
+        """Start ``repld run`` (through ``wrap``, a command that execs its arguments, if given)."""
         assert not self.running, f"{self.name} runs already"
         with open(self.log, "ab") as err:
             err.write(f"--- repld run ({time.strftime('%H:%M:%S')}) ---\n".encode())
             err.flush()
-            cmd = [*REPLD, "--config", str(self.config), "run"]
+            cmd = [*wrap, *REPLD, "--config", str(self.config), "run"]
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         if wait:
             self.wait_ready()

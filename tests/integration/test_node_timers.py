@@ -88,3 +88,32 @@ def test_without_watching_a_one_shot_does_not_fall_back_to_minute_scans(make_nod
     clock.now += DEGRADED_SCAN_EVERY + 1
     node.step(0)
     assert len(scans) == 1
+
+
+def test_unwatched_directories_are_rescanned_every_minute(tmp_path: Path) -> None:
+    (rep,) = make_replicas(tmp_path, "a")
+    (rep.root / "sub").mkdir()
+    replica = open_replica(rep.config)
+    clock = Clock()
+    node = Node(replica, options=Options(listen=False, watch=True), clock=clock)
+    node.open()
+    try:
+        node.first_scan()
+        w = node.watcher
+        assert w is not None and w.alive
+        # What the watch limit does to a directory (test_watcher shows the real limit at work).
+        w._unwatch_tree("sub")
+        w.unwatched.add("sub")
+        (rep.root / "sub" / "new.txt").write_text("made where no watch sees it\n")
+        node.step(0)
+        assert node.store.get("sub/new.txt") is None
+        clock.now += DEGRADED_SCAN_EVERY - 1
+        node.step(0)
+        assert node.store.get("sub/new.txt") is None
+        clock.now += 2
+        node.step(0)
+        rec = node.store.get("sub/new.txt")
+        assert rec is not None and not rec.deleted
+    finally:
+        node.close()
+        node.rep.close()
