@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..protocol.errors import ProtocolError
 from ..protocol.record import Action, Kind, Record, parent_of
@@ -114,30 +115,23 @@ class PeerMark:
     last_sync_ns: int
 
 
-def _row_to_record(row: tuple[object, ...]) -> Record:
+_KINDS = {k.value: k for k in Kind}
+_ACTIONS = {a.value: a for a in Action}
+
+
+def _row_to_record(row: tuple[Any, ...]) -> Record:
+    # Once per record read (every record of a rescan): positional, enums by dict lookup.
     (path, guid, kind, version, deleted, mode, mtime_ns, size, sha, blocks, target,
      modified_by, origin_seq, action, changed_ns, seq, replicated_ns, ino) = row  # fmt: skip
     try:
         return Record(
-            path=str(path),
-            guid=str(guid),
-            kind=Kind(kind),
-            version=VersionVector.decode(str(version)),
-            deleted=bool(deleted),
-            mode=int(mode),  # type: ignore[call-overload]
-            mtime_ns=int(mtime_ns),  # type: ignore[call-overload]
-            size=int(size),  # type: ignore[call-overload]
-            sha256=str(sha),
-            blocks=bytes(blocks),  # type: ignore[call-overload]
-            target=str(target),
-            modified_by=str(modified_by),
-            origin_seq=int(origin_seq),  # type: ignore[call-overload]
-            action=Action(action),
-            changed_ns=int(changed_ns),  # type: ignore[call-overload]
-            seq=int(seq),  # type: ignore[call-overload]
-            replicated_ns=int(replicated_ns),  # type: ignore[call-overload]
-            ino=int(ino),  # type: ignore[call-overload]
-        )
+            str(path), str(guid), _KINDS[kind], VersionVector.decode(str(version)),
+            bool(deleted), int(mode), int(mtime_ns), int(size), str(sha), bytes(blocks),
+            str(target), str(modified_by), int(origin_seq), _ACTIONS[action], int(changed_ns),
+            int(seq), int(replicated_ns), int(ino),
+        )  # fmt: skip
+    except KeyError as e:
+        raise StoreError(f"damaged record for {path!r}: unknown kind or action {e}") from None
     except (ValueError, ProtocolError) as e:
         raise StoreError(f"damaged record for {path!r}: {e}") from None
 

@@ -116,6 +116,19 @@ class VersionVector:
 
     @classmethod
     def decode(cls, text: str) -> VersionVector:
+        # Vectors are immutable, and a replica's records share few distinct ones (after a first
+        # scan, all are "<this replica>:1"): reading a directory's records decodes each once.
+        if (known := _DECODED.get(text)) is not None and cls is VersionVector:
+            return known
+        vector = cls._parse(text)
+        if len(text) <= _DECODED_TEXT_MAX and cls is VersionVector:
+            if len(_DECODED) >= _DECODED_MAX:
+                _DECODED.clear()
+            _DECODED[text] = vector
+        return vector
+
+    @classmethod
+    def _parse(cls, text: str) -> VersionVector:
         if not text:
             return cls()
         pairs: list[tuple[str, int]] = []
@@ -128,3 +141,9 @@ class VersionVector:
 
     def __str__(self) -> str:
         return ",".join(f"{short_id(r)}:{c}" for r, c in self.entries) or "-"
+
+
+# decode's cache: short texts only (a peer's vectors are untrusted, up to 64 KiB), bounded.
+_DECODED: dict[str, VersionVector] = {}
+_DECODED_MAX = 4096
+_DECODED_TEXT_MAX = 1024
