@@ -7,7 +7,9 @@ followed). Ignored subtrees are never entered. A directory that cannot be read i
 records are left alone: an unreadable directory is not a deleted one.
 
 A scan walks one directory at a time and reads only that directory's records, so memory does not
-grow with the tree; all its events are one transaction.
+grow with the tree; all its events are one transaction. In a whole walk the store writes the rows
+from a thread while the walk goes on (``Store.write_behind``), and a file that neither a record
+nor a record's inode knows is recorded straight from its directory entry (``_new_file``).
 """
 
 from __future__ import annotations
@@ -166,7 +168,8 @@ class Scanner:
                 # of the known inodes up front answers "no" for most without a query (and the
                 # first scan of a big tree has no records at all).
                 self._known_inos = self.store.file_inodes()
-                self._walk("")
+                with self.store.write_behind():  # SQLite writes on the other core
+                    self._walk("")
             else:
                 for path in sorted(set(paths)):
                     self._scan_path(path)

@@ -9,13 +9,19 @@ Promises:
   from however many peers relayed it.
 - One writer at a time: a process that writes holds an exclusive lock on ``repld.lock`` beside the
   database, so two syncs (or a sync and the daemon) never interleave on one replica.
+- Every read sees every earlier write, also inside ``write_behind()`` (where a thread writes the
+  buffered rows while the caller goes on): see ``write_behind`` for how.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import itertools
 import os
+import queue
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +37,9 @@ from .errors import StoreError
 
 SCHEMA_VERSION = 1
 PAGE = 1000
+# Parents of the rows an open transaction wrote that the store keeps track of, at the most (one
+# path per directory written to); past it, reads no longer go around the writer thread.
+MAX_TX_PARENTS = 100_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -136,6 +145,83 @@ def _row_to_record(row: tuple[Any, ...]) -> Record:
         raise StoreError(f"damaged record for {path!r}: {e}") from None
 
 
+_RECORDS_INSERT = (f"INSERT OR REPLACE INTO records (parent, {_COLS}) VALUES ", 19)
+_HISTORY_INSERT = (
+    "INSERT INTO history (path, guid, seq, origin, origin_seq, action, version, kind, size, "
+    "sha256, time_ns, via, note) VALUES ",
+    13,
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _values_sql(head: str, width: int, rows: int) -> str:
+    one = "(" + ",".join("?" * width) + ")"
+    return head + ",".join([one] * rows)
+
+
+def _write_rows(
+    db: sqlite3.Connection, records: list[tuple[object, ...]], history: list[tuple[object, ...]]
+) -> None:
+    """Insert buffered rows in their order, many rows per statement: as fast as executemany, and
+    a writer thread needs the GIL once per statement instead of once per row."""
+    per = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    for (head, width), rows in ((_RECORDS_INSERT, records), (_HISTORY_INSERT, history)):
+        step = max(1, per // width)
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
+            db.execute(_values_sql(head, width, len(chunk)), tuple(itertools.chain(*chunk)))
+
+
+class _Writer:
+    """A thread that writes batches of rows on the store's connection, in the order given."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+        self._jobs: queue.SimpleQueue[
+            tuple[list[tuple[object, ...]], list[tuple[object, ...]]] | None
+        ] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._queued = 0
+        self._discard = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="repld-store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, records: list[tuple[object, ...]], history: list[tuple[object, ...]]) -> None:
+        if self.error is not None:
+            raise self.error  # the transaction is lost; say so now, not at the commit
+        with self._idle:
+            self._queued += 1
+        self._jobs.put((records, history))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self.error is None and not self._discard:  # after a failure, it rolls back
+                try:
+                    _write_rows(self._db, *job)
+                except BaseException as e:
+                    self.error = e
+            with self._idle:
+                self._queued -= 1
+                if not self._queued:
+                    self._idle.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every batch submitted is written; raise what writing one raised."""
+        with self._idle:
+            while self._queued:
+                self._idle.wait()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """End the thread once it is done with the batch it is writing. Batches still queued
+        are dropped: stop comes after a drain, or when the transaction is rolled back."""
+        self._discard = True
+        self._jobs.put(None)
+        self._thread.join()
+
+
 def _prefix_bounds(prefix: str) -> tuple[str, str]:
     """Paths strictly below ``prefix`` sort in [prefix + '/', prefix + '0')."""
     return prefix + "/", prefix + "0"
@@ -151,11 +237,11 @@ class Store:
         if write:
             self._lock()
         try:
-            self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=10000")
-            meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+            self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as e:
             self._unlock()
             raise StoreError(f"{db_path}: not a repld database ({e})") from None
@@ -169,6 +255,10 @@ class Store:
         self._in_tx = False
         self._pending_records: list[tuple[object, ...]] = []
         self._pending_history: list[tuple[object, ...]] = []
+        self._writer: _Writer | None = None  # inside write_behind()
+        self._reader: sqlite3.Connection | None = None  # reads the last commit, in write_behind
+        # The parents of the rows the open transaction wrote (None: not known).
+        self._tx_parents: set[str] | None = set()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -216,8 +306,9 @@ class Store:
             self._lock_fd = None
 
     def close(self) -> None:
+        self._stop_writer()
         try:
-            self.db.close()
+            self._db.close()
         except Exception:
             pass
         self._unlock()
@@ -237,26 +328,82 @@ class Store:
         if self._in_tx:
             yield
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
         self._in_tx = True
+        self._tx_parents = set()
         seq_before = self._seq
         try:
             yield
-            self.flush()
+            db = self._conn()
             if commit:
-                self.db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(self._seq),))
-                self.db.execute("COMMIT")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(self._seq),))
+                db.execute("COMMIT")
                 self._committed = self._seq
             else:
-                self.db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 self._seq = seq_before
         except BaseException:
             self._pending_records, self._pending_history = [], []
-            self.db.execute("ROLLBACK")
+            self._stop_writer()
+            self._db.execute("ROLLBACK")
             self._seq = seq_before
             raise
         finally:
             self._in_tx = False
+            self._tx_parents = set()
+
+    @contextmanager
+    def write_behind(self) -> Iterator[None]:
+        """Inside a transaction: buffered rows are written by a thread while the caller goes on
+        (SQLite releases the GIL while it works), for a long series of puts (a whole scan).
+
+        Every read still sees every earlier write. A read through the store (``execute``,
+        ``get``, ``db``, ...) first waits until the thread has written every row handed to it
+        (and writes the rows still buffered), then reads on the one connection. ``children``
+        alone may read without waiting: when no row this transaction wrote has that parent, the
+        rows it asks for are those of the last commit (this process holds the write lock since
+        BEGIN IMMEDIATE, and a record's parent is a function of its path, so neither a new row
+        nor a row it replaces can be one of them); a second connection reads them while the
+        thread writes. Raw SQL through ``execute`` other than a SELECT, and any use of ``db``,
+        might write anything: after one, every read waits.
+
+        Commit waits for the thread too, and a failed write fails the transaction (raised at
+        the next put, read or commit), which rolls back: a kill at any point leaves the
+        database as it was before the transaction or after it, as without the thread."""
+        if not self._in_tx or self._writer is not None:
+            yield
+            return
+        self.flush()
+        self._writer = _Writer(self._db)
+        try:
+            yield
+            self._conn()  # the last rows, and a failed write raised here, inside the transaction
+        finally:
+            self._stop_writer()
+
+    def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stop()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        """The connection, once every earlier write is in it (none waits in a buffer or in the
+        writer thread, which is idle until the next flush)."""
+        self.flush()
+        if self._writer is not None:
+            self._writer.drain()
+        return self._db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection for raw SQL, once every earlier write is in it. SQL through it may
+        write anything, so for the rest of the transaction every read waits for the writer."""
+        self._tx_parents = None
+        return self._conn()
 
     @property
     def committed_seq(self) -> int:
@@ -279,7 +426,20 @@ class Store:
         return _row_to_record(row) if row else None
 
     def children(self, parent: str) -> list[Record]:
-        rows = self.execute(f"SELECT {_COLS} FROM records WHERE parent = ?", (parent,))
+        sql = f"SELECT {_COLS} FROM records WHERE parent = ?"
+        parents = self._tx_parents
+        if self._writer is not None and parents is not None and parent not in parents:
+            # No row of this transaction has this parent: the last commit has all the rows this
+            # asks for, and a second connection reads them without waiting for the writer (see
+            # write_behind). Its own reads, each a transaction, see the last commit.
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.db_path, isolation_level=None,
+                                               check_same_thread=False)  # fmt: skip
+                self._reader.execute("PRAGMA query_only=1")
+                self._reader.execute("PRAGMA busy_timeout=10000")
+            rows = self._reader.execute(sql, (parent,)).fetchall()
+        else:
+            rows = self.execute(sql, (parent,)).fetchall()
         return [_row_to_record(r) for r in rows]
 
     def iter_paths(self, prefix: str = "", *, include_prefix: bool = True) -> Iterator[Record]:
@@ -424,8 +584,13 @@ class Store:
         via: str, note: str,
     ) -> None:  # fmt: skip
         """Buffer one record row and its history row (written by flush, in order)."""
+        parent = parent_of(path)
+        if (parents := self._tx_parents) is not None:
+            parents.add(parent)
+            if len(parents) > MAX_TX_PARENTS:
+                self._tx_parents = None
         self._pending_records.append(
-            (parent_of(path), path, guid, kind, version, int(deleted), mode, mtime_ns,
+            (parent, path, guid, kind, version, int(deleted), mode, mtime_ns,
              size, sha256, blocks, target, modified_by, origin_seq, action, changed_ns, seq,
              replicated_ns, ino)  # fmt: skip
         )
@@ -437,27 +602,23 @@ class Store:
             self.flush()
 
     def flush(self) -> None:
-        """Write buffered rows (puts are batched: one executemany is much cheaper than many
-        executes). Every read and every commit flushes first, so readers never miss a write."""
-        if self._pending_records:
-            rows, self._pending_records = self._pending_records, []
-            self.db.executemany(
-                f"INSERT OR REPLACE INTO records (parent, {_COLS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-        if self._pending_history:
-            rows, self._pending_history = self._pending_history, []
-            self.db.executemany(
-                "INSERT INTO history (path, guid, seq, origin, origin_seq, action, version, kind, "
-                "size, sha256, time_ns, via, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        """Write buffered rows (puts are batched: one statement for many rows is much cheaper
+        than one a row), or hand them to the writer thread in ``write_behind``. Every read and
+        every commit flushes first and waits for the writer, so readers never miss a write."""
+        if not self._pending_records:
+            return
+        records, self._pending_records = self._pending_records, []
+        history, self._pending_history = self._pending_history, []
+        if self._writer is not None:
+            self._writer.submit(records, history)
+        else:
+            _write_rows(self._db, records, history)
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
         """A raw query that sees every write so far."""
-        self.flush()
-        return self.db.execute(sql, params)
+        if sql.lstrip()[:6].upper() != "SELECT":
+            self._tx_parents = None  # it may write anything: reads wait for the writer from now
+        return self._conn().execute(sql, params)
 
     def file_inodes(self) -> set[int]:
         """The inode numbers the records of files remember (the stat cache's, for move checks)."""
@@ -465,8 +626,9 @@ class Store:
 
     def set_ino(self, path: str, ino: int) -> None:
         """Refresh the local stat cache (not an event: no sequence number, nothing replicated)."""
-        self.flush()
-        self.db.execute("UPDATE records SET ino = ? WHERE path = ?", (ino, path))
+        if (parents := self._tx_parents) is not None:
+            parents.add(parent_of(path))
+        self._conn().execute("UPDATE records SET ino = ? WHERE path = ?", (ino, path))
 
     def history(self, path: str) -> list[Event]:
         rows = self.execute(
@@ -490,7 +652,7 @@ class Store:
     # -- peers ----------------------------------------------------------------------------------
 
     def peer_mark(self, replica_id: str) -> PeerMark:
-        row = self.db.execute(
+        row = self._conn().execute(
             "SELECT replica_id, name, seen_seq, acked_seq, last_sync_ns FROM peers "
             "WHERE replica_id = ?",
             (replica_id,),
@@ -498,7 +660,7 @@ class Store:
         return PeerMark(*row) if row else PeerMark(replica_id, "", 0, 0, 0)
 
     def peer_marks(self) -> list[PeerMark]:
-        rows = self.db.execute(
+        rows = self._conn().execute(
             "SELECT replica_id, name, seen_seq, acked_seq, last_sync_ns FROM peers ORDER BY name"
         )
         return [PeerMark(*r) for r in rows]
@@ -512,7 +674,7 @@ class Store:
         acked_seq: int | None = None,
     ) -> None:
         old = self.peer_mark(replica_id)
-        self.db.execute(
+        self._conn().execute(
             "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
             (
                 replica_id,
