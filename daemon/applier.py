@@ -25,6 +25,7 @@ import errno
 import hashlib
 import logging
 import os
+import resource
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -91,7 +92,25 @@ class _Pending:
 
 
 # Unnamed temporary files held open in one batch (each holds a file descriptor until installed).
-MAX_UNNAMED = 256
+MAX_UNNAMED = BATCH_FILES
+FDS_SPARE = 256  # descriptors left for everything else (sockets, the database, inotify)
+
+
+def _unnamed_budget() -> int:
+    """How many unnamed temp files a batch may hold open: a whole batch, once the soft limit on
+    open files is raised (toward the hard limit) to allow it, else what the limit leaves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_UNNAMED + FDS_SPARE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_UNNAMED
+    return max(0, min(MAX_UNNAMED, soft - FDS_SPARE))
 
 
 class Applier:
@@ -119,7 +138,9 @@ class Applier:
         self._batch: list[_Pending] = []
         self._batch_bytes = 0
         self._batch_fds = 0
-        self._unnamed_ok = hasattr(os, "O_TMPFILE")  # until the file system says otherwise
+        self._max_fds = _unnamed_budget()
+        # Until the file system says otherwise (and not at all if no descriptor can be spared).
+        self._unnamed_ok = hasattr(os, "O_TMPFILE") and self._max_fds > 0
         self._deferred: list[Step] = []
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
 
@@ -146,7 +167,7 @@ class Applier:
         if (
             len(self._batch) >= BATCH_FILES
             or self._batch_bytes >= BATCH_BYTES
-            or self._batch_fds >= MAX_UNNAMED
+            or self._batch_fds >= self._max_fds
         ):
             self._flush()
 
