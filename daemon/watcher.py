@@ -158,19 +158,23 @@ class Watcher:
         while stack:
             rel = stack.pop()
             path = self._prefix + rel if rel else self.root
-            try:
-                wd = fd.add_callback(os.fsencode(path), MASK, self, self._id)  # type: ignore[arg-type]
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    self._limit_reached(rel)
-                continue  # gone, not a directory any more, or unreadable: the scan says so
-            if wd < 0:
-                continue  # EACCES, which watchdog does not raise
-            old = self._wd_path.get(wd)
-            if old is not None and old != rel:
-                self._path_wd.pop(old, None)  # the same directory, moved
-            self._wd_path[wd] = rel
-            self._path_wd[rel] = wd
+            # Watched already (seen twice: its own creation event after its parent's walk, or
+            # a refresh): only what is below it may be new. A directory removed and made again
+            # lost its old watch first (IN_IGNORED comes before the new IN_CREATE).
+            if rel not in self._path_wd:
+                try:
+                    wd = fd.add_callback(os.fsencode(path), MASK, self, self._id)  # type: ignore[arg-type]
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        self._limit_reached(rel)
+                    continue  # gone, not a directory any more, or unreadable: the scan says so
+                if wd < 0:
+                    continue  # EACCES, which watchdog does not raise
+                old = self._wd_path.get(wd)
+                if old is not None and old != rel:
+                    self._path_wd.pop(old, None)  # the same directory, moved
+                self._wd_path[wd] = rel
+                self._path_wd[rel] = wd
             try:
                 with os.scandir(path) as it:
                     for entry in it:
