@@ -57,6 +57,11 @@ MASK = (
     | IN.IN_EXCL_UNLINK
 )
 
+# An event that ends an operation (a file closed after writing, a rename, a removal, a chmod):
+# when the latest event is one of these, a much shorter quiet period is enough before scanning.
+SETTLED = IN.IN_CLOSE_WRITE | IN.IN_MOVED_TO | IN.IN_MOVED_FROM | IN.IN_DELETE | IN.IN_ATTRIB
+SETTLED_QUIET = 0.005  # seconds
+
 Ignored = Callable[[str, bool], bool]  # (relative path, is a directory) -> not replicated
 
 
@@ -90,6 +95,7 @@ class Watcher:
         self._full = False
         self._first = 0.0
         self._last = 0.0
+        self._settled = False  # the latest event ended an operation (see SETTLED)
         self._wlock = threading.RLock()  # the watches
         self._fd: InotifyFD | None = None
         self._wd_path: dict[int, str] = {}  # watch descriptor -> directory ("" is the root)
@@ -243,7 +249,7 @@ class Watcher:
                 elif (event.is_create or event.is_moved_to) and not self._ignored_dir(rel):
                     # Watched from now on; what it held already is found by scanning it.
                     self._watch_tree(rel)
-        self.add([self._prefix + rel])
+        self.add([self._prefix + rel], settled=bool(event.mask & SETTLED))
 
     def on_watch_deleted(self, wd: int) -> None:
         with self._wlock:
@@ -259,7 +265,7 @@ class Watcher:
 
     # -- hints ----------------------------------------------------------------------------------
 
-    def add(self, abs_paths: list[str]) -> None:
+    def add(self, abs_paths: list[str], *, settled: bool = False) -> None:
         rels = []
         for p in abs_paths:
             if p.startswith(self.exclude) or p.rstrip("/") + "/" in self.exclude:
@@ -281,6 +287,7 @@ class Watcher:
             if wake:
                 self._first = now
             self._last = now
+            self._settled = settled
             if "" in rels:
                 self._full = True
             self._paths.update(rels)
@@ -300,10 +307,14 @@ class Watcher:
             pass
 
     def due(self, quiet: float, longest: float) -> float | None:
-        """Seconds until pending paths should be scanned (0: now); None if nothing is pending."""
+        """Seconds until pending paths should be scanned (0: now); None if nothing is pending.
+        ``quiet``: after the latest event, or only SETTLED_QUIET if that event ended an
+        operation (a writer that closed its file is done; one that only wrote may go on)."""
         with self._lock:
             if not self._paths and not self._full:
                 return None
+            if self._settled:
+                quiet = min(quiet, SETTLED_QUIET)
             now = time.monotonic()
             return max(0.0, min(self._last + quiet, self._first + longest) - now)
 
