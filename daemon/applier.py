@@ -91,6 +91,10 @@ class _Pending:
     fd: int | None = None  # an unnamed one (O_TMPFILE), linked to its name at install
 
 
+# Batches of at most this many files are made durable file by file (fdatasync, then fsync of
+# their directories), larger ones with syncfs.
+SMALL_BATCH = 8
+
 # Unnamed temporary files held open in one batch (each holds a file descriptor until installed).
 MAX_UNNAMED = BATCH_FILES
 FDS_SPARE = 256  # descriptors left for everything else (sockets, the database, inotify)
@@ -459,9 +463,18 @@ class Applier:
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._dirs_ok.clear()
         self._batch_fds = 0
-        has_files = any(p.tmp is not None or p.fd is not None for p in batch)
-        if has_files:
-            syncfs(self.root)
+        files = [p for p in batch if p.tmp is not None or p.fd is not None]
+        # Durable before it gets its name, and the names durable before the records say so.
+        # A few files (a live edit) are flushed one by one, which waits only for them; many
+        # are flushed with one syncfs, which also waits for whatever else is being written.
+        small = len(files) <= SMALL_BATCH
+        if files:
+            if small:
+                for p in files:
+                    _fdatasync(p.fd, p.tmp)
+            else:
+                syncfs(self.root)
+        dirs = {parent_of(p.step.path) for p in files}
         ready: list[tuple[_Pending, int]] = []
         try:
             self._install_batch(batch, ready)
@@ -469,8 +482,12 @@ class Applier:
             for p in batch:  # left over only if installing stopped on an exception
                 if p.fd is not None:
                     os.close(p.fd)
-        if has_files:
-            syncfs(self.root)
+        if files:
+            if small:
+                for d in dirs:
+                    _fsync_dir(self._p(d))
+            else:
+                syncfs(self.root)
         with self.store.transaction():
             for p, ino in ready:
                 self._record(p.step.record.with_(ino=ino), local=False, step=p.step)
@@ -655,6 +672,36 @@ def _check_content(rec: Record, sha256: str, size: int) -> None:
             f"{rec.path}: content does not match its record (the source changed while syncing); "
             "skipped, the next sync takes it"
         )
+
+
+def _fdatasync(fd: int | None, path: Path | None) -> None:
+    """Flush one temporary file's data: the open unnamed one, or the named one (or symlink,
+    whose creation the directory's fsync covers)."""
+    if fd is not None:
+        os.fdatasync(fd)
+        return
+    assert path is not None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return  # a symlink: nothing but its directory entry
+        raise
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # removed since: nothing of ours is in it any more
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _dense(path: Path, size: int) -> bool:
