@@ -20,6 +20,7 @@ from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control, service
 from .errors import ConfigError, DaemonNotRunning, UsageError
+from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
 from .replica import Replica, init, list_conflicts, load_keys, open_replica
 from .scanner import ScanStats
@@ -230,6 +231,8 @@ def _scan_summary(name: str, st: ScanStats) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     progress = Progress("first scan")
     t0 = time.monotonic()
+    ignore_file = args.root.expanduser() / IGNORE_FILE
+    had_ignore = ignore_file.exists()
     cfg, stats = init(
         _config_path(args), args.root, name=args.name, listen=args.listen,
         tree_id=args.tree_id, state=args.state, progress=progress,
@@ -245,6 +248,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"root:   {cfg.root}")
     print(f"config: {cfg.path}")
     print(f"state:  {cfg.state}")
+    if not had_ignore and ignore_file.exists():
+        print(f"wrote {ignore_file}: the default ignore rules for a home directory (caches, "
+              "trash, swap and lock files, build outputs); edit it to taste, it is replicated")  # fmt: skip
     print(f"recorded {stats.created} paths ({_human(stats.hashed_bytes)}) in {time.monotonic() - t0:.1f} s")
     for path, err in stats.errors:
         print(f"warning: {escape(path)}: {err}", file=sys.stderr)

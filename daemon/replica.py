@@ -16,7 +16,7 @@ from ..protocol.record import conflict_original
 from . import config as configmod
 from .config import Config
 from .errors import ConfigError, StoreError
-from .ignore import Ignore
+from .ignore import IGNORE_FILE, Ignore
 from .scanner import Scanner, ScanStats
 from .store import Store
 
@@ -70,13 +70,26 @@ class Replica:
     def __init__(self, cfg: Config, *, write: bool = True):
         self.cfg = cfg
         self.store = Store(cfg.db_path, write=write)
+        self._ignore: tuple[object, Ignore] | None = None
 
     @property
     def root(self) -> Path:
         return self.cfg.root
 
     def ignore(self) -> Ignore:
-        return Ignore(self.cfg.root, self.cfg.ignore, exclude=(self.cfg.state, self.cfg.path))
+        """The ignore rules as they are now: built again only when the config's rules or
+        ROOT/.repldignore changed (the daemon scans after every burst of events, and compiling
+        the rules cost more than scanning a file)."""
+        try:
+            st = os.stat(self.cfg.root / IGNORE_FILE)
+            file_key: object = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            file_key = None
+        key = (tuple(self.cfg.ignore), self.cfg.root, self.cfg.state, self.cfg.path, file_key)
+        if self._ignore is None or self._ignore[0] != key:
+            ignore = Ignore(self.cfg.root, self.cfg.ignore, exclude=(self.cfg.state, self.cfg.path))
+            self._ignore = (key, ignore)
+        return self._ignore[1]
 
     def scanner(self, **kwargs: object) -> Scanner:
         return Scanner(self.store, self.cfg.root, self.ignore(), **kwargs)  # type: ignore[arg-type]
@@ -137,6 +150,7 @@ def init(
         except ValueError:
             raise ConfigError(f"--tree-id {tree_id!r} is not a UUID (copy it from `repld id`)") from None
     cfg = Config(path=config_path.absolute(), root=root, state=state, name=name, listen=listen)
+    _home_ignore_rules(root)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     make_keys(cfg.key_dir)
     Store.create(cfg.db_path, tree_id=tree_id).close()
@@ -144,6 +158,31 @@ def init(
     with Replica(cfg) as rep:
         stats = rep.scan(clean_temp=True, progress=progress)
     return cfg, stats
+
+
+# The example config and the default ignore rules: etc/ in the source tree, repld/etc/ installed.
+ETC = Path(__file__).resolve().parent.parent / "etc"
+
+
+def _home_ignore_rules(root: Path) -> bool:
+    """A home directory gets the default ignore rules (caches, trash, swap files, build outputs)
+    as ROOT/.repldignore, unless it has one: before the first scan, so none of that is recorded.
+    Every replica of a home that starts this way writes the same file, so they agree on it."""
+    try:
+        if root.resolve() != Path.home().resolve():
+            return False
+    except (OSError, RuntimeError):
+        return False
+    target = root / IGNORE_FILE
+    if target.exists() or target.is_symlink():
+        return False
+    try:
+        rules = (ETC / "home.repldignore").read_text(encoding="utf-8")
+    except OSError as e:
+        log.warning("default ignore rules not found (%s); %s not written", e, target)
+        return False
+    target.write_text(rules, encoding="utf-8")
+    return True
 
 
 def list_conflicts(store: Store) -> list[dict[str, Any]]:

@@ -146,3 +146,29 @@ def test_writing_through_a_symlinked_directory_is_refused(tmp_path):
     a.sync(b, check=False)
     assert list(outside.iterdir()) == []
     assert os.path.islink(b.root / "d") or (b.root / "d").is_dir()
+
+
+def test_init_of_a_home_directory_brings_the_default_ignore_rules(tmp_path):
+    home = tmp_path / "home"
+    (home / ".cache" / "thumbs").mkdir(parents=True)
+    (home / ".cache" / "thumbs" / "x.png").write_bytes(b"png")
+    (home / "notes.txt").write_text("mine\n")
+    (home / "notes.txt~").write_text("editor backup\n")
+    env = {**os.environ, "HOME": str(home)}
+    config = tmp_path / "home.toml"
+    out = run("--config", config, "init", home, "--name", "a", env=env).stdout
+    assert f"wrote {home / '.repldignore'}" in out
+    assert "# Caches and trash" in (home / ".repldignore").read_text()
+    dump = run("--config", config, "dump", env=env).stdout
+    assert "notes.txt" in dump and ".repldignore" in dump
+    assert ".cache" not in dump and "notes.txt~" not in dump
+
+    other = tmp_path / "projects"  # not a home directory: no rules are made up for it
+    (other / "build").mkdir(parents=True)
+    out = run("--config", tmp_path / "p.toml", "init", other, "--name", "p", env=env).stdout
+    assert "wrote" not in out and not (other / ".repldignore").exists()
+
+    (home / ".repldignore").write_text("only-this/\n")  # a home with rules of its own keeps them
+    (config).unlink()
+    run("--config", config, "init", home, "--name", "b", "--state", tmp_path / "s2", env=env)
+    assert (home / ".repldignore").read_text() == "only-this/\n"
