@@ -14,6 +14,7 @@ pages of records into applied steps, and keeps the status that ``repld status`` 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import os
 import stat
@@ -33,7 +34,7 @@ from ..protocol import messages as wire
 from ..protocol.errors import ProtocolError
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, Record, conflict_original
+from ..protocol.record import Kind, conflict_original
 from ..protocol.session import (
     ApplyPage,
     BlocksArrived,
@@ -66,6 +67,7 @@ RETRY_EVERY = 10.0  # failed pages are asked for again this often
 DEBOUNCE_QUIET = 0.02
 DEBOUNCE_LONGEST = 0.25
 DEGRADED_SCAN_EVERY = 60.0
+APPLIED_MAX = 20_000  # echoes of our own writes remembered (see Node._applied)
 HWM = 10000
 LINK_GRACE = 1.0  # seconds a non-preferred link waits for the preferred one to come up
 ZAP_DOMAIN = "repld"
@@ -177,7 +179,11 @@ class Node:
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
         self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
-        self._applied: dict[str, Record] = {}  # what we wrote, so its inotify echo is not rescanned
+        # What we wrote, so its inotify echo is not rescanned: path -> (deleted, kind, size,
+        # mtime_ns, mode). An optimisation only (a missed echo costs one scan of the path), so it
+        # is kept small: the oldest half goes when it grows past APPLIED_MAX (many echoes never
+        # come, e.g. for files written into a directory before its watch was added).
+        self._applied: dict[str, tuple[bool, Kind, int, int, int]] = {}
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
@@ -779,10 +785,13 @@ class Node:
             finally:
                 self.transfers.reset()
             self._count(stats)
-            if len(self._applied) > 200_000:
-                self._applied.clear()  # the watcher is not telling us about them: forget
+            if len(self._applied) > APPLIED_MAX:
+                for path in list(itertools.islice(self._applied, APPLIED_MAX // 2)):
+                    del self._applied[path]
             for st in stats.done:
-                self._applied[st.path] = st.record
+                r = st.record
+                self._applied.pop(st.path, None)  # (re)inserted last: the newest
+                self._applied[st.path] = (r.deleted, r.kind, r.size, r.mtime_ns, r.mode)
             for path, err in stats.errors:
                 self.errors[path] = PathError(path, err, link.peer.name)
                 log.warning(
@@ -823,21 +832,21 @@ class Node:
 
     def _our_echo(self, path: str) -> bool:
         """Whether an inotify event for ``path`` is only the echo of our own write."""
-        rec = self._applied.pop(path, None)
-        if rec is None:
+        wrote = self._applied.pop(path, None)
+        if wrote is None:
             return False
+        deleted, kind, size, mtime_ns, mode = wrote
         try:
             st = os.lstat(os.path.join(self.cfg.root, path))
         except FileNotFoundError:
-            return rec.deleted
+            return deleted
         except OSError:
             return False
-        if rec.deleted or kind_of(st.st_mode) is not rec.kind:
+        if deleted or kind_of(st.st_mode) is not kind:
             return False
-        if rec.kind is Kind.FILE:
-            return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (
-                rec.size, rec.mtime_ns, rec.mode)  # fmt: skip
-        return rec.kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == rec.mode
+        if kind is Kind.FILE:
+            return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (size, mtime_ns, mode)
+        return kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == mode
 
     def full_scan(self) -> None:
         self._applied.clear()
