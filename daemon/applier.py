@@ -144,7 +144,10 @@ class Applier:
         self._batch_fds = 0
         self._max_fds = _unnamed_budget()
         # Until the file system says otherwise (and not at all if no descriptor can be spared).
-        self._unnamed_ok = hasattr(os, "O_TMPFILE") and self._max_fds > 0
+        # (Linking one takes /proc/self/fd, which a chroot may lack.)
+        self._unnamed_ok = (
+            hasattr(os, "O_TMPFILE") and self._max_fds > 0 and os.path.isdir("/proc/self/fd")
+        )
         self._deferred: list[Step] = []
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
 
@@ -363,22 +366,17 @@ class Applier:
         spool = getattr(src, "spool", None)
         if spool is not None and _same_device(spool.parent, tmp.parent):
             return self._adopt_spool(rec, src, tmp)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            self._fill(fd, rec, src, local)
-        except BaseException:
-            _unlink_quiet(tmp)
-            raise
-        finally:
-            os.close(fd)
+        self._fill_named(tmp, rec, src)
+        if local:
+            self.stats.copied_locally += 1
         return tmp
 
     def _write_unnamed(self, rec: Record, src: BinaryIO, local: bool) -> int | None:
         """A new file's content in an unnamed temporary file (O_TMPFILE) in its directory, or
-        None (``src`` untouched) on a file system without them. Nothing else sees the file, the
-        inotify watch included: no event until it is linked to its name, and nothing to clean
-        up after a crash."""
+        None (``src`` untouched) on a file system without them. Nothing else sees the file
+        (the watcher hears of its chmod and utime under a name like ``#1234``, which it drops),
+        no creation or write event comes until it is linked to its name, and nothing is left
+        to clean up after a crash."""
         if not self._unnamed_ok:
             return None
         try:
@@ -432,13 +430,33 @@ class Applier:
             else:
                 sha, _, size, _ = hash_file_stat(spool)
             _check_content(rec, sha, size)
-            os.chmod(spool, rec.mode)
-            os.utime(spool, ns=(rec.mtime_ns, rec.mtime_ns))
-            os.rename(spool, tmp)  # the batch's syncfs makes it durable, as for any temp file
         except BaseException:
-            _unlink_quiet(spool)
+            _unlink_quiet(spool)  # not the content it should be: nothing worth resuming
             raise
+        os.chmod(spool, rec.mode)
+        os.utime(spool, ns=(rec.mtime_ns, rec.mtime_ns))
+        try:
+            os.rename(spool, tmp)  # made durable with the batch, as any temp file
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise  # the spool stays: the next try resumes from it
+            # Two mounts of one file system (a bind mount) share st_dev but refuse renames
+            # between them: copy it over once, then let it go.
+            with open(spool, "rb") as f:
+                self._fill_named(tmp, rec, f)
+            _unlink_quiet(spool)
         return tmp
+
+    def _fill_named(self, tmp: Path, rec: Record, src: BinaryIO) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            self._fill(fd, rec, src, False)
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+        finally:
+            os.close(fd)
 
     def _open_source(self, rec: Record, source: str = "") -> tuple[BinaryIO, bool]:
         """Content from a local file with the same hash if one is intact, else from the fetcher."""
@@ -468,20 +486,23 @@ class Applier:
         # A few files (a live edit) are flushed one by one, which waits only for them; many
         # are flushed with one syncfs, which also waits for whatever else is being written.
         small = len(files) <= SMALL_BATCH
-        if files:
-            if small:
-                for p in files:
-                    _fdatasync(p.fd, p.tmp)
-            else:
-                syncfs(self.root)
         dirs = {parent_of(p.step.path) for p in files}
         ready: list[tuple[_Pending, int]] = []
         try:
+            if small:
+                for p in files:
+                    try:
+                        _fdatasync(p.fd, p.tmp)
+                    except OSError as e:
+                        self._drop_pending(p)
+                        self._error(p.step.path, str(FsError(p.step.path, e)))
+                        batch.remove(p)
+            elif files:
+                syncfs(self.root)
             self._install_batch(batch, ready)
         finally:
             for p in batch:  # left over only if installing stopped on an exception
-                if p.fd is not None:
-                    os.close(p.fd)
+                self._drop_pending(p)
         if files:
             if small:
                 for d in dirs:
@@ -533,6 +554,7 @@ class Applier:
 
     def _link_unnamed(self, fd: int, step: Step) -> None:
         """Give an unnamed temporary file its name; fails if anything appeared there since."""
+        self._abs(step.path)  # again: a parent may have become a symlink since it was staged
         self._check(step.path, step.expected)
         # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N links the open file (open(2) documents
         # this for O_TMPFILE). os.link calls plain link(), which does not follow, unless a
@@ -551,6 +573,7 @@ class Applier:
         anything appeared there since the check (nothing is replaced that was not planned for),
         and raises no rename events: watchdog pairs those up at a cost that grows with how many
         are in flight, which is many during a big sync."""
+        self._abs(step.path)  # again: a parent may have become a symlink since it was staged
         self._check(step.path, step.expected)
         target = self._p(step.path)
         if step.expected is None or step.expected.deleted:
@@ -569,12 +592,19 @@ class Applier:
 
     def _discard_batch(self) -> None:
         for p in self._batch:
-            if p.tmp is not None:
-                _unlink_quiet(p.tmp)
-            if p.fd is not None:
-                os.close(p.fd)  # an unnamed file: gone with its last descriptor
+            self._drop_pending(p)
         self._batch = []
         self._batch_fds = 0
+
+    @staticmethod
+    def _drop_pending(p: _Pending) -> None:
+        """Let go of a temporary file that will not be installed."""
+        if p.tmp is not None:
+            _unlink_quiet(p.tmp)
+            p.tmp = None
+        if p.fd is not None:
+            os.close(p.fd)  # an unnamed file: gone with its last descriptor
+            p.fd = None
 
     def _record(
         self, rec: Record, *, local: bool, step: Step | None = None, action: Action | None = None

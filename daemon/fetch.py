@@ -259,6 +259,7 @@ class _Reader:
         self.bs = block_size_for(f.rec.size)
         self.i = 0
         self._partial_fd: int | None = None
+        self._closed = False
         self.spool: Path | None = f.partial
         # Whether every block read so far was checked against its recorded hash: then the
         # content is the sender's, and hashing the whole file again proves nothing new.
@@ -333,6 +334,9 @@ class _Reader:
         return spool
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._partial_fd is not None:
             os.close(self._partial_fd)
             self._partial_fd = None

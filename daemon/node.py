@@ -373,6 +373,7 @@ class Node:
                 full, paths = self.watcher.take()
                 if IGNORE_FILE in paths:
                     self._refresh_watches()
+                    full = True  # what the new rules no longer ignore is there to be found
                 if full:
                     self.full_scan()
                 else:

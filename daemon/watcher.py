@@ -242,12 +242,23 @@ class Watcher:
             name = os.fsdecode(event.name)
             if name.startswith(TEMP_PREFIX):
                 return  # our own temporary files; their link or rename names the real path
+            if name[0] == "#" and name[1:].isdigit() and not event.is_directory:
+                # How inotify names an unnamed (O_TMPFILE) file, such as ours before it is
+                # linked; a real file of that name is checked for.
+                if not os.path.lexists(
+                    f"{self._prefix}{top}/{name}" if top else self._prefix + name
+                ):
+                    return
             rel = f"{top}/{name}" if top else name
             if event.is_directory:
                 if event.is_moved_from:
                     self._unwatch_tree(rel)
                 elif (event.is_create or event.is_moved_to) and not self._ignored_dir(rel):
-                    # Watched from now on; what it held already is found by scanning it.
+                    # Watched from now on; what it held already is found by scanning it. A watch
+                    # remembered for that path belongs to a directory that was there before (its
+                    # IN_IGNORED may come later, or never after an overflow): start afresh.
+                    if rel in self._path_wd:
+                        self._unwatch_tree(rel)
                     self._watch_tree(rel)
         self.add([self._prefix + rel], settled=bool(event.mask & SETTLED))
 
@@ -261,7 +272,13 @@ class Watcher:
         log.warning("inotify queue overflow: events were lost; scanning the whole tree")
         self.request_full_scan()
         with self._wlock:
-            self._watch_tree("")  # directories made during the overflow have no watch yet
+            # Events were lost, IN_IGNORED ones too: every watch is made again from the tree.
+            if self._fd is not None and self._path_wd:
+                self._fd.remove_callbacks([(wd, self._id) for wd in self._wd_path])  # type: ignore[misc]
+            self._wd_path.clear()
+            self._path_wd.clear()
+            self.unwatched.clear()
+            self._watch_tree("")
 
     # -- hints ----------------------------------------------------------------------------------
 
