@@ -103,6 +103,7 @@ class PeerLink:
     last_ping: float = 0.0
     last_retry: float = 0.0
     established_at: float = 0.0
+    records_at: float = 0.0  # when a page of records last arrived on this link
     last_hello: float = -10.0  # when we last started a session on this link
     error: str = ""  # the last error that ended a session, for status
     complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
@@ -631,7 +632,9 @@ class Node:
                         and other.session.peer.replica_id == h.replica_id):  # fmt: skip
                     self._end_session(other, "replaced by a new connection")
         elif isinstance(action, ApplyPage):
+            link.records_at = self.clock()
             self._apply_page(link, action)
+            link.records_at = self.clock()  # (a long page is not a silence)
         elif isinstance(action, ServeBlocks):
             self._send(link, serve(self.store, self.cfg.root, action.request))
         elif isinstance(action, BlocksArrived):
@@ -895,6 +898,15 @@ class Node:
             if not quick and s.failed_from is not None and now - link.last_retry >= RETRY_EVERY:
                 link.last_retry = now
                 self._send_out(link, s.retry())
+            elif (
+                not quick
+                and s.received_upto < s.peer_seq
+                and now - max(link.records_at, link.established_at, link.last_retry)
+                >= RETRY_EVERY
+            ):
+                # Records announced, none arriving: ask for them again (see Session.ask_again).
+                link.last_retry = now
+                self._send_out(link, s.ask_again())
         if quick:
             return
         every = self._full_scan_every()

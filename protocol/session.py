@@ -278,6 +278,10 @@ class Session:
 
     def _on_ping(self, msg: Ping, out: Output) -> None:
         self.peer_seq = max(self.peer_seq, msg.seq)
+        if self.state is State.ESTABLISHED and self.receive_records and not self._pending:
+            # Where we stand, again: an Ack lost in a session restart would otherwise leave
+            # the peer waiting for it (and reporting us out of sync) until the next change.
+            out.send.append(Ack(self.received_upto, *self.need()))
 
     def _on_bye(self, msg: Bye, out: Output) -> None:
         self._closed(out, msg.reason or "the peer said goodbye")
@@ -340,6 +344,26 @@ class Session:
             return out
         self.received_upto = self.failed_from
         self.failed_from = None
+        self.remaining_files = self.remaining_bytes = 0
+        self.epoch += 1
+        out.send.append(Resend(self.received_upto, self.epoch))
+        return out
+
+    def ask_again(self) -> Output:
+        """Ask the peer to stream again from what we hold, when it announced records (in its
+        hello or pings) that never came and nothing is on its way: pages dropped while a
+        session restarted. The new epoch makes any late page of the old stream harmless."""
+        out = Output()
+        if (
+            self.state is not State.ESTABLISHED
+            or self._pending
+            or self.failed_from is not None
+            or self.received_upto >= self.peer_seq
+            or not self.receive_records
+            or self.peer is None
+            or not self.peer.send
+        ):
+            return out
         self.remaining_files = self.remaining_bytes = 0
         self.epoch += 1
         out.send.append(Resend(self.received_upto, self.epoch))

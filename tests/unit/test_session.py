@@ -294,3 +294,35 @@ def test_a_record_with_an_unsafe_path_is_refused() -> None:
         item[0] = bad
         with pytest.raises(ProtocolError):
             wire.record_from_wire(item)
+
+
+def test_pages_lost_in_transit_are_asked_for_again_and_a_lost_ack_is_repeated() -> None:
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    for i in range(3):
+        a.write(f"f{i}", str(i))
+    sa, sb = a.start(B_ID), b.start(A_ID)
+    sa.receive(sb.hello())
+    sb.receive(sa.hello())
+    assert sa.state is State.ESTABLISHED and sb.state is State.ESTABLISHED
+    sa.local_changed(a.seq)
+    after = sa.page_from()
+    assert after == 0
+    sa.page(tuple(a.since(0, 10)), a.seq)  # sent, and lost on the way
+    assert not sa.in_sync and sa.page_from() is None  # waiting for an Ack that never comes
+    # b heard of a's records (its ping says how far a is) and none came: it asks again.
+    assert sb.receive(sa.ping()).send == [wire.Ack(0, 1, 0)]  # where it stands, again
+    out = sb.ask_again()
+    assert [type(m) for m in out.send] == [wire.Resend]
+    sa.receive(out.send[0])
+    recs = tuple(a.since(sa.page_from() or 0, 10))
+    acts = sb.receive(sa.page(recs, a.seq)).actions
+    assert [type(x) for x in acts] == [ApplyPage]
+    ack = sb.applied(a.seq, True).send
+    # That Ack is lost too: b repeats where it stands when a pings, and a is in sync.
+    assert not sa.in_sync
+    for msg in sb.receive(sa.ping()).send:
+        sa.receive(msg)
+    assert ack and sa.in_sync
+    assert sb.ask_again().send == []  # nothing missing: nothing asked
+
+
