@@ -558,21 +558,16 @@ class Applier:
         self._check(step.path, step.expected)
         # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N links the open file (open(2) documents
         # this for O_TMPFILE). os.link calls plain link(), which does not follow, unless a
-        # dir_fd is given: the source is absolute, so the one given here is never used.
-        dir_fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # dir_fd is given; linkat ignores it for an absolute source, so any descriptor will do.
         try:
-            os.link(f"/proc/self/fd/{fd}", self._p(step.path), src_dir_fd=dir_fd,
+            os.link(f"/proc/self/fd/{fd}", self._p(step.path), src_dir_fd=fd,
                     follow_symlinks=True)  # fmt: skip
         except FileExistsError:
             raise ChangedOnDisk(step.path, "something new is there") from None
-        finally:
-            os.close(dir_fd)
 
     def _install(self, tmp: Path, step: Step) -> None:
         """Put the temp file in place. A file new here is linked to its name, which fails if
-        anything appeared there since the check (nothing is replaced that was not planned for),
-        and raises no rename events: watchdog pairs those up at a cost that grows with how many
-        are in flight, which is many during a big sync."""
+        anything appeared there since the check: nothing is replaced that was not planned for."""
         self._abs(step.path)  # again: a parent may have become a symlink since it was staged
         self._check(step.path, step.expected)
         target = self._p(step.path)

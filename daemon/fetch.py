@@ -260,7 +260,6 @@ class _Reader:
         self.i = 0
         self._partial_fd: int | None = None
         self._closed = False
-        self.spool: Path | None = f.partial
         # Whether every block read so far was checked against its recorded hash: then the
         # content is the sender's, and hashing the whole file again proves nothing new.
         self.blocks_checked = len(f.rec.blocks) == DIGEST_SIZE * (
@@ -323,6 +322,11 @@ class _Reader:
         if self._partial_fd is not None and os.pwrite(self._partial_fd, data, offset) != len(data):
             raise ReplError(f"{self.f.rec.path}: short write to {self.f.partial}")
 
+    @property
+    def spool(self) -> Path | None:
+        """The partial file this reader writes, until ``take_spool`` hands it over."""
+        return self.f.partial
+
     def take_spool(self) -> Path:
         """Hand over the partial file, complete now (every block was read, so every block is in
         it, verified): the caller renames it into place, and it is no longer this reader's."""
@@ -330,7 +334,7 @@ class _Reader:
         if self._partial_fd is not None:
             os.close(self._partial_fd)
             self._partial_fd = None
-        spool, self.spool, self.f.partial = self.spool, None, None
+        spool, self.f.partial = self.f.partial, None
         return spool
 
     def close(self) -> None:

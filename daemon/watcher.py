@@ -152,14 +152,18 @@ class Watcher:
 
     # -- the watches ----------------------------------------------------------------------------
 
+    def _excluded(self, rel: str) -> bool:
+        return (self._prefix + rel + "/").startswith(self.exclude)
+
     def _ignored_dir(self, rel: str) -> bool:
-        return (self._prefix + rel + "/").startswith(self.exclude) or self.ignored(rel, True)
+        return self._excluded(rel) or self.ignored(rel, True)
 
     def _watch_tree(self, top: str) -> None:
         """Watch ``top`` and every directory below it that is not ignored."""
         fd = self._fd
         if fd is None:
             return
+        told = self._told_limit
         stack = [top]
         while stack:
             rel = stack.pop()
@@ -196,6 +200,8 @@ class Watcher:
                             stack.append(sub)
             except OSError:
                 continue
+        if self.unwatched and not told:
+            self._tell_limit()  # once per run, when the walk is over: with the count
 
     def _unwatch_tree(self, top: str) -> None:
         prefix = top + "/"
@@ -210,14 +216,10 @@ class Watcher:
     def _limit_reached(self, rel: str) -> None:
         self.unwatched.add(rel)
         self.degraded = "inotify watch limit reached"
-        if not self._told_limit:
-            self._told_limit = True
-            # Said once the walk is over, with the count; the first one names the place.
-            threading.Timer(0, self._tell_limit).start()
 
     def _tell_limit(self) -> None:
-        with self._wlock:
-            count, first = len(self.unwatched), min(self.unwatched, default="")
+        self._told_limit = True
+        count, first = len(self.unwatched), min(self.unwatched)
         log.warning(
             WATCH_LIMIT_HELP.format(
                 limit=watch_limit(),
@@ -260,7 +262,8 @@ class Watcher:
                     if rel in self._path_wd:
                         self._unwatch_tree(rel)
                     self._watch_tree(rel)
-        self.add([self._prefix + rel], settled=bool(event.mask & SETTLED))
+        if not self._excluded(rel):
+            self._hint(rel, settled=bool(event.mask & SETTLED))
 
     def on_watch_deleted(self, wd: int) -> None:
         with self._wlock:
@@ -282,22 +285,8 @@ class Watcher:
 
     # -- hints ----------------------------------------------------------------------------------
 
-    def add(self, abs_paths: list[str], *, settled: bool = False) -> None:
-        rels = []
-        for p in abs_paths:
-            if p.startswith(self.exclude) or p.rstrip("/") + "/" in self.exclude:
-                continue
-            if p == self.root:
-                rels.append("")
-                continue
-            if not p.startswith(self._prefix):
-                continue
-            rel = p[len(self._prefix) :]
-            if rel.rpartition("/")[2].startswith(TEMP_PREFIX):
-                continue  # our own temporary files; their rename names the real path
-            rels.append(rel)
-        if not rels:
-            return
+    def _hint(self, rel: str, *, settled: bool) -> None:
+        """One path for the scanner; the daemon's loop is woken by the first of a burst."""
         now = time.monotonic()
         with self._lock:
             wake = not self._paths and not self._full
@@ -305,9 +294,7 @@ class Watcher:
                 self._first = now
             self._last = now
             self._settled = settled
-            if "" in rels:
-                self._full = True
-            self._paths.update(rels)
+            self._paths.add(rel)
         if wake:
             try:
                 os.write(self.wake_fd, b"w")

@@ -339,21 +339,15 @@ class Session:
 
     def retry(self) -> Output:
         """Ask the peer to stream again from the first page that failed."""
-        out = Output()
         if self.failed_from is None or self.state is not State.ESTABLISHED or self._pending:
-            return out
-        self.received_upto = self.failed_from
-        self.failed_from = None
-        self.remaining_files = self.remaining_bytes = 0
-        self.epoch += 1
-        out.send.append(Resend(self.received_upto, self.epoch))
-        return out
+            return Output()
+        after, self.failed_from = self.failed_from, None
+        return self._resend(after)
 
     def ask_again(self) -> Output:
         """Ask the peer to stream again from what we hold, when it announced records (in its
         hello or pings) that never came and nothing is on its way: pages dropped while a
-        session restarted. The new epoch makes any late page of the old stream harmless."""
-        out = Output()
+        session restarted."""
         if (
             self.state is not State.ESTABLISHED
             or self._pending
@@ -363,10 +357,16 @@ class Session:
             or self.peer is None
             or not self.peer.send
         ):
-            return out
+            return Output()
+        return self._resend(self.received_upto)
+
+    def _resend(self, after: int) -> Output:
+        """A Resend from ``after``, in a new epoch: any late page of the old stream is dropped."""
+        self.received_upto = after
         self.remaining_files = self.remaining_bytes = 0
         self.epoch += 1
-        out.send.append(Resend(self.received_upto, self.epoch))
+        out = Output()
+        out.send.append(Resend(after, self.epoch))
         return out
 
     def ping(self) -> Ping:
