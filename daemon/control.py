@@ -195,7 +195,11 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
                 break
             data += chunk
     except TimeoutError:
-        raise ReplError(f"the daemon at {path} did not answer within {timeout:g} s") from None
+        raise ReplError(
+            f"the daemon at {path} did not answer within {timeout:g} s; if systemd starts it "
+            "from repld.socket, `systemctl --user status repld` and `journalctl --user -u repld` "
+            "say why it did not start"
+        ) from None
     finally:
         sock.close()
     try:

@@ -8,10 +8,26 @@ import os
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPLD = [sys.executable, "-m", "repld.daemon.cli"]
+POLL = 0.05
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 30.0,
+             explain: Callable[[], str] = str) -> Any:  # fmt: skip
+    """Poll ``cond`` until it returns something true (returned), or fail at the deadline,
+    saying what was awaited and (``explain``) what the state was."""
+    deadline = time.monotonic() + timeout
+    while not (got := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{explain()}")
+        time.sleep(POLL)
+    return got
 
 
 def run(*args: str | os.PathLike[str], check: bool = True, env: dict[str, str] | None = None,

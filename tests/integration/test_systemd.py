@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPLD, Rep
+from helpers import REPLD, Rep, wait_for
 
 UNITS = Path(__file__).resolve().parents[2] / "units"
 REPLD_SCRIPT = Path(sys.executable).with_name("repld")  # the venv's console script
@@ -44,17 +44,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = START_TIMEOUT,
-             explain: Callable[[], str] = str) -> Any:  # fmt: skip
-    """Poll ``cond`` until it returns something true (returned), or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not (got := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{explain()}")
-        time.sleep(POLL)
-    return got
 
 
 def repld(*args: str | os.PathLike[str], nobody: bool = False) -> subprocess.CompletedProcess[str]:
