@@ -7,6 +7,8 @@ when one has it (the old version of the same file, or the partial file a cut tra
 behind), else fetched; every block is checked against its SHA-256 before it is used (the applier
 then checks the whole file). Big files are also written to ``partial/<sha256>`` in the state
 directory as blocks arrive, so a transfer cut by a crash or a lost peer resumes where it stopped.
+Checking and writing those blocks is handed to two worker threads (hashlib and pwrite let go of
+the GIL), so that while they hash and write, the daemon's loop goes on receiving.
 
 The serving side: ``serve`` reads a block range of any local file whose recorded content has the
 asked-for hash and is still intact on disk.
@@ -20,6 +22,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,8 @@ MAX_IN_FLIGHT = 64  # requests
 MAX_BUFFERED = 16 << 20  # bytes requested or received and not yet written: bounds memory
 PARTIAL_MIN = 4 << 20  # files this big keep a resumable partial copy
 STALL_TIMEOUT = 30.0  # seconds without any reply before a transfer is given up
+SPOOL_WORKERS = 2  # threads checking and writing blocks of big files
+SPOOL_AHEAD = 8  # chunks of one file handed to them and not yet written (memory: 8 MiB)
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Transfers:
         self._requests: OrderedDict[int, _Request] = OrderedDict()
         self._next_req = 1
         self._buffered = 0
+        self._workers: ThreadPoolExecutor | None = None
         self._link: Link | None = None
         self.stopping = False  # set on SIGTERM: finish the current file, fetch no more
 
@@ -112,6 +118,17 @@ class Transfers:
                 self._queue.append(f)
                 self._to_request.append(f)
         self._issue()
+
+    def workers(self) -> ThreadPoolExecutor:
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(SPOOL_WORKERS, thread_name_prefix="repld-spool")
+        return self._workers
+
+    def close(self) -> None:
+        """Let the worker threads go (every reader waits for its own blocks before it closes)."""
+        if self._workers is not None:
+            self._workers.shutdown(wait=True)
+            self._workers = None
 
     def reset(self) -> None:
         self._queue.clear()
@@ -260,6 +277,8 @@ class _Reader:
         self.i = 0
         self._partial_fd: int | None = None
         self._closed = False
+        self._jobs: deque[Future[None]] = deque()  # blocks being checked and spooled
+        self._failed = False  # a block was refused or not written: the spool has a gap
         # Whether every block read so far was checked against its recorded hash: then the
         # content is the sender's, and hashing the whole file again proves nothing new.
         self.blocks_checked = len(f.rec.blocks) == DIGEST_SIZE * (
@@ -310,17 +329,56 @@ class _Reader:
                 self.t.stats.resumed_bytes += len(data)  # already in the partial file
             else:
                 self.t.stats.reused_bytes += len(data)
-                self._spool_write(data, chunk.offset)
+                self._spool(data, chunk.offset, check=False)  # checked by _local
             return data
         data = self.t._wait(self.f, chunk)
-        if not self._verified(chunk.offset, data):
-            raise ReplError(f"{self.f.rec.path}: a block from the peer does not match its hash")
-        self._spool_write(data, chunk.offset)
+        if self._partial_fd is None:
+            self._check(data, chunk.offset)
+        else:
+            # Checked on a worker, and written only if good: the applier adopts the spool only
+            # after take_spool has waited for every block; one that used the bytes instead
+            # (a spool on another file system) checks the whole file's hash itself.
+            self._spool(data, chunk.offset, check=True)
         return data
 
-    def _spool_write(self, data: bytes, offset: int) -> None:
-        if self._partial_fd is not None and os.pwrite(self._partial_fd, data, offset) != len(data):
+    def _check(self, data: bytes, offset: int) -> None:
+        if not self._verified(offset, data):
+            raise ReplError(f"{self.f.rec.path}: a block from the peer does not match its hash")
+
+    def _spool(self, data: bytes, offset: int, *, check: bool) -> None:
+        """Hand a block to the workers to check (``check``) and write to the spool; an error of
+        an earlier block is raised here, or by ``take_spool``."""
+        if self._partial_fd is None:
+            return
+        while len(self._jobs) >= SPOOL_AHEAD:
+            self._done(self._jobs.popleft())
+        self._jobs.append(self.t.workers().submit(self._spool_job, data, offset, check))
+
+    def _spool_job(self, data: bytes, offset: int, check: bool) -> None:
+        if check:
+            self._check(data, offset)
+        fd = self._partial_fd
+        assert fd is not None  # closed only once every job is done
+        if os.pwrite(fd, data, offset) != len(data):
             raise ReplError(f"{self.f.rec.path}: short write to {self.f.partial}")
+
+    def _done(self, job: Future[None]) -> None:
+        try:
+            job.result()
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _settle(self) -> None:
+        """Wait for every block handed to the workers; raise the first one's error."""
+        error: BaseException | None = None
+        while self._jobs:
+            try:
+                self._done(self._jobs.popleft())
+            except BaseException as e:  # noqa: BLE001 - every job is waited for, then raised
+                error = error or e
+        if error is not None:
+            raise error
 
     @property
     def spool(self) -> Path | None:
@@ -331,6 +389,7 @@ class _Reader:
         """Hand over the partial file, complete now (every block was read, so every block is in
         it, verified): the caller renames it into place, and it is no longer this reader's."""
         assert self.spool is not None and self.i >= len(self.f.chunks)
+        self._settle()
         if self._partial_fd is not None:
             os.close(self._partial_fd)
             self._partial_fd = None
@@ -342,9 +401,14 @@ class _Reader:
             return
         self._closed = True
         if self._partial_fd is not None:
+            try:
+                self._settle()  # no worker may write to a closed descriptor
+            except Exception:  # noqa: BLE001 - the applier saw (or sees) this file fail anyway
+                pass
             os.close(self._partial_fd)
             self._partial_fd = None
-            if self.i >= len(self.f.chunks) and self.f.partial is not None:
+            complete = self.i >= len(self.f.chunks) and not self._failed
+            if complete and self.f.partial is not None:
                 try:
                     os.unlink(self.f.partial)  # complete: the applier has the whole file
                 except OSError:

@@ -284,6 +284,7 @@ class Node:
                 self._send_out(link, link.session.close("shutting down"))
         if self.watcher is not None:
             self.watcher.stop()
+        self.transfers.close()
         for link in self.links:
             for s in (link.monitor, link.dealer):
                 if s is not None:
