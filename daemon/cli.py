@@ -8,6 +8,8 @@ import datetime as dt
 import json
 import logging
 import os
+import re
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -278,7 +280,16 @@ def cmd_id(args: argparse.Namespace) -> int:
     else:
         for k, v in ident.items():
             print(f"{k + ':':12} {v}")
+        print(f"\nto admit this replica on a peer (keep the single quotes):\n"
+              f"  repld peer add {ident['name']} {_dialable(str(ident['endpoint']))} "
+              f"'{ident['public_key']}'")  # fmt: skip
     return 0
+
+
+def _dialable(endpoint: str) -> str:
+    """The endpoint a peer would dial: a wildcard listen address becomes this host's name."""
+    m = re.fullmatch(r"tcp://(\*|0\.0\.0\.0|\[::\]|::):(\d+)", endpoint)
+    return f"tcp://{socket.gethostname()}:{m.group(2)}" if m else endpoint
 
 
 def cmd_peer(args: argparse.Namespace) -> int:

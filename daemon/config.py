@@ -68,7 +68,9 @@ def check_name(name: str, *, file: Path | None = None, key: str = "name") -> str
 def check_public_key(key_text: str, *, file: Path | None = None, key: str = "public_key") -> str:
     if not KEY_RE.match(key_text):
         raise ConfigError(
-            f"bad public key {key_text!r}: expected the 40-character Z85 key that `repld id` prints",
+            f"bad public key {key_text!r} ({len(key_text)} characters): expected the "
+            "40-character Z85 key that `repld id` prints; on a command line put it in single "
+            "quotes, as the shell would take some of its characters ($, !, &, ...) for its own",
             file=file,
             key=key,
         )

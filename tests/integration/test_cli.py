@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
+import subprocess
 
 import pytest
-
-from helpers import make_replicas, run
+from helpers import REPLD, make_replicas, run
 from repld.daemon.applier import Applier
 from repld.daemon.localsync import _opener
 from repld.daemon.replica import open_replica
@@ -31,6 +33,21 @@ def test_init_id_and_peers(tmp_path):
     assert json.loads(a("peer", "list", "--json").stdout) == []
     missing = a("peer", "remove", "desk", check=False)
     assert missing.returncode == 2 and "no peer named" in missing.stderr
+
+
+def test_id_prints_a_peer_add_command_that_survives_the_shell(tmp_path):
+    """What `repld id` tells a user to run on the other machine, pasted into a shell, admits
+    exactly this key, whatever characters of the Z85 alphabet it holds."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    ident = json.loads(a("id", "--json").stdout)
+    line = a("id").stdout.splitlines()[-1].strip()
+    assert line.startswith("repld peer add a tcp://") and line.endswith(f"'{ident['public_key']}'")
+    as_b = f"{shlex.join(REPLD)} --config {shlex.quote(str(b.config))} "
+    command = line.replace("repld ", as_b, 1)
+    subprocess.run(["bash", "-c", command], check=True, capture_output=True, timeout=60)
+    (peer,) = json.loads(b("peer", "list", "--json").stdout)
+    assert peer["public_key"] == ident["public_key"]
+    assert peer["endpoint"] == f"tcp://{socket.gethostname()}:7437"  # not the wildcard it binds
 
 
 @pytest.mark.parametrize("args,expect", [
