@@ -5,9 +5,10 @@ Promises:
   a symlink (writing "through" a symlink is refused).
 - A file is written to a temporary file in its own directory, checked against its SHA-256, given
   its mode and mtime, made durable and renamed into place. To keep durability cheap, temporary
-  files are gathered in batches: one ``syncfs`` makes a whole batch durable before the renames,
-  a second one makes the renames durable before the batch's records are committed (one
-  transaction). A ``kill -9`` at any moment leaves no partial file under a tracked name.
+  files are gathered in batches: one ``syncfs`` makes a whole batch durable before the renames
+  (on another thread, while the next batch is written), a second one makes the renames durable
+  before the batch's records are committed (one transaction). A ``kill -9`` at any moment
+  leaves no partial file under a tracked name.
 - Before a file is replaced or removed, its state on disk is compared with the local record the
   step was planned against; if it changed (an edit nobody has recorded yet), the path is rescanned
   and planned again, which turns it into a conflict: it is never overwritten.
@@ -27,6 +28,7 @@ import logging
 import os
 import resource
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,32 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+class _Background:
+    """One call on a thread of its own (a syncfs: the GIL is free while it waits for the disk).
+    ``wait`` joins it and raises what it raised; ``join`` only joins it."""
+
+    def __init__(self, fn: Callable[[Path], None], arg: Path):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, arg), name="repld-syncfs",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _run(self, fn: Callable[[Path], None], arg: Path) -> None:
+        try:
+            fn(arg)
+        except BaseException as e:
+            self._error = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 Fetch = Callable[[Record], BinaryIO]
 """Opens the content of a record from elsewhere (the other replica, a peer, a bundle)."""
 
@@ -95,14 +123,15 @@ class _Pending:
 # their directories), larger ones with syncfs.
 SMALL_BATCH = 8
 
-# Unnamed temporary files held open in one batch (each holds a file descriptor until installed).
-MAX_UNNAMED = BATCH_FILES
+# Unnamed temporary files held open (each holds a file descriptor until installed): a whole
+# batch, and the batch before it while that one is being made durable.
+MAX_UNNAMED = 2 * BATCH_FILES
 FDS_SPARE = 256  # descriptors left for everything else (sockets, the database, inotify)
 
 
 def _unnamed_budget() -> int:
-    """How many unnamed temp files a batch may hold open: a whole batch, once the soft limit on
-    open files is raised (toward the hard limit) to allow it, else what the limit leaves."""
+    """How many unnamed temp files may be open at once: two whole batches, once the soft limit
+    on open files is raised (toward the hard limit) to allow it, else what the limit leaves."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = MAX_UNNAMED + FDS_SPARE
     if soft != resource.RLIM_INFINITY and soft < want:
@@ -142,7 +171,10 @@ class Applier:
         self._batch: list[_Pending] = []
         self._batch_bytes = 0
         self._batch_fds = 0
-        self._max_fds = _unnamed_budget()
+        self._max_fds = _unnamed_budget() // 2  # per batch: the one in flight holds as many
+        # A full batch whose data a syncfs on another thread is making durable, while the next
+        # one is staged: see _rotate.
+        self._flight: tuple[list[_Pending], _Background] | None = None
         # Until the file system says otherwise (and not at all if no descriptor can be spared).
         # (Linking one takes /proc/self/fd, which a chroot may lack.)
         self._unnamed_ok = (
@@ -163,7 +195,7 @@ class Applier:
                 self._guarded(step, self._apply_deferred)
             self._flush()
         finally:
-            self._discard_batch()
+            self._discard_batches()
         return self.stats
 
     def _take(self, step: Step) -> None:
@@ -176,7 +208,7 @@ class Applier:
             or self._batch_bytes >= BATCH_BYTES
             or self._batch_fds >= self._max_fds
         ):
-            self._flush()
+            self._rotate()
 
     def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
         try:
@@ -217,6 +249,10 @@ class Applier:
 
     def _abs(self, path: str) -> str:
         check_path(path)
+        return self._parents_ok(path)
+
+    def _parents_ok(self, path: str) -> str:
+        """The absolute path of a checked ``path``, once no parent on the way is a symlink."""
         # No component on the way may be a symlink: writing through one could leave the root.
         parent = parent_of(path)
         if parent and parent not in self._dirs_ok:
@@ -302,10 +338,12 @@ class Applier:
             if rec is None:
                 placeholder = Record(d, derived_guid("parent", d), Kind.DIR, VersionVector(),
                                      mode=mode)  # fmt: skip
-                self._record(placeholder, local=True, action=Action.CREATE)
+                with self.store.transaction():
+                    self._record(placeholder, local=True, action=Action.CREATE)
             elif rec.deleted or rec.kind is not Kind.DIR:
                 alive = Record(d, rec.guid, Kind.DIR, rec.version, mode=mode)
-                self._record(alive, local=True, action=Action.CREATE)
+                with self.store.transaction():
+                    self._record(alive, local=True, action=Action.CREATE)
 
     # -- staging (everything but removals) ------------------------------------------------------
 
@@ -317,12 +355,15 @@ class Applier:
             return
         self._abs(path)
         if step.op is Op.WRITE:
-            self._check(path, step.expected)
+            new = step.expected is None or step.expected.deleted
+            if not new:
+                # A new file needs no look first: it is linked to its name at install, which
+                # fails if anything is there by then (and so if it was there already).
+                self._check(path, step.expected)
             self._ensure_parent(path)
             src, local = self._open_source(rec, step.source)
             fd = None
             try:
-                new = step.expected is None or step.expected.deleted
                 if new and getattr(src, "spool", None) is None:  # a spool is adopted instead
                     fd = self._write_unnamed(rec, src, local)
                 if fd is not None:
@@ -397,14 +438,19 @@ class Applier:
 
     def _fill(self, fd: int, rec: Record, src: BinaryIO, local: bool) -> None:
         """Write ``src`` to ``fd``, check it is ``rec``'s content, give it ``rec``'s metadata."""
+        want = rec.size
         with src:
             h, size = hashlib.sha256(), 0
-            while chunk := src.read(COPY_CHUNK):
+            # Asked for what the record says is left, and a byte more to see a longer source: a
+            # small file is one read, and no megabyte buffer is allocated for it.
+            while size <= want and (chunk := src.read(min(COPY_CHUNK, want - size + 1))):
                 h.update(chunk)
                 size += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+                done = os.write(fd, chunk)
+                if done < len(chunk):
+                    view = memoryview(chunk)[done:]
+                    while view:
+                        view = view[os.write(fd, view) :]
         _check_content(rec, h.hexdigest(), size)
         os.fchmod(fd, rec.mode)
         os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
@@ -475,21 +521,49 @@ class Applier:
 
     # -- the batch ------------------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        if not self._batch:
+    def _take_batch(self) -> list[_Pending]:
+        batch, self._batch, self._batch_bytes, self._batch_fds = self._batch, [], 0, 0
+        return batch
+
+    def _rotate(self) -> None:
+        """A full batch: a syncfs on another thread makes its data durable while the next batch
+        is staged (the wait for the disk is most of a big batch's time); the batch is installed
+        and recorded when the next one is full, or at the next flush."""
+        self._finish_flight()
+        if sum(p.tmp is not None or p.fd is not None for p in self._batch) <= SMALL_BATCH:
+            self._flush()
             return
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._flight = (self._take_batch(), _Background(syncfs, self.root))
+
+    def _finish_flight(self) -> None:
+        if self._flight is not None:
+            batch, data_synced = self._flight
+            self._flight = None
+            self._finish(batch, data_synced)
+
+    def _flush(self) -> None:
+        """Install and record everything staged so far."""
+        self._finish_flight()
+        if self._batch:
+            self._finish(self._take_batch(), None)
+
+    def _finish(self, batch: list[_Pending], data_synced: _Background | None) -> None:
+        """Make a batch's temporary files durable (``data_synced``: the syncfs that does, begun
+        already), give them their names, make the names durable, record them in one transaction.
+        """
         self._dirs_ok.clear()
-        self._batch_fds = 0
         files = [p for p in batch if p.tmp is not None or p.fd is not None]
         # Durable before it gets its name, and the names durable before the records say so.
         # A few files (a live edit) are flushed one by one, which waits only for them; many
         # are flushed with one syncfs, which also waits for whatever else is being written.
-        small = len(files) <= SMALL_BATCH
-        dirs = {parent_of(p.step.path) for p in files}
+        small = data_synced is None and len(files) <= SMALL_BATCH
+        dirs = {parent_of(p.step.path) for p in files} if small else set()
         ready: list[tuple[_Pending, int]] = []
+        changed: list[tuple[Step, ChangedOnDisk]] = []
         try:
-            if small:
+            if data_synced is not None:
+                data_synced.wait()
+            elif small:
                 for p in files:
                     try:
                         _fdatasync(p.fd, p.tmp)
@@ -499,23 +573,40 @@ class Applier:
                         batch.remove(p)
             elif files:
                 syncfs(self.root)
-            self._install_batch(batch, ready)
+            self._install_batch(batch, ready, changed)
         finally:
             for p in batch:  # left over only if installing stopped on an exception
                 self._drop_pending(p)
+        names_synced = None
         if files:
             if small:
                 for d in dirs:
                     _fsync_dir(self._p(d))
             else:
-                syncfs(self.root)
-        with self.store.transaction():
-            for p, ino in ready:
-                self._record(p.step.record.with_(ino=ino), local=False, step=p.step)
+                # On another thread while the records are written; committed once it is done.
+                names_synced = _Background(syncfs, self.root)
+        try:
+            with self.store.transaction():
+                record = self._record
+                for p, ino in ready:
+                    record(p.step.record, local=False, step=p.step, ino=ino)
+                if names_synced is not None:
+                    names_synced.wait()
+        finally:
+            if names_synced is not None:
+                names_synced.join()
         if self.on_progress is not None:
             self.on_progress(self.stats)
+        # Paths that changed under us are planned again once the rest of the batch is recorded.
+        for step, why in changed:
+            self._changed(step, why)
 
-    def _install_batch(self, batch: list[_Pending], ready: list[tuple[_Pending, int]]) -> None:
+    def _install_batch(
+        self,
+        batch: list[_Pending],
+        ready: list[tuple[_Pending, int]],
+        changed: list[tuple[Step, ChangedOnDisk]],
+    ) -> None:
         for p in batch:
             ino = 0
             if p.fd is not None:
@@ -523,7 +614,7 @@ class Applier:
                     self._link_unnamed(p.fd, p.step)
                     ino = os.fstat(p.fd).st_ino
                 except ChangedOnDisk as e:
-                    self._changed(p.step, e)
+                    changed.append((p.step, e))
                     continue
                 except OSError as e:
                     self._error(p.step.path, str(FsError(p.step.path, e)))
@@ -538,7 +629,7 @@ class Applier:
                 except ChangedOnDisk as e:
                     _unlink_quiet(p.tmp)
                     p.tmp = None
-                    self._changed(p.step, e)
+                    changed.append((p.step, e))
                     continue
                 except OSError as e:
                     _unlink_quiet(p.tmp)
@@ -554,8 +645,8 @@ class Applier:
 
     def _link_unnamed(self, fd: int, step: Step) -> None:
         """Give an unnamed temporary file its name; fails if anything appeared there since."""
-        self._abs(step.path)  # again: a parent may have become a symlink since it was staged
-        self._check(step.path, step.expected)
+        self._parents_ok(step.path)  # again: a parent may have become a symlink since staging
+        # The link itself fails if anything is at the name: no look before it.
         # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N links the open file (open(2) documents
         # this for O_TMPFILE). os.link calls plain link(), which does not follow, unless a
         # dir_fd is given; linkat ignores it for an absolute source, so any descriptor will do.
@@ -567,29 +658,35 @@ class Applier:
 
     def _install(self, tmp: Path, step: Step) -> None:
         """Put the temp file in place. A file new here is linked to its name, which fails if
-        anything appeared there since the check: nothing is replaced that was not planned for."""
-        self._abs(step.path)  # again: a parent may have become a symlink since it was staged
-        self._check(step.path, step.expected)
-        target = self._p(step.path)
-        if step.expected is None or step.expected.deleted:
-            try:
-                os.link(tmp, target, follow_symlinks=False)
-            except FileExistsError:
-                raise ChangedOnDisk(step.path, "something new is there") from None
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                os.rename(tmp, target)  # a file system without hard links
-                return
-            os.unlink(tmp)
-        else:
+        anything is there: nothing is replaced that was not planned for."""
+        target = self._parents_ok(step.path)  # again: a parent may have become a symlink
+        if step.expected is not None and not step.expected.deleted:
+            self._check(step.path, step.expected)
             os.rename(tmp, target)
+            return
+        try:
+            os.link(tmp, target, follow_symlinks=False)
+        except FileExistsError:
+            raise ChangedOnDisk(step.path, "something new is there") from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # A file system without hard links: look, then rename (a rename replaces).
+            self._check(step.path, step.expected)
+            os.rename(tmp, target)
+            return
+        os.unlink(tmp)
 
-    def _discard_batch(self) -> None:
-        for p in self._batch:
+    def _discard_batches(self) -> None:
+        """Let go of what was staged and not installed (after an exception)."""
+        if self._flight is not None:
+            batch, data_synced = self._flight
+            self._flight = None
+            data_synced.join()
+            for p in batch:
+                self._drop_pending(p)
+        for p in self._take_batch():
             self._drop_pending(p)
-        self._batch = []
-        self._batch_fds = 0
 
     @staticmethod
     def _drop_pending(p: _Pending) -> None:
@@ -602,29 +699,36 @@ class Applier:
             p.fd = None
 
     def _record(
-        self, rec: Record, *, local: bool, step: Step | None = None, action: Action | None = None
+        self,
+        rec: Record,
+        *,
+        local: bool,
+        step: Step | None = None,
+        action: Action | None = None,
+        ino: int | None = None,
     ) -> None:
-        with self.store.transaction():
-            if action is not None:
-                rec = rec.with_(action=action)
-            note = ""
-            if step is not None and step.conflict is not None:
-                c = step.conflict
-                note = f"conflict resolved: {c.winner.value} wins ({c.reason})"
-                self.stats.conflicts += 1
-            elif step is not None:
-                note = step.note
-            self.store.put(rec, local=local, via=self.via, note=note)
-        if step is not None:
-            if step.op is Op.WRITE:
-                self.stats.written += 1
-                self.stats.written_bytes += rec.size
-            elif step.op is Op.DELETE:
-                self.stats.deleted += 1
-            else:
-                self.stats.recorded += 1
-            if self.keep_steps:
-                self.stats.done.append(step)
+        """Store ``rec`` (with ``action``, and ``ino`` as its inode) in the caller's transaction;
+        count ``step`` done."""
+        if action is not None:
+            rec = rec.with_(action=action)
+        if step is None:
+            self.store.put(rec, local=local, via=self.via, ino=ino)
+            return
+        note = step.note
+        if step.conflict is not None:
+            c = step.conflict
+            note = f"conflict resolved: {c.winner.value} wins ({c.reason})"
+            self.stats.conflicts += 1
+        self.store.put(rec, local=local, via=self.via, note=note, ino=ino)
+        if step.op is Op.WRITE:
+            self.stats.written += 1
+            self.stats.written_bytes += rec.size
+        elif step.op is Op.DELETE:
+            self.stats.deleted += 1
+        else:
+            self.stats.recorded += 1
+        if self.keep_steps:
+            self.stats.done.append(step)
 
     # -- removals -------------------------------------------------------------------------------
 
@@ -664,7 +768,8 @@ class Applier:
         alive = step.expected.with_(version=version, mode=stat.S_IMODE(st.st_mode))
         if step.op is not Op.DELETE:
             self._keep_replacement(step, alive)
-        self._record(alive, local=True, action=Action.UPDATE)
+        with self.store.transaction():
+            self._record(alive, local=True, action=Action.UPDATE)
         self.stats.kept_dirs += 1
         log.info("%s: kept, it still holds files the deleting replica did not know", step.path)
 

@@ -350,9 +350,7 @@ class Scanner:
     def _event(self, rec: Record | None, new: Record, action: Action) -> None:
         base = rec.version if rec is not None else VersionVector()
         guid = rec.guid if rec is not None and not rec.deleted else new.guid
-        stored = self.store.put(
-            new.with_(version=base.bump(self.me), action=action, guid=guid), local=True
-        )
+        self.store.put(new.with_(version=base.bump(self.me), action=action, guid=guid), local=True)
         if action is Action.CREATE:
             self.stats.created += 1
         elif action is Action.UPDATE:
@@ -360,7 +358,7 @@ class Scanner:
         else:
             self.stats.deleted += 1
         if self.verbose:
-            self.stats.changes.append((action.value, stored.path))
+            self.stats.changes.append((action.value, new.path))
 
     def _check_dir(self, path: str, st: os.stat_result, rec: Record | None) -> None:
         mode = stat.S_IMODE(st.st_mode)

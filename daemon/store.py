@@ -528,29 +528,29 @@ class Store:
         local: bool,
         via: str = "",
         note: str = "",
-    ) -> Record:
+        ino: int | None = None,
+    ) -> None:
         """Store ``record`` with the next local sequence number and one history row.
 
         ``local`` is True for an event this replica made (scan, resolve): it becomes the origin.
-        Otherwise the record came from a peer (``via`` names it) and keeps its origin.
+        Otherwise the record came from a peer (``via`` names it) and keeps its origin. ``ino``,
+        when given, is stored instead of the record's (the inode of the file just written).
         """
         seq = self._next_seq()
         now = self._clock()  # type: ignore[operator]
-        if local or not record.modified_by:
-            record = record.with_(modified_by=self.replica_id, origin_seq=seq, changed_ns=now,
-                                  seq=seq, replicated_ns=0)  # fmt: skip
-        elif record.modified_by == self.replica_id and record.origin_seq == 0:
-            record = record.with_(origin_seq=seq, seq=seq, replicated_ns=now)
-        else:
-            record = record.with_(seq=seq, replicated_ns=now)
+        # As a record: record.with_(seq=seq, ...) for each case, without building one.
+        modified_by, origin_seq = record.modified_by, record.origin_seq
+        changed_ns, replicated_ns = record.changed_ns, now
+        if local or not modified_by:
+            modified_by, origin_seq, changed_ns, replicated_ns = self.replica_id, seq, now, 0
+        elif modified_by == self.replica_id and origin_seq == 0:
+            origin_seq = seq
         self._append(
             record.path, record.guid, record.kind.value, record.version.encode(),
             record.deleted, record.mode, record.mtime_ns, record.size, record.sha256,
-            record.blocks, record.target, record.modified_by, record.origin_seq,
-            record.action.value, record.changed_ns, seq, record.replicated_ns, record.ino,
-            via, note,
+            record.blocks, record.target, modified_by, origin_seq, record.action.value,
+            changed_ns, seq, replicated_ns, record.ino if ino is None else ino, via, note,
         )  # fmt: skip
-        return record
 
     def put_local(
         self,

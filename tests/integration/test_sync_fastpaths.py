@@ -1,0 +1,134 @@
+"""The one-shot sync's fast paths change nothing a sync promises.
+
+- The applier makes a full batch's data durable (syncfs) on a thread while it writes the next
+  batch, and installs it after: a file that appears where a new one goes is still never
+  overwritten, every thread it starts is joined and every descriptor closed, also when applying
+  stops on an error, and nothing under a real name lacks its record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+from helpers import make_replicas
+from repld.daemon import applier as applier_mod
+from repld.daemon.applier import Applier
+from repld.daemon.localsync import _opener
+from repld.daemon.replica import open_replica
+from repld.daemon.store import Store
+from repld.protocol.plan import plan_pull, plan_record
+from repld.protocol.record import Record
+
+BATCH = 12  # files per batch in these tests: more than SMALL_BATCH, so batches are pipelined
+
+
+def syncfs_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "repld-syncfs"]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def write_files(root: Path, n: int) -> dict[str, bytes]:
+    files = {}
+    for i in range(n):
+        rel = f"d{i % 3}/f{i:03}.bin"
+        (root / rel).parent.mkdir(exist_ok=True)
+        files[rel] = data = os.urandom(100 + i)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def recorded_on_disk(root: Path, store: Store) -> None:
+    """Every file under a real name has a live record that says what is there."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            rec = store.get(rel)
+            assert rec is not None and not rec.deleted, rel
+            st = p.lstat()
+            assert (rec.size, rec.mtime_ns, rec.ino) == (st.st_size, st.st_mtime_ns, st.st_ino), rel
+            assert rec.sha256 == hashlib.sha256(p.read_bytes()).hexdigest(), rel
+
+
+def test_files_appearing_where_new_ones_go_are_kept_across_pipelined_batches(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(applier_mod, "BATCH_FILES", BATCH)
+    a, b = make_replicas(tmp_path, "a", "b")
+    files = write_files(a.root, 5 * BATCH + 5)
+    a("scan")
+    b("scan")
+    fds = open_fds()
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        steps = list(plan_pull(rb.store.get, ra.store.records_since(0),
+                               replica=rb.store.replica_id))  # fmt: skip
+        # Meanwhile files nobody has recorded appear where new ones are to go: in the first
+        # batch, and in one that is staged while the batch before it is made durable.
+        for rel in ("d0/f000.bin", "d1/f040.bin"):
+            (b.root / rel).parent.mkdir(exist_ok=True)
+            (b.root / rel).write_bytes(b"unrecorded on b\n")
+
+        def replan(step):
+            rb.scan([step.path])
+            return plan_record(rb.store.get(step.path), ra.store.get(step.path),
+                               replica=rb.store.replica_id, local_lookup=rb.store.get)  # fmt: skip
+
+        stats = Applier(rb.store, rb.root, _opener(ra), replan=replan).apply(steps)
+        assert stats.errors == []
+        assert stats.conflicts == 2
+        recorded_on_disk(b.root, rb.store)
+    assert syncfs_threads() == [] and open_fds() == fds
+    for rel, data in files.items():
+        copies = [p.read_bytes() for p in (b.root / rel).parent.glob(Path(rel).stem + "*")]
+        assert data in copies, rel
+        if rel in ("d0/f000.bin", "d1/f040.bin"):
+            assert b"unrecorded on b\n" in copies, rel
+        else:
+            assert copies == [data], rel
+    assert not list(b.root.rglob(".repld-tmp-*"))
+
+
+class Boom(Exception):
+    pass
+
+
+def test_an_error_while_applying_joins_threads_closes_descriptors_and_leaves_records_true(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(applier_mod, "BATCH_FILES", BATCH)
+    a, b = make_replicas(tmp_path, "a", "b")
+    write_files(a.root, 4 * BATCH)
+    a("scan")
+    b("scan")
+    fds = open_fds()
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        fetch = _opener(ra)
+        count = 0
+
+        def failing_fetch(rec: Record) -> BinaryIO:
+            nonlocal count
+            count += 1
+            if count == 2 * BATCH + 3:  # a batch in flight, the next one half written
+                raise Boom("the source went away")
+            return fetch(rec)
+
+        steps = plan_pull(rb.store.get, ra.store.records_since(0), replica=rb.store.replica_id)
+        with pytest.raises(Boom):
+            Applier(rb.store, rb.root, failing_fetch).apply(steps)
+        assert syncfs_threads() == []
+        recorded_on_disk(b.root, rb.store)
+        written = [p for p in b.root.rglob("*.bin")]
+        assert 0 < len(written) < 4 * BATCH
+    assert open_fds() == fds
+    a.sync(b)  # the next sync brings the rest
+    with open_replica(b.config) as rb:
+        recorded_on_disk(b.root, rb.store)
+    assert len(list(b.root.rglob("*.bin"))) == 4 * BATCH
