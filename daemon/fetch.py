@@ -40,6 +40,7 @@ PARTIAL_MIN = 4 << 20  # files this big keep a resumable partial copy
 STALL_TIMEOUT = 30.0  # seconds without any reply before a transfer is given up
 SPOOL_WORKERS = 2  # threads checking and writing blocks of big files
 SPOOL_AHEAD = 8  # chunks of one file handed to them and not yet written (memory: 8 MiB)
+PARTIAL_MAX_AGE = 7 * 24 * 3600  # seconds untouched before a partial file is given up on
 
 
 @dataclass
@@ -105,6 +106,27 @@ class Transfers:
         self._workers: ThreadPoolExecutor | None = None
         self._link: Link | None = None
         self.stopping = False  # set on SIGTERM: finish the current file, fetch no more
+        self._forget_stale_partials()
+
+    def _forget_stale_partials(self) -> None:
+        """Partial files of transfers that never finished (the file changed again, was deleted,
+        or its peer never came back) are kept for a resume for a week, then deleted."""
+        old = time.time() - PARTIAL_MAX_AGE
+        gone = 0
+        try:
+            entries = list(os.scandir(self.partial_dir))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                if e.is_file(follow_symlinks=False) and e.stat().st_mtime < old:
+                    os.unlink(e.path)
+                    gone += 1
+            except OSError:
+                pass
+        if gone:
+            log.info("deleted %d partial file(s) untouched for %d days in %s",
+                     gone, PARTIAL_MAX_AGE // 86400, self.partial_dir)  # fmt: skip
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -403,8 +425,9 @@ class _Reader:
         if self._partial_fd is not None:
             try:
                 self._settle()  # no worker may write to a closed descriptor
-            except Exception:  # noqa: BLE001 - the applier saw (or sees) this file fail anyway
-                pass
+            except Exception as e:  # noqa: BLE001 - the file itself fails or succeeds on its own
+                log.warning("%s: partial copy %s incomplete: %s",
+                            self.f.rec.path, self.f.partial, e)  # fmt: skip
             os.close(self._partial_fd)
             self._partial_fd = None
             complete = self.i >= len(self.f.chunks) and not self._failed

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import deque
 from pathlib import Path
 
 import pytest
 from repld.daemon.errors import ReplError
-from repld.daemon.fetch import PARTIAL_MIN, REQUEST_BYTES, Link, Transfers, _Reader
+from repld.daemon.fetch import (
+    PARTIAL_MAX_AGE,
+    PARTIAL_MIN,
+    REQUEST_BYTES,
+    SPOOL_AHEAD,
+    Link,
+    Transfers,
+    _Reader,
+)
 from repld.daemon.store import Store
 from repld.protocol.messages import Blocks, GetBlocks
 from repld.protocol.record import Kind, Record, block_size_for
 from repld.protocol.version import VersionVector
 
-SIZE = PARTIAL_MIN + 3 * (1 << 20) + 12345  # a big file (kept resumable), ragged last block
+# A big file (kept resumable) of more requests than the workers take at once, ragged at the end.
+SIZE = PARTIAL_MIN + (SPOOL_AHEAD + 4) * REQUEST_BYTES + 12345
 
 
 def record_of(content: bytes) -> Record:
@@ -100,3 +110,16 @@ def test_a_corrupt_block_is_refused_and_never_spooled(tmp_path: Path) -> None:
     spooled = (tmp_path / "state" / "partial" / rec.sha256).read_bytes()
     assert spooled[:good] == content[:good]
     assert len(spooled) <= bad or spooled[bad] == 0x00
+
+
+def test_partial_files_untouched_for_a_week_are_deleted_at_start(tmp_path: Path) -> None:
+    partial = tmp_path / "state" / "partial"
+    partial.mkdir(parents=True)
+    stale, recent = partial / ("a" * 64), partial / ("b" * 64)
+    for f in (stale, recent):
+        f.write_bytes(b"x" * 1000)
+    week_ago = time.time() - PARTIAL_MAX_AGE - 60
+    os.utime(stale, (week_ago, week_ago))
+    Transfers(Store.create(tmp_path / "state" / "repld.db"), tmp_path, partial, lambda _t: None)
+    assert not stale.exists()
+    assert recent.exists()  # a transfer that may still resume
