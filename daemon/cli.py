@@ -280,9 +280,11 @@ def cmd_id(args: argparse.Namespace) -> int:
     else:
         for k, v in ident.items():
             print(f"{k + ':':12} {v}")
-        print(f"\nto admit this replica on a peer (keep the single quotes):\n"
-              f"  repld peer add {ident['name']} {_dialable(str(ident['endpoint']))} "
-              f"'{ident['public_key']}'")  # fmt: skip
+        endpoint = str(ident["endpoint"])
+        dial = _dialable(endpoint)
+        where = " (or an address of this machine the peer can reach)" if dial != endpoint else ""
+        print(f"\nto admit this replica on a peer (keep the single quotes){where}:\n"
+              f"  repld peer add {ident['name']} {dial} '{ident['public_key']}'")  # fmt: skip
     return 0
 
 

@@ -196,9 +196,9 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
             data += chunk
     except TimeoutError:
         raise ReplError(
-            f"the daemon at {path} did not answer within {timeout:g} s; if systemd starts it "
-            "from repld.socket, `systemctl --user status repld` and `journalctl --user -u repld` "
-            "say why it did not start"
+            f"the daemon at {path} did not answer within {timeout:g} s; if systemd starts it, "
+            "`systemctl --user status repld` (or `systemctl status repld@USER` for the system "
+            "service) and journalctl say why it did not start"
         ) from None
     finally:
         sock.close()
