@@ -29,6 +29,7 @@ from .applier import Applier, ApplyStats
 from .errors import ReplError, TreeMismatchError
 from .replica import Replica
 from .scanner import ScanStats
+from .store import PAGE
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,12 @@ def _pass(
     top = src.store.seq
 
     def remote_records() -> Iterator[Record]:
-        for rec in src.store.records_since(mark.seen_seq):
-            if rec.seq > top:
-                return
-            yield rec
+        seq = mark.seen_seq
+        while page := [r for r in src.store.page_since(seq, PAGE) if r.seq <= top]:
+            # What the planner and the applier will ask about this page, in two queries.
+            into.store.read_ahead([r.path for r in page], [r.sha256 for r in page if r.sha256])
+            yield from page
+            seq = page[-1].seq
 
     steps = plan_pull(into.store.get, remote_records(), replica=me, policy=policy, within=within)
     if dry_run:

@@ -10,7 +10,8 @@ Promises:
 - One writer at a time: a process that writes holds an exclusive lock on ``repld.lock`` beside the
   database, so two syncs (or a sync and the daemon) never interleave on one replica.
 - Every read sees every earlier write, also inside ``write_behind()`` (where a thread writes the
-  buffered rows while the caller goes on): see ``write_behind`` for how.
+  buffered rows while the caller goes on): see ``write_behind`` for how; and after
+  ``read_ahead``, whose answers stand only as long as no record changes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,20 @@ class _Writer:
         self._thread.join()
 
 
+class _ReadAhead:
+    """What ``Store.read_ahead`` read, and at which generation of the store."""
+
+    __slots__ = ("paths", "hashes", "records", "present", "generation", "refreshed")
+
+    def __init__(self, paths: list[str], hashes: set[str]):
+        self.paths = paths
+        self.hashes = hashes
+        self.records: dict[str, Record | None] = {}
+        self.present: set[str] = set()
+        self.generation = -1
+        self.refreshed = False
+
+
 def _prefix_bounds(prefix: str) -> tuple[str, str]:
     """Paths strictly below ``prefix`` sort in [prefix + '/', prefix + '0')."""
     return prefix + "/", prefix + "0"
@@ -259,6 +274,10 @@ class Store:
         self._reader: sqlite3.Connection | None = None  # reads the last commit, in write_behind
         # The parents of the rows the open transaction wrote (None: not known).
         self._tx_parents: set[str] | None = set()
+        # Changes whenever a record may have (a write, a rollback): what was read at one
+        # generation is still what the database holds at the same one (see read_ahead).
+        self._generation = 0
+        self._ahead: _ReadAhead | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -343,11 +362,13 @@ class Store:
             else:
                 db.execute("ROLLBACK")
                 self._seq = seq_before
+                self._generation += 1
         except BaseException:
             self._pending_records, self._pending_history = [], []
             self._stop_writer()
             self._db.execute("ROLLBACK")
             self._seq = seq_before
+            self._generation += 1
             raise
         finally:
             self._in_tx = False
@@ -403,6 +424,7 @@ class Store:
         """The connection for raw SQL, once every earlier write is in it. SQL through it may
         write anything, so for the rest of the transaction every read waits for the writer."""
         self._tx_parents = None
+        self._generation += 1
         return self._conn()
 
     @property
@@ -422,8 +444,51 @@ class Store:
     # -- records --------------------------------------------------------------------------------
 
     def get(self, path: str) -> Record | None:
+        ahead = self._ahead
+        if ahead is not None and path in ahead.records and self._ahead_fresh(ahead):
+            return ahead.records[path]
         row = self.execute(f"SELECT {_COLS} FROM records WHERE path = ?", (path,)).fetchone()
         return _row_to_record(row) if row else None
+
+    def read_ahead(self, paths: Iterable[str], hashes: Iterable[str] = ()) -> None:
+        """Read the records of ``paths``, and which of ``hashes`` a live record has, in a few
+        queries, for the ``get`` and ``live_with_hash`` calls that are to come (a sync planning a
+        page of incoming records: one query instead of one per path and per file).
+
+        They answer from what was read only while no record has changed since. After a change
+        what was read is read again, once; after a second change they ask the database again,
+        one call at a time, until the next ``read_ahead``. Only the last read is kept.
+        """
+        ahead = _ReadAhead(list(paths), {h for h in hashes if h})
+        self._fill_ahead(ahead)
+        self._ahead = ahead
+
+    def _fill_ahead(self, ahead: _ReadAhead) -> None:
+        self._ahead = None  # reads the database
+        records: dict[str, Record | None] = dict.fromkeys(ahead.paths)
+        for i in range(0, len(ahead.paths), 500):
+            chunk = ahead.paths[i : i + 500]
+            rows = self.execute(
+                f"SELECT {_COLS} FROM records WHERE path IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
+            for row in rows:
+                records[row[0]] = _row_to_record(row)
+        ahead.records = records
+        ahead.present = self.hashes_present(ahead.hashes)
+        ahead.generation = self._generation
+
+    def _ahead_fresh(self, ahead: _ReadAhead) -> bool:
+        """Whether what read_ahead read is what the database holds (read again, once, if not)."""
+        if ahead.generation == self._generation:
+            return True
+        if ahead.refreshed:
+            self._ahead = None
+            return False
+        ahead.refreshed = True
+        self._fill_ahead(ahead)
+        self._ahead = ahead
+        return True
 
     def children(self, parent: str) -> list[Record]:
         sql = f"SELECT {_COLS} FROM records WHERE parent = ?"
@@ -513,6 +578,10 @@ class Store:
         return found
 
     def live_with_hash(self, sha256: str) -> list[Record]:
+        ahead = self._ahead
+        if ahead is not None and sha256 in ahead.hashes and self._ahead_fresh(ahead):
+            if sha256 not in ahead.present:
+                return []
         rows = self.execute(
             # The condition repeats the partial index's, or SQLite would scan the whole table.
             f"SELECT {_COLS} FROM records WHERE sha256 = ? AND sha256 != '' AND deleted = 0 "
@@ -584,6 +653,7 @@ class Store:
         via: str, note: str,
     ) -> None:  # fmt: skip
         """Buffer one record row and its history row (written by flush, in order)."""
+        self._generation += 1
         parent = parent_of(path)
         if (parents := self._tx_parents) is not None:
             parents.add(parent)
@@ -618,6 +688,7 @@ class Store:
         """A raw query that sees every write so far."""
         if sql.lstrip()[:6].upper() != "SELECT":
             self._tx_parents = None  # it may write anything: reads wait for the writer from now
+            self._generation += 1
         return self._conn().execute(sql, params)
 
     def file_inodes(self) -> set[int]:
@@ -628,6 +699,7 @@ class Store:
         """Refresh the local stat cache (not an event: no sequence number, nothing replicated)."""
         if (parents := self._tx_parents) is not None:
             parents.add(parent_of(path))
+        self._generation += 1
         self._conn().execute("UPDATE records SET ino = ? WHERE path = ?", (ino, path))
 
     def history(self, path: str) -> list[Event]:

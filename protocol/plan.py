@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .reconcile import Conflict, Policy, reconcile
-from .record import Kind, Record, conflict_original
+from .record import CONFLICT_MARK, Kind, Record, conflict_original
 from .version import Order
 
 
@@ -112,9 +112,10 @@ def plan_record(
                 )
             )
     step = steps_for(local, res.result, note=res.note)
-    steps.append(
-        Step(step.op, step.path, step.record, step.expected, res.conflict, step.deferred, step.note)
-    )
+    if res.conflict is not None:
+        step = Step(step.op, step.path, step.record, step.expected, res.conflict, step.deferred,
+                    step.note)  # fmt: skip
+    steps.append(step)
     return steps
 
 
@@ -142,6 +143,8 @@ def plan_pull(
         for step in plan_record(
             lookup(remote.path), remote, replica=replica, policy=policy, local_lookup=lookup
         ):
-            if step.path != remote.path or conflict_original(step.path) is not None:
+            if step.path != remote.path or (
+                CONFLICT_MARK in step.path and conflict_original(step.path) is not None
+            ):
                 planned[step.path] = step.record
             yield step

@@ -4,6 +4,8 @@
   batch, and installs it after: a file that appears where a new one goes is still never
   overwritten, every thread it starts is joined and every descriptor closed, also when applying
   stops on an error, and nothing under a real name lacks its record.
+- ``Store.read_ahead`` answers ``get`` and ``live_with_hash`` from one read of a page: always
+  what the database would say, after writes, a rollback or a cache refresh of the inode.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from repld.daemon.localsync import _opener
 from repld.daemon.replica import open_replica
 from repld.daemon.store import Store
 from repld.protocol.plan import plan_pull, plan_record
-from repld.protocol.record import Record
+from repld.protocol.record import Kind, Record
+from repld.protocol.version import VersionVector
 
 BATCH = 12  # files per batch in these tests: more than SMALL_BATCH, so batches are pipelined
 
@@ -132,3 +135,45 @@ def test_an_error_while_applying_joins_threads_closes_descriptors_and_leaves_rec
     with open_replica(b.config) as rb:
         recorded_on_disk(b.root, rb.store)
     assert len(list(b.root.rglob("*.bin"))) == 4 * BATCH
+
+
+def _file(store: Store, path: str, sha: str, *, deleted: bool = False) -> Record:
+    return Record(path, "g-" + path, Kind.FILE, VersionVector().bump(store.replica_id),
+                  deleted=deleted, mode=0o644, mtime_ns=1, size=3, sha256=sha, ino=7)  # fmt: skip
+
+
+def test_read_ahead_answers_what_the_database_says(tmp_path):
+    store = Store.create(tmp_path / "repld.db")
+    with store.transaction():
+        store.put(_file(store, "a", "h1"), local=True)
+        store.put(_file(store, "gone", "h2", deleted=True), local=True)
+
+    def fresh(path: str) -> Record | None:
+        row = store.execute("SELECT path FROM records WHERE path = ?", (path,)).fetchone()
+        return None if row is None else store.get(path)
+
+    paths = ["a", "gone", "b", "c", "d"]
+    store.read_ahead(paths, ["h1", "h2", "h3", "h4", ""])
+    assert [r.path if r else None for r in map(store.get, paths)] == ["a", "gone", None, None,
+                                                                       None]  # fmt: skip
+    assert [r.path for r in store.live_with_hash("h1")] == ["a"]
+    assert store.live_with_hash("h2") == [] and store.live_with_hash("h3") == []
+    with store.transaction():
+        store.put(_file(store, "b", "h3"), local=True)  # a change: what was read is read again
+    assert store.get("b") is not None and store.get("b").sha256 == "h3"  # type: ignore[union-attr]
+    assert [r.path for r in store.live_with_hash("h3")] == ["b"]
+    with store.transaction():
+        store.put(_file(store, "c", "h4"), local=True)  # a second one: asked one at a time
+    assert store.get("c") is not None and [r.path for r in store.live_with_hash("h4")] == ["c"]
+    store.read_ahead(paths, ["h1", "h3", "h4", "h5"])
+    with store.transaction(commit=False):  # rolled back: the read answers no longer stand
+        store.put(_file(store, "d", "h5"), local=True)
+        assert store.get("d") is not None and store.live_with_hash("h5") != []
+    assert store.get("d") is None and store.live_with_hash("h5") == []
+    store.read_ahead(paths)
+    with store.transaction():
+        store.set_ino("a", 99)
+    assert store.get("a").ino == 99  # type: ignore[union-attr]
+    for path in paths:
+        assert store.get(path) == fresh(path)
+    store.close()
