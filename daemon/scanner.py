@@ -241,13 +241,16 @@ class Scanner:
         except OSError as e:
             self._error(rel or ".", f"cannot read directory: {e.strerror}")
             return []
-        records = {r.path.rpartition("/")[2]: r for r in self.store.children(rel)}
+        # What the records say, compared first in its short form (a rescan finds most entries
+        # unchanged); the whole records of the directory are read once one is needed.
+        known = {row[0].rpartition("/")[2]: row for row in self.store.children_stat(rel)}
+        records: dict[str, Record] | None = None
         subdirs: list[str] = []
         prefix = f"{rel}/" if rel else ""
         # In a whole walk, a file no record has and whose inode no record has is new: recorded
         # straight from the directory entry (no lstat; the fstat after reading gives the stat).
         new_files = self._whole_walk
-        for name in sorted(entries.keys() | records.keys()):
+        for name in sorted(entries.keys() | known.keys()):
             path = prefix + name
             if name.startswith(TEMP_PREFIX):
                 if self.clean_temp:  # left by a crash; only ever a temp name, never tracked
@@ -257,10 +260,12 @@ class Scanner:
                         pass
                 continue
             entry = entries.get(name)
-            rec = records.get(name)
+            row = known.get(name)
             if entry is None:
-                if rec is not None and not rec.deleted:
-                    self._gone(rec)
+                if row is not None and not row[2]:
+                    if records is None:
+                        records = self._records_of(rel)
+                    self._gone(records[name])
                 continue
             if not name.isascii():
                 # A name from the directory has no "/" or NUL and is never "", "." or "..", and
@@ -270,7 +275,7 @@ class Scanner:
                 except UnsafePathError as e:
                     self._error(path, f"not replicated: {e}")
                     continue
-            if rec is None and new_files and self._new_file(path, entry):
+            if row is None and new_files and self._new_file(path, entry):
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -281,14 +286,34 @@ class Scanner:
                 continue
             if st is not None and self.ignore(path, stat.S_ISDIR(st.st_mode)):
                 continue
-            if rec is not None and st is not None and _unchanged_file(rec, st):
-                self.stats.files += 1  # what _scan_entry would find, in fewer calls (a rescan)
-                continue
+            rec = None
+            if row is not None:
+                if st is not None and not row[2]:
+                    # What _scan_entry would find for an unchanged file or directory, in fewer
+                    # calls (a rescan).
+                    kind, mode = row[1], stat.S_IMODE(st.st_mode)
+                    if (
+                        kind == "file"
+                        and stat.S_ISREG(st.st_mode)
+                        and row[3:] == (mode, st.st_mtime_ns, st.st_size, st.st_ino)
+                    ):
+                        self.stats.files += 1
+                        continue
+                    if kind == "dir" and stat.S_ISDIR(st.st_mode) and row[3] == mode:
+                        subdirs.append(path)
+                        continue
+                if records is None:
+                    records = self._records_of(rel)
+                rec = records[name]
             if self._scan_entry(path, st, rec, descend=False):
                 subdirs.append(path)
         if self.progress is not None:
             self.progress(self.stats)
         return subdirs
+
+    def _records_of(self, rel: str) -> dict[str, Record]:
+        """The records of the directory ``rel``'s entries, by name."""
+        return {r.path.rpartition("/")[2]: r for r in self.store.children(rel)}
 
     def _new_file(self, path: str, entry: os.DirEntry[str]) -> bool:
         """Record a file at a path with no record, if it is plainly a new file (a regular file

@@ -100,6 +100,9 @@ _COLS = (
     "modified_by, origin_seq, action, changed_ns, seq, replicated_ns, ino"
 )
 
+_STAT_COLS = "path, kind, deleted, mode, mtime_ns, size, ino"
+StatRow = tuple[str, str, int, int, int, int, int]
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -491,7 +494,16 @@ class Store:
         return True
 
     def children(self, parent: str) -> list[Record]:
-        sql = f"SELECT {_COLS} FROM records WHERE parent = ?"
+        return [_row_to_record(r) for r in self._children_rows(_COLS, parent)]
+
+    def children_stat(self, parent: str) -> list[StatRow]:
+        """``(path, kind, deleted, mode, mtime_ns, size, ino)`` of each child: what a rescan
+        compares with the disk, read without building a record for each (an unchanged file
+        needs no more)."""
+        return self._children_rows(_STAT_COLS, parent)
+
+    def _children_rows(self, cols: str, parent: str) -> list[Any]:
+        sql = f"SELECT {cols} FROM records WHERE parent = ?"
         parents = self._tx_parents
         if self._writer is not None and parents is not None and parent not in parents:
             # No row of this transaction has this parent: the last commit has all the rows this
@@ -502,10 +514,8 @@ class Store:
                                                check_same_thread=False)  # fmt: skip
                 self._reader.execute("PRAGMA query_only=1")
                 self._reader.execute("PRAGMA busy_timeout=10000")
-            rows = self._reader.execute(sql, (parent,)).fetchall()
-        else:
-            rows = self.execute(sql, (parent,)).fetchall()
-        return [_row_to_record(r) for r in rows]
+            return self._reader.execute(sql, (parent,)).fetchall()
+        return self.execute(sql, (parent,)).fetchall()
 
     def iter_paths(self, prefix: str = "", *, include_prefix: bool = True) -> Iterator[Record]:
         """Records in path order, the whole tree or one subtree, read a page at a time."""

@@ -6,6 +6,8 @@
   stops on an error, and nothing under a real name lacks its record.
 - ``Store.read_ahead`` answers ``get`` and ``live_with_hash`` from one read of a page: always
   what the database would say, after writes, a rollback or a cache refresh of the inode.
+- A rescan compares each entry with a short form of its record first: every kind of change is
+  still recorded, exactly as a scan from nothing records the tree.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from repld.daemon import applier as applier_mod
 from repld.daemon.applier import Applier
 from repld.daemon.localsync import _opener
 from repld.daemon.replica import open_replica
+from repld.daemon.scanner import Scanner
 from repld.daemon.store import Store
 from repld.protocol.plan import plan_pull, plan_record
 from repld.protocol.record import Kind, Record
@@ -177,3 +180,60 @@ def test_read_ahead_answers_what_the_database_says(tmp_path):
     for path in paths:
         assert store.get(path) == fresh(path)
     store.close()
+
+
+def rows(store: Store) -> list[tuple[object, ...]]:
+    return sorted(
+        store.execute(
+            # A directory's mtime is recorded when it is, and left alone while only its
+            # entries change.
+            "SELECT path, kind, deleted, mode, CASE kind WHEN 'dir' THEN 0 ELSE mtime_ns END, "
+            "size, sha256, blocks, target, ino FROM records WHERE deleted = 0"
+        ).fetchall()
+    )
+
+
+def test_a_rescan_records_every_change_among_unchanged_entries(tmp_path):
+    root = tmp_path / "root"
+    for d in ("x", "y", "z", "x/sub"):
+        (root / d).mkdir(parents=True)
+    for d in ("x", "y", "z", "x/sub"):
+        for i in range(20):
+            (root / d / f"f{i:02}").write_bytes(f"{d} {i}\n".encode())
+    os.symlink("f00", root / "x" / "link")
+    store = Store.create(tmp_path / "s" / "repld.db")
+    Scanner(store, root).scan()
+
+    (root / "x" / "f01").write_bytes(b"longer content now\n")  # size
+    st = (root / "x" / "f02").stat()
+    os.utime(root / "x" / "f02", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # mtime
+    (root / "x" / "f03").chmod(0o600)  # mode
+    (root / "y").chmod(0o700)  # a directory's mode
+    (root / "x" / "f04").unlink()  # gone
+    (root / "x" / "f05").unlink()
+    (root / "x" / "f05").mkdir()  # a file became a directory
+    (root / "x" / "f05" / "inner").write_bytes(b"in\n")
+    for p in (root / "x" / "sub").iterdir():
+        p.unlink()
+    (root / "x" / "sub").rmdir()
+    (root / "x" / "sub").write_bytes(b"a directory became a file\n")
+    (root / "x" / "link").unlink()
+    os.symlink("f06", root / "x" / "link")  # another target
+    (root / "z" / "f07").rename(root / "z" / "moved")  # a move within the directory
+    (root / "z" / "new").write_bytes(b"new\n")
+    data = (root / "y" / "f08").read_bytes()
+    (root / "y" / "f08").unlink()
+    (root / "y" / "f08").write_bytes(data)  # same content and size, another inode
+
+    stats = Scanner(store, root).scan()
+    assert stats.errors == []
+    fresh = Store.create(tmp_path / "fresh" / "repld.db")
+    Scanner(fresh, root).scan()
+    assert rows(store) == rows(fresh)
+    deleted = {p for (p,) in store.execute("SELECT path FROM records WHERE deleted = 1")}
+    assert deleted == {"x/f04", "z/f07"} | {f"x/sub/f{i:02}" for i in range(20)}
+    moved = store.history("z/moved")
+    assert len(moved) == 1 and moved[0].note == "moved from z/f07"
+    assert Scanner(store, root).scan().events == 0
+    store.close()
+    fresh.close()
