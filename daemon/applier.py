@@ -441,9 +441,11 @@ class Applier:
         want = rec.size
         with src:
             h, size = hashlib.sha256(), 0
-            # Asked for what the record says is left, and a byte more to see a longer source: a
-            # small file is one read, and no megabyte buffer is allocated for it.
-            while size <= want and (chunk := src.read(min(COPY_CHUNK, want - size + 1))):
+            # Read what the record says is there, and no more: a small file is one read, with no
+            # megabyte buffer allocated for it. What is read is what the hash checks, so a source
+            # changed since its record fails the check; one that only grew past it gives the
+            # recorded bytes, which is what the record describes.
+            while size < want and (chunk := src.read(min(COPY_CHUNK, want - size))):
                 h.update(chunk)
                 size += len(chunk)
                 done = os.write(fd, chunk)

@@ -460,8 +460,11 @@ class Store:
 
         They answer from what was read only while no record has changed since. After a change
         what was read is read again, once; after a second change they ask the database again,
-        one call at a time, until the next ``read_ahead``. Only the last read is kept.
+        one call at a time, until the next ``read_ahead``. Only the last read is kept. A store
+        opened without the write lock reads nothing ahead: another process may be writing.
         """
+        if self._lock_fd is None:
+            return
         ahead = _ReadAhead(list(paths), {h for h in hashes if h})
         self._fill_ahead(ahead)
         self._ahead = ahead

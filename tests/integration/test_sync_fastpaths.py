@@ -102,6 +102,28 @@ def test_files_appearing_where_new_ones_go_are_kept_across_pipelined_batches(
     assert not list(b.root.rglob(".repld-tmp-*"))
 
 
+def test_a_source_that_changed_since_its_record_is_checked_by_hash(tmp_path):
+    """Only what the record says is read, and its hash checked: a file rewritten since is not
+    written (the next sync takes it); one that only grew gives the bytes its record has."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "rewritten").write_bytes(b"recorded\n")
+    (a.root / "grown").write_bytes(b"recorded\n")
+    (a.root / "shrunk").write_bytes(b"recorded\n")
+    a("scan")
+    (a.root / "rewritten").write_bytes(b"REWRITTEN")  # the same size, other bytes
+    with open(a.root / "grown", "ab") as f:
+        f.write(b"and more since\n")
+    (a.root / "shrunk").write_bytes(b"rec")
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        steps = plan_pull(rb.store.get, ra.store.records_since(0), replica=rb.store.replica_id)
+        stats = Applier(rb.store, rb.root, _opener(ra)).apply(steps)
+        assert sorted(path for path, _ in stats.errors) == ["rewritten", "shrunk"]
+        assert all("does not match its record" in e for _, e in stats.errors)
+        recorded_on_disk(b.root, rb.store)
+    assert sorted(os.listdir(b.root)) == ["grown"]
+    assert (b.root / "grown").read_bytes() == b"recorded\n"
+
+
 class Boom(Exception):
     pass
 
