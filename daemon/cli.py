@@ -20,7 +20,7 @@ from ..protocol.errors import ReplError
 from ..protocol.record import conflict_original, escape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
-from . import control, service
+from . import control
 from .errors import ConfigError, DaemonNotRunning, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
@@ -343,6 +343,8 @@ def _hint_reload(cfg: configmod.Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import service  # the daemon's imports (zmq, watchdog) only for what needs them
+
     return service.run(args.config, debug=args.debug)
 
 
@@ -438,6 +440,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _sync_peer(args: argparse.Namespace) -> int:
+    from . import service
+
     report = service.sync_with_peer(
         args.config, args.target, dry_run=args.dry_run, pull_only=args.pull_only,
         push_only=args.push_only, prefer=args.prefer, paths=args.paths or None,

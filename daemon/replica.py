@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from ..protocol.record import conflict_original
 from . import config as configmod
 from .config import Config
@@ -35,6 +33,8 @@ class Keys:
 def make_keys(key_dir: Path) -> Keys:
     key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(key_dir, 0o700)
+    import zmq  # here: only init needs it, and it is slow to import for every command
+
     public, secret = zmq.curve_keypair()
     for name, value, mode in ((SECRET_KEY_FILE, secret, 0o600), (PUBLIC_KEY_FILE, public, 0o644)):
         fd = os.open(key_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
