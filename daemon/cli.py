@@ -58,6 +58,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+PEER_ADD_TEXT = """\
+Admit a peer: only replicas whose public key is listed may connect, and this
+replica dials the endpoint given. `repld id` on the peer prints the exact line
+to run here; run the same on the peer for this replica. A running daemon takes
+the new peer at once.
+
+Put the key in single quotes: Z85 keys hold characters such as $, ! and & that
+the shell would otherwise take for its own, e.g.
+  repld peer add desktop tcp://desktop.lan:7437 'rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7'
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="repld",
@@ -97,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("peer", "add, list or remove peers (stored in the config file)")
     psub = c.add_subparsers(dest="peer_command", metavar="ACTION", parser_class=_Parser)
     psub.required = True
-    a = psub.add_parser("add", help="admit a peer: NAME ENDPOINT PUBLIC_KEY (from its `repld id`)")
-    a.add_argument("name")
+    a = psub.add_parser(
+        "add",
+        help="admit a peer: NAME ENDPOINT PUBLIC_KEY (from its `repld id`)",
+        description=PEER_ADD_TEXT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("name", help="what to call the peer here (letters, digits, '.', '_', '-')")
     a.add_argument("endpoint", help="tcp://HOST:PORT")
     a.add_argument("public_key", help="the 40-character key that `repld id` prints on the peer")
     a = psub.add_parser("list", help="list peers")
