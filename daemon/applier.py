@@ -181,6 +181,14 @@ class Applier:
             hasattr(os, "O_TMPFILE") and self._max_fds > 0 and os.path.isdir("/proc/self/fd")
         )
         self._deferred: list[Step] = []
+        # Removed from disk, tombstones not yet recorded: each removal is made durable (an fsync
+        # of its directory, or one syncfs) before its tombstone is committed, or a crash could
+        # bring the file back under a tombstone and the next scan would record it as new.
+        self._removed: list[Step] = []
+        # Directories made since the last batch was finished: their own entries must be durable
+        # too before the records of what is in them are committed (a syncfs covers them; a
+        # small batch fsyncs their parents).
+        self._made_dirs: set[str] = set()
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
 
     # -- entry point ----------------------------------------------------------------------------
@@ -193,6 +201,7 @@ class Applier:
             self._removing = True
             for step in sorted(self._deferred, key=lambda s: s.path, reverse=True):
                 self._guarded(step, self._apply_deferred)
+            self._record_removals()
             self._flush()
         finally:
             self._discard_batches()
@@ -335,6 +344,7 @@ class Applier:
             mode = rec.mode if rec is not None and rec.kind is Kind.DIR and rec.mode else 0o755
             os.mkdir(self._p(d), mode)
             os.chmod(self._p(d), mode)
+            self._made_dirs.add(d)
             if rec is None:
                 placeholder = Record(d, derived_guid("parent", d), Kind.DIR, VersionVector(),
                                      mode=mode)  # fmt: skip
@@ -381,6 +391,7 @@ class Applier:
                 os.unlink(self._p(path))  # a file or symlink replaced by a directory
             os.mkdir(self._p(path), rec.mode or 0o755)
             os.chmod(self._p(path), rec.mode or 0o755)
+            self._made_dirs.add(path)
             self._batch.append(_Pending(step))
         elif step.op is Op.SYMLINK:
             self._check(path, step.expected)
@@ -558,8 +569,9 @@ class Applier:
         # Durable before it gets its name, and the names durable before the records say so.
         # A few files (a live edit) are flushed one by one, which waits only for them; many
         # are flushed with one syncfs, which also waits for whatever else is being written.
-        small = data_synced is None and len(files) <= SMALL_BATCH
-        dirs = {parent_of(p.step.path) for p in files} if small else set()
+        made, self._made_dirs = self._made_dirs, set()
+        dirs = {parent_of(p.step.path) for p in files} | {parent_of(d) for d in made}
+        small = data_synced is None and len(files) <= SMALL_BATCH and len(dirs) <= SMALL_BATCH
         ready: list[tuple[_Pending, int]] = []
         changed: list[tuple[Step, ChangedOnDisk]] = []
         try:
@@ -580,7 +592,7 @@ class Applier:
             for p in batch:  # left over only if installing stopped on an exception
                 self._drop_pending(p)
         names_synced = None
-        if files:
+        if files or made:
             if small:
                 for d in dirs:
                     _fsync_dir(self._p(d))
@@ -750,12 +762,28 @@ class Applier:
         elif st is not None:
             os.unlink(self._p(path))
         if step.op is Op.DELETE:
-            with self.store.transaction():
-                self._record(step.record, local=False, step=step)
+            self._removed.append(step)
+            if len(self._removed) >= BATCH_FILES:
+                self._record_removals()
             return
         # A directory replaced by a file or symlink: now that it is gone, stage the new thing.
         self._stage(Step(step.op, path, step.record, None, step.conflict, False, step.note))
         self._flush()
+
+    def _record_removals(self) -> None:
+        """Make the removals so far durable, then record their tombstones in one transaction."""
+        steps, self._removed = self._removed, []
+        if not steps:
+            return
+        dirs = {parent_of(s.path) for s in steps}
+        if len(dirs) <= SMALL_BATCH:
+            for d in dirs:  # one removed itself since is skipped: its parent is in the set
+                _fsync_dir(self._p(d))
+        else:
+            syncfs(self.root)
+        with self.store.transaction():
+            for s in steps:
+                self._record(s.record, local=False, step=s)
 
     def _keep_dir(self, step: Step, st: os.stat_result) -> None:
         """The deleter did not know everything in this directory: keep it, alive and newer.
