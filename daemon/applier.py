@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import resource
+import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterable
@@ -201,10 +202,13 @@ class Applier:
             self._removing = True
             for step in sorted(self._deferred, key=lambda s: s.path, reverse=True):
                 self._guarded(step, self._apply_deferred)
+                if len(self._removed) >= BATCH_FILES:
+                    self._record_removals()
             self._record_removals()
             self._flush()
         finally:
             self._discard_batches()
+            self._record_removals_anyway()
         return self.stats
 
     def _take(self, step: Step) -> None:
@@ -751,6 +755,11 @@ class Applier:
         self._abs(path)
         expected = step.expected
         st = self._check(path, expected)
+        if step.op is not Op.DELETE:
+            # A directory replaced by a file: its children's tombstones (removed just before,
+            # children sort after their parent) go first, so every replica that relays them
+            # streams them before the file's record, never after it.
+            self._record_removals()
         if st is not None and stat.S_ISDIR(st.st_mode):
             try:
                 os.rmdir(self._p(path))
@@ -763,16 +772,15 @@ class Applier:
             os.unlink(self._p(path))
         if step.op is Op.DELETE:
             self._removed.append(step)
-            if len(self._removed) >= BATCH_FILES:
-                self._record_removals()
             return
         # A directory replaced by a file or symlink: now that it is gone, stage the new thing.
         self._stage(Step(step.op, path, step.record, None, step.conflict, False, step.note))
         self._flush()
 
     def _record_removals(self) -> None:
-        """Make the removals so far durable, then record their tombstones in one transaction."""
-        steps, self._removed = self._removed, []
+        """Make the removals so far durable, then record their tombstones in one transaction.
+        On an error they stay pending (and ``apply`` tries once more on its way out)."""
+        steps = self._removed
         if not steps:
             return
         dirs = {parent_of(s.path) for s in steps}
@@ -784,6 +792,19 @@ class Applier:
         with self.store.transaction():
             for s in steps:
                 self._record(s.record, local=False, step=s)
+        self._removed = []
+
+    def _record_removals_anyway(self) -> None:
+        """On the way out of ``apply`` after an error: the files are gone from disk, so record
+        their tombstones if at all possible (else the next scan records them as removed here)."""
+        if not self._removed:
+            return
+        try:
+            self._record_removals()
+        except (OSError, ReplError, sqlite3.Error) as e:
+            log.warning("%s: %d removal(s) not recorded (%s); the next scan records them",
+                        self.root, len(self._removed), e)  # fmt: skip
+            self._removed = []
 
     def _keep_dir(self, step: Step, st: os.stat_result) -> None:
         """The deleter did not know everything in this directory: keep it, alive and newer.
@@ -794,6 +815,7 @@ class Applier:
         safe, or else every replica would delete the file for the directory.
         """
         assert step.expected is not None
+        self._record_removals()  # its children's tombstones first, as for a replacement
         version = step.record.version.merge(step.expected.version).bump(self.store.replica_id)
         alive = step.expected.with_(version=version, mode=stat.S_IMODE(st.st_mode))
         if step.op is not Op.DELETE:

@@ -81,3 +81,25 @@ def test_directories_made_for_a_few_files_are_durable_too(tmp_path, monkeypatch)
         localsync.sync(ra, rb, direction=localsync.Direction.PUSH)
     assert (b.root / "old/new/deeper/f.txt").read_text() == "x"
     assert {"old", "old/new", "old/new/deeper"} <= set(fsynced)
+
+
+def test_children_tombstones_come_before_the_file_that_replaced_their_directory(tmp_path):
+    """Relays stream records in sequence order, and a replica that gets the file before its
+    old directory's children are gone keeps the directory and makes the file a conflict copy:
+    so the receiver must record the children's tombstones first."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "D").mkdir()
+    for i in range(3):
+        (a.root / f"D/f{i}").write_text(str(i))
+    a.sync(b)
+    for i in range(3):
+        (a.root / f"D/f{i}").unlink()
+    (a.root / "D").rmdir()
+    (a.root / "D").write_text("the new file")
+    a("scan")
+    with open_replica(a.config) as ra, open_replica(b.config) as rb:
+        localsync.sync(ra, rb, direction=localsync.Direction.PUSH)
+    assert (b.root / "D").read_text() == "the new file"
+    with open_replica(b.config, write=False) as rb:
+        seq = {r.path: r.seq for r in rb.store.page_since(0, 1000)}
+    assert all(seq[f"D/f{i}"] < seq["D"] for i in range(3)), seq
