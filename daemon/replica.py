@@ -6,11 +6,12 @@ import datetime as dt
 import logging
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..protocol.record import conflict_original
+from ..protocol.record import TEMP_PREFIX, conflict_original
 from . import config as configmod
 from .config import Config
 from .errors import ConfigError, StoreError
@@ -64,11 +65,74 @@ def load_keys(cfg: Config) -> Keys:
     return Keys(out[0], out[1])
 
 
+def check_file_system(root: Path) -> None:
+    """Refuse a root on a file system that would make repld lose or damage files.
+
+    FAT and exFAT (most USB disks) keep no file modes: every file reads back 0777, which a scan
+    would record as a change of mode and send to every replica. And they ignore case: two files
+    that differ only in case (README.md, readme.md) share one name there, so one overwrites the
+    other and the next scan records the other as deleted, everywhere. A probe file (a temp name,
+    never recorded) shows both; a root that cannot be written to is not probed.
+    """
+    probe = root / f"{TEMP_PREFIX}probe-{os.getpid()}-{os.urandom(3).hex()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    problems: list[tuple[str, str]] = []
+    try:
+        try:
+            os.fchmod(fd, 0o640)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o640:
+                why = "every file's mode would go to every replica as it reads here"
+                problems.append(("keeps no file modes", why))
+        finally:
+            os.close(fd)
+        try:
+            # The name is random and has lower-case letters: found in upper case, it is ours.
+            os.lstat(probe.with_name(probe.name.upper()))
+            problems.append(("ignores case in names",
+                             "of two names that differ only in case, one would overwrite the "
+                             "other and then be deleted on every replica"))  # fmt: skip
+        except OSError:
+            pass
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    if problems:
+        raise ConfigError(
+            f"{root} is on a file system ({_fs_type(root)}) that "
+            f"{' and '.join(p for p, _ in problems)}: {'; '.join(c for _, c in problems)}. "
+            "Keep replicas on a Linux file system (ext4, btrfs, xfs); format a USB disk as ext4"
+        )
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system ``path`` is on, from /proc/self/mountinfo ("?" if unknown)."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mount_point = left.split()[4].replace("\\040", " ")
+                under = str(path).startswith(mount_point.rstrip("/") + "/")
+                inside = under or str(path) == mount_point
+                if inside and len(mount_point) >= len(best):
+                    best, kind = mount_point, right.split()[0]
+    except (OSError, IndexError):
+        pass
+    return kind
+
+
 class Replica:
     """Opens a replica's database with its config; closes it on exit."""
 
     def __init__(self, cfg: Config, *, write: bool = True):
         self.cfg = cfg
+        if write:
+            check_file_system(cfg.root)
         self.store = Store(cfg.db_path, write=write)
         self._ignore: tuple[object, Ignore] | None = None
 
@@ -132,6 +196,7 @@ def init(
     root = root.expanduser().absolute()
     if not root.is_dir():
         raise ConfigError(f"root {root} does not exist or is not a directory")
+    check_file_system(root)
     if config_path.exists():
         raise ConfigError(
             "a config file is already there; remove it or choose another with --config",
