@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -307,8 +306,10 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 def _dialable(endpoint: str) -> str:
     """The endpoint a peer would dial: a wildcard listen address becomes this host's name."""
-    m = re.fullmatch(r"tcp://(\*|0\.0\.0\.0|\[::\]|::):(\d+)", endpoint)
-    return f"tcp://{socket.gethostname()}:{m.group(2)}" if m else endpoint
+    m = configmod.ENDPOINT_RE.match(endpoint)
+    if m is None or m.group(1) not in ("*", "0.0.0.0", "[::]"):
+        return endpoint
+    return f"tcp://{socket.gethostname()}:{m.group(2)}"
 
 
 def cmd_peer(args: argparse.Namespace) -> int:

@@ -923,7 +923,7 @@ class Node:
                 self._next_unwatched_scan = now + DEGRADED_SCAN_EVERY
             elif now >= self._next_unwatched_scan:
                 self._next_unwatched_scan = now + DEGRADED_SCAN_EVERY
-                self.scan(sorted(w.unwatched))
+                self.scan(w.unwatched_now())
 
     def _run_commands(self) -> None:
         while True:

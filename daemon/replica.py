@@ -131,8 +131,6 @@ class Replica:
 
     def __init__(self, cfg: Config, *, write: bool = True):
         self.cfg = cfg
-        if write:
-            check_file_system(cfg.root)
         self.store = Store(cfg.db_path, write=write)
         self._ignore: tuple[object, Ignore] | None = None
 
@@ -179,6 +177,8 @@ def open_replica(config_path: Path | None, *, write: bool = True) -> Replica:
             file=cfg.path,
             key="state",
         )
+    if write:
+        check_file_system(cfg.root)  # (init checks before it writes anything)
     return Replica(cfg, write=write)
 
 

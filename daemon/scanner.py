@@ -68,7 +68,7 @@ def hash_file_stat(path: str | Path) -> tuple[str, bytes, int, os.stat_result]:
     try:
         bsize = MIN_BLOCK
         for _ in range(3):
-            sha, blocks, size = _hash_fd(fd, bsize)
+            sha, blocks, size, bsize = _hash_fd(fd, bsize)
             st = os.fstat(fd)
             if (want := block_size_for(size)) == bsize or not stat.S_ISREG(st.st_mode):
                 return sha, blocks, size, st
@@ -82,13 +82,15 @@ def hash_file_stat(path: str | Path) -> tuple[str, bytes, int, os.stat_result]:
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-def _hash_fd(fd: int, bsize: int) -> tuple[str, bytes, int]:
+def _hash_fd(fd: int, bsize: int) -> tuple[str, bytes, int, int]:
+    """(SHA-256 hex, block digests, size, the block size they are of: ``bsize``, or a bigger
+    one if the file is big enough to need it)."""
     first = os.read(fd, bsize)
     if len(first) < bsize or not (peek := os.read(fd, READ_CHUNK)):
         # One block (nearly every file): hash once, the file digest is the block digest; no
         # fstat needed to know the block size, as every size up to MIN_BLOCK has MIN_BLOCK.
         digest = hashlib.sha256(first).digest()
-        return digest.hex(), digest, len(first)
+        return digest.hex(), digest, len(first), bsize
     if (want := block_size_for(os.fstat(fd).st_size)) > bsize:
         os.lseek(fd, 0, os.SEEK_SET)  # a big file: blocks of its own size
         return _hash_fd(fd, want)
@@ -113,7 +115,7 @@ def _hash_fd(fd: int, bsize: int) -> tuple[str, bytes, int]:
         data = os.read(fd, READ_CHUNK)
     if in_block:
         blocks.append(block.digest())
-    return whole.hexdigest(), b"".join(blocks), total
+    return whole.hexdigest(), b"".join(blocks), total, bsize
 
 
 def _unchanged_file(rec: Record, st: os.stat_result) -> bool:

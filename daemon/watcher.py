@@ -230,6 +230,11 @@ class Watcher:
             )
         )
 
+    def unwatched_now(self) -> list[str]:
+        """The subtrees without a watch, copied: inotify's thread changes the set."""
+        with self._wlock:
+            return sorted(self.unwatched)
+
     # -- inotify's thread calls these (the WatchCallback protocol) ------------------------------
 
     def on_event(self, event: InotifyEvent) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .reconcile import Conflict, Policy, reconcile
-from .record import CONFLICT_MARK, Kind, Record, conflict_original
+from .record import Kind, Record, conflict_original
 from .version import Order
 
 
@@ -143,8 +143,6 @@ def plan_pull(
         for step in plan_record(
             lookup(remote.path), remote, replica=replica, policy=policy, local_lookup=lookup
         ):
-            if step.path != remote.path or (
-                CONFLICT_MARK in step.path and conflict_original(step.path) is not None
-            ):
+            if step.path != remote.path or conflict_original(step.path) is not None:
                 planned[step.path] = step.record
             yield step

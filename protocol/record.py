@@ -214,6 +214,8 @@ def conflict_copy_path(path: str, loser: Record) -> str:
 
 def conflict_original(path: str) -> str | None:
     """For a conflict copy's path, the path it is a copy of; None for an ordinary path."""
+    if CONFLICT_MARK not in path:
+        return None  # nearly every path: no split, no search
     head, name = posixpath.split(path)
     at = name.rfind(CONFLICT_MARK)
     if at <= 0:
