@@ -21,7 +21,6 @@ Promises:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -33,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar
 
 from ..protocol.plan import Op, Step
 from ..protocol.reconcile import Conflict, Side, conflict_copy_record
@@ -47,53 +46,46 @@ from ..protocol.record import (
     parent_of,
 )
 from ..protocol.version import Order, VersionVector
+from .diskio import syncfs
 from .errors import ChangedOnDisk, FsError, ReplError
 from .scanner import hash_file_stat
 from .store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BATCH_FILES = 2000
 BATCH_BYTES = 256 << 20
 COPY_CHUNK = 1 << 20
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
-
-def syncfs(path: Path) -> None:
-    """Flush the file system holding ``path`` (falls back to a global sync)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
-
-
-class _Background:
+class _Background(Generic[T]):
     """One call on a thread of its own (a syncfs: the GIL is free while it waits for the disk).
-    ``wait`` joins it and raises what it raised; ``join`` only joins it."""
+    ``wait`` joins it and returns what it returned or raises what it raised; ``join`` only
+    joins it."""
 
-    def __init__(self, fn: Callable[[Path], None], arg: Path):
+    def __init__(self, fn: Callable[[], T]):
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, arg), name="repld-syncfs",
+        self._result: T | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="repld-sync",
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
-    def _run(self, fn: Callable[[Path], None], arg: Path) -> None:
+    def _run(self, fn: Callable[[], T]) -> None:
         try:
-            fn(arg)
+            self._result = fn()
         except BaseException as e:
             self._error = e
 
     def join(self) -> None:
         self._thread.join()
 
-    def wait(self) -> None:
+    def wait(self) -> T:
         self._thread.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        return self._result  # type: ignore[return-value]
 
 
 Fetch = Callable[[Record], BinaryIO]
@@ -111,6 +103,9 @@ class ApplyStats:
     kept_dirs: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     done: list[Step] = field(default_factory=list)
+
+
+_Failed = list[tuple["_Pending", OSError]]
 
 
 @dataclass
@@ -173,9 +168,9 @@ class Applier:
         self._batch_bytes = 0
         self._batch_fds = 0
         self._max_fds = _unnamed_budget() // 2  # per batch: the one in flight holds as many
-        # A full batch whose data a syncfs on another thread is making durable, while the next
-        # one is staged: see _rotate.
-        self._flight: tuple[list[_Pending], _Background] | None = None
+        # A full batch whose data is being made durable on another thread while the next one
+        # is staged (the files that failed to be come back): see _rotate.
+        self._flight: tuple[list[_Pending], _Background[_Failed]] | None = None
         # Until the file system says otherwise (and not at all if no descriptor can be spared).
         # (Linking one takes /proc/self/fd, which a chroot may lack.)
         self._unnamed_ok = (
@@ -543,14 +538,30 @@ class Applier:
         return batch
 
     def _rotate(self) -> None:
-        """A full batch: a syncfs on another thread makes its data durable while the next batch
-        is staged (the wait for the disk is most of a big batch's time); the batch is installed
-        and recorded when the next one is full, or at the next flush."""
+        """A full batch: its data is made durable on another thread while the next batch is
+        staged (the wait for the disk is most of a big batch's time, and for a few big files
+        fetched from a peer, the transfer would stop meanwhile); the batch is installed and
+        recorded when the next one is full, or at the next flush."""
         self._finish_flight()
-        if sum(p.tmp is not None or p.fd is not None for p in self._batch) <= SMALL_BATCH:
-            self._flush()
-            return
-        self._flight = (self._take_batch(), _Background(syncfs, self.root))
+        batch = self._take_batch()
+        files = [p for p in batch if p.tmp is not None or p.fd is not None]
+        self._flight = (batch, _Background(lambda: self._make_durable(files)))
+
+    def _make_durable(self, files: list[_Pending]) -> _Failed:
+        """Flush the temporary files' data; returns the ones that could not be. A few (a live
+        edit, a few big files) are flushed one by one, which waits only for them; many are
+        flushed with one syncfs, which also waits for whatever else is being written. No
+        database and no counters: it runs on another thread."""
+        if len(files) > SMALL_BATCH:
+            syncfs(self.root)
+            return []
+        failed = []
+        for p in files:
+            try:
+                _fdatasync(p.fd, p.tmp)
+            except OSError as e:
+                failed.append((p, e))
+        return failed
 
     def _finish_flight(self) -> None:
         if self._flight is not None:
@@ -564,33 +575,29 @@ class Applier:
         if self._batch:
             self._finish(self._take_batch(), None)
 
-    def _finish(self, batch: list[_Pending], data_synced: _Background | None) -> None:
-        """Make a batch's temporary files durable (``data_synced``: the syncfs that does, begun
+    def _finish(self, batch: list[_Pending], data_synced: _Background[_Failed] | None) -> None:
+        """Make a batch's temporary files durable (``data_synced``: the thread that does, begun
         already), give them their names, make the names durable, record them in one transaction.
         """
         self._dirs_ok.clear()
         files = [p for p in batch if p.tmp is not None or p.fd is not None]
-        # Durable before it gets its name, and the names durable before the records say so.
-        # A few files (a live edit) are flushed one by one, which waits only for them; many
-        # are flushed with one syncfs, which also waits for whatever else is being written.
+        # Durable before it gets its name, and the names durable before the records say so:
+        # the names of a few files in a few directories by an fsync of each directory, else
+        # by a syncfs.
         made, self._made_dirs = self._made_dirs, set()
         dirs = {parent_of(p.step.path) for p in files} | {parent_of(d) for d in made}
-        small = data_synced is None and len(files) <= SMALL_BATCH and len(dirs) <= SMALL_BATCH
+        small = len(files) <= SMALL_BATCH and len(dirs) <= SMALL_BATCH
         ready: list[tuple[_Pending, int]] = []
         changed: list[tuple[Step, ChangedOnDisk]] = []
         try:
             if data_synced is not None:
-                data_synced.wait()
-            elif small:
-                for p in files:
-                    try:
-                        _fdatasync(p.fd, p.tmp)
-                    except OSError as e:
-                        self._drop_pending(p)
-                        self._error(p.step.path, str(FsError(p.step.path, e)))
-                        batch.remove(p)
-            elif files:
-                syncfs(self.root)
+                failed = data_synced.wait()
+            else:
+                failed = self._make_durable(files)
+            for p, e in failed:
+                self._drop_pending(p)
+                self._error(p.step.path, str(FsError(p.step.path, e)))
+                batch.remove(p)
             self._install_batch(batch, ready, changed)
         finally:
             for p in batch:  # left over only if installing stopped on an exception
@@ -602,7 +609,7 @@ class Applier:
                     _fsync_dir(self._p(d))
             else:
                 # On another thread while the records are written; committed once it is done.
-                names_synced = _Background(syncfs, self.root)
+                names_synced = _Background(lambda: syncfs(self.root))
         try:
             with self.store.transaction():
                 record = self._record

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..protocol.messages import Blocks, Error, GetBlocks
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
+from .diskio import start_writeback
 from .errors import ReplError
 from .store import Store
 
@@ -382,6 +383,7 @@ class _Reader:
         assert fd is not None  # closed only once every job is done
         if os.pwrite(fd, data, offset) != len(data):
             raise ReplError(f"{self.f.rec.path}: short write to {self.f.partial}")
+        start_writeback(fd, offset, len(data))
 
     def _done(self, job: Future[None]) -> None:
         try:

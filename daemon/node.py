@@ -263,7 +263,7 @@ class Node:
         self._secure(s)
         s.curve_serverkey = peer.public_key.encode()
         s.setsockopt(zmq.IMMEDIATE, 1)
-        s.setsockopt(zmq.RECONNECT_IVL, 200)
+        s.setsockopt(zmq.RECONNECT_IVL, 50)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         mon = s.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED

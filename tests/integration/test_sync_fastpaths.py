@@ -4,6 +4,8 @@
   batch, and installs it after: a file that appears where a new one goes is still never
   overwritten, every thread it starts is joined and every descriptor closed, also when applying
   stops on an error, and nothing under a real name lacks its record.
+- A batch of a few big files (full by bytes) is flushed file by file on that thread while the
+  next file is written, still before it gets its name; a flush that fails costs that file only.
 - ``Store.read_ahead`` answers ``get`` and ``live_with_hash`` from one read of a page: always
   what the database would say, after writes, a rollback or a cache refresh of the inode.
 - A rescan compares each entry with a short form of its record first: every kind of change is
@@ -34,7 +36,7 @@ BATCH = 12  # files per batch in these tests: more than SMALL_BATCH, so batches 
 
 
 def syncfs_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "repld-syncfs"]
+    return [t for t in threading.enumerate() if t.name == "repld-sync"]
 
 
 def open_fds() -> set[str]:
@@ -160,6 +162,86 @@ def test_an_error_while_applying_joins_threads_closes_descriptors_and_leaves_rec
     with open_replica(b.config) as rb:
         recorded_on_disk(b.root, rb.store)
     assert len(list(b.root.rglob("*.bin"))) == 4 * BATCH
+
+
+def content_of(fd: int | None, path: Path | None) -> bytes:
+    """What a temporary file holds: an unnamed one (open write-only) is read through /proc."""
+    return Path(f"/proc/self/fd/{fd}" if fd is not None else str(path)).read_bytes()
+
+
+def big_files(tmp_path, monkeypatch, n):
+    """Replicas a (with ``n`` files) and b (empty), scanned; every file fills a batch."""
+    monkeypatch.setattr(applier_mod, "BATCH_BYTES", 1000)
+    a, b = make_replicas(tmp_path, "a", "b")
+    files = {f"big{i}": os.urandom(3000 + i) for i in range(n)}
+    for name, data in files.items():
+        (a.root / name).write_bytes(data)
+    a("scan")
+    b("scan")
+    return a, b, files
+
+
+def test_few_big_files_are_flushed_while_the_next_is_written_and_before_their_names(
+    tmp_path, monkeypatch
+):
+    a, b, files = big_files(tmp_path, monkeypatch, 4)
+    opened: list[str] = []
+    second_opened = threading.Event()
+    flushed: list[tuple[str, bool]] = []  # (file, whether its name existed yet)
+    overlapped: list[bool] = []
+    real_fdatasync = applier_mod._fdatasync
+
+    def fdatasync(fd, path):
+        name = next(n for n, d in files.items() if d == content_of(fd, path))
+        if name == "big0":
+            # Flushing the first file must not hold up writing the next one.
+            overlapped.append(second_opened.wait(timeout=5))
+        flushed.append((name, (b.root / name).exists()))
+        real_fdatasync(fd, path)
+
+    monkeypatch.setattr(applier_mod, "_fdatasync", fdatasync)
+    fds = open_fds()
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        fetch = _opener(ra)
+
+        def recording_fetch(rec: Record) -> BinaryIO:
+            opened.append(rec.path)
+            if len(opened) == 2:
+                second_opened.set()
+            return fetch(rec)
+
+        steps = plan_pull(rb.store.get, ra.store.records_since(0), replica=rb.store.replica_id)
+        stats = Applier(rb.store, rb.root, recording_fetch).apply(steps)
+        assert stats.errors == [] and stats.written == 4
+        recorded_on_disk(b.root, rb.store)
+    assert overlapped == [True]
+    assert sorted(flushed) == [(name, False) for name in sorted(files)]  # all, before the name
+    assert {n: (b.root / n).read_bytes() for n in files} == files
+    assert syncfs_threads() == [] and open_fds() == fds
+
+
+def test_a_flush_that_fails_on_the_thread_costs_that_file_only(tmp_path, monkeypatch):
+    a, b, files = big_files(tmp_path, monkeypatch, 3)
+    real_fdatasync = applier_mod._fdatasync
+
+    def fdatasync(fd, path):
+        if content_of(fd, path) == files["big1"]:
+            raise OSError(5, "Input/output error")
+        real_fdatasync(fd, path)
+
+    monkeypatch.setattr(applier_mod, "_fdatasync", fdatasync)
+    fds = open_fds()
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        steps = plan_pull(rb.store.get, ra.store.records_since(0), replica=rb.store.replica_id)
+        stats = Applier(rb.store, rb.root, _opener(ra)).apply(steps)
+        assert [(path, "Input/output error" in e) for path, e in stats.errors] == [("big1", True)]
+        recorded_on_disk(b.root, rb.store)
+        assert rb.store.get("big1") is None
+    assert sorted(os.listdir(b.root)) == ["big0", "big2"]
+    assert syncfs_threads() == [] and open_fds() == fds
+    monkeypatch.setattr(applier_mod, "_fdatasync", real_fdatasync)
+    a.sync(b)  # the next sync brings it
+    assert (b.root / "big1").read_bytes() == files["big1"]
 
 
 def _file(store: Store, path: str, sha: str, *, deleted: bool = False) -> Record:
