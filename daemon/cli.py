@@ -447,7 +447,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )
     direction = Direction.PULL if args.pull_only else Direction.PUSH if args.push_only else Direction.BOTH
     progress = Progress("syncing")
-    with open_replica(args.config) as left, open_replica(target) as right:
+    dry = args.dry_run
+    with open_replica(args.config, dry_run=dry) as left, open_replica(target, dry_run=dry) as right:
         report = sync(
             left, right, direction=direction, dry_run=args.dry_run, prefer=args.prefer,
             paths=args.paths or None, verbose=args.verbose or args.dry_run, progress=progress,

@@ -169,7 +169,12 @@ class Replica:
         self.close()
 
 
-def open_replica(config_path: Path | None, *, write: bool = True) -> Replica:
+def open_replica(
+    config_path: Path | None, *, write: bool = True, dry_run: bool = False
+) -> Replica:
+    """The replica of a config. Opened to write (and not for a dry run, which writes no file),
+    its root is checked to be on a file system that keeps modes and case (see
+    ``check_file_system``) the first time it is seen there."""
     cfg = configmod.load(config_path)
     if not cfg.db_path.exists():
         raise ConfigError(
@@ -177,9 +182,38 @@ def open_replica(config_path: Path | None, *, write: bool = True) -> Replica:
             file=cfg.path,
             key="state",
         )
-    if write:
-        check_file_system(cfg.root)  # (init checks before it writes anything)
-    return Replica(cfg, write=write)
+    rep = Replica(cfg, write=write)
+    if write and not dry_run:
+        try:
+            _check_file_system_once(rep)
+        except BaseException:
+            rep.close()
+            raise
+    return rep
+
+
+def _check_file_system_once(rep: Replica) -> None:
+    """``check_file_system``, once for each file system the root is on: the probe creates and
+    deletes a file in the root, which changes the root's mtime, so it does not run on every
+    scan; a root remounted from another disk, or another kind of file system, is probed again.
+    """
+    key = _fs_key(rep.cfg.root)
+    if key is None or rep.store.meta(FS_CHECKED) == key:
+        return
+    check_file_system(rep.cfg.root)
+    rep.store.set_meta(FS_CHECKED, key)
+
+
+FS_CHECKED = "fs_checked"
+
+
+def _fs_key(root: Path) -> str | None:
+    """Which file system ``root`` is on: its device number and type."""
+    try:
+        dev = os.stat(root).st_dev
+    except OSError:
+        return None
+    return f"{dev}:{_fs_type(root)}"
 
 
 def init(
@@ -221,6 +255,8 @@ def init(
     Store.create(cfg.db_path, tree_id=tree_id).close()
     configmod.write(cfg)
     with Replica(cfg) as rep:
+        if (key := _fs_key(root)) is not None:
+            rep.store.set_meta(FS_CHECKED, key)  # probed above
         stats = rep.scan(clean_temp=True, progress=progress)
     return cfg, stats
 

@@ -162,7 +162,7 @@ def sync_with_peer(
         hold_send=prefer is not None,
     )
     report = PeerSyncReport()
-    with open_replica(config_path) as rep, ExitStack() as stack:
+    with open_replica(config_path, dry_run=dry_run) as rep, ExitStack() as stack:
         if dry_run:
             # Everything this replica records while it looks (its own scan, the peer's mark)
             # happens in one transaction that is rolled back: a dry run changes no database.

@@ -750,6 +750,16 @@ class Store:
         )
         return [PeerMark(*r) for r in rows]
 
+    def meta(self, key: str) -> str | None:
+        """A value of the meta table (tree id, replica id, and notes such as ``fs_checked``)."""
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a note in the meta table, in its own transaction (or the caller's)."""
+        with self.transaction():
+            self._conn().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
     def set_peer_mark(
         self,
         replica_id: str,

@@ -75,10 +75,30 @@ def test_dry_run_changes_nothing_anywhere(tmp_path):
     (a.root / "run.sh").unlink()
     before = [files_bytes(tmp_path)]
     before_snap = (snapshot(a.root), snapshot(b.root))
+    before_dirs = dir_mtimes(a.root) | dir_mtimes(b.root)
     out = a.sync(b, "--dry-run").stdout
     assert "conflict" in out and "new.txt" in out and "run.sh" in out
     assert files_bytes(tmp_path) == before[0]  # trees, databases, configs, keys: byte for byte
     assert (snapshot(a.root), snapshot(b.root)) == before_snap
+    # Not even a file made and deleted again in a tree. (The databases' directories are
+    # touched: SQLite makes and removes its -wal and -shm files when it opens and closes one.)
+    assert dir_mtimes(a.root) | dir_mtimes(b.root) == before_dirs
+
+
+def dir_mtimes(top: Path) -> dict[str, int]:
+    return {d: os.stat(d).st_mtime_ns for d, _, _ in os.walk(top)}
+
+
+def test_a_scan_with_nothing_changed_leaves_the_root_alone(tmp_path):
+    """The file-system check (a probe file made and deleted in the root) runs at init and when
+    the root is on another file system, not at every scan."""
+    (a,) = make_replicas(tmp_path, "a")
+    populate(a.root)
+    a("scan")
+    before = dir_mtimes(a.root)
+    out = a("scan").stdout
+    assert "0 created, 0 updated, 0 deleted" in out
+    assert dir_mtimes(a.root) == before
 
 
 @pytest.mark.parametrize("flag", ["--pull-only", "--push-only"])
