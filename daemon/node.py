@@ -34,7 +34,7 @@ from ..protocol import messages as wire
 from ..protocol.errors import ProtocolError
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, conflict_original
+from ..protocol.record import Kind, Record, conflict_original
 from ..protocol.session import (
     ApplyPage,
     BlocksArrived,
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 PAGE_RECORDS = 1000
 PAGE_BYTES = 4 << 20
 PING_EVERY = 2.0
+COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lacks, as they change
 ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
 RETRY_EVERY = 10.0  # failed pages are asked for again this often
 DEBOUNCE_QUIET = 0.02
@@ -106,6 +107,9 @@ class PeerLink:
     records_at: float = 0.0  # when a page of records last arrived on this link
     last_hello: float = -10.0  # when we last started a session on this link
     error: str = ""  # the last error that ended a session, for status
+    # The last page's count of what the peer still lacks: (when counted, the page's upto,
+    # records, bytes); see Node._still_to_send.
+    still_to_send: tuple[float, int, int, int] | None = None
     complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
 
     @property
@@ -177,6 +181,7 @@ class Node:
         self._snapshot_lock = threading.Lock()
         self._counts = (0, 0, 0, 0)
         self._counts_seq = -1
+        self._counts_at = -COUNTS_EVERY  # monotonic time of the last count
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
         self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
@@ -358,6 +363,8 @@ class Node:
             due = self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST)
             if due is not None:
                 t = min(t, due)
+        if self._counts_seq != self.store.committed_seq:
+            t = min(t, max(0.0, self._counts_at + COUNTS_EVERY - self.clock()))
         if self._inbox:
             t = 0
         return t
@@ -731,10 +738,32 @@ class Node:
                             break
                     recs = recs[:n]
                     upto = recs[-1].seq if n == PAGE_RECORDS or size > PAGE_BYTES else top
-                    files, nbytes = self.store.count_since(upto) if upto < top else (0, 0)
+                    files, nbytes = self._still_to_send(link, after, upto, top, recs)
                     page = s.page(tuple(recs), upto, files, nbytes)
                 if not self._send(link, page):
                     break
+
+    def _still_to_send(
+        self, link: PeerLink, after: int, upto: int, top: int, recs: list[Record]
+    ) -> tuple[int, int]:
+        """How many records (and bytes of live files) the peer will still lack after this page,
+        for its status. Counted by the database at most once a COUNTS_EVERY per link: a count
+        passes over every record after ``upto``, and once a page it made streaming 100k records
+        quadratic. In between: the last count less what the pages since then held (close; new
+        local changes show at the next count)."""
+        if upto >= top:
+            return 0, 0
+        now = self.clock()
+        last = link.still_to_send
+        if last is not None and last[1] == after and now - last[0] < COUNTS_EVERY:
+            files = max(0, last[2] - len(recs))
+            live = sum(r.size for r in recs if not r.deleted)
+            nbytes = max(0, last[3] - live)
+            link.still_to_send = (last[0], upto, files, nbytes)
+        else:
+            files, nbytes = self.store.count_since(upto)
+            link.still_to_send = (now, upto, files, nbytes)
+        return files, nbytes
 
     # -- applying a peer's records --------------------------------------------------------------
 
@@ -954,9 +983,13 @@ class Node:
     # -- status ---------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        if self._counts_seq != self.store.committed_seq:
+        # Counting the tree is a pass over every record: during a sync, when every batch
+        # commits, at most once a COUNTS_EVERY (the loop wakes up for the last count).
+        now = self.clock()
+        if self._counts_seq != self.store.committed_seq and now - self._counts_at >= COUNTS_EVERY:
             self._counts = (*self.store.counts(), len(list_conflicts(self.store)))
             self._counts_seq = self.store.committed_seq
+            self._counts_at = now
         files, dirs, size, conflicts = self._counts
         peers = []
         by_name: dict[str, list[PeerLink]] = {}

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 from helpers import make_replicas
-from repld.daemon.node import DEGRADED_SCAN_EVERY, Node, Options
+from repld.daemon.node import COUNTS_EVERY, DEGRADED_SCAN_EVERY, Node, Options, PeerLink
 from repld.daemon.replica import open_replica
+from repld.protocol.record import Kind, Record
+from repld.protocol.version import VersionVector
 
 
 class Clock:
@@ -117,3 +119,61 @@ def test_unwatched_directories_are_rescanned_every_minute(tmp_path: Path) -> Non
     finally:
         node.close()
         node.rep.close()
+
+
+# -- counts for status: a pass over every record, so at most once a COUNTS_EVERY -----------------
+
+
+def test_status_counts_catch_up_within_a_second_and_the_loop_wakes_for_it(make_node) -> None:
+    node, clock, _ = make_node(0)
+    root = node.cfg.root
+    (root / "one").write_text("1\n")
+    node.full_scan()
+    clock.now += COUNTS_EVERY  # (the first scan was counted)
+    node.publish()
+    assert node.snapshot["local"]["files"] == 1
+    idle = node._timeout()
+    # Another commit right after: the count waits (a sync commits every batch)...
+    (root / "two").write_text("2\n")
+    node.full_scan()
+    clock.now += COUNTS_EVERY / 4
+    node.publish()
+    assert node.snapshot["local"]["files"] == 1
+    # ...but the loop does not sleep past the moment it may count again...
+    assert node._timeout() <= COUNTS_EVERY * 3 / 4 + 1e-9
+    # ...and then the status is exact.
+    clock.now += COUNTS_EVERY
+    node.step(0)
+    assert node.snapshot["local"]["files"] == 2
+    assert node._timeout() == idle  # nothing left to count: idle polls are as long as before
+
+
+def _file(path: str, size: int) -> Record:
+    return Record(path, "g-" + path, Kind.FILE, VersionVector().bump("x"), mode=0o644,
+                  mtime_ns=1, size=size, sha256="0" * 64)  # fmt: skip
+
+
+def test_what_a_peer_still_lacks_is_counted_once_a_second_and_estimated_between(
+    make_node, monkeypatch
+) -> None:
+    node, clock, _ = make_node(0)
+    queries: list[int] = []
+    monkeypatch.setattr(node.store, "count_since",
+                        lambda seq: queries.append(seq) or (1000 - seq, 10 * (1000 - seq)))  # fmt: skip
+    link = PeerLink(node.cfg.peers[0] if node.cfg.peers else None)  # type: ignore[arg-type]
+    page = [_file(f"f{i}", 10) for i in range(100)]
+    # The first page is counted; the next ones, within a second, are estimated from it.
+    assert node._still_to_send(link, 0, 100, 1000, page) == (900, 9000)
+    assert node._still_to_send(link, 100, 200, 1000, page) == (800, 8000)
+    assert node._still_to_send(link, 200, 300, 1000, page) == (700, 7000)
+    assert queries == [100]
+    # A page that does not follow the last one (the peer asked again from further back).
+    assert node._still_to_send(link, 50, 150, 1000, page) == (850, 8500)
+    assert queries == [100, 150]
+    # A second later, counted again.
+    clock.now += COUNTS_EVERY
+    assert node._still_to_send(link, 150, 250, 1000, page) == (750, 7500)
+    assert queries == [100, 150, 250]
+    # The last page: nothing left, exactly, without a count.
+    assert node._still_to_send(link, 250, 1000, 1000, page) == (0, 0)
+    assert queries == [100, 150, 250]
