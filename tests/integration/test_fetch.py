@@ -12,6 +12,7 @@ import hashlib
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,20 @@ class Peer:
             self.transfers.arrived(self.replies.popleft())
 
 
-def open_fetch(tmp_path: Path, peer: Peer) -> tuple[Transfers, Record, _Reader]:
+@pytest.fixture
+def stores() -> Iterator[list[Store]]:
+    """Stores a test made, closed after it (each holds its lock file open)."""
+    made: list[Store] = []
+    yield made
+    for store in made:
+        store.close()
+
+
+def open_fetch(
+    tmp_path: Path, peer: Peer, stores: list[Store]
+) -> tuple[Transfers, Record, _Reader]:
     store = Store.create(tmp_path / "state" / "repld.db")
+    stores.append(store)
     t = Transfers(store, tmp_path / "root", tmp_path / "state" / "partial", peer.pump)
     peer.transfers = t
     rec = record_of(peer.content)
@@ -78,9 +91,9 @@ def open_fetch(tmp_path: Path, peer: Peer) -> tuple[Transfers, Record, _Reader]:
     return t, rec, t.open(rec, rec.path)
 
 
-def test_a_big_file_is_checked_and_spooled_whole(tmp_path: Path) -> None:
+def test_a_big_file_is_checked_and_spooled_whole(tmp_path: Path, stores: list[Store]) -> None:
     content = os.urandom(SIZE)
-    t, rec, reader = open_fetch(tmp_path, Peer(content))
+    t, rec, reader = open_fetch(tmp_path, Peer(content), stores)
     got = bytearray()
     while chunk := reader.read():
         got += chunk
@@ -93,12 +106,12 @@ def test_a_big_file_is_checked_and_spooled_whole(tmp_path: Path) -> None:
     assert t.stats.fetched_bytes == len(content)
 
 
-def test_a_corrupt_block_is_refused_and_never_spooled(tmp_path: Path) -> None:
+def test_a_corrupt_block_is_refused_and_never_spooled(tmp_path: Path, stores: list[Store]) -> None:
     good = 3 * REQUEST_BYTES  # requests before the one with the bad byte
     bad = good + 7
     content = bytearray(os.urandom(SIZE))
     content[bad] = 0x00  # arrives as 0xFF; a hole in the partial file reads as 0x00
-    t, rec, reader = open_fetch(tmp_path, Peer(bytes(content), corrupt_at=bad))
+    t, rec, reader = open_fetch(tmp_path, Peer(bytes(content), corrupt_at=bad), stores)
     with pytest.raises(ReplError, match="does not match its hash"):
         while reader.read():
             pass
@@ -120,6 +133,7 @@ def test_partial_files_untouched_for_a_week_are_deleted_at_start(tmp_path: Path)
         f.write_bytes(b"x" * 1000)
     week_ago = time.time() - PARTIAL_MAX_AGE - 60
     os.utime(stale, (week_ago, week_ago))
-    Transfers(Store.create(tmp_path / "state" / "repld.db"), tmp_path, partial, lambda _t: None)
+    with Store.create(tmp_path / "state" / "repld.db") as store:
+        Transfers(store, tmp_path, partial, lambda _t: None)
     assert not stale.exists()
     assert recent.exists()  # a transfer that may still resume
