@@ -776,6 +776,9 @@ class Node:
         peer_id = s.peer.replica_id
         me = self.store.replica_id
         policy = self._policy()
+        # What planning and applying the page will ask of the store, in a few queries.
+        self.store.read_ahead([r.path for r in page.records],
+                              [r.sha256 for r in page.records if r.sha256])  # fmt: skip
         steps = list(
             plan_pull(
                 self.store.get, page.records, replica=me, policy=policy, within=self.opts.within
@@ -983,14 +986,50 @@ class Node:
     # -- status ---------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        # Counting the tree is a pass over every record: during a sync, when every batch
-        # commits, at most once a COUNTS_EVERY (the loop wakes up for the last count).
+        peers = self._peer_status()
+        # Counting the tree is a pass over every record. While records are still coming in
+        # (every batch commits), that is at most once a COUNTS_EVERY, and the loop wakes up for
+        # the next count; once every connected peer is in sync, every change is counted.
         now = self.clock()
-        if self._counts_seq != self.store.committed_seq and now - self._counts_at >= COUNTS_EVERY:
+        settled = all(p["in_sync"] or not p["connected"] for p in peers) and not self._inbox
+        stale = self._counts_seq != self.store.committed_seq
+        if stale and (settled or now - self._counts_at >= COUNTS_EVERY):
             self._counts = (*self.store.counts(), len(list_conflicts(self.store)))
             self._counts_seq = self.store.committed_seq
             self._counts_at = now
         files, dirs, size, conflicts = self._counts
+        t = self.transfers.stats
+        a = self.stats.applied
+        return {
+            "replica_id": self.store.replica_id,
+            "name": self.cfg.name,
+            "tree_id": self.store.tree_id,
+            "root": str(self.cfg.root),
+            "state": "paused" if self.paused else self.state,
+            "pid": os.getpid(),
+            "local": {
+                "files": files,
+                "dirs": dirs,
+                "bytes": size,
+                "sequence": self.store.committed_seq,
+            },
+            "conflicts": conflicts,
+            "errors": [{"path": e.path, "error": e.error} for e in self.errors.values()],
+            "peers": peers,
+            "watching": self.watcher is not None and self.watcher.alive,
+            # Directories beyond the inotify watch limit, rescanned every minute instead.
+            "unwatched_dirs": len(self.watcher.unwatched) if self.watcher is not None else 0,
+            "transfer": {
+                "files_written": a.written,
+                "bytes_written": a.written_bytes,
+                "fetched_bytes": t.fetched_bytes,
+                "reused_bytes": t.reused_bytes,
+                "resumed_bytes": t.resumed_bytes,
+                "conflicts_resolved": a.conflicts,
+            },
+        }
+
+    def _peer_status(self) -> list[dict[str, Any]]:
         peers = []
         by_name: dict[str, list[PeerLink]] = {}
         for link in self.links:
@@ -1030,36 +1069,7 @@ class Node:
                     "error": errs[0] if errs else None,
                 }
             )
-        t = self.transfers.stats
-        a = self.stats.applied
-        return {
-            "replica_id": self.store.replica_id,
-            "name": self.cfg.name,
-            "tree_id": self.store.tree_id,
-            "root": str(self.cfg.root),
-            "state": "paused" if self.paused else self.state,
-            "pid": os.getpid(),
-            "local": {
-                "files": files,
-                "dirs": dirs,
-                "bytes": size,
-                "sequence": self.store.committed_seq,
-            },
-            "conflicts": conflicts,
-            "errors": [{"path": e.path, "error": e.error} for e in self.errors.values()],
-            "peers": peers,
-            "watching": self.watcher is not None and self.watcher.alive,
-            # Directories beyond the inotify watch limit, rescanned every minute instead.
-            "unwatched_dirs": len(self.watcher.unwatched) if self.watcher is not None else 0,
-            "transfer": {
-                "files_written": a.written,
-                "bytes_written": a.written_bytes,
-                "fetched_bytes": t.fetched_bytes,
-                "reused_bytes": t.reused_bytes,
-                "resumed_bytes": t.resumed_bytes,
-                "conflicts_resolved": a.conflicts,
-            },
-        }
+        return peers
 
     def publish(self) -> None:
         snap = self.status()

@@ -124,28 +124,45 @@ def test_unwatched_directories_are_rescanned_every_minute(tmp_path: Path) -> Non
 # -- counts for status: a pass over every record, so at most once a COUNTS_EVERY -----------------
 
 
-def test_status_counts_catch_up_within_a_second_and_the_loop_wakes_for_it(make_node) -> None:
+def test_status_counts_every_change_once_in_sync_and_once_a_second_before(
+    make_node, monkeypatch
+) -> None:
     node, clock, _ = make_node(0)
     root = node.cfg.root
+    # No peer is syncing: every change is counted at once.
     (root / "one").write_text("1\n")
     node.full_scan()
-    clock.now += COUNTS_EVERY  # (the first scan was counted)
     node.publish()
     assert node.snapshot["local"]["files"] == 1
     idle = node._timeout()
-    # Another commit right after: the count waits (a sync commits every batch)...
+    # While a peer's records are still coming in, commits (one a batch) are counted at most
+    # once a second...
+    peer = {"name": "b", "connected": True, "in_sync": False}
+    monkeypatch.setattr(node, "_peer_status", lambda: [peer])
+    clock.now += COUNTS_EVERY
     (root / "two").write_text("2\n")
+    node.full_scan()
+    node.publish()
+    assert node.snapshot["local"]["files"] == 2
+    (root / "three").write_text("3\n")
     node.full_scan()
     clock.now += COUNTS_EVERY / 4
     node.publish()
-    assert node.snapshot["local"]["files"] == 1
+    assert node.snapshot["local"]["files"] == 2
     # ...but the loop does not sleep past the moment it may count again...
     assert node._timeout() <= COUNTS_EVERY * 3 / 4 + 1e-9
-    # ...and then the status is exact.
     clock.now += COUNTS_EVERY
     node.step(0)
-    assert node.snapshot["local"]["files"] == 2
+    assert node.snapshot["local"]["files"] == 3
     assert node._timeout() == idle  # nothing left to count: idle polls are as long as before
+    # ...and once in sync, the last change is counted at once.
+    (root / "four").write_text("4\n")
+    node.full_scan()
+    node.publish()
+    assert node.snapshot["local"]["files"] == 3
+    peer["in_sync"] = True
+    node.publish()
+    assert node.snapshot["local"]["files"] == 4
 
 
 def _file(path: str, size: int) -> Record:
