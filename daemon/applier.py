@@ -108,6 +108,11 @@ class ApplyStats:
 _Failed = list[tuple["_Pending", OSError]]
 
 
+def _files(batch: list[_Pending]) -> list[_Pending]:
+    """The entries of a batch that have a temporary file to flush and install."""
+    return [p for p in batch if p.tmp is not None or p.fd is not None]
+
+
 @dataclass
 class _Pending:
     step: Step
@@ -169,7 +174,7 @@ class Applier:
         self._batch_fds = 0
         self._max_fds = _unnamed_budget() // 2  # per batch: the one in flight holds as many
         # A full batch whose data is being made durable on another thread while the next one
-        # is staged (the files that failed to be come back): see _rotate.
+        # is staged (the thread returns the files it could not flush): see _rotate.
         self._flight: tuple[list[_Pending], _Background[_Failed]] | None = None
         # Until the file system says otherwise (and not at all if no descriptor can be spared).
         # (Linking one takes /proc/self/fd, which a chroot may lack.)
@@ -544,7 +549,7 @@ class Applier:
         recorded when the next one is full, or at the next flush."""
         self._finish_flight()
         batch = self._take_batch()
-        files = [p for p in batch if p.tmp is not None or p.fd is not None]
+        files = _files(batch)
         self._flight = (batch, _Background(lambda: self._make_durable(files)))
 
     def _make_durable(self, files: list[_Pending]) -> _Failed:
@@ -580,7 +585,7 @@ class Applier:
         already), give them their names, make the names durable, record them in one transaction.
         """
         self._dirs_ok.clear()
-        files = [p for p in batch if p.tmp is not None or p.fd is not None]
+        files = _files(batch)
         # Durable before it gets its name, and the names durable before the records say so:
         # the names of a few files in a few directories by an fsync of each directory, else
         # by a syncfs.

@@ -192,6 +192,9 @@ def open_replica(
     return rep
 
 
+FS_CHECKED = "fs_checked"  # meta key: the file system the root was last probed on
+
+
 def _check_file_system_once(rep: Replica) -> None:
     """``check_file_system``, once for each file system the root is on: the probe creates and
     deletes a file in the root, which changes the root's mtime, so it does not run on every
@@ -203,8 +206,6 @@ def _check_file_system_once(rep: Replica) -> None:
     check_file_system(rep.cfg.root)
     rep.store.set_meta(FS_CHECKED, key)
 
-
-FS_CHECKED = "fs_checked"
 
 
 def _fs_key(root: Path) -> str | None:
