@@ -20,7 +20,7 @@ from ..protocol.record import conflict_original, escape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
-from .errors import ConfigError, DaemonNotRunning, UsageError
+from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
 from .replica import Replica, init, list_conflicts, load_keys, open_replica
@@ -43,6 +43,9 @@ examples:
   repld sync desktop -n                  what one exchange with peer desktop would bring
   repld log Documents/report.odt         where each version of a file came from
   repld conflicts                        conflicting edits kept side by side
+  repld export /media/usb/x.bundle --since desktop
+                                         changes desktop lacks, as a file to carry there
+  repld import /media/usb/x.bundle       apply a bundle another replica exported
 
 The config file is $REPLD_CONFIG, else $XDG_CONFIG_HOME/repld/config.toml; --config chooses
 another, so several replicas can live on one machine. Exit codes: 0 ok, 1 failure,
@@ -185,6 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", required=True, choices=["local", "remote", "both"])
 
     cmd("dump", "print the database as text, one escaped line per record")
+
+    c = cmd(
+        "export",
+        "write changes to a bundle file, for a replica no network reaches",
+        "Write this replica's changes, with the content of every file they need, to FILE: "
+        "everything, or with --since PEER only what PEER has not acknowledged yet (what it got "
+        "from syncs and bundles before). Carry FILE over (a USB stick, mail) and run `repld "
+        "import FILE` on a replica of the same tree there. The bundle is written under a "
+        "temporary name and renamed when complete; it holds file content, so it is made "
+        "readable by you only. Works while the daemon runs (it exports what the daemon has "
+        "recorded); otherwise it scans first.",
+    )
+    c.add_argument("file", type=Path, metavar="FILE")
+    c.add_argument("--since", metavar="PEER",
+                   help="only changes PEER has not acknowledged (a peer name from `repld peer "
+                   "list`, or the name of a replica synced with before)")  # fmt: skip
+
+    c = cmd(
+        "import",
+        "apply a bundle file written by `repld export` on another replica",
+        "Apply the changes in FILE as a sync from the replica that exported it would: newer "
+        "versions replace older ones, concurrent edits become conflicts that keep both "
+        "versions, nothing is overwritten that changed here since the last scan. Importing the "
+        "same bundle twice changes nothing the second time. The daemon must be stopped "
+        "(`systemctl --user stop repld`), as for a sync with a local replica.",
+    )
+    c.add_argument("file", type=Path, metavar="FILE")
+    c.add_argument("-n", "--dry-run", action="store_true", help="print the plan, change nothing")
+    c.add_argument("--prefer", choices=["local", "remote"],
+                   help="settle conflicts for this replica (local) or the bundle's (remote)")  # fmt: skip
+    c.add_argument("-v", "--verbose", action="store_true", help="print each action")
     return p
 
 
@@ -217,7 +251,9 @@ class Progress:
         if not self.on or time.monotonic() - self.last < 0.25:
             return
         self.last = time.monotonic()
-        if isinstance(stats, ScanStats):
+        if isinstance(stats, str):
+            text = stats
+        elif isinstance(stats, ScanStats):
             text = f"{stats.files} files seen, {stats.events} changes, {_human(stats.hashed_bytes)} hashed"
         else:
             text = f"{stats.written} files written ({_human(stats.written_bytes)}), {stats.deleted} deleted"
@@ -637,6 +673,82 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export
+
+    progress = Progress("exporting")
+    try:
+        rep = open_replica(args.config)
+        scan = True
+    except StoreBusy:
+        # The daemon (or a sync) holds the write lock: export what it has recorded, unscanned.
+        rep = Replica(configmod.load(args.config), write=False)
+        scan = False
+    with rep:
+        since, peer = _since_peer(rep, args.since) if args.since else (0, "")
+
+        def show(r: Any) -> None:
+            progress(f"{r.records} records, {r.files} files ({_human(r.content_bytes)})")
+
+        report = export(rep, args.file, since=since, peer=peer, scan=scan, progress=show)
+        progress.done()
+    for path, why in report.left_out:
+        print(f"left out: {escape(path)}: {why}", file=sys.stderr)
+    print(
+        f"{report.path}: {report.records} records of {report.name} (sequence {report.since + 1} "
+        f"to {report.upto}), {report.files} files ({_human(report.content_bytes)})"
+    )
+    return 1 if report.left_out else 0
+
+
+def _since_peer(rep: Replica, name: str) -> tuple[int, str]:
+    """How far PEER (a name here) has acknowledged this replica's records, and its replica id."""
+    marks = [m for m in rep.store.peer_marks() if m.name == name]
+    if marks:
+        m = max(marks, key=lambda m: m.last_sync_ns)
+        return m.acked_seq, m.replica_id
+    if rep.cfg.peer(name) is None:
+        known = sorted({p.name for p in rep.cfg.peers} | {m.name for m in rep.store.peer_marks()})
+        raise UsageError(
+            f"--since {name}: no peer or replica of that name "
+            f"(known: {', '.join(known) if known else 'none'}); without --since the bundle "
+            "holds everything"
+        )
+    print(f"{name} has not synced with this replica yet: the bundle holds everything",
+          file=sys.stderr)  # fmt: skip
+    return 0, ""
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .bundle import Bundle, import_bundle
+
+    progress = Progress("importing")
+    with open_replica(args.config, dry_run=args.dry_run) as rep, Bundle(args.file) as bundle:
+        report = import_bundle(
+            rep, bundle, dry_run=args.dry_run, prefer=args.prefer,
+            verbose=args.verbose or args.dry_run, progress=progress,
+        )  # fmt: skip
+        progress.done()
+    if args.verbose or args.dry_run:
+        assert report.scan is not None
+        for action, path in report.scan.changes:
+            print(f"scan: {action} {escape(path)}")
+    for step in report.steps:
+        print(f"{rep.cfg.name} <- {step.describe().replace(step.path, escape(step.path), 1)}")
+    if report.dry_run:
+        print(f"dry run: {len(report.steps)} actions planned, nothing changed")
+    else:
+        s = report.stats
+        print(
+            f"{rep.cfg.name}: from {report.name}'s bundle, {s.written} files written "
+            f"({_human(s.written_bytes)}, {s.copied_locally} from local copies), {s.deleted} "
+            f"deleted, {s.recorded} other updates, {s.conflicts} conflicts"
+        )
+    for path, err in report.errors:
+        print(f"error: {escape(path)}: {err}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
 COMMANDS = {
     "init": cmd_init,
     "id": cmd_id,
@@ -652,6 +764,8 @@ COMMANDS = {
     "conflicts": cmd_conflicts,
     "resolve": cmd_resolve,
     "dump": cmd_dump,
+    "export": cmd_export,
+    "import": cmd_import,
 }
 
 

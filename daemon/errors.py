@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "UsageError",
     "StoreError",
+    "StoreBusy",
     "TreeMismatchError",
     "FsError",
     "ChangedOnDisk",
@@ -41,6 +42,10 @@ class UsageError(ReplError):
 
 class StoreError(ReplError):
     """The database is missing, locked, damaged or of the wrong kind."""
+
+
+class StoreBusy(StoreError):
+    """Another repld process (the daemon, a sync, a scan) holds the database's write lock."""
 
 
 class TreeMismatchError(ReplError):

@@ -17,6 +17,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 PAGE_RECORDS = 1000
 PAGE_BYTES = 4 << 20
 PING_EVERY = 2.0
+ACKS_EVERY = 5.0  # seconds between writes of how far peers acknowledged our records
 COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lacks, as they change
 ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
 RETRY_EVERY = 10.0  # failed pages are asked for again this often
@@ -110,6 +112,7 @@ class PeerLink:
     # The last page's count of what the peer still lacks: (when counted, the page's upto,
     # records, bytes); see Node._still_to_send.
     still_to_send: tuple[float, int, int, int] | None = None
+    acked_saved: int = -1  # the peer's acknowledgement of our records, as last written down
     complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
 
     @property
@@ -182,6 +185,7 @@ class Node:
         self._counts = (0, 0, 0, 0)
         self._counts_seq = -1
         self._counts_at = -COUNTS_EVERY  # monotonic time of the last count
+        self._acks_at = 0.0  # ...and of the last write of peers' acknowledgements
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
         self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
@@ -284,6 +288,10 @@ class Node:
         self.poller.register(mon, zmq.POLLIN)
 
     def close(self) -> None:
+        try:
+            self._save_acks()
+        except (ReplError, sqlite3.Error) as e:
+            log.warning("could not write down peers' acknowledgements: %s", e)
         for link in self.links:
             if link.session is not None and link.established:
                 self._send_out(link, link.session.close("shutting down"))
@@ -609,6 +617,10 @@ class Node:
         return self._rid_by_name.get(name)
 
     def _end_session(self, link: PeerLink, reason: str) -> None:
+        try:
+            self._save_acks([link])
+        except (ReplError, sqlite3.Error) as e:
+            log.warning("%s: could not write down its acknowledgement: %s", link.label, e)
         if link.session is not None and link.session.state is not State.CLOSED:
             link.session.state = State.CLOSED
             link.session.close_reason = reason
@@ -629,8 +641,11 @@ class Node:
             h = action.peer
             log.info("%s: in session with %s (%s), its seq %d, it has seen ours up to %d", link.label, h.name, h.replica_id[:8], h.seq, h.seen)  # fmt: skip
             link.established_at = self.clock()
+            # How far it has our records (from its hello), for `repld export --since` it.
+            acked = link.session.acked_upto if link.session else 0
             with self.store.transaction():
-                self.store.set_peer_mark(h.replica_id, name=link.peer.name)
+                self.store.set_peer_mark(h.replica_id, name=link.peer.name, acked_seq=acked)
+            link.acked_saved = acked
             if self._rid_by_name is not None:
                 self._rid_by_name[link.peer.name] = h.replica_id
             for other in list(self.links):
@@ -664,6 +679,7 @@ class Node:
                 log.info(
                     "%s: session ended: %s", link.label, action.reason, extra={"PEER": link.label}
                 )
+            self._save_acks([link])
             link.session = None
             if link.dealer is None:
                 self._end_session(link, action.reason)
@@ -915,6 +931,24 @@ class Node:
 
     # -- timers and commands --------------------------------------------------------------------
 
+    def _save_acks(self, links: list[PeerLink] | None = None) -> None:
+        """Write down how far each peer has acknowledged our records: a few seconds late at
+        most, and at the end of a session. It only saves `repld export --since PEER` from
+        carrying what PEER has already."""
+        moved = [
+            (link, link.session)
+            for link in (self.links if links is None else links)
+            if link.session is not None and link.session.peer is not None
+            and link.session.acked_upto != link.acked_saved
+        ]  # fmt: skip
+        if not moved:
+            return
+        with self.store.transaction():
+            for link, s in moved:
+                assert s is not None and s.peer is not None
+                self.store.set_peer_mark(s.peer.replica_id, acked_seq=s.acked_upto)
+                link.acked_saved = s.acked_upto
+
     def _timers(self, quick: bool = False) -> None:
         now = self.clock()
         for link in list(self.links):
@@ -942,6 +976,9 @@ class Node:
                 self._send_out(link, s.ask_again())
         if quick:
             return
+        if now - self._acks_at >= ACKS_EVERY:
+            self._acks_at = now
+            self._save_acks()
         every = self._full_scan_every()
         due = self._next_full_scan
         if every is not None and (due is None or due > now + every):

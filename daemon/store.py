@@ -34,7 +34,7 @@ from typing import Any
 from ..protocol.errors import ProtocolError
 from ..protocol.record import Action, Kind, Record, parent_of
 from ..protocol.version import VersionVector
-from .errors import StoreError
+from .errors import StoreBusy, StoreError
 
 SCHEMA_VERSION = 1
 PAGE = 1000
@@ -316,9 +316,10 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(
-                f"{self.db_path}: in use by another repld process (a sync, a scan or the "
-                "daemon); wait for it to finish or stop it"
+            raise StoreBusy(
+                f"{self.db_path}: in use by another repld process (the daemon, a sync or a "
+                "scan): stop the daemon first (`systemctl --user stop repld`, or Ctrl-C where "
+                "`repld run` runs), or wait for the sync or scan to finish"
             ) from None
         self._lock_fd = fd
 

@@ -1,0 +1,453 @@
+"""Bundles: a set of changes carried as one file between replicas no network connects.
+
+``export`` writes a replica's records after a sequence number (everything, or what one peer has
+not acknowledged yet), with the content of every live file among them, to a bundle file.
+``import_bundle`` applies a bundle to another replica of the same tree exactly as a pull from a
+peer would be applied: the same planner, the same conflict rules, the same applier (temporary
+file, hash check, fsync, rename), with the bundle standing in for the peer's files.
+
+A bundle is an SQLite database, written under a temporary name and renamed into place once
+complete and flushed, so a half-written bundle never carries the real name:
+
+- ``meta``: format, version, tree id, the exporting replica's id and name, and the sequence
+  range it holds (``since`` < seq <= ``upto``);
+- ``records``: one row per record, in the exporter's sequence order, each in its wire form
+  (``protocol.messages.record_to_wire``, msgpack), so an import checks a bundle's records as
+  strictly as a peer's (paths inside the tree, sane fields);
+- ``content``: file content by SHA-256, in chunks of ``CHUNK`` bytes, each content once;
+- ``seen``: how far the exporter had seen each other replica's records. An importer learns from
+  it how far the exporter has its own records, so its next ``export --since`` that replica
+  leaves those out: two replicas that only ever swap bundles still send each change once.
+
+A file that changes while it is exported is left out with its record (the next export carries
+it); the bundle then claims to be complete only up to the record before it (``complete``), so an
+import never marks as seen what it did not get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgpack
+
+from ..protocol.errors import ProtocolError
+from ..protocol.messages import record_from_wire, record_to_wire
+from ..protocol.plan import Op, Step, plan_pull, plan_record
+from ..protocol.reconcile import Policy
+from ..protocol.record import Kind, Record
+from .applier import Applier, ApplyStats
+from .errors import ReplError, TreeMismatchError
+from .replica import Replica
+from .scanner import ScanStats
+
+log = logging.getLogger(__name__)
+
+FORMAT = "repld-bundle"
+VERSION = 1
+CHUNK = 1 << 20  # bytes of content per row
+COMMIT_BYTES = 64 << 20  # content written between commits of the bundle being built
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE records (seq INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, data BLOB NOT NULL);
+CREATE TABLE content (sha256 TEXT NOT NULL, part INTEGER NOT NULL, data BLOB NOT NULL,
+                      PRIMARY KEY (sha256, part));
+CREATE TABLE seen (replica_id TEXT PRIMARY KEY, seen_seq INTEGER NOT NULL);
+"""
+
+
+class BundleError(ReplError):
+    """A bundle file that cannot be read, or is not one."""
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    name: str  # the exporting replica
+    since: int
+    upto: int
+    complete: int  # every record up to this sequence number is in the bundle
+    records: int = 0
+    files: int = 0  # distinct contents carried
+    content_bytes: int = 0
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    scan: ScanStats | None = None
+
+
+@dataclass
+class ImportReport:
+    name: str  # the replica that exported the bundle
+    since: int
+    upto: int
+    steps: list[Step] = field(default_factory=list)
+    stats: ApplyStats = field(default_factory=ApplyStats)
+    scan: ScanStats | None = None
+    marked: bool = False  # the exporter's records up to `complete` are now marked as seen
+    dry_run: bool = False
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        return (self.scan.errors if self.scan else []) + self.stats.errors
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def export(
+    rep: Replica,
+    out: Path,
+    *,
+    since: int = 0,
+    peer: str = "",
+    scan: bool = True,
+    progress: Callable[[ExportReport], None] | None = None,
+) -> ExportReport:
+    """Write the records of ``rep`` after ``since``, and the content of its live files, to
+    ``out``. ``scan`` first records what changed on disk (the daemon, when it runs, keeps the
+    database current itself and holds the write lock: then pass False).
+
+    For a bundle meant for replica ``peer``, the content of versions that replica wrote itself
+    is left out (the records stay): it has that content, or a later version that makes the
+    record moot. A file it has since lost that content of is an error there, for that path
+    only, and a bundle without ``--since`` brings it."""
+    out = out.absolute()
+    if out.is_dir():
+        raise BundleError(f"{out} is a directory; give the bundle file's name")
+    if not out.parent.is_dir():
+        raise BundleError(f"{out.parent}: no such directory")
+    root = rep.root.resolve()
+    if out.resolve().is_relative_to(root):
+        # It would be recorded and replicated, the next bundle would carry this one, and so on.
+        raise BundleError(f"{out} is inside the replicated tree {root}; write it elsewhere")
+    scanned = rep.scan() if scan else None
+    store = rep.store
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=OFF")  # a temporary file: flushed once, at the end
+        db.execute("PRAGMA synchronous=OFF")
+        db.executescript(_SCHEMA)
+        src = store.db
+        src.execute("BEGIN")  # one snapshot, even while the daemon records changes
+        try:
+            upto = int(src.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            report = ExportReport(out, rep.cfg.name, since, upto, upto, scan=scanned)
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT INTO seen VALUES (?, ?)",
+                [(m.replica_id, m.seen_seq) for m in store.peer_marks() if m.seen_seq],
+            )
+            _export_records(rep, db, since, upto, peer, report, progress)
+            db.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [
+                    ("format", FORMAT),
+                    ("version", str(VERSION)),
+                    ("tree_id", store.tree_id),
+                    ("replica_id", store.replica_id),
+                    ("name", rep.cfg.name),
+                    ("since", str(since)),
+                    ("upto", str(upto)),
+                    ("complete", str(report.complete)),
+                    ("created_ns", str(time.time_ns())),
+                ],
+            )
+            db.execute("COMMIT")
+        finally:
+            src.execute("COMMIT")
+        db.close()
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o600)  # it holds file content: as private as the tree's owner keeps it
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        db.close()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return report
+
+
+def _export_records(
+    rep: Replica,
+    db: sqlite3.Connection,
+    since: int,
+    upto: int,
+    peer: str,
+    report: ExportReport,
+    progress: Callable[[ExportReport], None] | None,
+) -> None:
+    since_commit = 0
+    for rec in rep.store.records_since(since):
+        if rec.seq > upto:
+            break
+        wanted = rec.kind is Kind.FILE and not rec.deleted and rec.modified_by != peer
+        if wanted and not _has_content(db, rec.sha256):
+            try:
+                written = _export_content(rep.root, rec, db)
+            except (OSError, _Changed) as e:
+                why = str(e) if isinstance(e, _Changed) else (e.strerror or str(e))
+                report.left_out.append((rec.path, why))
+                report.complete = min(report.complete, rec.seq - 1)
+                log.warning("%s: left out of the bundle: %s", rec.path, why)
+                continue
+            report.files += 1
+            report.content_bytes += written
+            since_commit += written
+            if since_commit >= COMMIT_BYTES:
+                db.execute("COMMIT")
+                db.execute("BEGIN")
+                since_commit = 0
+        db.execute(
+            "INSERT INTO records VALUES (?, ?, ?)",
+            (rec.seq, rec.path, msgpack.packb(record_to_wire(rec))),
+        )
+        report.records += 1
+        if progress:
+            progress(report)
+
+
+def _has_content(db: sqlite3.Connection, sha256: str) -> bool:
+    row = db.execute("SELECT 1 FROM content WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
+    return row is not None
+
+
+class _Changed(Exception):
+    pass
+
+
+def _export_content(root: Path, rec: Record, db: sqlite3.Connection) -> int:
+    """Copy a file's content into the bundle, checked against its record as it is read."""
+    fd = os.open(root / rec.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+            raise _Changed("changed since it was scanned; the next export carries it")
+        h = hashlib.sha256()
+        part = size = 0
+        while size < rec.size:
+            data = os.read(fd, min(CHUNK, rec.size - size))
+            if not data:
+                break
+            h.update(data)
+            db.execute("INSERT INTO content VALUES (?, ?, ?)", (rec.sha256, part, data))
+            part += 1
+            size += len(data)
+    finally:
+        os.close(fd)
+    if size != rec.size or h.hexdigest() != rec.sha256:
+        db.execute("DELETE FROM content WHERE sha256 = ?", (rec.sha256,))
+        raise _Changed("changed while it was read; the next export carries it")
+    return size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading a bundle -----------------------------------------------------------------------------
+
+
+class Bundle:
+    """A bundle file opened to read; checks its format and every record it hands out."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise BundleError(f"{path}: no such file")
+        try:
+            self._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise BundleError(f"{path}: not a repld bundle ({e})") from None
+        if meta.get("format") != FORMAT:
+            self.close()
+            raise BundleError(f"{path}: not a repld bundle")
+        if meta.get("version") != str(VERSION):
+            self.close()
+            raise BundleError(
+                f"{path}: bundle version {meta.get('version')}; this repld reads version "
+                f"{VERSION} (export it again with the same repld version on both sides)"
+            )
+        try:
+            self.tree_id = meta["tree_id"]
+            self.replica_id = meta["replica_id"]
+            self.name = meta["name"]
+            self.since = int(meta["since"])
+            self.upto = int(meta["upto"])
+            self.complete = int(meta["complete"])
+        except (KeyError, ValueError) as e:
+            self.close()
+            raise BundleError(f"{path}: damaged bundle (meta {e})") from None
+
+    def seen(self, replica_id: str) -> int:
+        """How far the exporter had seen ``replica_id``'s records."""
+        row = self._db.execute(
+            "SELECT seen_seq FROM seen WHERE replica_id = ?", (replica_id,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _record(self, row: tuple[Any, ...]) -> Record:
+        seq, path, data = row
+        try:
+            rec = record_from_wire(msgpack.unpackb(data, raw=False))
+        except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as e:
+            raise BundleError(f"{self.path}: damaged record {path!r}: {e}") from None
+        if rec.path != path or rec.seq != seq:
+            raise BundleError(f"{self.path}: damaged record {path!r}")
+        return rec
+
+    def records(self) -> Iterator[Record]:
+        """Every record, in the exporter's sequence order, a page at a time."""
+        seq = -1
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, path, data FROM records WHERE seq > ? ORDER BY seq LIMIT 1000", (seq,)
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield self._record(row)
+            seq = rows[-1][0]
+
+    def get(self, path: str) -> Record | None:
+        row = self._db.execute(
+            "SELECT seq, path, data FROM records WHERE path = ?", (path,)
+        ).fetchone()
+        return None if row is None else self._record(row)
+
+    def open(self, rec: Record) -> BinaryIO:
+        """The content of ``rec`` (checked by the applier against the record's hash)."""
+        if not _has_content(self._db, rec.sha256):
+            raise ReplError(
+                f"{rec.path}: its content is not in the bundle {self.path} (left out as this "
+                "replica's own; a bundle exported without --since carries it)"
+            )
+        return _ContentReader(self._db, rec.sha256)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _ContentReader:
+    """Reads one content's chunks in order; ``read(n)`` returns at most n bytes."""
+
+    def __init__(self, db: sqlite3.Connection, sha256: str):
+        self._db = db
+        self._sha = sha256
+        self._part = 0
+        self._buf = memoryview(b"")
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._buf:
+            row = self._db.execute(
+                "SELECT data FROM content WHERE sha256 = ? AND part = ?", (self._sha, self._part)
+            ).fetchone()
+            if row is None:
+                return b""
+            self._part += 1
+            self._buf = memoryview(row[0])
+        take = len(self._buf) if n < 0 else min(n, len(self._buf))
+        out, self._buf = bytes(self._buf[:take]), self._buf[take:]
+        return out
+
+    def close(self) -> None:
+        self._buf = memoryview(b"")
+
+    def __enter__(self) -> _ContentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- import ---------------------------------------------------------------------------------------
+
+
+def import_bundle(
+    rep: Replica,
+    bundle: Bundle,
+    *,
+    dry_run: bool = False,
+    prefer: str | None = None,
+    verbose: bool = False,
+    progress: Callable[[ApplyStats], None] | None = None,
+) -> ImportReport:
+    """Apply a bundle's records to ``rep`` as a pull from the replica that exported it."""
+    store = rep.store
+    if bundle.tree_id != store.tree_id:
+        raise TreeMismatchError(
+            f"{bundle.path} holds changes of another tree ({bundle.tree_id}); "
+            f"{rep.cfg.path} is a replica of {store.tree_id}"
+        )
+    if bundle.replica_id == store.replica_id:
+        raise BundleError(f"{bundle.path} was exported by this replica; import it on another")
+    report = ImportReport(bundle.name, bundle.since, bundle.upto, dry_run=dry_run)
+    policy = {None: Policy.KEEP_BOTH, "local": Policy.PREFER_LOCAL, "remote": Policy.PREFER_REMOTE}[
+        prefer
+    ]
+    me = store.replica_id
+    with store.transaction(commit=False) if dry_run else nullcontext():
+        report.scan = rep.scan(clean_temp=not dry_run)
+        steps = plan_pull(store.get, bundle.records(), replica=me, policy=policy)
+        if dry_run:
+            report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
+            return report
+
+    def replan(step: Step) -> list[Step]:
+        rep.scan(paths=[step.path])
+        remote = bundle.get(step.path)
+        if remote is None:
+            return []
+        return plan_record(
+            store.get(step.path), remote, replica=me, policy=policy, local_lookup=store.get
+        )
+
+    applier = Applier(
+        store,
+        rep.root,
+        bundle.open,
+        via=f"bundle from {bundle.name}",
+        replan=replan,
+        keep_steps=verbose,
+        on_progress=progress,
+    )
+    report.stats = applier.apply(steps)
+    report.steps = report.stats.done
+    mark = store.peer_mark(bundle.replica_id)
+    name = mark.name or bundle.name
+    with store.transaction():
+        if not report.stats.errors and bundle.since <= mark.seen_seq < bundle.complete:
+            # Everything the exporter had up to `complete` is here now: a later sync or bundle
+            # from it starts after that. A gap before `since`, or a failed path, leaves the mark.
+            store.set_peer_mark(bundle.replica_id, name=name, seen_seq=bundle.complete)
+            report.marked = True
+        theirs = bundle.seen(me)
+        if theirs > mark.acked_seq:
+            store.set_peer_mark(bundle.replica_id, name=name, acked_seq=theirs)
+    return report

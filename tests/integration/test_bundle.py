@@ -1,0 +1,207 @@
+"""Changes carried as a file (`repld export` / `repld import`) between replicas no network joins."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from pathlib import Path
+
+import msgpack
+from daemons import Cluster
+from helpers import conflict_copies, files_bytes, make_replicas, snapshot
+from repld.daemon.store import Store
+from repld.protocol.messages import record_from_wire, record_to_wire
+from test_sync import newer, populate
+
+
+def records_in(out: str) -> int:
+    m = re.search(r"(\d+) records of", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def test_a_bundle_carries_the_tree_and_a_second_import_changes_nothing(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    (a.root / "big.bin").write_bytes(os.urandom(3 * 2**20 + 123))  # several chunks in the bundle
+    bundle = tmp_path / "a.bundle"
+    a("export", bundle)
+    assert bundle.stat().st_mode & 0o777 == 0o600  # it holds file content
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    out = b("import", bundle).stdout
+    assert "0 conflicts" in out
+    assert snapshot(a.root) == snapshot(b.root)
+    dump = b("dump").stdout
+    again = b("import", bundle).stdout
+    assert "0 files written" in again
+    assert b("dump").stdout == dump  # not one record touched
+
+
+def test_a_dry_run_import_changes_nothing(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    (b.root / "docs").mkdir()
+    (b.root / "docs" / "a.txt").write_text("b's own a.txt\n")
+    bundle = tmp_path / "a.bundle"
+    a("export", bundle)
+    before = files_bytes(tmp_path)
+    out = b("import", "--dry-run", bundle).stdout
+    assert "dry run" in out and "run.sh" in out and "conflict" in out
+    assert files_bytes(tmp_path) == before
+
+
+def test_bundles_both_ways_settle_edits_deletes_and_conflicts_like_a_sync(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    first = tmp_path / "first.bundle"
+    a("export", first)
+    b("import", first)
+
+    (a.root / "docs" / "a.txt").write_text("A's edit\n")
+    (b.root / "docs" / "a.txt").write_text("B's later edit\n")
+    newer(b.root / "docs" / "a.txt", than=a.root / "docs" / "a.txt")
+    (b.root / "run.sh").unlink()  # deleted on b...
+    (a.root / "run.sh").write_text("#!/bin/sh\necho edited on a\n")  # ...edited on a: kept
+    (a.root / "docs" / "with space.txt").unlink()  # deleted on a only: must stay deleted
+    to_b, to_a = tmp_path / "to-b.bundle", tmp_path / "to-a.bundle"
+    a("export", to_b)  # a has heard nothing from b yet: everything
+    b("export", "--since", "a", to_a)
+    a("import", to_a)
+    b("import", to_b)
+
+    assert snapshot(a.root) == snapshot(b.root)
+    copies = conflict_copies(a.root)
+    assert len(copies) == 1 and copies == conflict_copies(b.root)
+    assert (a.root / "docs" / "a.txt").read_text() == "B's later edit\n"
+    assert (a.root / copies[0]).read_text() == "A's edit\n"
+    assert (b.root / "run.sh").read_text() == "#!/bin/sh\necho edited on a\n"
+    assert not (b.root / "docs" / "with space.txt").exists()
+
+    # Another round brings nothing new: the resolutions agree, nothing comes back.
+    for src, dst in ((a, b), (b, a)):
+        again = tmp_path / f"again-{src.name}.bundle"
+        src("export", "--since", dst.name, again)
+        out = dst("import", again).stdout
+        assert "0 files written" in out and "0 conflicts" in out and "0 deleted" in out
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_export_since_a_peer_leaves_out_what_its_bundles_showed_it_has(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    (a.root / "big.bin").write_bytes(os.urandom(2 * 2**20))
+    full = tmp_path / "full.bundle"
+    a("export", full)
+    b("import", full)
+    # b's next bundle tells a how far b has a's records.
+    (b.root / "from-b.bin").write_bytes(os.urandom(2 * 2**20))
+    back = tmp_path / "back.bundle"
+    out = b("export", "--since", "a", back).stdout
+    assert "1 files (2.0 MiB)" in out  # the content a sent is not sent back
+    a("import", back)
+
+    (a.root / "docs" / "a.txt").write_text("one small edit\n")
+    small = tmp_path / "small.bundle"
+    out = a("export", "--since", "b", small).stdout
+    # The edit, and a's record of b's file (as a network sync relays it) without its content.
+    assert records_in(out) == 2 and "1 files (15 B)" in out
+    assert small.stat().st_size < 2**20
+    b("import", small)
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_a_file_changed_after_its_scan_is_left_out_and_not_marked_as_seen(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    a("scan")
+    a_id = Store(a.state / "repld.db", write=False).replica_id
+    (a.root / "docs" / "a.txt").write_text("changed, not scanned yet\n")
+    bundle = tmp_path / "a.bundle"
+    # With the database locked (as by a running daemon), export takes what is recorded.
+    with Store(a.state / "repld.db"):
+        proc = a("export", bundle, check=False)
+    assert proc.returncode == 1
+    assert "left out: docs/a.txt" in proc.stderr
+    b("import", bundle)
+    assert not (b.root / "docs" / "a.txt").exists()
+    assert (b.root / "run.sh").exists()
+    with Store(b.state / "repld.db", write=False) as store:
+        recorded = store.peer_mark(a_id).seen_seq
+    with Store(a.state / "repld.db", write=False) as store:
+        a_seq = store.seq
+    assert recorded < a_seq  # a network sync or the next bundle still brings docs/a.txt
+
+    bundle2 = tmp_path / "a2.bundle"
+    a("export", bundle2)  # scans now: the new content is recorded and carried
+    b("import", bundle2)
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_bundles_that_do_not_belong_are_refused(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (tmp_path / "other").mkdir()
+    (stranger,) = make_replicas(tmp_path / "other", "stranger")
+    populate(a.root)
+    bundle = tmp_path / "a.bundle"
+    a("export", bundle)
+
+    proc = stranger("import", bundle, check=False)
+    assert proc.returncode == 1 and "another tree" in proc.stderr
+    proc = a("import", bundle, check=False)
+    assert proc.returncode == 1 and "exported by this replica" in proc.stderr
+    proc = b("import", tmp_path / "a.toml", check=False)
+    assert proc.returncode == 1 and "not a repld bundle" in proc.stderr
+    proc = b("import", tmp_path / "missing.bundle", check=False)
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+    proc = a("export", a.root / "inside.bundle", check=False)
+    assert proc.returncode == 1 and "inside the replicated tree" in proc.stderr
+    assert not (a.root / "inside.bundle").exists()
+    proc = a("export", "--since", "nobody", tmp_path / "x.bundle", check=False)
+    assert proc.returncode == 2 and "nobody" in proc.stderr
+    with Store(b.state / "repld.db"):
+        proc = b("import", bundle, check=False)
+    assert proc.returncode == 1 and "stop the daemon" in proc.stderr
+    assert list(b.root.iterdir()) == []
+
+
+def test_a_bundle_naming_a_path_outside_the_tree_writes_nothing_there(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "note.txt").write_text("harmless\n")
+    bundle = tmp_path / "a.bundle"
+    a("export", bundle)
+    db = sqlite3.connect(bundle)
+    seq, data = db.execute("SELECT seq, data FROM records WHERE path = 'note.txt'").fetchone()
+    evil = record_from_wire(msgpack.unpackb(data)).with_(path="../escaped.txt")
+    db.execute(
+        "UPDATE records SET path = ?, data = ? WHERE seq = ?",
+        ("../escaped.txt", msgpack.packb(record_to_wire(evil)), seq),
+    )
+    db.commit()
+    db.close()
+    proc = b("import", bundle, check=False)
+    assert proc.returncode == 1 and "damaged record" in proc.stderr
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not Path(b.root.parent / "escaped.txt").exists()
+
+
+def test_export_while_the_daemon_runs_and_since_a_peer_it_synced_with(tmp_path):
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        populate(a.root)
+        (a.root / "big.bin").write_bytes(os.urandom(2 * 2**20))
+        cluster.start()
+        cluster.wait_converged(what="initial sync")
+        cluster.stop(b)
+        # The daemon holds the database: export takes what it has recorded.
+        (a.root / "docs" / "a.txt").write_text("edited while b is away\n")
+        cluster.wait_until(
+            lambda: " update " in a("log", "docs/a.txt").stdout, what="a to record the edit"
+        )
+        bundle = tmp_path / "while-running.bundle"
+        out = a("export", "--since", "b", bundle).stdout
+        # b acknowledged everything before the edit over the network: only the edit travels.
+        assert records_in(out) == 1 and "1 files (23 B)" in out
+        cluster.stop(a)
+        b("import", bundle)
+        assert (b.root / "docs" / "a.txt").read_text() == "edited while b is away\n"
