@@ -191,6 +191,7 @@ class Applier:
         # small batch fsyncs their parents).
         self._made_dirs: set[str] = set()
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
+        self._failed: dict[str, str] = {}  # paths that failed in this apply, and why
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class Applier:
     def _error(self, path: str, message: str) -> None:
         log.warning("%s: %s", path, message)
         self.stats.errors.append((path, message))
+        self._failed[path] = message
 
     # -- paths and checks -----------------------------------------------------------------------
 
@@ -364,6 +366,16 @@ class Applier:
     def _stage(self, step: Step) -> None:
         rec = step.record
         path = step.path
+        copy = step.conflict.copy if step.conflict is not None else None
+        if copy is not None:
+            # The losing version's copy first, for good: the step that settles the conflict
+            # may replace the file it was taken from, or record the loser as seen.
+            self._flush()
+            if copy.path in self._failed:
+                raise ReplError(
+                    f"left as it is: its conflict copy {copy.path} could not be written "
+                    f"({self._failed[copy.path]})"
+                )
         if step.op is Op.RECORD:
             self._batch.append(_Pending(step))
             return

@@ -30,6 +30,7 @@ DIGEST_SIZE = 32
 
 TEMP_PREFIX = ".repld-tmp-"
 CONFLICT_MARK = ".conflict-"
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
 _MARK_RE = re.compile(re.escape(CONFLICT_MARK) + "[0-9a-f]{8}-[0-9a-f]{8}")
 
 _GUID_NAMESPACE = uuid.UUID("6f1e4c1e-4b4e-4d3c-9a51-7265706c6421")
@@ -208,8 +209,19 @@ def conflict_copy_path(path: str, loser: Record) -> str:
         # looks for it.
         stem, ext = name, ""
     mark = f"{CONFLICT_MARK}{short_id(loser.modified_by)}-{loser_digest(loser)[:8]}"
-    copy_name = f"{stem}{mark}.{ext}" if ext else f"{stem}{mark}"
+    tail = f"{mark}.{ext}" if ext else mark
+    if _name_bytes(tail) > NAME_MAX - 1:
+        tail = mark  # an extension too long to keep (the mark alone always fits)
+    # A name near the file system's limit loses the end of its stem, the same way on every
+    # replica: a copy that cannot be written would leave the losing version nowhere.
+    while stem and _name_bytes(stem + tail) > NAME_MAX:
+        stem = stem[: -max(1, (_name_bytes(stem + tail) - NAME_MAX) // 4)]
+    copy_name = stem + tail
     return posixpath.join(head, copy_name) if head else copy_name
+
+
+def _name_bytes(name: str) -> int:
+    return len(name.encode("utf-8", "surrogateescape"))
 
 
 def conflict_original(path: str) -> str | None:

@@ -147,6 +147,60 @@ def test_concurrent_edits_keep_both_one_copy_everywhere(tmp_path):
     assert "notes.txt" in conflicts
 
 
+def test_a_conflict_on_a_name_near_the_length_limit_keeps_both_edits(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    name = "N" * 240 + ".txt"  # NAME.conflict-... would be 270 bytes: more than a name may hold
+    (a.root / name).write_text("base\n")
+    a.sync(b)
+    (a.root / name).write_text("edited on a, precious\n")
+    (b.root / name).write_text("edited on b\n")
+    newer(b.root / name, than=a.root / name)
+    a.sync(b)
+    for r in (a, b):
+        copies = conflict_copies(r.root)
+        assert len(copies) == 1 and len(copies[0].encode()) <= 255
+        assert (r.root / copies[0]).read_text() == "edited on a, precious\n"
+        assert (r.root / name).read_text() == "edited on b\n"
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_a_conflict_whose_copy_cannot_be_written_is_left_for_the_next_sync(tmp_path, monkeypatch):
+    """Settling a conflict records the losing version as seen: never before its copy is safe."""
+    from repld.daemon import localsync
+    from repld.daemon.replica import open_replica
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "notes.txt").write_text("original\n")
+    a.sync(b)
+    (a.root / "notes.txt").write_text("edited on a, newer\n")
+    (b.root / "notes.txt").write_text("edited on b\n")
+    newer(a.root / "notes.txt", than=b.root / "notes.txt")
+    opener = localsync._opener
+
+    def failing(rep):
+        fetch = opener(rep)
+
+        def open_or_fail(rec):
+            if rec.path == "notes.txt":  # the loser's content, read for its copy
+                raise OSError(5, "Input/output error")
+            return fetch(rec)
+
+        return open_or_fail
+
+    monkeypatch.setattr(localsync, "_opener", failing)
+    with open_replica(a.config) as left, open_replica(b.config) as right:
+        report = localsync.sync(left, right, direction=localsync.Direction.PULL)
+    failed = dict(report.errors)
+    assert "could not be written" in failed["notes.txt"], report.errors
+    assert conflict_copies(a.root) == []
+    monkeypatch.undo()
+    a.sync(b)  # b's edit was not recorded as seen and lost: this time it is kept
+    for r in (a, b):
+        (copy,) = conflict_copies(r.root)
+        assert (r.root / copy).read_text() == "edited on b\n"
+        assert (r.root / "notes.txt").read_text() == "edited on a, newer\n"
+
+
 def test_independent_resolutions_agree(tmp_path):
     """a and b conflict; c meets a, d meets b: both resolve alone, then meet without a new copy."""
     a, b, c, d = make_replicas(tmp_path, "a", "b", "c", "d")

@@ -84,6 +84,22 @@ def test_conflict_copy_name_derives_from_the_whole_losing_version():
     assert conflict_copy_path("notes.txt", first) == conflict_copy_path("notes.txt", first)
 
 
+@pytest.mark.parametrize("name", [
+    "N" * 240 + ".txt",
+    "é" * 125 + ".md",  # 2 bytes a character
+    "x" * 200 + "." + "e" * 54,  # an extension too long to keep
+    "🙂" * 63,  # 4 bytes a character, no extension
+])
+def test_conflict_copy_of_a_long_name_still_fits_a_file_name(name):
+    """A copy whose name the file system refuses would leave the losing edit nowhere."""
+    copy = conflict_copy_path(f"d/{name}", _file(name))
+    head, base = copy.split("/")
+    assert head == "d" and len(base.encode()) <= 255
+    assert ".conflict-aaaaaaaa-" in base
+    assert conflict_copy_path(f"d/{name}", _file(name)) == copy  # the same on every replica
+    assert base[:20] == name[:20]
+
+
 def test_block_sizes_grow_with_file():
     assert block_size_for(0) == 128 * 1024
     assert block_size_for(10 << 30) // (128 * 1024) >= 32
