@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-v", "--verbose", action="store_true", help="print each change")
     c.add_argument("--full", action="store_true", help="scan the whole tree (the default)")
+    c.add_argument(
+        "--accept-root",
+        action="store_true",
+        help="take the directory now at the root as this replica's tree, after it was replaced "
+        "(restored from a backup, say): files missing from it count as deleted",
+    )
     c.add_argument("paths", nargs="*", metavar="PATH")
 
     c = cmd(
@@ -349,7 +355,7 @@ def _dialable(endpoint: str) -> str:
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)
+    cfg = configmod.load(args.config, need_root=False)
     if args.peer_command == "list":
         if args.json:
             _print_json([{"name": p.name, "endpoint": p.endpoint, "public_key": p.public_key}
@@ -403,7 +409,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)
+    cfg = configmod.load(args.config, need_root=False)
     status = control.request(cfg, "status")["status"]
     if args.json:
         _print_json(status)
@@ -452,7 +458,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)
+    cfg = configmod.load(args.config, need_root=False)
     control.request(cfg, args.command)
     print(f"{args.command}: done" if args.command != "rescan" else "rescan: started")
     return 0
@@ -460,8 +466,18 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     progress = Progress("scanning")
-    with open_replica(args.config) as rep:
+    try:
+        rep = open_replica(args.config)
+    except StoreBusy:
+        # The daemon holds the database: it scans (the whole tree; it watches the rest anyway).
+        cfg = configmod.load(args.config, need_root=False)
+        control.request(cfg, "accept-root" if args.accept_root else "rescan")
+        print("asked the running daemon to scan the tree; `repld status` shows when it is done")
+        return 0
+    with rep:
         paths = [p.strip("/") for p in args.paths] or None
+        if args.accept_root:
+            rep.check_root(accept=True)
         stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress)
     progress.done()
     for action, path in stats.changes:

@@ -116,8 +116,10 @@ def _type(value: object, kind: type, what: str, file: Path, key: str) -> None:
         )
 
 
-def load(path: Path | None = None) -> Config:
-    """Read and check the config file at ``path`` (default: REPLD_CONFIG or the XDG location)."""
+def load(path: Path | None = None, *, need_root: bool = True) -> Config:
+    """Read and check the config file at ``path`` (default: REPLD_CONFIG or the XDG location).
+    ``need_root``: the root must exist (not for commands that only read the database or talk
+    to the daemon: they must work while a disk is unmounted, to say so)."""
     path = path or default_config_path()
     try:
         text = path.read_text(encoding="utf-8")
@@ -133,7 +135,7 @@ def load(path: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"not valid TOML: {e}", file=path) from None
     try:
-        return parse(data, path)
+        return parse(data, path, need_root=need_root)
     except ConfigError as e:
         line = line_of(text, e.key) if e.key else None
         if line is None:
@@ -168,7 +170,7 @@ def line_of(text: str, key: str) -> int | None:
     return None
 
 
-def parse(data: dict[str, object], path: Path) -> Config:
+def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Config:
     for key in data:
         if key not in TOP_KEYS:
             raise ConfigError(
@@ -182,7 +184,7 @@ def parse(data: dict[str, object], path: Path) -> Config:
     state = Path(str(data["state"])).expanduser()
     if not root.is_absolute():
         raise ConfigError(f"root must be an absolute path, not {root}", file=path, key="root")
-    if not root.is_dir():
+    if need_root and not root.is_dir():
         raise ConfigError(f"root {root} does not exist or is not a directory", file=path, key="root")
     if not state.is_absolute():
         raise ConfigError(f"state must be an absolute path, not {state}", file=path, key="state")

@@ -16,6 +16,7 @@ __all__ = [
     "StoreError",
     "StoreBusy",
     "TreeMismatchError",
+    "RootChanged",
     "FsError",
     "ChangedOnDisk",
     "DaemonNotRunning",
@@ -46,6 +47,12 @@ class StoreError(ReplError):
 
 class StoreBusy(StoreError):
     """Another repld process (the daemon, a sync, a scan) holds the database's write lock."""
+
+
+class RootChanged(ReplError):
+    """The root is missing, or is not the directory this replica was made on (an unmounted
+    disk, a directory moved away and another made in its place): scanning it would record every
+    file as deleted and send those deletions everywhere."""
 
 
 class TreeMismatchError(ReplError):

@@ -50,7 +50,7 @@ from ..protocol.session import (
 )
 from . import config as configmod
 from .applier import Applier, ApplyStats
-from .errors import ReplError
+from .errors import ReplError, RootChanged
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 PAGE_RECORDS = 1000
 PAGE_BYTES = 4 << 20
 PING_EVERY = 2.0
+ROOT_CHECK_EVERY = 2.0  # seconds between looks at the root: still the replica's own directory?
 ACKS_EVERY = 5.0  # seconds between writes of how far peers acknowledged our records
 COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lacks, as they change
 ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
@@ -186,6 +187,8 @@ class Node:
         self._counts_seq = -1
         self._counts_at = -COUNTS_EVERY  # monotonic time of the last count
         self._acks_at = 0.0  # ...and of the last write of peers' acknowledgements
+        self._root_error = ""  # why the root is not the replica's own directory, while it is not
+        self._root_checked = 0.0
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
         self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
@@ -228,8 +231,45 @@ class Node:
         self.state = "scanning"
         self.publish()
         self.full_scan()
-        self.state = "idle"
+        self.state = "error" if self._root_error else "idle"
         self.publish()
+
+    # -- the root -------------------------------------------------------------------------------
+
+    def _root_ok(self) -> bool:
+        """Whether the root is the replica's own directory (see Replica.check_root). While it
+        is not, nothing is scanned or applied, the state is "error", and status says why; once
+        it is back (a disk mounted again), a full scan catches up."""
+        try:
+            self.rep.check_root()
+        except RootChanged as e:
+            if self._root_error != str(e):
+                log.error("%s", e)
+                self._root_error = str(e)
+            self.errors[""] = PathError("", str(e))
+            self.state = "error"
+            return False
+        if self._root_error:
+            log.warning("the root %s is back; scanning it", self.cfg.root)
+            self._root_error = ""
+            self.errors.pop("", None)
+            self.state = "idle"
+            self._refresh_watches()
+            self.request_full_scan()
+        return True
+
+    def _accept_root(self) -> None:
+        """`repld scan --accept-root`: the directory at the root now is the tree."""
+        try:
+            self.rep.check_root(accept=True)
+        except RootChanged as e:
+            log.error("%s", e)  # not there at all: nothing to accept
+            return
+        log.warning("the root %s was accepted as this replica's tree", self.cfg.root)
+        if self.watcher is not None:
+            self.watcher.request_full_scan()
+        self._root_ok()
+        self.full_scan()
 
     def _setup_auth(self) -> None:
         self.keycheck = _KeyCheck({p.public_key.encode() for p in self.cfg.peers})
@@ -801,7 +841,9 @@ class Node:
             )
         )
         ok = True
-        if self.opts.dry_run:
+        if not self.opts.dry_run and steps and not self._root_ok():
+            ok = False  # asked for again once the root is back
+        elif self.opts.dry_run:
             self.stats.dry_steps.extend(st for st in steps if st.op is not Op.RECORD)
         elif steps:
             self.state = "syncing"
@@ -878,7 +920,7 @@ class Node:
     # -- scanning -------------------------------------------------------------------------------
 
     def scan(self, paths: list[str]) -> None:
-        if not paths:
+        if not paths or not self._root_ok():
             return
         stats = self.rep.scan(paths=paths, clean_temp=False)
         self._scan_done(stats)
@@ -902,6 +944,8 @@ class Node:
         return kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == mode
 
     def full_scan(self) -> None:
+        if not self._root_ok():
+            return
         self._applied.clear()
         stats = self.rep.scan(paths=None, clean_temp=True)
         every = self._full_scan_every()
@@ -976,6 +1020,9 @@ class Node:
                 self._send_out(link, s.ask_again())
         if quick:
             return
+        if now - self._root_checked >= ROOT_CHECK_EVERY:  # a stat; the loop wakes anyway
+            self._root_checked = now
+            self._root_ok()
         if now - self._acks_at >= ACKS_EVERY:
             self._acks_at = now
             self._save_acks()
@@ -1003,6 +1050,8 @@ class Node:
             if name == "rescan":
                 self._refresh_watches()
                 self.full_scan()
+            elif name == "accept-root":
+                self._accept_root()
             elif name == "pause":
                 self.paused = True
                 self.state = "paused"

@@ -14,7 +14,7 @@ from typing import Any
 from ..protocol.record import TEMP_PREFIX, conflict_original
 from . import config as configmod
 from .config import Config
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, RootChanged, StoreError
 from .ignore import IGNORE_FILE, Ignore
 from .scanner import Scanner, ScanStats
 from .store import Store
@@ -157,7 +157,40 @@ class Replica:
         return Scanner(self.store, self.cfg.root, self.ignore(), **kwargs)  # type: ignore[arg-type]
 
     def scan(self, paths: list[str] | None = None, **kwargs: object) -> ScanStats:
+        self.check_root()
         return self.scanner(**kwargs).scan(paths)
+
+    def check_root(self, *, accept: bool = False) -> None:
+        """Raise ``RootChanged`` unless the root is the directory this replica was made on.
+
+        What identifies it is its inode number, noted at the first scan (``ROOT_ID``): a disk
+        not mounted leaves an empty mount point, a home restored or moved aside leaves another
+        directory, and a scan of either would record every file as deleted and send the
+        deletions to every replica. (Not the device number: a USB disk may get another one each
+        time it is plugged in.) ``accept`` takes the directory there now as the root."""
+        root = self.cfg.root
+        try:
+            st = os.stat(root)
+        except OSError as e:
+            raise RootChanged(
+                f"the root {root} is not there ({e.strerror}): an unmounted disk, or a moved "
+                "directory? Nothing is recorded or synced until it is back."
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise RootChanged(f"the root {root} is not a directory any more; nothing is synced")
+        known = self.store.meta(ROOT_ID)
+        if known is not None and known != str(st.st_ino) and not accept:
+            raise RootChanged(
+                f"the root {root} is not the directory this replica was made on (inode "
+                f"{st.st_ino}, was {known}): an unmounted disk, or a directory put in place of "
+                "another? Scanning it would record every file missing from it as deleted, on "
+                "every replica, so nothing is recorded or synced. Mount the disk or move the "
+                "directory back; or, if this directory really is the tree now (restored from a "
+                "backup), run `repld scan --accept-root` (files missing from it then count as "
+                "deleted)."
+            )
+        if (known != str(st.st_ino)) and self.store.writable:
+            self.store.set_meta(ROOT_ID, str(st.st_ino))
 
     def close(self) -> None:
         self.store.close()
@@ -175,7 +208,7 @@ def open_replica(
     """The replica of a config. Opened to write (and not for a dry run, which writes no file),
     its root is checked to be on a file system that keeps modes and case (see
     ``check_file_system``) the first time it is seen there."""
-    cfg = configmod.load(config_path)
+    cfg = configmod.load(config_path, need_root=write and not dry_run)
     if not cfg.db_path.exists():
         raise ConfigError(
             f"no database at {cfg.db_path}; was `repld init` run with this config?",
@@ -193,6 +226,7 @@ def open_replica(
 
 
 FS_CHECKED = "fs_checked"  # meta key: the file system the root was last probed on
+ROOT_ID = "root_id"  # meta key: the root directory's inode number (see Replica.check_root)
 
 
 def _check_file_system_once(rep: Replica) -> None:

@@ -432,6 +432,11 @@ class Store:
         return self._conn()
 
     @property
+    def writable(self) -> bool:
+        """Opened to write (this process holds the write lock)."""
+        return self._lock_fd is not None
+
+    @property
     def committed_seq(self) -> int:
         """The sequence number as the database on disk knows it (outside any open transaction)."""
         return self._committed

@@ -1,0 +1,82 @@
+"""A root that is missing or replaced (an unmounted disk, a directory moved aside and an empty one
+made in its place) must never be taken for a tree whose every file was deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from daemons import Cluster
+from helpers import make_replicas, snapshot
+from test_sync import populate
+
+
+def test_a_replaced_root_is_refused_until_accepted(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    a.sync(b)
+    before = snapshot(b.root)
+    os.rename(a.root, tmp_path / "a-moved-aside")
+    a.root.mkdir()  # what an unmounted disk's mount point looks like: an empty directory
+
+    for proc in (a("scan", check=False), a.sync(b, check=False)):
+        assert proc.returncode == 1
+        assert "not the directory this replica was made on" in proc.stderr
+        assert "--accept-root" in proc.stderr
+    assert snapshot(b.root) == before  # no deletion went anywhere
+
+    os.rmdir(a.root)
+    a.root.mkdir()
+    (a.root / "only-file.txt").write_text("restored from an old backup\n")
+    out = a("scan", "--accept-root", "-v").stdout  # the user says: this is the tree now
+    assert "only-file.txt" in out and "delete" in out
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_a_missing_root_is_said_by_every_command_that_touches_it(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    a.sync(b)
+    os.rename(a.root, tmp_path / "elsewhere")
+    proc = a.sync(b, "--dry-run", check=False)
+    assert proc.returncode == 1 and "is not there" in proc.stderr
+    # What only reads the database still works, to tell the user about the replica.
+    assert json.loads(a("id", "--json").stdout)["name"] == "a"
+    assert "docs/a.txt" in a("dump").stdout
+
+
+def test_the_daemon_stops_syncing_while_its_root_is_replaced_and_resumes_when_it_is_back(tmp_path):
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        populate(a.root)
+        cluster.start()
+        cluster.wait_converged(what="initial sync")
+        before = snapshot(b.root)
+
+        aside = tmp_path / "a-aside"
+        os.rename(a.root, aside)
+        a.root.mkdir()
+        status = cluster.wait_until(
+            lambda: (s := a.status()) and s["state"] == "error" and s,
+            what="a to see its root replaced",
+        )
+        assert any("not the directory this replica was made on" in e["error"]
+                   for e in status["errors"])  # fmt: skip
+        (b.root / "from-b.txt").write_text("written while a's root was away\n")
+        cluster.wait_until(
+            lambda: (p := a.peer_status("b")) and p["need_files"] >= 1,
+            what="a to hear of b's new file",
+        )
+        assert snapshot(b.root) | {"from-b.txt": None} == before | {"from-b.txt": None}
+        assert list(a.root.iterdir()) == []  # nothing applied into the stranger directory
+
+        os.rmdir(a.root)
+        os.rename(aside, a.root)  # the disk is back
+        cluster.wait_until(
+            lambda: (a.root / "from-b.txt").exists() and a.status()["state"] != "error",
+            what="a to resume and catch up",
+            timeout=40,
+        )
+        cluster.wait_converged(what="convergence after the root came back")
+        assert not a.status()["errors"]
