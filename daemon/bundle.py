@@ -414,7 +414,11 @@ def import_bundle(
     me = store.replica_id
     with store.transaction(commit=False) if dry_run else nullcontext():
         report.scan = rep.scan(clean_temp=not dry_run)
-        steps = plan_pull(store.get, bundle.records(), replica=me, policy=policy)
+        ignore = rep.ignore()
+        steps = plan_pull(
+            store.get, bundle.records(), replica=me, policy=policy,
+            ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
+        )  # fmt: skip
         if dry_run:
             report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
             return report

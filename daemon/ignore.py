@@ -40,6 +40,7 @@ class Ignore:
             if str(rel) != ".":
                 self.fixed.add(rel.as_posix())
         self.empty = not lines and not self.fixed
+        self._dirs: dict[str, bool] = {}  # directories: whether they or one above is ignored
 
     def __call__(self, path: str, is_dir: bool) -> bool:
         """True if ``path`` (relative, '/'-separated) is ignored."""
@@ -51,3 +52,21 @@ class Ignore:
         if path in self.fixed:
             return True
         return self.spec.match_file(path + "/" if is_dir else path)
+
+    def covers(self, path: str, is_dir: bool) -> bool:
+        """True if ``path`` or a directory above it is ignored: for paths that come from
+        another replica, which no walk of this tree has filtered on the way down."""
+        if self(path, is_dir):
+            return True
+        parent = path.rpartition("/")[0]
+        return bool(parent) and self._dir_covered(parent)
+
+    def _dir_covered(self, d: str) -> bool:
+        got = self._dirs.get(d)
+        if got is None:
+            parent = d.rpartition("/")[0]
+            got = self(d, True) or (bool(parent) and self._dir_covered(parent))
+            if len(self._dirs) >= 10_000:
+                self._dirs.clear()
+            self._dirs[d] = got
+        return got

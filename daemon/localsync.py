@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Record, subtree_filter
+from ..protocol.record import Kind, Record, subtree_filter
 from .applier import Applier, ApplyStats
 from .errors import ReplError, TreeMismatchError
 from .replica import Replica
@@ -149,7 +149,11 @@ def _pass(
             yield from page
             seq = page[-1].seq
 
-    steps = plan_pull(into.store.get, remote_records(), replica=me, policy=policy, within=within)
+    ignore = into.ignore()
+    steps = plan_pull(
+        into.store.get, remote_records(), replica=me, policy=policy, within=within,
+        ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
+    )  # fmt: skip
     if dry_run:
         report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
         return report

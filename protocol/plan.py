@@ -126,10 +126,13 @@ def plan_pull(
     replica: str,
     policy: Policy = Policy.KEEP_BOTH,
     within: Callable[[str], bool] | None = None,
+    ignored: Callable[[Record], bool] | None = None,
 ) -> Iterator[Step]:
     """Steps that bring the local replica up to date with ``remote_records``.
 
     ``within`` limits the plan to some paths (a subtree sync); records outside it are skipped.
+    So are those ``ignored`` says this replica ignores (its own `ignore` rules): such a path is
+    none of its business, and a file written there would never be scanned again.
     """
     planned: dict[str, Record] = {}  # conflict-copy paths planned in this pass -> their record
 
@@ -139,6 +142,8 @@ def plan_pull(
 
     for remote in remote_records:
         if within is not None and not within(remote.path):
+            continue
+        if ignored is not None and ignored(remote):
             continue
         for step in plan_record(
             lookup(remote.path), remote, replica=replica, policy=policy, local_lookup=lookup

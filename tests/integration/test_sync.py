@@ -201,6 +201,31 @@ def test_a_conflict_whose_copy_cannot_be_written_is_left_for_the_next_sync(tmp_p
         assert (r.root / "notes.txt").read_text() == "edited on a, newer\n"
 
 
+def test_what_a_replica_ignores_is_not_written_there(tmp_path):
+    """A replica's own ignore rules hold for what comes from others too: a file written where
+    it ignores would never be scanned again, and its later edits would block every sync."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    text = b.config.read_text()
+    assert "ignore = []" in text
+    b.config.write_text(text.replace("ignore = []", 'ignore = ["*.tmp", "cache/"]'))
+    (a.root / "cache" / "deep").mkdir(parents=True)
+    (a.root / "cache" / "deep" / "blob").write_text("a's cache\n")
+    (a.root / "notes.tmp").write_text("a's scratch\n")
+    (a.root / "kept.txt").write_text("replicated\n")
+    (b.root / "notes.tmp").write_text("b's own scratch\n")
+    a.sync(b)
+    assert (b.root / "kept.txt").read_text() == "replicated\n"
+    assert not (b.root / "cache").exists()
+    assert (b.root / "notes.tmp").read_text() == "b's own scratch\n"
+    (a.root / "notes.tmp").write_text("a's scratch, edited\n")
+    (b.root / "notes.tmp").write_text("b's scratch, edited\n")
+    out = a.sync(b).stdout  # no error, no conflict, and again nothing lands on b
+    assert "0 conflicts" in out
+    assert (b.root / "notes.tmp").read_text() == "b's scratch, edited\n"
+    assert (a.root / "notes.tmp").read_text() == "a's scratch, edited\n"
+    assert not (b.root / "cache").exists()
+
+
 def test_independent_resolutions_agree(tmp_path):
     """a and b conflict; c meets a, d meets b: both resolve alone, then meet without a new copy."""
     a, b, c, d = make_replicas(tmp_path, "a", "b", "c", "d")
