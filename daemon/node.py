@@ -835,11 +835,13 @@ class Node:
         # What planning and applying the page will ask of the store, in a few queries.
         self.store.read_ahead([r.path for r in page.records],
                               [r.sha256 for r in page.records if r.sha256])  # fmt: skip
+        ignore = self.rep.ignore()
         steps = list(
             plan_pull(
-                self.store.get, page.records, replica=me, policy=policy, within=self.opts.within
+                self.store.get, page.records, replica=me, policy=policy, within=self.opts.within,
+                ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
             )
-        )
+        )  # fmt: skip
         ok = True
         if not self.opts.dry_run and steps and not self._root_ok():
             ok = False  # asked for again once the root is back
