@@ -103,6 +103,9 @@ class ApplyStats:
     kept_dirs: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     done: list[Step] = field(default_factory=list)
+    # Files of the source (the other replica, the peer) whose content did not match their
+    # records: the source's next scan must read them again, whatever their stat says.
+    stale_sources: list[str] = field(default_factory=list)
 
 
 _Failed = list[tuple["_Pending", OSError]]
@@ -391,12 +394,20 @@ class Applier:
             fd = None
             try:
                 if new and getattr(src, "spool", None) is None:  # a spool is adopted instead
-                    fd = self._write_unnamed(rec, src, local)
+                    fd = self._write_unnamed(rec, src, local is not None)
                 if fd is not None:
                     self._batch.append(_Pending(step, fd=fd))
                     self._batch_fds += 1
                 else:
-                    self._batch.append(_Pending(step, self._write_temp(rec, src, local)))
+                    self._batch.append(
+                        _Pending(step, self._write_temp(rec, src, local is not None))
+                    )
+            except SourceChanged:
+                if local is not None:
+                    self.store.set_ino(local, 0)  # a stat cache: the next scan reads it again
+                else:
+                    self.stats.stale_sources.append(step.source or path)
+                raise
             finally:
                 src.close()  # consumed and closed already, unless something failed first
             self._batch_bytes += rec.size
@@ -533,8 +544,9 @@ class Applier:
         finally:
             os.close(fd)
 
-    def _open_source(self, rec: Record, source: str = "") -> tuple[BinaryIO, bool]:
-        """Content from a local file with the same hash if one is intact, else from the fetcher."""
+    def _open_source(self, rec: Record, source: str = "") -> tuple[BinaryIO, str | None]:
+        """Content from a local file with the same hash if one is intact (and its path), else
+        from the fetcher (and None)."""
         for other in self.store.live_with_hash(rec.sha256):
             if other.kind is not Kind.FILE:
                 continue
@@ -544,9 +556,9 @@ class Applier:
                 continue
             st = os.fstat(f.fileno())
             if (st.st_size, st.st_mtime_ns) == (other.size, other.mtime_ns):
-                return f, True
+                return f, other.path
             f.close()
-        return self.fetch(rec.with_(path=source) if source else rec), False
+        return self.fetch(rec.with_(path=source) if source else rec), None
 
     # -- the batch ------------------------------------------------------------------------------
 
@@ -872,11 +884,16 @@ class Applier:
             )
 
 
+class SourceChanged(ReplError):
+    """What was read for a file is not the content its record names: the file read changed
+    since its last scan, maybe keeping its size and mtime (which a scan alone cannot see)."""
+
+
 def _check_content(rec: Record, sha256: str, size: int) -> None:
     if sha256 != rec.sha256 or size != rec.size:
-        raise ReplError(
-            f"{rec.path}: content does not match its record (the source changed while syncing); "
-            "skipped, the next sync takes it"
+        raise SourceChanged(
+            f"{rec.path}: content does not match its record: the file it was read from changed "
+            "since it was scanned; it is read again at the next scan, and the next sync takes it"
         )
 
 

@@ -143,10 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
         "scan",
         "record what changed on disk since the last scan",
         "Compare the tree with the database and record one event per changed path. "
-        "With PATHs, scan only those (and what is below them).",
+        "With PATHs, scan only those (and what is below them). A file is read only if its "
+        "size, mtime, mode or inode changed; --full reads every file. If the daemon runs, it "
+        "is asked to scan instead.",
     )
     c.add_argument("-v", "--verbose", action="store_true", help="print each change")
-    c.add_argument("--full", action="store_true", help="scan the whole tree (the default)")
+    c.add_argument(
+        "--full",
+        action="store_true",
+        help="read and hash every file, also those whose size and mtime did not change (finds "
+        "edits that kept both, which a scan compares; slow: the whole tree is read)",
+    )
     c.add_argument(
         "--accept-root",
         action="store_true",
@@ -478,7 +485,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         paths = [p.strip("/") for p in args.paths] or None
         if args.accept_root:
             rep.check_root(accept=True)
-        stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress)
+        stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress,
+                         rehash=args.full)  # fmt: skip
     progress.done()
     for action, path in stats.changes:
         print(f"{action:7} {escape(path)}")

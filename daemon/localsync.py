@@ -180,6 +180,11 @@ def _pass(
     )
     report.stats = applier.apply(steps)
     report.steps = report.stats.done
+    if report.stats.stale_sources:
+        # Changed since their scan without a change of size or mtime: read them again next time.
+        with src.store.transaction():
+            for path in report.stats.stale_sources:
+                src.store.set_ino(path, 0)
     if not report.stats.errors and within is None:
         # Everything up to `top` is applied: next time, start after it. A failed path or a
         # subtree sync leaves the mark where it was, so nothing is skipped next time.

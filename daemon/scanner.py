@@ -151,8 +151,10 @@ class Scanner:
         verbose: bool = False,
         clean_temp: bool = False,
         progress: Callable[[ScanStats], None] | None = None,
+        rehash: bool = False,
     ):
         self.store = store
+        self.rehash = rehash  # read every file, even one whose stat matches its record
         self.root = root
         self._root_s = str(root)
         self.ignore = ignore or Ignore(root)
@@ -296,6 +298,7 @@ class Scanner:
                     kind, mode = row[1], stat.S_IMODE(st.st_mode)
                     if (
                         kind == "file"
+                        and not self.rehash
                         and stat.S_ISREG(st.st_mode)
                         and row[3:] == (mode, st.st_mtime_ns, st.st_size, st.st_ino)
                     ):
@@ -411,7 +414,7 @@ class Scanner:
 
     def _check_file(self, path: str, st: os.stat_result, rec: Record | None) -> None:
         self.stats.files += 1
-        if rec is not None and _unchanged_file(rec, st):
+        if rec is not None and not self.rehash and _unchanged_file(rec, st):
             return
         mode = stat.S_IMODE(st.st_mode)
         live = rec is not None and not rec.deleted and rec.kind is Kind.FILE

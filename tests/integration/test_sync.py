@@ -226,6 +226,33 @@ def test_what_a_replica_ignores_is_not_written_there(tmp_path):
     assert not (b.root / "cache").exists()
 
 
+def test_an_edit_that_kept_size_and_mtime_is_taken_by_the_sync_after_the_one_that_met_it(
+    tmp_path,
+):
+    """A scan cannot see such an edit (size and mtime are what it compares); the sync that reads
+    the file finds it out, fails that file, and makes the next scan read it again."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    f = a.root / "same-size.txt"
+    f.write_text("original\n")
+    (a.root / "other.txt").write_text("other\n")
+    a("scan")
+    st = f.stat()
+    f.write_text("EDITED!!\n")  # same size...
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...same mtime
+    proc = a.sync(b, check=False)
+    assert proc.returncode == 1 and "same-size.txt" in proc.stderr
+    assert (b.root / "other.txt").exists() and not (b.root / "same-size.txt").exists()
+    a.sync(b)  # the scan before it reads the file again and records the edit
+    assert (b.root / "same-size.txt").read_text() == "EDITED!!\n"
+    assert snapshot(a.root) == snapshot(b.root)
+    # `scan --full` finds such an edit without a sync.
+    st = f.stat()
+    f.write_text("AGAIN!!!\n")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "same-size.txt" not in a("scan", "-v").stdout
+    assert "same-size.txt" in a("scan", "--full", "-v").stdout
+
+
 def test_independent_resolutions_agree(tmp_path):
     """a and b conflict; c meets a, d meets b: both resolve alone, then meet without a new copy."""
     a, b, c, d = make_replicas(tmp_path, "a", "b", "c", "d")
