@@ -256,7 +256,9 @@ class Applier:
         self._flush()
 
     def _error(self, path: str, message: str) -> None:
-        log.warning("%s: %s", path, message)
+        # Errors travel as (path, why): a message that names its path already says it once.
+        message = message.removeprefix(f"{path}: ")
+        log.info("%s: %s", path, message)  # the caller shows it (the command line, the daemon)
         self.stats.errors.append((path, message))
         self._failed[path] = message
 

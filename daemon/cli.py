@@ -321,6 +321,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"recorded {stats.created} paths ({_human(stats.hashed_bytes)}) in {time.monotonic() - t0:.1f} s")
     for path, err in stats.errors:
         print(f"warning: {escape(path)}: {err}", file=sys.stderr)
+    _print_skipped(stats.skipped)
     print(f"public key: {ident['public_key']}")
     print("To add a replica of this tree elsewhere: repld init ROOT --tree-id " + ident["tree_id"])
     return 0
@@ -493,7 +494,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     print(_scan_summary(rep.cfg.name, stats))
     for path, err in stats.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
+    _print_skipped(stats.skipped)
     return 1 if stats.errors else 0
+
+
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    """Paths no sync can replicate: said on every run (they are not errors: the exit code
+    does not change), with the way to stop hearing about them."""
+    for path, why in skipped:
+        print(f"not replicated: {escape(path)}: {why}", file=sys.stderr)
+    if skipped:
+        print(f"(a pattern in ROOT/{IGNORE_FILE} stops these notices)", file=sys.stderr)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -562,6 +573,7 @@ def _print_sync(report: SyncReport, verbose: bool) -> None:
             )
     for path, err in report.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
+    _print_skipped([s for st in report.scans.values() for s in st.skipped])
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -770,6 +782,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         )
     for path, err in report.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
+    _print_skipped(report.scan.skipped if report.scan else [])
     return 1 if report.errors else 0
 
 

@@ -965,6 +965,8 @@ class Node:
     def _scan_done(self, stats: Any) -> None:
         for path, err in stats.errors:
             self.errors[path] = PathError(path, err)
+        for path, why in stats.skipped:  # not failures, but status is where a user looks
+            self.errors[path] = PathError(path, f"not replicated: {why}")
         if stats.events:
             log.info("scan: %d change(s) recorded", stats.events)
             self._send_pages()

@@ -51,6 +51,9 @@ class ScanStats:
     hashed_bytes: int = 0
     files: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    # Paths that cannot be replicated at all (a FIFO, a socket, a name that is not UTF-8): said,
+    # but not failures: nothing a sync could do about them, short of an ignore rule.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     changes: list[tuple[str, str]] = field(default_factory=list)  # (action, path) when verbose
 
     @property
@@ -276,8 +279,8 @@ class Scanner:
                 # rel was checked: only its encoding can make the path unsafe.
                 try:
                     check_path(path)
-                except UnsafePathError as e:
-                    self._error(path, f"not replicated: {e}")
+                except UnsafePathError:
+                    self._skip(path, "its name is not valid UTF-8; rename it to replicate it")
                     continue
             if row is None and new_files and self._new_file(path, entry):
                 continue
@@ -359,7 +362,7 @@ class Scanner:
             return False
         kind = kind_of(st.st_mode)
         if kind is None:
-            self._error(path, "not replicated: not a regular file, directory or symlink")
+            self._skip(path, "not a regular file, directory or symlink")
             return False
         if rec is not None and not rec.deleted and rec.kind is Kind.DIR and kind is not Kind.DIR:
             self._gone_subtree(path)
@@ -507,5 +510,9 @@ class Scanner:
             self._event(r, r.with_(deleted=True), Action.DELETE)
 
     def _error(self, path: str, message: str) -> None:
-        log.warning("%s: %s", path, message)
+        log.info("%s: %s", path, message)  # the caller shows it (the command line, the daemon)
         self.stats.errors.append((path, message))
+
+    def _skip(self, path: str, why: str) -> None:
+        log.info("%s: not replicated: %s", path, why)
+        self.stats.skipped.append((path, why))

@@ -253,6 +253,26 @@ def test_an_edit_that_kept_size_and_mtime_is_taken_by_the_sync_after_the_one_tha
     assert "same-size.txt" in a("scan", "--full", "-v").stdout
 
 
+def test_what_cannot_be_replicated_is_said_once_and_fails_nothing(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "fine.txt").write_text("fine\n")
+    os.mkfifo(a.root / "a-fifo")
+    bad = os.fsencode(a.root) + b"/caf\xe9.txt"  # a Latin-1 name: not UTF-8
+    with open(bad, "wb") as f:
+        f.write(b"latin-1 name\n")
+    for proc in (a("scan"), a.sync(b)):  # exit 0 (run() checks it)
+        notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("not replicated:")]
+        assert sorted(notes) == [
+            "not replicated: a-fifo: not a regular file, directory or symlink",
+            "not replicated: caf\\xe9.txt: its name is not valid UTF-8; rename it to replicate it",
+        ], proc.stderr
+        assert ".repldignore" in proc.stderr and "WARNING" not in proc.stderr
+    assert (b.root / "fine.txt").exists() and not (b.root / "a-fifo").exists()
+    (a.root / "a-fifo").unlink()
+    os.unlink(bad)
+    assert "not replicated" not in a.sync(b).stderr
+
+
 def test_independent_resolutions_agree(tmp_path):
     """a and b conflict; c meets a, d meets b: both resolve alone, then meet without a new copy."""
     a, b, c, d = make_replicas(tmp_path, "a", "b", "c", "d")
