@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.errors import ReplError
-from ..protocol.record import conflict_original, escape
+from ..protocol.record import check_path, conflict_original, escape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
@@ -55,6 +56,8 @@ another, so several replicas can live on one machine. Exit codes: 0 ok, 1 failur
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse counts an optional `PATH ...` among the missing arguments; it is not.
+        message = message.replace(", PATH", "")
         self.print_usage(sys.stderr)
         print(f"repld: {message}", file=sys.stderr)
         raise SystemExit(2)
@@ -201,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", required=True, choices=["local", "remote", "both"])
 
     cmd("dump", "print the database as text, one escaped line per record")
+
+    cmd(
+        "prune",
+        "say how many tombstones are kept (dropping them is not available yet)",
+        "Tombstones (the records of deleted paths) are what keeps a deletion from coming back "
+        "from a replica that has not seen it. Dropping them is safe only once every replica of "
+        "the tree has provably seen them; this version keeps them all, and says how many.",
+    )
 
     c = cmd(
         "export",
@@ -483,7 +494,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print("asked the running daemon to scan the tree; `repld status` shows when it is done")
         return 0
     with rep:
-        paths = [p.strip("/") for p in args.paths] or None
+        paths = _tree_paths(rep.root, args.paths)
+        for given, path in zip(args.paths, paths or [], strict=False):
+            if not os.path.lexists(rep.root / path) and rep.store.get(path) is None:
+                raise UsageError(f"{given}: not in the tree {rep.root} (nothing there, nothing recorded)")
         if args.accept_root:
             rep.check_root(accept=True)
         stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress,
@@ -519,10 +533,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
     direction = Direction.PULL if args.pull_only else Direction.PUSH if args.push_only else Direction.BOTH
     progress = Progress("syncing")
     dry = args.dry_run
+    own = configmod.load(args.config, need_root=False).path
+    if target.resolve() == own.resolve():
+        raise UsageError(f"{args.target} is this replica's own config; give another replica's")
     with open_replica(args.config, dry_run=dry) as left, open_replica(target, dry_run=dry) as right:
+        paths = _tree_paths(left.root, args.paths)
+        for given, path in zip(args.paths, paths or [], strict=False):
+            if not any(os.path.lexists(r.root / path) or r.store.get(path) for r in (left, right)):
+                raise UsageError(f"{given}: in neither replica (nothing there, nothing recorded); "
+                                 "a PATH limits the sync to a subtree of the tree")  # fmt: skip
         report = sync(
             left, right, direction=direction, dry_run=args.dry_run, prefer=args.prefer,
-            paths=args.paths or None, verbose=args.verbose or args.dry_run, progress=progress,
+            paths=paths, verbose=args.verbose or args.dry_run, progress=progress,
         )  # fmt: skip
         progress.done()
         _print_sync(report, args.verbose)
@@ -534,7 +556,8 @@ def _sync_peer(args: argparse.Namespace) -> int:
 
     report = service.sync_with_peer(
         args.config, args.target, dry_run=args.dry_run, pull_only=args.pull_only,
-        push_only=args.push_only, prefer=args.prefer, paths=args.paths or None,
+        push_only=args.push_only, prefer=args.prefer,
+        paths=_tree_paths(configmod.load(args.config, need_root=False).root, args.paths),
     )  # fmt: skip
     for step in report.steps:
         print(step.describe().replace(step.path, escape(step.path), 1))
@@ -619,6 +642,30 @@ def short_version(encoded: str) -> str:
     return str(VersionVector.decode(encoded))
 
 
+def _tree_paths(root: Path, given: list[str]) -> list[str] | None:
+    """PATH arguments as paths in the tree (None: the whole tree). A PATH is taken relative to
+    the current directory when that is inside the tree (as a shell user means it), else
+    relative to the root; an absolute PATH must lie inside the tree."""
+    root = root.absolute()
+    cwd = Path.cwd()
+    base = cwd if cwd == root or root in cwd.parents else root
+    out = []
+    for g in given:
+        full = Path(os.path.normpath(base / g))  # (an absolute g replaces base)
+        try:
+            rel = full.relative_to(root).as_posix()
+        except ValueError:
+            raise UsageError(f"{g}: not inside the replicated tree {root}") from None
+        if rel == ".":
+            return None
+        try:
+            check_path(rel)
+        except ReplError as e:
+            raise UsageError(f"{g}: {e}") from None
+        out.append(rel)
+    return out or None
+
+
 def _rel_path(rep: Replica, given: str) -> str:
     """Accept a path relative to the root, or an absolute / cwd-relative path inside it."""
     p = Path(given)
@@ -665,22 +712,40 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             )
         root = rep.root
         touched = [original, *copies]
-        if args.keep == "local":
-            for c in copies:
-                os.unlink(root / c)
-        elif args.keep == "remote":
-            os.replace(root / copies[0], root / original)
-        else:
-            for c in copies:
-                fixed = _both_name(c)
-                if os.path.lexists(root / fixed):
-                    raise ReplError(f"{fixed} exists already; rename {c} by hand")
-                os.rename(root / c, root / fixed)
-                touched.append(fixed)
-        stats = rep.scan(touched)
+        try:
+            if args.keep == "local":
+                for c in copies:
+                    os.unlink(root / c)
+            elif args.keep == "remote":
+                os.replace(root / copies[0], root / original)
+            else:
+                for c in copies:
+                    fixed = _both_name(c)
+                    if os.path.lexists(root / fixed):
+                        raise ReplError(f"{fixed} exists already; rename {c} by hand")
+                    os.rename(root / c, root / fixed)
+                    touched.append(fixed)
+        except OSError as e:
+            # A directory against a file or symlink: one cannot simply take the other's place.
+            kinds = ", ".join(f"{p} is a {_kind_on_disk(root / p)}" for p in (original, copies[0]))
+            raise ReplError(
+                f"{original}: cannot keep {args.keep} ({e.strerror}: {kinds}); settle it by "
+                "hand: move or remove one, give the other the name, then `repld scan`"
+            ) from None
+        finally:
+            stats = rep.scan(touched)  # whatever was done, recorded
     print(f"resolved {escape(original)}: kept {args.keep} ({stats.events} changes recorded; "
           "they reach other replicas with the next sync)")  # fmt: skip
     return 0
+
+
+def _kind_on_disk(path: Path) -> str:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "missing"
+    kinds = {stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFREG: "file"}
+    return kinds.get(stat.S_IFMT(mode), "special file")
 
 
 def _both_name(copy_path: str) -> str:
@@ -707,6 +772,20 @@ def cmd_dump(args: argparse.Namespace) -> int:
                 f"{r.sha256 or '-'} {escape(r.target) if r.target else '-'} {r.guid} {r.seq}\n"
             )
     return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    with open_replica(args.config, write=False) as rep:
+        row = rep.store.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(path) + LENGTH(version) + 150), 0) "
+            "FROM records WHERE deleted = 1"
+        ).fetchone()
+    print(
+        f"{row[0]} tombstones kept (about {_human(row[1])} of database); pruning is not "
+        "available yet: they are kept until a version of repld can prove every replica has "
+        "seen them, so that no deletion ever comes back"
+    )
+    return 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -801,6 +880,7 @@ COMMANDS = {
     "conflicts": cmd_conflicts,
     "resolve": cmd_resolve,
     "dump": cmd_dump,
+    "prune": cmd_prune,
     "export": cmd_export,
     "import": cmd_import,
 }
@@ -819,7 +899,17 @@ def _keys_are_not_options(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_keys_are_not_options(list(sys.argv[1:] if argv is None else argv)))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(
+        _keys_are_not_options(list(sys.argv[1:] if argv is None else argv))
+    )
+    if extra:
+        # PATHs after an option (`repld sync usb.toml -n Documents`): argparse stops taking
+        # positionals at the first option, but a user need not know that.
+        if hasattr(args, "paths") and not any(x.startswith("-") for x in extra):
+            args.paths = [*args.paths, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="repld: %(levelname)s: %(name)s: %(message)s" if args.debug

@@ -97,6 +97,7 @@ def sync(
         )
     if left.store.replica_id == right.store.replica_id:
         raise ReplError(f"{left.cfg.path} and {right.cfg.path} are the same replica")
+    _not_nested(left, right)
     within = subtree_filter(paths)
 
     report = SyncReport(dry_run=dry_run)
@@ -125,6 +126,23 @@ def sync(
                 _pass(into, src, _policy(prefer, into_left), within, dry_run, verbose, progress)
             )
     return report
+
+
+def _not_nested(left: Replica, right: Replica) -> None:
+    """One root inside the other (and not ignored there) would be copied into itself, one more
+    level at every sync."""
+    lroot, rroot = left.root.resolve(), right.root.resolve()
+    for outer, inner in ((left, rroot), (right, lroot)):
+        top = outer.root.resolve()
+        if inner == top or top in inner.parents:
+            rel = inner.relative_to(top).as_posix()
+            if rel != "." and outer.ignore().covers(rel, True):
+                continue
+            raise ReplError(
+                f"the root {inner} lies inside the other replica's root {top}: a sync would "
+                f"copy the tree into itself. Put the replica elsewhere, or ignore "
+                f"{rel!r} in {top}/.repldignore"
+            )
 
 
 def _pass(

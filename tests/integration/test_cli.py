@@ -189,3 +189,72 @@ def test_init_of_a_home_directory_brings_the_default_ignore_rules(tmp_path):
     (config).unlink()
     run("--config", config, "init", home, "--name", "b", "--state", tmp_path / "s2", env=env)
     assert (home / ".repldignore").read_text() == "only-this/\n"
+
+
+def test_paths_are_taken_as_a_user_means_them_and_mistakes_exit_2(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "docs").mkdir()
+    (a.root / "docs" / "x.txt").write_text("x\n")
+    (a.root / "other.txt").write_text("other\n")
+    # PATH after an option; an absolute PATH; a PATH relative to a directory in the tree.
+    out = a.sync(b, "-n", "docs").stdout
+    assert "docs/x.txt" in out and "other.txt" not in out
+    out = a.sync(b, "-n", str(a.root / "docs")).stdout
+    assert "docs/x.txt" in out and "other.txt" not in out
+    proc = subprocess.run([*REPLD, "--config", a.config, "sync", b.config, "-n", "x.txt"],
+                          cwd=a.root / "docs", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "docs/x.txt" in proc.stdout and "other" not in proc.stdout
+    for args, expect in [
+        (["sync", b.config, "nosuch"], "in neither replica"),
+        (["sync", b.config, "/etc"], "not inside the replicated tree"),
+        (["sync", a.config], "this replica's own config"),
+        (["scan", "nosuch"], "not in the tree"),
+        (["sync"], "required: TARGET\n"),
+    ]:
+        proc = a(*args, check=False)
+        assert proc.returncode == 2 and expect in proc.stderr, (args, proc.stderr)
+    assert not (b.root / "docs").exists()
+
+
+def test_a_replica_inside_another_is_refused(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    (a.root / "f.txt").write_text("f\n")
+    (a.root / "nested").mkdir()
+    inner = run("--config", tmp_path / "in.toml", "init", a.root / "nested", "--name", "in",
+                "--tree-id", a.tree_id())  # fmt: skip
+    assert inner.returncode == 0
+    proc = a("sync", tmp_path / "in.toml", check=False)
+    assert proc.returncode == 1 and "inside the other replica's root" in proc.stderr
+    assert list((a.root / "nested").iterdir()) == []
+
+
+def test_resolve_between_a_directory_and_a_symlink_says_what_to_do(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "escape").mkdir()
+    (a.root / "escape" / "inside.txt").write_text("kept\n")
+    (b.root / "escape").symlink_to("/tmp")
+    a.sync(b, check=False)
+    a.sync(b)
+    (copy,) = [p.name for p in a.root.iterdir() if ".conflict-" in p.name]
+    assert (a.root / copy).is_symlink() and (a.root / "escape").is_dir()  # a directory wins
+    proc = a("resolve", "escape", "--keep", "remote", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "escape is a directory" in proc.stderr and "symlink" in proc.stderr
+    assert (a.root / "escape" / "inside.txt").read_text() == "kept\n"
+    a("resolve", "escape", "--keep", "local")
+    assert not (a.root / copy).exists()
+
+
+def test_prune_says_how_many_tombstones_are_kept_and_that_it_drops_none(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    for n in range(3):
+        (a.root / f"f{n}").write_text("x\n")
+    a("scan")
+    (a.root / "f0").unlink()
+    (a.root / "f1").unlink()
+    a("scan")
+    proc = a("prune", check=False)
+    assert proc.returncode == 1 and proc.stdout.startswith("2 tombstones kept")
+    assert "not available yet" in proc.stdout
+    kept = [ln.split()[0] for ln in a("dump").stdout.splitlines() if not ln.startswith("#")]
+    assert sorted(kept) == ["f0", "f1", "f2"]  # the tombstones are still there
