@@ -924,7 +924,15 @@ class Node:
     def scan(self, paths: list[str]) -> None:
         if not paths or not self._root_ok():
             return
-        stats = self.rep.scan(paths=paths, clean_temp=False)
+        # Said before, not after: hashing a big new file takes a while, and until its record
+        # is committed, status must not say idle and in sync.
+        was, self.state = self.state, "scanning"
+        self.publish()
+        try:
+            stats = self.rep.scan(paths=paths, clean_temp=False)
+        finally:
+            if self.state == "scanning":
+                self.state = was
         self._scan_done(stats)
 
     def _our_echo(self, path: str) -> bool:
@@ -1154,6 +1162,7 @@ class Node:
                     "in_sync": bool(
                         s is not None
                         and s.in_sync
+                        and self.state != "scanning"  # a change may be on its way
                         and not any(e.peer == p.name for e in self.errors.values())
                     ),  # fmt: skip
                     "error": errs[0] if errs else None,

@@ -245,6 +245,9 @@ class Session:
         self.remaining_files = msg.remaining_files
         self.remaining_bytes = msg.remaining_bytes
         out.actions.append(ApplyPage(msg.records, msg.upto))
+        # What we need, said now rather than once the page is applied (a big file can take a
+        # while): the sender's status must not count us as in sync meanwhile.
+        out.send.append(Ack(self.seen, *self.need()))
 
     def _on_ack(self, msg: Ack, out: Output) -> None:
         while self._in_flight and self._in_flight[0] <= msg.upto:

@@ -326,3 +326,20 @@ def test_pages_lost_in_transit_are_asked_for_again_and_a_lost_ack_is_repeated() 
     assert sb.ask_again().send == []  # nothing missing: nothing asked
 
 
+def test_a_page_is_acknowledged_with_what_it_brings_before_it_is_applied() -> None:
+    """A big file takes a while to apply; meanwhile the sender must know the peer needs it."""
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    a.write("big", "x" * 1000)
+    sa, sb = a.start(B_ID), b.start(A_ID)
+    sa.receive(sb.hello())
+    sb.receive(sa.hello())
+    sa.local_changed(a.seq)
+    out = sb.receive(sa.page(tuple(a.since(0, 10)), a.seq))
+    assert [type(x) for x in out.actions] == [ApplyPage]
+    assert out.send == [wire.Ack(0, 1, 1000)]  # nothing applied yet, one file of 1000 bytes
+    sa.receive(out.send[0])
+    assert sa.peer_need_files == 1 and sa.peer_need_bytes == 1000 and not sa.in_sync
+    for msg in sb.applied(a.seq, True).send:
+        sa.receive(msg)
+    assert sa.peer_need_files == 0 and sa.in_sync
+
