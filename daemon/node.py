@@ -682,7 +682,7 @@ class Node:
             log.info("%s: in session with %s (%s), its seq %d, it has seen ours up to %d", link.label, h.name, h.replica_id[:8], h.seq, h.seen)  # fmt: skip
             link.established_at = self.clock()
             # How far it has our records (from its hello), for `repld export --since` it.
-            acked = link.session.acked_upto if link.session else 0
+            acked = link.session.confirmed_upto if link.session else 0
             with self.store.transaction():
                 self.store.set_peer_mark(h.replica_id, name=link.peer.name, acked_seq=acked)
             link.acked_saved = acked
@@ -995,15 +995,15 @@ class Node:
             (link, link.session)
             for link in (self.links if links is None else links)
             if link.session is not None and link.session.peer is not None
-            and link.session.acked_upto != link.acked_saved
+            and link.session.confirmed_upto != link.acked_saved
         ]  # fmt: skip
         if not moved:
             return
         with self.store.transaction():
             for link, s in moved:
                 assert s is not None and s.peer is not None
-                self.store.set_peer_mark(s.peer.replica_id, acked_seq=s.acked_upto)
-                link.acked_saved = s.acked_upto
+                self.store.set_peer_mark(s.peer.replica_id, acked_seq=s.confirmed_upto)
+                link.acked_saved = s.confirmed_upto
 
     def _timers(self, quick: bool = False) -> None:
         now = self.clock()
@@ -1018,7 +1018,11 @@ class Node:
                 log.info("%s: silent for %g s, taken as gone", link.label, ROUTER_SILENCE)
                 self._end_session(link, "silent")
                 continue
-            if not quick and s.failed_from is not None and now - link.last_retry >= RETRY_EVERY:
+            # (A dry run or a subtree sync marks every page failed, so as not to move the mark
+            # past what it did not apply: asking for the pages again would only repeat them.)
+            one_shot_partial = self.opts.dry_run or self.opts.within is not None
+            if (not quick and s.failed_from is not None and not one_shot_partial
+                    and now - link.last_retry >= RETRY_EVERY):  # fmt: skip
                 link.last_retry = now
                 self._send_out(link, s.retry())
             elif (

@@ -205,14 +205,31 @@ def sync_with_peer(
     return report
 
 
+CONNECT_WAIT = 10.0  # seconds a running daemon is given to reach the peer for `repld sync PEER`
+
+
 def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerSyncReport:
-    """The daemon does the exchange; wait until it says it is in sync with the peer."""
-    deadline = time.monotonic() + timeout
+    """The daemon does the exchange; wait until it says it is in sync with the peer. The
+    report's transfer counts are what this exchange moved (the daemon's counters run on)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    before = control_request(cfg, "status")["status"].get("transfer", {})
     while True:
         status = control_request(cfg, "status")["status"]
         peer = next(p for p in status["peers"] if p["name"] == peer_name)
         if peer["in_sync"]:
+            after = status.get("transfer", {})
+            status["transfer"] = {
+                k: v - before.get(k, 0) if isinstance(v, int) else v for k, v in after.items()
+            }
             return PeerSyncReport(status=status, errors=status["errors"])
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if not peer["connected"] and now - start > CONNECT_WAIT:
+            why = f" ({peer['error']})" if peer.get("error") else ""
+            raise ReplError(
+                f"{peer_name}: not reachable at {peer['endpoint']}{why}; is its daemon running? "
+                "This daemon keeps trying, and syncs as soon as it gets through"
+            )
+        if now > deadline:
             raise ReplError(f"{peer_name}: not in sync within {timeout:g} s")
         time.sleep(0.1)

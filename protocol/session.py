@@ -134,6 +134,9 @@ class Session:
         self.sent_upto = 0  # the peer's position in our stream
         self.send_epoch = 0
         self.acked_upto = 0
+        # Our records the peer has provably applied: its own mark (from its hello), or an Ack
+        # that needs nothing more. (An Ack's upto alone counts pages handled, failed or not.)
+        self.confirmed_upto = 0
         self._in_flight: deque[int] = deque()  # `upto` of each page sent and not yet acked
         self.peer_need_files = 0
         self.peer_need_bytes = 0
@@ -219,7 +222,7 @@ class Session:
             self.seen = self.received_upto = 0
         # What it holds of ours counts only if it says so of this replica; else start over.
         start = msg.seen if msg.seen_of == self.me.replica_id and msg.seen <= self.local_seq else 0
-        self.sent_upto = self.acked_upto = start
+        self.sent_upto = self.acked_upto = self.confirmed_upto = start
         self.peer_acked_all = self.acked_upto >= self.local_seq
         out.actions.append(Established(msg))
 
@@ -253,6 +256,8 @@ class Session:
         while self._in_flight and self._in_flight[0] <= msg.upto:
             self._in_flight.popleft()
         self.acked_upto = max(self.acked_upto, msg.upto)
+        if not msg.need_files:
+            self.confirmed_upto = max(self.confirmed_upto, msg.upto)
         self.peer_need_files = msg.need_files
         self.peer_need_bytes = msg.need_bytes
         self.peer_acked_all = self.acked_upto >= self.local_seq and not msg.need_files

@@ -394,11 +394,30 @@ def test_one_shot_sync_with_a_running_peer(cluster):
     assert "0 actions planned" in again, again
 
 
+def test_sync_with_a_peer_through_the_running_daemon(cluster):
+    """With this replica's daemon running, `repld sync PEER` asks it and waits: it reports what
+    this exchange moved, and says so when the peer cannot be reached instead of hanging."""
+    a, b = started(cluster, "a", "b")
+    (a.root / "first.txt").write_text("first\n")
+    (b.root / "from-b.txt").write_text("a writes this one\n")
+    cluster.wait_converged(what="a first file each way")
+    cluster.stop(b)
+    (a.root / "second.txt").write_text("second\n")
+    proc = a("sync", "b", check=False)
+    assert proc.returncode == 1 and "not reachable" in proc.stderr, proc.stderr
+    cluster.start(b)
+    out = a("sync", "b").stdout
+    assert "0 files written" in out, out  # b fetched second.txt; a wrote nothing this time
+    assert (b.root / "second.txt").read_text() == "second\n"
+
+
 def test_one_shot_dry_run_changes_nothing(cluster):
     a, b = _apart(cluster)
     before = (a.tree(), b.tree(), a("dump").stdout)
     proc = a("sync", "b", "-n")
     assert "nothing changed" in proc.stdout and "new-on-b.txt" in proc.stdout, proc.stdout
+    listed = [ln for ln in proc.stdout.splitlines() if not ln.startswith("dry run")]
+    assert len(listed) == len(set(listed)), f"an action listed twice:\n{proc.stdout}"
     assert not (b.root / "new-on-a.txt").exists() and (a.root / "gone.txt").exists()
     after = (a.tree(), b.tree(), a("dump").stdout)
     assert after[:2] == before[:2], "a dry run changed a tree"
