@@ -679,7 +679,10 @@ class Node:
     def _act(self, link: PeerLink, action: object) -> None:
         if isinstance(action, Established):
             h = action.peer
-            log.info("%s: in session with %s (%s), its seq %d, it has seen ours up to %d", link.label, h.name, h.replica_id[:8], h.seq, h.seen)  # fmt: skip
+            log.info("%s: in session with %s (%s) on %s, its seq %d, it has seen ours up to %d",
+                     link.label, h.name, h.replica_id[:8],
+                     "our connection to it" if link.dealer is not None else "its connection to us",
+                     h.seq, h.seen)  # fmt: skip
             link.established_at = self.clock()
             # How far it has our records (from its hello), for `repld export --since` it.
             acked = link.session.confirmed_upto if link.session else 0
@@ -882,6 +885,7 @@ class Node:
             finally:
                 self.transfers.reset()
             self._count(stats)
+            self._log_applied(link.peer.name, stats)
             if len(self._applied) > APPLIED_MAX:
                 for path in list(itertools.islice(self._applied, APPLIED_MAX // 2)):
                     del self._applied[path]
@@ -908,6 +912,20 @@ class Node:
             with self.store.transaction():
                 self.store.set_peer_mark(peer_id, name=link.peer.name, seen_seq=s.seen)
         self._send_out(link, out)
+
+    def _log_applied(self, peer: str, stats: ApplyStats) -> None:
+        """What a page changed here, for the journal: a line per page, a line per conflict,
+        and (with --debug) a line per path."""
+        for st in stats.done:
+            log.debug("%s: %s", peer, st.describe())
+            c = st.conflict
+            if c is not None:
+                kept = f"the other version kept as {c.copy.path}" if c.copy else "the other dropped"
+                log.warning("%s: conflict on %s: %s version wins (%s); %s", peer, st.path,
+                            c.winner.value, c.reason, kept, extra={"PEER": peer, "PATH": st.path})  # fmt: skip
+        if stats.written or stats.deleted or stats.conflicts:
+            log.info("%s: %d file(s) written (%s bytes), %d deleted, %d conflict(s)", peer,
+                     stats.written, f"{stats.written_bytes:,}", stats.deleted, stats.conflicts)  # fmt: skip
 
     def _count(self, stats: ApplyStats) -> None:
         a = self.stats.applied
