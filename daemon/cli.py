@@ -424,6 +424,17 @@ def _hint_reload(cfg: configmod.Config) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import service  # the daemon's imports (zmq, watchdog) only for what needs them
 
+    cfg = configmod.load(args.config, need_root=False)
+    try:
+        running = control.request(cfg, "status", timeout=2.0)["status"]
+    except ReplError:
+        pass  # none answers (DaemonNotRunning), or one that is not well: the lock decides
+    else:
+        pid = running.get("pid")
+        raise ReplError(
+            f"a daemon already runs for {cfg.path}" + (f" (pid {pid})" if pid else "")
+            + "; `repld status` asks it how it is doing"
+        )
     return service.run(args.config, debug=args.debug)
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import config as configmod
 from .config import Config
 from .errors import DaemonNotRunning, ReplError
 
@@ -172,9 +173,14 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
     path = control_path(cfg)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
+    default = cfg.path.absolute() == configmod.default_config_path().absolute()
+    start = (
+        "`repld run` or `systemctl --user start repld`"
+        if default
+        else f"`repld --config {cfg.path} run`"
+    )
     not_running = DaemonNotRunning(
-        f"repld is not running for {cfg.root} (no daemon at {path}); start it with `repld run` "
-        "or `systemctl --user start repld`"
+        f"repld is not running for {cfg.root} (no daemon at {path}); start it with {start}"
     )
     try:
         try:

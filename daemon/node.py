@@ -50,7 +50,7 @@ from ..protocol.session import (
 )
 from . import config as configmod
 from .applier import Applier, ApplyStats
-from .errors import ReplError, RootChanged
+from .errors import ConfigError, ReplError, RootChanged
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
@@ -299,9 +299,11 @@ class Node:
             r.bind(self.cfg.listen.replace("0.0.0.0", "*"))
         except zmq.ZMQError as e:
             r.close()
-            raise ReplError(
-                f"cannot listen on {self.cfg.listen} (config {self.cfg.path}, key 'listen'): "
-                f"{e.strerror}; is another repld using that port?"
+            raise ConfigError(  # exit 2: the fix is in the config (or in whatever took the port)
+                f"cannot listen on {self.cfg.listen}: {e.strerror}; is another program (another "
+                "repld?) using that port? Choose another port here",
+                file=self.cfg.path,
+                key="listen",
             ) from None
         self.router = r
         self.poller.register(r, zmq.POLLIN)

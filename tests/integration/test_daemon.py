@@ -432,3 +432,16 @@ def test_peer_key_starting_with_a_dash_can_be_added(cluster):
     proc = a("peer", "add", "dash", "tcp://127.0.0.1:1", key, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(a("peer", "list", "--json").stdout)[0]["public_key"] == key
+
+
+def test_a_second_daemon_or_a_taken_port_is_refused_clearly(cluster):
+    (a,) = started(cluster, "a")
+    proc = a("run", check=False)  # returns at once: the first one answers on the control socket
+    assert proc.returncode == 1 and f"pid {a.status()['pid']}" in proc.stderr, proc.stderr
+    assert a.running
+    (b,) = cluster.make("b")
+    text = b.config.read_text()
+    b.config.write_text(text.replace(b.endpoint, a.endpoint))  # a's port, taken
+    proc = b("run", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot listen" in proc.stderr and "'listen'" in proc.stderr and str(b.config) in proc.stderr
