@@ -692,14 +692,18 @@ def _rel_path(rep: Replica, given: str) -> str:
 def cmd_conflicts(args: argparse.Namespace) -> int:
     with open_replica(args.config, write=False) as rep:
         rows = list_conflicts(rep.store)
+        me = rep.store.replica_id
     if args.json:
         _print_json(rows)
     elif not rows:
         print("no conflicts")
     else:
         for r in rows:
+            who = short_id(r["copy_replica"])
+            if r["copy_replica"] == me:
+                who += " (this replica)"
             print(f"{escape(r['path'])}\n    other version: {escape(r['copy'])} "
-                  f"({_human(r['copy_size'])}, modified {r['copy_mtime']} on {short_id(r['copy_replica'])})")  # fmt: skip
+                  f"({_human(r['copy_size'])}, modified {r['copy_mtime'] or '-'} on {who})")  # fmt: skip
         print(f"{len(rows)} conflict(s); settle with: repld resolve PATH --keep local|remote|both")
     return 0
 

@@ -339,7 +339,7 @@ def list_conflicts(store: Store) -> list[dict[str, Any]]:
             "copy": copy_path,
             "copy_replica": rec.modified_by,
             "copy_size": rec.size,
-            "copy_mtime": when.isoformat(timespec="seconds") if rec.mtime_ns else "-",
+            "copy_mtime": when.isoformat(timespec="seconds") if rec.mtime_ns else None,
             "path_exists": orig is not None and not orig.deleted,
         })  # fmt: skip
     return out
