@@ -74,6 +74,9 @@ DEGRADED_SCAN_EVERY = 60.0
 APPLIED_MAX = 20_000  # echoes of our own writes remembered (see Node._applied)
 HWM = 10000
 LINK_GRACE = 1.0  # seconds a non-preferred link waits for the preferred one to come up
+REDIAL_EVERY = 0.05  # seconds between ZeroMQ's own redials of a peer (RECONNECT_IVL)
+REDIAL_MAX = 8.0  # the longest pause before dialling again a peer whose handshakes fail
+HANDSHAKE_WARN_EVERY = 60.0  # seconds between warnings about one link's failing handshakes
 ZAP_DOMAIN = "repld"
 
 
@@ -115,6 +118,16 @@ class PeerLink:
     still_to_send: tuple[float, int, int, int] | None = None
     acked_saved: int = -1  # the peer's acknowledgement of our records, as last written down
     complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
+    # Handshakes that keep failing (see Node._handshake_failed): the pause before the next
+    # dial (0: the last handshake succeeded), when that dial is due (monotonic; None: dialled),
+    # failures in a row, and when the last warning was logged, what it said, and how many
+    # repeats were not logged since.
+    redial_wait: float = 0.0
+    redial_at: float | None = None
+    failures: int = 0
+    warned_at: float | None = None
+    warned: str = ""
+    suppressed: int = 0
 
     @property
     def label(self) -> str:
@@ -314,7 +327,7 @@ class Node:
         self._secure(s)
         s.curve_serverkey = peer.public_key.encode()
         s.setsockopt(zmq.IMMEDIATE, 1)
-        s.setsockopt(zmq.RECONNECT_IVL, 50)
+        s.setsockopt(zmq.RECONNECT_IVL, round(REDIAL_EVERY * 1000))
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         mon = s.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -381,7 +394,10 @@ class Node:
                 s.close(linger=0)
         if link.rid:
             self.by_rid.pop(link.rid, None)
-        self.links.remove(link)
+        # Closing the session of a link the peer dialled in on ends it (see _act, Closed),
+        # which takes the link off the list already.
+        if link in self.links:
+            self.links.remove(link)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -415,6 +431,9 @@ class Node:
                 t = min(t, due)
         if self._counts_seq != self.store.committed_seq:
             t = min(t, max(0.0, self._counts_at + COUNTS_EVERY - self.clock()))
+        for link in self.links:
+            if link.redial_at is not None:
+                t = min(t, max(0.0, link.redial_at - self.clock()))
         if self._inbox:
             t = 0
         return t
@@ -570,11 +589,13 @@ class Node:
                 link.connected = True
                 link.error = ""
                 log.info(
-                    "%s: connected to %s",
+                    "%s: connected to %s%s",
                     link.label,
                     link.peer.endpoint,
+                    f" after {link.failures} failed handshake(s)" if link.failures else "",
                     extra={"PEER": link.label},
                 )
+                link.redial_wait, link.failures = 0.0, 0
                 self._start_session(link, None)
             elif kind == zmq.EVENT_DISCONNECTED:
                 if link.connected:
@@ -582,17 +603,60 @@ class Node:
                 link.connected = False
                 self._end_session(link, "disconnected")
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                link.error = (
+                self._handshake_failed(
+                    link,
                     f"{link.peer.endpoint} refused our key: add this replica on {link.peer.name} "
-                    "with `repld peer add` (see `repld id`)"
+                    "with `repld peer add` (see `repld id`)",
                 )
-                log.warning("%s: %s", link.label, link.error, extra={"PEER": link.label})
             elif kind in (
                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
             ):
-                link.error = f"handshake with {link.peer.endpoint} failed: wrong public key for it?"
-                log.warning("%s: %s", link.label, link.error, extra={"PEER": link.label})
+                self._handshake_failed(
+                    link, f"handshake with {link.peer.endpoint} failed: wrong public key for it?"
+                )
+
+    def _handshake_failed(self, link: PeerLink, error: str) -> None:
+        """A dial whose handshake failed: a key that is wrong on one side or the other, and
+        stays wrong until someone edits a config.
+
+        Left to ZeroMQ (4.3), a peer that refused our key is never dialled again (not even once
+        it has been told our key), and one we know under a wrong key is dialled every
+        REDIAL_EVERY, forever: a warning 20 times a second, and the CPU to go with it. So the
+        dealer lets go of the endpoint, and ``_timers`` dials it again after a pause that
+        doubles with each failure in a row, up to REDIAL_MAX (back to none once a handshake
+        succeeds); and the warning is logged once every HANDSHAKE_WARN_EVERY per link, then
+        with how many repeats went unlogged (the peer's status shows the error meanwhile)."""
+        now = self.clock()
+        link.error = error
+        link.failures += 1
+        if link.warned_at is None or error != link.warned:
+            log.warning("%s: %s", link.label, error, extra={"PEER": link.label})
+            link.warned_at, link.warned, link.suppressed = now, error, 0
+        elif now - link.warned_at >= HANDSHAKE_WARN_EVERY:
+            log.warning("%s: %s (again: %d more time(s) in the last %.0f s)", link.label,
+                        error, link.suppressed + 1, now - link.warned_at,
+                        extra={"PEER": link.label})  # fmt: skip
+            link.warned_at, link.suppressed = now, 0
+        else:
+            link.suppressed += 1
+        if link.dealer is None or link.redial_at is not None:
+            return  # (already let go of: a late event of the same failure)
+        try:
+            link.dealer.disconnect(link.peer.endpoint)
+        except zmq.ZMQError:
+            pass  # ZeroMQ let go of it itself (it does after a refusal)
+        link.redial_wait = min(max(2 * link.redial_wait, 2 * REDIAL_EVERY), REDIAL_MAX)
+        link.redial_at = now + link.redial_wait
+        log.debug("%s: %d failed handshake(s) in a row; dialling again in %.2g s", link.label,
+                  link.failures, link.redial_wait, extra={"PEER": link.label})  # fmt: skip
+
+    def _redial(self, now: float) -> None:
+        """Dial again the peers whose pause after a failed handshake is over."""
+        for link in self.links:
+            if link.redial_at is not None and now >= link.redial_at and link.dealer is not None:
+                link.redial_at = None
+                link.dealer.connect(link.peer.endpoint)
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -953,7 +1017,7 @@ class Node:
         finally:
             if self.state == "scanning":
                 self.state = was
-        self._scan_done(stats)
+        self._scan_done(stats, paths)
 
     def _our_echo(self, path: str) -> bool:
         """Whether an inotify event for ``path`` is only the echo of our own write."""
@@ -990,7 +1054,22 @@ class Node:
             every = min(every or DEGRADED_SCAN_EVERY, DEGRADED_SCAN_EVERY)
         return every
 
-    def _scan_done(self, stats: Any) -> None:
+    def _scan_done(self, stats: Any, paths: list[str] | None = None) -> None:
+        """Take a scan's errors into status, and forget those of earlier scans that no longer
+        hold: an error of a path this scan covered (the whole tree when ``paths`` is None, else
+        each path and what is below it) that it did not report again is gone, as the path is
+        (a fifo removed) or the trouble is (a file readable again). A path's error from a sync
+        (it names the peer) stays until a sync of that path succeeds; the root's ("") until
+        _root_ok finds the root back."""
+        still = {p for p, _ in stats.errors} | {p for p, _ in stats.skipped}
+        scanned = set(paths or ())
+        whole = paths is None or "" in scanned or "." in scanned
+        below = tuple(f"{p}/" for p in scanned)
+        for path, e in list(self.errors.items()):
+            if not path or e.peer or path in still:
+                continue
+            if whole or path in scanned or path.startswith(below):
+                del self.errors[path]
         for path, err in stats.errors:
             self.errors[path] = PathError(path, err)
         for path, why in stats.skipped:  # not failures, but status is where a user looks
@@ -1027,6 +1106,7 @@ class Node:
 
     def _timers(self, quick: bool = False) -> None:
         now = self.clock()
+        self._redial(now)
         for link in list(self.links):
             s = link.session
             if s is None:

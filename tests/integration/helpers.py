@@ -92,6 +92,8 @@ def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]
                     out[rel] = ("link", os.readlink(p))
                 elif stat.S_ISDIR(st.st_mode):
                     out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+                elif not stat.S_ISREG(st.st_mode):
+                    out[rel] = ("special", stat.S_IFMT(st.st_mode))  # a FIFO: reading it blocks
                 else:
                     digest = hashlib.sha256(p.read_bytes()).hexdigest()
                     mtime = (st.st_mtime_ns,) if mtimes else ()
