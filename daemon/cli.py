@@ -481,7 +481,8 @@ def format_status(st: dict[str, Any]) -> str:
     if st["conflicts"]:
         lines.append(f"  conflicts: {st['conflicts']} (see `repld conflicts`)")
     for e in st["errors"][:20]:
-        lines.append(f"  error: {escape(e['path'])}: {e['error']}")
+        where = f"{escape(e['path'])}: " if e["path"] else ""  # "": the replica as a whole
+        lines.append(f"  error: {where}{e['error']}")
     if len(st["errors"]) > 20:
         lines.append(f"  ... and {len(st['errors']) - 20} more errors (`repld status --json`)")
     return "\n".join(lines)

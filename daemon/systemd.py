@@ -90,7 +90,10 @@ def status_line(st: dict[str, Any]) -> str:
     """One line for `systemctl status`: what the daemon does, and how the peers are."""
     peers = st["peers"]
     up = [p for p in peers if p["connected"]]
-    if st["state"] in ("starting", "scanning", "paused", "error"):
+    whole = [e["error"] for e in st["errors"] if not e["path"]]  # about the replica as a whole
+    if st["state"] == "error" and whole:
+        head = "error: " + whole[0].split(":")[0]  # e.g. "the root /media/usb/home is not there"
+    elif st["state"] in ("starting", "scanning", "paused", "error"):
         head = st["state"]
     else:
         need = [(p["need_bytes"], p["need_files"], p["name"]) for p in up if p["need_files"]]

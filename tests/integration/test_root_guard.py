@@ -63,6 +63,7 @@ def test_the_daemon_stops_syncing_while_its_root_is_replaced_and_resumes_when_it
         )
         assert any("not the directory this replica was made on" in e["error"]
                    for e in status["errors"])  # fmt: skip
+        assert "\n  error: the root " in a("status").stdout  # said of the replica, not a path
         (b.root / "from-b.txt").write_text("written while a's root was away\n")
         cluster.wait_until(
             lambda: (p := a.peer_status("b")) and p["need_files"] >= 1,
