@@ -47,7 +47,7 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .diskio import syncfs
-from .errors import ChangedOnDisk, FsError, ReplError
+from .errors import ChangedOnDisk, FsError, ReplError, RootChanged
 from .scanner import hash_file_stat
 from .store import Store
 
@@ -161,8 +161,13 @@ class Applier:
         replan: Callable[[Step], list[Step]] | None = None,
         keep_steps: bool = False,
         on_progress: Callable[[ApplyStats], None] | None = None,
+        check_root: Callable[[], None] | None = None,
     ):
         self.store = store
+        # Raises RootChanged if the root is no longer the replica's own directory: asked before
+        # each batch is installed and before each removal, so that a disk unmounted (or a root
+        # moved aside) in the middle of an apply stops it, rather than fill the stranger.
+        self._check_root = check_root or (lambda: None)
         self.root = root
         self._root = str(root)
         self._dirs_ok: set[str] = set()  # parents checked to be real directories, this batch
@@ -230,6 +235,8 @@ class Applier:
     def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
         try:
             fn(step)
+        except RootChanged:
+            raise  # not this path's trouble: the whole apply stops
         except ChangedOnDisk as e:
             self._changed(step, e)
         except ReplError as e:
@@ -249,6 +256,8 @@ class Applier:
                 continue
             try:
                 (self._apply_deferred if again.deferred else self._stage)(again)
+            except RootChanged:
+                raise
             except ChangedOnDisk as e2:
                 self._error(again.path, f"{e2}; it will be synced next time")
             except (ReplError, OSError) as e2:
@@ -629,6 +638,7 @@ class Applier:
                 self._drop_pending(p)
                 self._error(p.step.path, str(FsError(p.step.path, e)))
                 batch.remove(p)
+            self._check_root()  # before any name is given (the finally drops the batch)
             self._install_batch(batch, ready, changed)
         finally:
             for p in batch:  # left over only if installing stopped on an exception
@@ -789,6 +799,7 @@ class Applier:
     # -- removals -------------------------------------------------------------------------------
 
     def _apply_deferred(self, step: Step) -> None:
+        self._check_root()
         path = step.path
         self._abs(path)
         expected = step.expected

@@ -440,6 +440,7 @@ def import_bundle(
         replan=replan,
         keep_steps=verbose,
         on_progress=progress,
+        check_root=lambda: rep.check_root(fast=True),
     )
     report.stats = applier.apply(steps)
     report.steps = report.stats.done

@@ -195,6 +195,7 @@ def _pass(
         replan=replan,
         keep_steps=verbose,
         on_progress=progress,
+        check_root=lambda: into.check_root(fast=True),
     )
     report.stats = applier.apply(steps)
     report.steps = report.stats.done

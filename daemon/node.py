@@ -230,13 +230,7 @@ class Node:
                 self._dial(peer)
         self.poller.register(self._wake_r, zmq.POLLIN)
         if self.opts.watch:
-            self.watcher = Watcher(self.cfg.root, self._wake_w, exclude=(self.cfg.state,),
-                                   ignored=self.rep.ignore(),
-                                   rescan_every=DEGRADED_SCAN_EVERY)  # fmt: skip
-            if not self.watcher.start():
-                # (The watch limit was told already, with its fix.)
-                log.warning("%s; falling back to a full scan every %g s",
-                            self.watcher.degraded, DEGRADED_SCAN_EVERY)  # fmt: skip
+            self._start_watcher()
         self.state = "scanning"
         self.publish()
 
@@ -267,7 +261,7 @@ class Node:
             self._root_error = ""
             self.errors.pop("", None)
             self.state = "idle"
-            self._refresh_watches()
+            self._rewatch()
             self.request_full_scan()
         return True
 
@@ -279,9 +273,10 @@ class Node:
             log.error("%s", e)  # not there at all: nothing to accept
             return
         log.warning("the root %s was accepted as this replica's tree", self.cfg.root)
-        if self.watcher is not None:
-            self.watcher.request_full_scan()
-        self._root_ok()
+        had_error = bool(self._root_error)
+        self._root_ok()  # (rewatches when the root was in error)
+        if not had_error:
+            self._rewatch()
         self.full_scan()
 
     def _setup_auth(self) -> None:
@@ -379,6 +374,22 @@ class Node:
                 self._dial(peer)
         self._refresh_watches()
         self.request_full_scan()
+
+    def _start_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.watcher = Watcher(self.cfg.root, self._wake_w, exclude=(self.cfg.state,),
+                               ignored=self.rep.ignore(),
+                               rescan_every=DEGRADED_SCAN_EVERY)  # fmt: skip
+        if not self.watcher.start():
+            # (The watch limit was told already, with its fix.)
+            log.warning("%s; falling back to a full scan every %g s",
+                        self.watcher.degraded, DEGRADED_SCAN_EVERY)  # fmt: skip
+
+    def _rewatch(self) -> None:
+        """Watches follow inodes: after the root was replaced or came back, watch it anew."""
+        if self.opts.watch:
+            self._start_watcher()
 
     def _refresh_watches(self) -> None:
         """New ignore rules for the watches, and another try at what could not be watched."""
@@ -945,9 +956,16 @@ class Node:
                 via=link.peer.name,
                 replan=replan,
                 keep_steps=True,
+                check_root=lambda: self.rep.check_root(fast=True),
             )
+            root_lost = False
             try:
                 stats = applier.apply(steps)
+            except RootChanged:
+                # The root went away in the middle (a disk unplugged): what was applied before is
+                # recorded; the rest of the page is asked for again once the root is back.
+                stats, root_lost = applier.stats, True
+                self._root_ok()
             finally:
                 self.transfers.reset()
             self._count(stats)
@@ -965,11 +983,12 @@ class Node:
                     "%s: %s", link.peer.name, err, extra={"PEER": link.peer.name, "PATH": path}
                 )
             failed = {p for p, _ in stats.errors}
-            for st in steps:
+            for st in stats.done if root_lost else steps:
                 if st.path in self.errors and st.path not in failed:
                     del self.errors[st.path]
-            ok = not stats.errors
-            self.state = "idle"
+            ok = not stats.errors and not root_lost
+            if not root_lost:
+                self.state = "idle"
         if self.opts.within is not None or self.opts.dry_run:
             ok = False  # a subtree sync or a dry run must not move the mark past what it skipped
         seen_before = s.seen

@@ -133,6 +133,7 @@ class Replica:
         self.cfg = cfg
         self.store = Store(cfg.db_path, write=write)
         self._ignore: tuple[object, Ignore] | None = None
+        self._root_ident: str | None = None  # what check_root last found (see there)
 
     @property
     def root(self) -> Path:
@@ -158,19 +159,32 @@ class Replica:
 
     def scan(self, paths: list[str] | None = None, **kwargs: object) -> ScanStats:
         self.check_root()
-        return self.scanner(**kwargs).scan(paths)
+        with self.store.transaction():
+            stats = self.scanner(**kwargs).scan(paths)
+            # Again before the scan commits: a root that went away during the walk made every
+            # path not walked yet look deleted.
+            self.check_root(fast=True)
+        return stats
 
-    def check_root(self, *, accept: bool = False) -> None:
+    def check_root(self, *, accept: bool = False, fast: bool = False) -> None:
         """Raise ``RootChanged`` unless the root is the directory this replica was made on.
 
-        What identifies it is its inode number, noted at the first scan (``ROOT_ID``): a disk
-        not mounted leaves an empty mount point, a home restored or moved aside leaves another
-        directory, and a scan of either would record every file as deleted and send the
-        deletions to every replica. (Not the device number: a USB disk may get another one each
-        time it is plugged in.) ``accept`` takes the directory there now as the root."""
+        What identifies it is its file system's id and its inode number (``ROOT_ID``), noted
+        at the first scan: a disk not mounted leaves an empty mount point, another disk mounted
+        there has another file system id (a file system's root directory has a fixed inode
+        number), a home restored or moved aside is another directory; a scan of any of them
+        would record every file as deleted and send the deletions to every replica. (Not the
+        device number: a USB disk may get another one each time it is plugged in; ext4 and
+        btrfs derive the id from the file system's UUID.) A root that is empty while files are
+        recorded, when nothing was noted yet (a replica made before this check), is refused
+        too: the same mistake, on that first run. (Later, an empty root is only a tree whose
+        files were all deleted, which happens.) ``accept`` takes the
+        directory there now as the root. ``fast``: only compare with the last check's result
+        (a stat and a statvfs; what the applier asks before each batch)."""
         root = self.cfg.root
         try:
             st = os.stat(root)
+            fsid = os.statvfs(root).f_fsid
         except OSError as e:
             raise RootChanged(
                 f"the root {root} is not there ({e.strerror}): an unmounted disk, or a moved "
@@ -178,19 +192,39 @@ class Replica:
             ) from None
         if not stat.S_ISDIR(st.st_mode):
             raise RootChanged(f"the root {root} is not a directory any more; nothing is synced")
+        ident = f"{fsid:x}:{st.st_ino}"
+        if fast and ident == self._root_ident:
+            return
         known = self.store.meta(ROOT_ID)
-        if known is not None and known != str(st.st_ino) and not accept:
+        if known is not None and ":" not in known and known == str(st.st_ino):
+            known = None  # noted before the file system id was part of it: note it again
+        if known is not None and known != ident and not accept:
             raise RootChanged(
-                f"the root {root} is not the directory this replica was made on (inode "
-                f"{st.st_ino}, was {known}): an unmounted disk, or a directory put in place of "
-                "another? Scanning it would record every file missing from it as deleted, on "
-                "every replica, so nothing is recorded or synced. Mount the disk or move the "
-                "directory back; or, if this directory really is the tree now (restored from a "
-                "backup), run `repld scan --accept-root` (files missing from it then count as "
-                "deleted)."
+                f"the root {root} is not the directory this replica was made on (file system "
+                f"and inode {ident}, were {known}): an unmounted disk, another disk, or a "
+                "directory put in place of another? Scanning it would record every file missing "
+                "from it as deleted, on every replica, so nothing is recorded or synced. Mount "
+                "the disk or move the directory back; or, if this directory really is the tree "
+                "now (restored from a backup), run `repld scan --accept-root` (files missing "
+                "from it then count as deleted)."
             )
-        if (known != str(st.st_ino)) and self.store.writable:
-            self.store.set_meta(ROOT_ID, str(st.st_ino))
+        if known is None and not accept and self._empty_but_recorded():
+            raise RootChanged(
+                f"the root {root} is empty, but this replica has files recorded: an unmounted "
+                "disk? Scanning it would record them all as deleted, on every replica, so "
+                "nothing is recorded or synced. If you did empty it, run `repld scan "
+                "--accept-root`."
+            )
+        if known != ident and self.store.writable:
+            self.store.set_meta(ROOT_ID, ident)
+        self._root_ident = ident
+
+    def _empty_but_recorded(self) -> bool:
+        with os.scandir(self.cfg.root) as it:
+            if any(True for _ in it):
+                return False
+        row = self.store.execute("SELECT 1 FROM records WHERE deleted = 0 LIMIT 1").fetchone()
+        return row is not None
 
     def close(self) -> None:
         self.store.close()

@@ -81,3 +81,82 @@ def test_the_daemon_stops_syncing_while_its_root_is_replaced_and_resumes_when_it
         )
         cluster.wait_converged(what="convergence after the root came back")
         assert not a.status()["errors"]
+        (a.root / "docs" / "after.txt").write_text("watched again\n")  # inotify, not a rescan
+        cluster.wait_until(lambda: (b.root / "docs" / "after.txt").exists(), what="a new file")
+
+
+def test_accepting_a_new_root_through_the_daemon_watches_it(tmp_path):
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        populate(a.root)
+        cluster.start()
+        cluster.wait_converged(what="initial sync")
+        os.rename(a.root, tmp_path / "a-old")
+        a.root.mkdir()
+        (a.root / "restored.txt").write_text("from the backup\n")
+        cluster.wait_until(lambda: a.status()["state"] == "error", what="a to refuse its root")
+        assert "asked the running daemon" in a("scan", "--accept-root").stdout
+        cluster.wait_until(lambda: (b.root / "restored.txt").exists(), what="the accepted tree")
+        cluster.wait_until(lambda: not (b.root / "docs").exists(), what="what it lacks, deleted")
+        (a.root / "new.txt").write_text("made after\n")
+        (a.root / "sub").mkdir()
+        (a.root / "sub" / "deeper.txt").write_text("deeper\n")
+        cluster.wait_until(
+            lambda: (b.root / "sub" / "deeper.txt").exists() and (b.root / "new.txt").exists(),
+            what="changes in the accepted root to travel",
+            timeout=20,
+        )
+        assert a.status()["state"] != "error"
+
+
+def test_a_root_replaced_in_the_middle_of_a_sync_stops_it(tmp_path):
+    """The root is checked before every batch: a disk unplugged halfway must not have the rest
+    written into the empty mount point (and the files missing from it recorded as deleted)."""
+    from repld.daemon import localsync
+    from repld.daemon.errors import RootChanged
+    from repld.daemon.replica import open_replica
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    for i in range(2500):  # several batches
+        (a.root / f"f{i:04}.txt").write_text(f"{i}\n")
+    aside = tmp_path / "b-aside"
+    swapped = []
+
+    def unplug(stats: object) -> None:
+        if not swapped:
+            os.rename(b.root, aside)
+            b.root.mkdir()
+            swapped.append(True)
+
+    with open_replica(a.config) as left, open_replica(b.config) as right:
+        try:
+            localsync.sync(left, right, direction=localsync.Direction.PUSH, progress=unplug)
+        except RootChanged as e:
+            assert "not the directory this replica was made on" in str(e)
+        else:
+            raise AssertionError("the sync went on into the replaced root")
+    assert swapped and list(b.root.iterdir()) == []  # nothing written into the stranger
+    os.rmdir(b.root)
+    os.rename(aside, b.root)
+    assert "0 deleted" in b("scan").stdout  # what was recorded is there
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_a_replica_older_than_the_check_with_an_empty_root_is_refused(tmp_path):
+    import sqlite3
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    populate(a.root)
+    a.sync(b)
+    db = sqlite3.connect(a.state / "repld.db")
+    db.execute("DELETE FROM meta WHERE key = 'root_id'")  # as a replica made before it
+    db.commit()
+    db.close()
+    os.rename(a.root, tmp_path / "a-real")
+    a.root.mkdir()  # the disk not mounted at the first run of the new version
+    proc = a("scan", check=False)
+    assert proc.returncode == 1 and "is empty, but this replica has files" in proc.stderr
+    os.rmdir(a.root)
+    os.rename(tmp_path / "a-real", a.root)
+    assert "0 deleted" in a("scan").stdout
