@@ -93,6 +93,8 @@ class ImportReport:
     scan: ScanStats | None = None
     marked: bool = False  # the exporter's records up to `complete` are now marked as seen
     dry_run: bool = False
+    # The exporter's records this replica lacks and the bundle does not hold: (had, since).
+    gap: tuple[int, int] | None = None
 
     @property
     def errors(self) -> list[tuple[str, str]]:
@@ -128,11 +130,15 @@ def export(
     if out.resolve().is_relative_to(root):
         # It would be recorded and replicated, the next bundle would carry this one, and so on.
         raise BundleError(f"{out} is inside the replicated tree {root}; write it elsewhere")
+    if out.resolve().is_relative_to(rep.cfg.state.resolve()):
+        raise BundleError(f"{out} is inside the replica's state directory; write it elsewhere")
     scanned = rep.scan() if scan else None
     store = rep.store
+    _drop_stale_temps(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    db = sqlite3.connect(tmp, isolation_level=None)
+    db: sqlite3.Connection | None = None
     try:
+        db = sqlite3.connect(tmp, isolation_level=None)
         db.execute("PRAGMA journal_mode=OFF")  # a temporary file: flushed once, at the end
         db.execute("PRAGMA synchronous=OFF")
         db.executescript(_SCHEMA)
@@ -173,14 +179,29 @@ def export(
         os.chmod(tmp, 0o600)  # it holds file content: as private as the tree's owner keeps it
         os.replace(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
-        db.close()
+    except BaseException as e:
+        if db is not None:
+            db.close()
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, (sqlite3.Error, OSError)):
+            raise BundleError(f"{out}: cannot write the bundle ({e})") from None
         raise
     return report
+
+
+def _drop_stale_temps(out: Path) -> None:
+    """Temporary files of exports to ``out`` that were killed (their process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(stale.name.rpartition("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            pass  # not ours, or a live process (a concurrent export): left alone
 
 
 def _export_records(
@@ -277,8 +298,10 @@ class Bundle:
         try:
             self._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            for table in ("records", "content", "seen"):  # all there, before anything is applied
+                self._db.execute(f"SELECT * FROM {table} LIMIT 0")
         except sqlite3.DatabaseError as e:
-            raise BundleError(f"{path}: not a repld bundle ({e})") from None
+            raise BundleError(f"{path}: not a repld bundle, or a damaged one ({e})") from None
         if meta.get("format") != FORMAT:
             self.close()
             raise BundleError(f"{path}: not a repld bundle")
@@ -295,16 +318,24 @@ class Bundle:
             self.since = int(meta["since"])
             self.upto = int(meta["upto"])
             self.complete = int(meta["complete"])
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             self.close()
             raise BundleError(f"{path}: damaged bundle (meta {e})") from None
+        if not all(isinstance(v, str) for v in (self.tree_id, self.replica_id, self.name)):
+            self.close()
+            raise BundleError(f"{path}: damaged bundle (meta)")
+
+    def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        """Rows of a query on the bundle; a damaged file is a BundleError, not a traceback."""
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise BundleError(f"{self.path}: damaged bundle ({e})") from None
 
     def seen(self, replica_id: str) -> int:
         """How far the exporter had seen ``replica_id``'s records."""
-        row = self._db.execute(
-            "SELECT seen_seq FROM seen WHERE replica_id = ?", (replica_id,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        rows = self._query("SELECT seen_seq FROM seen WHERE replica_id = ?", (replica_id,))
+        return rows[0][0] if rows and isinstance(rows[0][0], int) else 0
 
     def _record(self, row: tuple[Any, ...]) -> Record:
         seq, path, data = row
@@ -320,9 +351,9 @@ class Bundle:
         """Every record, in the exporter's sequence order, a page at a time."""
         seq = -1
         while True:
-            rows = self._db.execute(
+            rows = self._query(
                 "SELECT seq, path, data FROM records WHERE seq > ? ORDER BY seq LIMIT 1000", (seq,)
-            ).fetchall()
+            )
             if not rows:
                 return
             for row in rows:
@@ -330,19 +361,17 @@ class Bundle:
             seq = rows[-1][0]
 
     def get(self, path: str) -> Record | None:
-        row = self._db.execute(
-            "SELECT seq, path, data FROM records WHERE path = ?", (path,)
-        ).fetchone()
-        return None if row is None else self._record(row)
+        rows = self._query("SELECT seq, path, data FROM records WHERE path = ?", (path,))
+        return self._record(rows[0]) if rows else None
 
     def open(self, rec: Record) -> BinaryIO:
         """The content of ``rec`` (checked by the applier against the record's hash)."""
-        if not _has_content(self._db, rec.sha256):
+        if not self._query("SELECT 1 FROM content WHERE sha256 = ? LIMIT 1", (rec.sha256,)):
             raise ReplError(
                 f"{rec.path}: its content is not in the bundle {self.path} (left out as this "
                 "replica's own; a bundle exported without --since carries it)"
             )
-        return _ContentReader(self._db, rec.sha256)  # type: ignore[return-value]
+        return _ContentReader(self, rec.sha256)  # type: ignore[return-value]
 
     def close(self) -> None:
         self._db.close()
@@ -357,21 +386,23 @@ class Bundle:
 class _ContentReader:
     """Reads one content's chunks in order; ``read(n)`` returns at most n bytes."""
 
-    def __init__(self, db: sqlite3.Connection, sha256: str):
-        self._db = db
+    def __init__(self, bundle: Bundle, sha256: str):
+        self._bundle = bundle
         self._sha = sha256
         self._part = 0
         self._buf = memoryview(b"")
 
     def read(self, n: int = -1) -> bytes:
         if not self._buf:
-            row = self._db.execute(
+            rows = self._bundle._query(
                 "SELECT data FROM content WHERE sha256 = ? AND part = ?", (self._sha, self._part)
-            ).fetchone()
-            if row is None:
+            )
+            if not rows:
                 return b""
+            if not isinstance(rows[0][0], bytes):
+                raise BundleError(f"{self._bundle.path}: damaged content {self._sha[:8]}")
             self._part += 1
-            self._buf = memoryview(row[0])
+            self._buf = memoryview(rows[0][0])
         take = len(self._buf) if n < 0 else min(n, len(self._buf))
         out, self._buf = bytes(self._buf[:take]), self._buf[take:]
         return out
@@ -408,6 +439,9 @@ def import_bundle(
     if bundle.replica_id == store.replica_id:
         raise BundleError(f"{bundle.path} was exported by this replica; import it on another")
     report = ImportReport(bundle.name, bundle.since, bundle.upto, dry_run=dry_run)
+    had = store.peer_mark(bundle.replica_id).seen_seq
+    if bundle.since > had:
+        report.gap = (had, bundle.since)
     policy = {None: Policy.KEEP_BOTH, "local": Policy.PREFER_LOCAL, "remote": Policy.PREFER_REMOTE}[
         prefer
     ]

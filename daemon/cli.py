@@ -878,7 +878,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     for path, err in report.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
     _print_skipped(report.scan.skipped if report.scan else [])
-    return 1 if report.errors else 0
+    if report.gap is not None:
+        had, since = report.gap
+        print(
+            f"incomplete: the bundle holds {report.name}'s changes after its sequence {since}, "
+            f"but this replica has them only up to {had}: the ones between are not in it. Ask "
+            f"{report.name} for a bundle without --since (or --since {rep.cfg.name})",
+            file=sys.stderr,
+        )
+    return 1 if report.errors or report.gap else 0
 
 
 COMMANDS = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgpack
 from daemons import Cluster
-from helpers import conflict_copies, files_bytes, make_replicas, snapshot
+from helpers import Rep, conflict_copies, files_bytes, make_replicas, snapshot
 from repld.daemon.store import Store
 from repld.protocol.messages import record_from_wire, record_to_wire
 from test_sync import newer, populate
@@ -205,3 +205,67 @@ def test_export_while_the_daemon_runs_and_since_a_peer_it_synced_with(tmp_path):
         cluster.stop(a)
         b("import", bundle)
         assert (b.root / "docs" / "a.txt").read_text() == "edited while b is away\n"
+
+
+def test_damaged_bundles_are_refused_without_a_traceback(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f.txt").write_text("content\n")
+    good = tmp_path / "good.bundle"
+    a("export", good)
+
+    def damaged(name: str, sql: str) -> Path:
+        bad = tmp_path / name
+        bad.write_bytes(good.read_bytes())
+        db = sqlite3.connect(bad)
+        db.execute(sql)
+        db.commit()
+        db.close()
+        return bad
+
+    cases = [
+        damaged("text-content.bundle", "UPDATE content SET data = 'not bytes'"),
+        damaged("no-seen.bundle", "DROP TABLE seen"),
+        damaged("null-meta.bundle", "UPDATE meta SET value = 'x' WHERE key = 'since'"),
+    ]
+    truncated = tmp_path / "truncated.bundle"
+    truncated.write_bytes(good.read_bytes()[:4096])
+    cases.append(truncated)
+    for bad in cases:
+        proc = b("import", bad, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (bad, proc.stderr)
+        assert str(bad) in proc.stderr, proc.stderr
+    assert not (b.root / "f.txt").exists()  # refused before anything was applied
+    proc = a("export", a.state / "x.bundle", check=False)
+    assert proc.returncode == 1 and "state directory" in proc.stderr
+    proc = a("export", tmp_path / "no" / "such" / "dir.bundle", check=False)
+    assert proc.returncode == 1 and "no such directory" in proc.stderr
+    stale = tmp_path / ".again.bundle.tmp-999999999"  # a killed export's leftover
+    stale.write_bytes(b"half")
+    a("export", tmp_path / "again.bundle")
+    assert not stale.exists()
+
+
+def test_a_bundle_that_starts_after_what_the_importer_has_says_so(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "one.txt").write_text("1\n")
+    first = tmp_path / "first.bundle"
+    a("export", first)
+    b("import", first)
+    back = tmp_path / "back.bundle"
+    b("export", back)
+    a("import", back)  # a now knows b has its records up to here
+    (a.root / "two.txt").write_text("2\n")
+    a("scan")
+    # c, new, gets a bundle --since b: it lacks one.txt, which the bundle leaves out.
+    (tmp_path / "c").mkdir()
+    c = Rep("c", tmp_path / "c", tmp_path / "c.toml")
+    c("init", c.root, "--name", "c", "--tree-id", a.tree_id())
+    partial = tmp_path / "partial.bundle"
+    a("export", "--since", "b", partial)
+    proc = c("import", partial, check=False)
+    assert proc.returncode == 1 and "incomplete" in proc.stderr and "--since c" in proc.stderr
+    assert (c.root / "two.txt").exists() and not (c.root / "one.txt").exists()
+    full = tmp_path / "full.bundle"
+    a("export", full)
+    c("import", full)
+    assert (c.root / "one.txt").exists()
