@@ -27,6 +27,7 @@ import never marks as seen what it did not get.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import sqlite3
@@ -45,7 +46,7 @@ from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
 from ..protocol.record import Kind, Record
 from .applier import Applier, ApplyStats
-from .errors import ReplError, TreeMismatchError
+from .errors import ReplError, TreeMismatchError, UsageError
 from .replica import Replica
 from .scanner import ScanStats
 
@@ -123,15 +124,17 @@ def export(
     only, and a bundle without ``--since`` brings it."""
     out = out.absolute()
     if out.is_dir():
-        raise BundleError(f"{out} is a directory; give the bundle file's name")
+        raise UsageError(f"{out} is a directory; give the bundle file's name")
     if not out.parent.is_dir():
-        raise BundleError(f"{out.parent}: no such directory")
+        raise UsageError(f"{out.parent}: no such directory")
+    if out.exists() and not _is_bundle(out):
+        raise UsageError(f"{out} exists and is not a repld bundle; remove it or choose another")
     root = rep.root.resolve()
     if out.resolve().is_relative_to(root):
         # It would be recorded and replicated, the next bundle would carry this one, and so on.
-        raise BundleError(f"{out} is inside the replicated tree {root}; write it elsewhere")
+        raise UsageError(f"{out} is inside the replicated tree {root}; write it elsewhere")
     if out.resolve().is_relative_to(rep.cfg.state.resolve()):
-        raise BundleError(f"{out} is inside the replica's state directory; write it elsewhere")
+        raise UsageError(f"{out} is inside the replica's state directory; write it elsewhere")
     scanned = rep.scan() if scan else None
     store = rep.store
     _drop_stale_temps(out)
@@ -192,6 +195,14 @@ def export(
     return report
 
 
+def _is_bundle(path: Path) -> bool:
+    try:
+        with Bundle(path):
+            return True
+    except ReplError:
+        return False
+
+
 def _drop_stale_temps(out: Path) -> None:
     """Temporary files of exports to ``out`` that were killed (their process is gone)."""
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
@@ -217,7 +228,8 @@ def _export_records(
     for rec in rep.store.records_since(since):
         if rec.seq > upto:
             break
-        wanted = rec.kind is Kind.FILE and not rec.deleted and rec.modified_by != peer
+        wanted = (rec.kind is Kind.FILE and not rec.deleted and rec.size > 0
+                  and rec.modified_by != peer)  # fmt: skip
         if wanted and not _has_content(db, rec.sha256):
             try:
                 written = _export_content(rep.root, rec, db)
@@ -293,8 +305,10 @@ class Bundle:
 
     def __init__(self, path: Path):
         self.path = path
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; give a bundle file")
         if not path.is_file():
-            raise BundleError(f"{path}: no such file")
+            raise UsageError(f"{path}: no such file")
         try:
             self._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -366,6 +380,8 @@ class Bundle:
 
     def open(self, rec: Record) -> BinaryIO:
         """The content of ``rec`` (checked by the applier against the record's hash)."""
+        if rec.size == 0:
+            return io.BytesIO(b"")  # nothing to carry: an empty file's content is in its record
         if not self._query("SELECT 1 FROM content WHERE sha256 = ? LIMIT 1", (rec.sha256,)):
             raise ReplError(
                 f"{rec.path}: its content is not in the bundle {self.path} (left out as this "
@@ -478,6 +494,13 @@ def import_bundle(
     )
     report.stats = applier.apply(steps)
     report.steps = report.stats.done
+    report.stats.errors = [
+        # (The applier's words are for a file that changed since its scan: here it is the bundle.)
+        (path, f"its content in {bundle.path} does not match its record: the bundle is "
+               "damaged; export it again")  # fmt: skip
+        if why.startswith("content does not match its record") else (path, why)
+        for path, why in report.stats.errors
+    ]
     mark = store.peer_mark(bundle.replica_id)
     name = mark.name or bundle.name
     with store.transaction():

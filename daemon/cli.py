@@ -502,7 +502,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     except StoreBusy:
         # The daemon holds the database: it scans (the whole tree; it watches the rest anyway).
         cfg = configmod.load(args.config, need_root=False)
-        control.request(cfg, "accept-root" if args.accept_root else "rescan")
+        for given in args.paths:
+            if not os.path.lexists(Path(given) if Path(given).is_absolute() else Path.cwd() / given):
+                raise UsageError(f"{given}: no such file or directory") from None
+        _tree_paths(cfg.root, args.paths)  # outside the tree: a usage error, as without daemon
+        command = "accept-root" if args.accept_root else "rescan-full" if args.full else "rescan"
+        control.request(cfg, command)
+        status = control.request(cfg, "status")["status"]
+        whole = [e["error"] for e in status["errors"] if not e["path"]]
+        if status["state"] == "error" and whole and not args.accept_root:
+            raise ReplError(whole[0]) from None  # not the replica's root: nothing is scanned
         print("asked the running daemon to scan the tree; `repld status` shows when it is done")
         return 0
     with rep:
@@ -825,15 +834,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress.done()
     for path, why in report.left_out:
         print(f"left out: {escape(path)}: {why}", file=sys.stderr)
-    print(
-        f"{report.path}: {report.records} records of {report.name} (sequence {report.since + 1} "
-        f"to {report.upto}), {report.files} files ({_human(report.content_bytes)})"
-    )
+    if report.records:
+        print(
+            f"{report.path}: {report.records} records of {report.name} (sequence "
+            f"{report.since + 1} to {report.upto}), {report.files} files "
+            f"({_human(report.content_bytes)})"
+        )
+    else:
+        print(f"{report.path}: no changes of {report.name} after its sequence {report.since}")
     return 1 if report.left_out else 0
 
 
 def _since_peer(rep: Replica, name: str) -> tuple[int, str]:
     """How far PEER (a name here) has acknowledged this replica's records, and its replica id."""
+    if name == rep.cfg.name:
+        raise UsageError(f"--since {name}: that is this replica; name the one the bundle is for")
     marks = [m for m in rep.store.peer_marks() if m.name == name]
     if marks:
         m = max(marks, key=lambda m: m.last_sync_ns)

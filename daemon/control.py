@@ -30,8 +30,8 @@ from .errors import DaemonNotRunning, ReplError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "peers", "conflicts", "rescan", "accept-root", "pause", "resume",
-            "sync-now", "reload")
+COMMANDS = ("status", "peers", "conflicts", "rescan", "rescan-full", "accept-root", "pause",
+            "resume", "sync-now", "reload")
 MAX_REQUEST = 64 * 1024
 _UNIX_PATH_MAX = 107
 

@@ -1056,11 +1056,11 @@ class Node:
             return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (size, mtime_ns, mode)
         return kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == mode
 
-    def full_scan(self) -> None:
+    def full_scan(self, *, rehash: bool = False) -> None:
         if not self._root_ok():
             return
         self._applied.clear()
-        stats = self.rep.scan(paths=None, clean_temp=True)
+        stats = self.rep.scan(paths=None, clean_temp=True, rehash=rehash)
         every = self._full_scan_every()
         self._next_full_scan = None if every is None else self.clock() + every
         self._scan_done(stats)
@@ -1185,6 +1185,9 @@ class Node:
             if name == "rescan":
                 self._refresh_watches()
                 self.full_scan()
+            elif name == "rescan-full":  # `repld scan --full`: every file read again
+                self._refresh_watches()
+                self.full_scan(rehash=True)
             elif name == "accept-root":
                 self._accept_root()
             elif name == "pause":

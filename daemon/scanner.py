@@ -70,14 +70,22 @@ def hash_file_stat(path: str | Path) -> tuple[str, bytes, int, os.stat_result]:
     fd = os.open(path, _OPEN_FLAGS)
     try:
         bsize = MIN_BLOCK
+        before = os.fstat(fd)
         for _ in range(3):
             sha, blocks, size, bsize = _hash_fd(fd, bsize)
             st = os.fstat(fd)
-            if (want := block_size_for(size)) == bsize or not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
+                return sha, blocks, size, st
+            # Written to while it was read: the hash is of neither version. Recorded with the
+            # stat after reading, it would pass for the final content, and never be read again.
+            steady = (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (
+                before.st_size, before.st_mtime_ns, before.st_ctime_ns
+            )
+            if steady and block_size_for(size) == bsize:
                 return sha, blocks, size, st
             os.lseek(fd, 0, os.SEEK_SET)
-            bsize = want
-        raise OSError(errno.EAGAIN, "its size keeps changing while it is read")
+            bsize, before = block_size_for(size), st
+        raise OSError(errno.EAGAIN, "it keeps changing while it is read; read again later")
     finally:
         os.close(fd)
 

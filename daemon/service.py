@@ -216,6 +216,9 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
     before = control_request(cfg, "status")["status"].get("transfer", {})
     while True:
         status = control_request(cfg, "status")["status"]
+        whole = [e["error"] for e in status["errors"] if not e["path"]]
+        if status["state"] == "error" and whole:
+            raise ReplError(whole[0])  # the root is not the replica's: nothing will be applied
         peer = next(p for p in status["peers"] if p["name"] == peer_name)
         if peer["in_sync"]:
             after = status.get("transfer", {})

@@ -24,6 +24,8 @@ def records_in(out: str) -> int:
 def test_a_bundle_carries_the_tree_and_a_second_import_changes_nothing(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)
+    (a.root / "empty").rmdir()
+    (a.root / "empty").write_bytes(b"")  # a file of 0 bytes: no content to carry
     (a.root / "big.bin").write_bytes(os.urandom(3 * 2**20 + 123))  # several chunks in the bundle
     bundle = tmp_path / "a.bundle"
     a("export", bundle)
@@ -153,9 +155,9 @@ def test_bundles_that_do_not_belong_are_refused(tmp_path):
     proc = b("import", tmp_path / "a.toml", check=False)
     assert proc.returncode == 1 and "not a repld bundle" in proc.stderr
     proc = b("import", tmp_path / "missing.bundle", check=False)
-    assert proc.returncode == 1 and "no such file" in proc.stderr
+    assert proc.returncode == 2 and "no such file" in proc.stderr
     proc = a("export", a.root / "inside.bundle", check=False)
-    assert proc.returncode == 1 and "inside the replicated tree" in proc.stderr
+    assert proc.returncode == 2 and "inside the replicated tree" in proc.stderr
     assert not (a.root / "inside.bundle").exists()
     proc = a("export", "--since", "nobody", tmp_path / "x.bundle", check=False)
     assert proc.returncode == 2 and "nobody" in proc.stderr
@@ -235,10 +237,18 @@ def test_damaged_bundles_are_refused_without_a_traceback(tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (bad, proc.stderr)
         assert str(bad) in proc.stderr, proc.stderr
     assert not (b.root / "f.txt").exists()  # refused before anything was applied
-    proc = a("export", a.state / "x.bundle", check=False)
-    assert proc.returncode == 1 and "state directory" in proc.stderr
+    proc = a("export", a.state / "repld.db", check=False)  # its own database
+    assert proc.returncode == 2 and "not a repld bundle" in proc.stderr
+    assert "f.txt" in a("dump").stdout
+    proc = a("export", a.state / "new.bundle", check=False)
+    assert proc.returncode == 2 and "state directory" in proc.stderr
     proc = a("export", tmp_path / "no" / "such" / "dir.bundle", check=False)
-    assert proc.returncode == 1 and "no such directory" in proc.stderr
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
+    other = tmp_path / "notes.toml"
+    other.write_text("not a bundle\n")
+    proc = a("export", other, check=False)
+    assert proc.returncode == 2 and "is not a repld bundle" in proc.stderr
+    assert other.read_text() == "not a bundle\n"
     stale = tmp_path / ".again.bundle.tmp-999999999"  # a killed export's leftover
     stale.write_bytes(b"half")
     a("export", tmp_path / "again.bundle")

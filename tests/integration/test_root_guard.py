@@ -64,6 +64,11 @@ def test_the_daemon_stops_syncing_while_its_root_is_replaced_and_resumes_when_it
         assert any("not the directory this replica was made on" in e["error"]
                    for e in status["errors"])  # fmt: skip
         assert "\n  error: the root " in a("status").stdout  # said of the replica, not a path
+        for args in (("sync", "b"), ("scan",)):  # through the daemon: said at once, not a hang
+            proc = a(*args, check=False)
+            assert proc.returncode == 1 and "not the directory" in proc.stderr, (args, proc)
+        proc = a("scan", "/etc", check=False)
+        assert proc.returncode == 2 and "not inside the replicated tree" in proc.stderr
         (b.root / "from-b.txt").write_text("written while a's root was away\n")
         cluster.wait_until(
             lambda: (p := a.peer_status("b")) and p["need_files"] >= 1,

@@ -306,3 +306,31 @@ def test_hash_file_stat_block_sizes_and_fifo(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert stat.S_ISFIFO(hash_file_stat(fifo)[3].st_mode)
+
+
+def test_a_file_written_while_it_is_hashed_is_read_again(tmp_path, monkeypatch):
+    """Recorded with the stat taken after reading, a hash of half-old, half-new content would
+    pass for the final version and never be read again (found with a 50 MiB file rewritten
+    in place while the daemon hashed it)."""
+    from repld.daemon import scanner
+
+    f = tmp_path / "busy.bin"
+    f.write_bytes(b"a" * 300_000)
+    real = scanner._hash_fd
+    calls = []
+
+    def hash_then_write(fd: int, bsize: int):  # type: ignore[no-untyped-def]
+        out = real(fd, bsize)
+        if not calls:
+            with open(f, "r+b") as w:  # a writer, between our read and our fstat
+                w.seek(1000)
+                w.write(b"NEW")
+            os.utime(f, ns=(1, f.stat().st_mtime_ns + 10_000_000))
+        calls.append(out[0])
+        return out
+
+    monkeypatch.setattr(scanner, "_hash_fd", hash_then_write)
+    sha, _, size, st = hash_file_stat(f)
+    assert len(calls) == 2  # read again
+    assert sha == hashlib.sha256(f.read_bytes()).hexdigest() and size == 300_000
+    assert st.st_mtime_ns == f.stat().st_mtime_ns
