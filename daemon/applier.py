@@ -250,7 +250,13 @@ class Applier:
             self._error(step.path, str(e))
             return
         self._flush()
-        for again in self.replan(step):
+        again_steps = self.replan(step)
+        if not again_steps and step.source:
+            # A conflict copy with nothing planned again (its path holds something new, and the
+            # source's record is of another path): it is not written, and the step that settles
+            # its conflict must not go ahead (see _stage).
+            self._error(step.path, f"{e}; it will be synced next time")
+        for again in again_steps:
             if again.deferred and not self._removing:
                 self._deferred.append(again)
                 continue

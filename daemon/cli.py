@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.errors import ReplError
-from ..protocol.record import check_path, conflict_original, escape
+from ..protocol.record import check_path, escape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
-from .replica import Replica, init, list_conflicts, load_keys, open_replica
+from .replica import Replica, init, list_conflicts, load_keys, open_replica, original_of
 from .scanner import ScanStats
 
 log = logging.getLogger("repld")
@@ -668,13 +668,14 @@ def _tree_paths(root: Path, given: list[str]) -> list[str] | None:
     the current directory when that is inside the tree (as a shell user means it), else
     relative to the root; an absolute PATH must lie inside the tree."""
     root = root.absolute()
+    real = root.resolve()  # the current directory is a resolved path: compare like with like
     cwd = Path.cwd()
-    base = cwd if cwd == root or root in cwd.parents else root
+    base = cwd if cwd == real or real in cwd.parents else root
     out = []
     for g in given:
         full = Path(os.path.normpath(base / g))  # (an absolute g replaces base)
         try:
-            rel = full.relative_to(root).as_posix()
+            rel = full.relative_to(real if full.is_relative_to(real) else root).as_posix()
         except ValueError:
             raise UsageError(f"{g}: not inside the replicated tree {root}") from None
         if rel == ".":
@@ -722,8 +723,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     with open_replica(args.config) as rep:
         path = _rel_path(rep, args.path)
         rep.scan([path], clean_temp=True)
-        if conflict_original(path) is not None:
-            original, copies = conflict_original(path), [path]
+        if (of := original_of(rep.store, path)) is not None:
+            original, copies = of, [path]
         else:
             original = path
             copies = [r["copy"] for r in list_conflicts(rep.store) if r["path"] == path]

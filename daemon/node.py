@@ -799,7 +799,10 @@ class Node:
                 log.info(
                     "%s: session ended: %s", link.label, action.reason, extra={"PEER": link.label}
                 )
-            self._save_acks([link])
+            try:
+                self._save_acks([link])
+            except (ReplError, sqlite3.Error) as e:
+                log.warning("%s: could not write down its acknowledgement: %s", link.label, e)
             link.session = None
             if link.dealer is None:
                 self._end_session(link, action.reason)
@@ -946,7 +949,8 @@ class Node:
                 rec = remote.get(step.path) or remote.get(conflict_original(step.path) or "")
                 if rec is None:
                     return []
-                return plan_record(self.store.get(step.path), rec, replica=me, policy=policy,
+                # (For a conflict copy, rec is its original's record: planned at its own path.)
+                return plan_record(self.store.get(rec.path), rec, replica=me, policy=policy,
                                    local_lookup=self.store.get)  # fmt: skip
 
             applier = Applier(

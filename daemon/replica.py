@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..protocol.record import TEMP_PREFIX, conflict_original
+from ..protocol.record import (
+    CONFLICT_MARK,
+    NAME_MAX,
+    TEMP_PREFIX,
+    conflict_copy_path,
+    conflict_original,
+)
 from . import config as configmod
 from .config import Config
 from .errors import ConfigError, RootChanged, StoreError
@@ -355,6 +361,31 @@ def _home_ignore_rules(root: Path) -> bool:
     return True
 
 
+def original_of(store: Store, copy_path: str) -> str | None:
+    """The path a conflict copy is a copy of (None: not a copy). Its name says so, unless it
+    was shortened to fit a file name (see conflict_copy_path): then it is the record in the same
+    directory whose name begins with the shortened stem and whose copy, for the copy's version,
+    has exactly this name."""
+    original = conflict_original(copy_path)
+    if original is None:
+        return None
+    rec = store.get(original)
+    head, _, name = copy_path.rpartition("/")
+    shortened = len(name.encode("utf-8", "surrogateescape")) > NAME_MAX - 4
+    if (rec is not None and not rec.deleted) or not shortened:
+        return original
+    copy = store.get(copy_path)
+    if copy is None:
+        return original
+    stem = name[: name.rfind(CONFLICT_MARK)]
+    for r in store.children(head):
+        if r.deleted or r.path == copy_path or not r.path.rpartition("/")[2].startswith(stem):
+            continue
+        if conflict_copy_path(r.path, copy) == copy_path:
+            return r.path
+    return original
+
+
 def list_conflicts(store: Store) -> list[dict[str, Any]]:
     """Conflict copies that are still there, with the file each is a copy of."""
     rows = store.execute(
@@ -362,7 +393,7 @@ def list_conflicts(store: Store) -> list[dict[str, Any]]:
     ).fetchall()
     out = []
     for (copy_path,) in rows:
-        original = conflict_original(copy_path)
+        original = original_of(store, copy_path)
         rec = store.get(copy_path)
         if original is None or rec is None:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -162,6 +163,13 @@ def test_a_conflict_on_a_name_near_the_length_limit_keeps_both_edits(tmp_path):
         assert (r.root / copies[0]).read_text() == "edited on a, precious\n"
         assert (r.root / name).read_text() == "edited on b\n"
     assert snapshot(a.root) == snapshot(b.root)
+    # The shortened copy still names its original for `conflicts` and `resolve`.
+    listed = json.loads(a("conflicts", "--json").stdout)
+    assert [(c["path"], c["path_exists"]) for c in listed] == [(name, True)]
+    (copy,) = conflict_copies(a.root)
+    a("resolve", copy, "--keep", "remote")
+    assert (a.root / name).read_text() == "edited on a, precious\n"
+    assert conflict_copies(a.root) == [] and sorted(p.name for p in a.root.iterdir()) == [name]
 
 
 def test_a_conflict_whose_copy_cannot_be_written_is_left_for_the_next_sync(tmp_path, monkeypatch):
