@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 PAGE_RECORDS = 1000
 PAGE_BYTES = 4 << 20
 PING_EVERY = 2.0
+REWATCH_EVERY = 30.0  # seconds between attempts to watch again a root whose watch was lost
 ROOT_CHECK_EVERY = 2.0  # seconds between looks at the root: still the replica's own directory?
 ACKS_EVERY = 5.0  # seconds between writes of how far peers acknowledged our records
 COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lacks, as they change
@@ -202,6 +203,7 @@ class Node:
         self._acks_at = 0.0  # ...and of the last write of peers' acknowledgements
         self._root_error = ""  # why the root is not the replica's own directory, while it is not
         self._root_checked = 0.0
+        self._rewatched_at = -REWATCH_EVERY
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
         self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
@@ -385,6 +387,16 @@ class Node:
             # (The watch limit was told already, with its fix.)
             log.warning("%s; falling back to a full scan every %g s",
                         self.watcher.degraded, DEGRADED_SCAN_EVERY)  # fmt: skip
+
+    def _watch_lost(self, now: float) -> bool:
+        """The watcher stopped for a reason that may have passed (the root moved away and back,
+        replaced by a symlink meanwhile): worth starting again, once a REWATCH_EVERY. Not when
+        inotify is missing or the watch limit is reached: that lasts, and was said already."""
+        w = self.watcher
+        if not self.opts.watch or w is None or w.alive:
+            return False
+        lasting = w.degraded.startswith(("cannot use inotify", "inotify watch limit"))
+        return not lasting and now - self._rewatched_at >= REWATCH_EVERY
 
     def _rewatch(self) -> None:
         """Watches follow inodes: after the root was replaced or came back, watch it anew."""
@@ -1161,7 +1173,11 @@ class Node:
             return
         if now - self._root_checked >= ROOT_CHECK_EVERY:  # a stat; the loop wakes anyway
             self._root_checked = now
-            self._root_ok()
+            if self._root_ok() and self._watch_lost(now):
+                self._rewatched_at = now
+                log.warning("the watch on %s was lost; watching it again", self.cfg.root)
+                self._rewatch()
+                self.request_full_scan()
         if now - self._acks_at >= ACKS_EVERY:
             self._acks_at = now
             self._save_acks()
@@ -1293,6 +1309,7 @@ class Node:
                         s is not None
                         and s.in_sync
                         and self.state != "scanning"  # a change may be on its way
+                        and not self._root_error  # nothing is applied or scanned meanwhile
                         and not any(e.peer == p.name for e in self.errors.values())
                     ),  # fmt: skip
                     "error": errs[0] if errs else None,

@@ -148,7 +148,7 @@ class Replica(Rep):
     def status(self) -> dict[str, Any] | None:
         """The daemon's `status --json` (over its control socket), None if it does not answer."""
         try:
-            reply = control.request(configmod.load(self.config), "status", timeout=5.0)
+            reply = control.request(configmod.load(self.config, need_root=False), "status", timeout=5.0)
         except DaemonNotRunning:
             return None
         return reply["status"]  # type: ignore[no-any-return]

@@ -165,3 +165,25 @@ def test_a_replica_older_than_the_check_with_an_empty_root_is_refused(tmp_path):
     os.rmdir(a.root)
     os.rename(tmp_path / "a-real", a.root)
     assert "0 deleted" in a("scan").stdout
+
+
+def test_a_watch_lost_while_the_root_was_away_comes_back(tmp_path):
+    """Root moved away, a file and then a symlink in its place (watching a symlink fails), then
+    the directory back: same identity, so no error to recover from, but the watch must return."""
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        (a.root / "f.txt").write_text("f\n")
+        cluster.start()
+        cluster.wait_converged(what="initial sync")
+        aside = tmp_path / "a-aside"
+        os.rename(a.root, aside)
+        a.root.write_text("not a directory\n")
+        cluster.wait_until(lambda: a.status()["state"] == "error", what="a to see no directory")
+        a.root.unlink()
+        a.root.symlink_to(aside)
+        cluster.wait_until(lambda: not a.status()["watching"], what="the watch to fail")
+        a.root.unlink()
+        os.rename(aside, a.root)
+        cluster.wait_until(lambda: a.status()["watching"], what="a to watch again", timeout=45)
+        (a.root / "new.txt").write_text("seen by inotify\n")
+        cluster.wait_until(lambda: (b.root / "new.txt").exists(), what="the new file", timeout=10)
