@@ -199,7 +199,6 @@ class Applier:
         # small batch fsyncs their parents).
         self._made_dirs: set[str] = set()
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
-        self._failed: dict[str, str] = {}  # paths that failed in this apply, and why
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -275,7 +274,6 @@ class Applier:
         message = message.removeprefix(f"{path}: ")
         log.info("%s: %s", path, message)  # the caller shows it (the command line, the daemon)
         self.stats.errors.append((path, message))
-        self._failed[path] = message
 
     # -- paths and checks -----------------------------------------------------------------------
 
@@ -391,10 +389,10 @@ class Applier:
             # The losing version's copy first, for good: the step that settles the conflict
             # may replace the file it was taken from, or record the loser as seen.
             self._flush()
-            if copy.path in self._failed:
+            why = next((m for p, m in reversed(self.stats.errors) if p == copy.path), None)
+            if why is not None:
                 raise ReplError(
-                    f"left as it is: its conflict copy {copy.path} could not be written "
-                    f"({self._failed[copy.path]})"
+                    f"left as it is: its conflict copy {copy.path} could not be written ({why})"
                 )
         if step.op is Op.RECORD:
             self._batch.append(_Pending(step))

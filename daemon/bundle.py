@@ -42,11 +42,11 @@ import msgpack
 
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import record_from_wire, record_to_wire
-from ..protocol.plan import Op, Step, plan_pull, plan_record
-from ..protocol.reconcile import Policy
+from ..protocol.plan import Op, Step
 from ..protocol.record import Kind, Record
-from .applier import Applier, ApplyStats
+from .applier import ApplyStats
 from .errors import ReplError, TreeMismatchError, UsageError
+from .localsync import prefer_policy, pull_applier, pull_steps
 from .replica import Replica
 from .scanner import ScanStats
 
@@ -458,40 +458,16 @@ def import_bundle(
     had = store.peer_mark(bundle.replica_id).seen_seq
     if bundle.since > had:
         report.gap = (had, bundle.since)
-    policy = {None: Policy.KEEP_BOTH, "local": Policy.PREFER_LOCAL, "remote": Policy.PREFER_REMOTE}[
-        prefer
-    ]
+    policy = prefer_policy(prefer, into_left=True)  # (this replica is the sync's left side)
     me = store.replica_id
     with store.transaction(commit=False) if dry_run else nullcontext():
         report.scan = rep.scan(clean_temp=not dry_run)
-        ignore = rep.ignore()
-        steps = plan_pull(
-            store.get, bundle.records(), replica=me, policy=policy,
-            ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
-        )  # fmt: skip
+        steps = pull_steps(rep, bundle.records(), policy=policy)
         if dry_run:
             report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
             return report
-
-    def replan(step: Step) -> list[Step]:
-        rep.scan(paths=[step.path])
-        remote = bundle.get(step.path)
-        if remote is None:
-            return []
-        return plan_record(
-            store.get(step.path), remote, replica=me, policy=policy, local_lookup=store.get
-        )
-
-    applier = Applier(
-        store,
-        rep.root,
-        bundle.open,
-        via=f"bundle from {bundle.name}",
-        replan=replan,
-        keep_steps=verbose,
-        on_progress=progress,
-        check_root=lambda: rep.check_root(fast=True),
-    )
+    applier = pull_applier(rep, bundle.open, bundle.get, via=f"bundle from {bundle.name}",
+                           policy=policy, verbose=verbose, progress=progress)  # fmt: skip
     report.stats = applier.apply(steps)
     report.steps = report.stats.done
     report.stats.errors = [

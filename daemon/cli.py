@@ -502,23 +502,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
     except StoreBusy:
         # The daemon holds the database: it scans (the whole tree; it watches the rest anyway).
         cfg = configmod.load(args.config, need_root=False)
-        for given in args.paths:
-            if not os.path.lexists(Path(given) if Path(given).is_absolute() else Path.cwd() / given):
-                raise UsageError(f"{given}: no such file or directory") from None
-        _tree_paths(cfg.root, args.paths)  # outside the tree: a usage error, as without daemon
+        for given, path in zip(args.paths, _tree_paths(cfg.root, args.paths) or [], strict=False):
+            if not os.path.lexists(cfg.root / path):
+                raise UsageError(f"{given}: no such file or directory in {cfg.root}") from None
         command = "accept-root" if args.accept_root else "rescan-full" if args.full else "rescan"
         control.request(cfg, command)
         status = control.request(cfg, "status")["status"]
-        whole = [e["error"] for e in status["errors"] if not e["path"]]
+        whole = control.replica_error(status)
         if status["state"] == "error" and whole and not args.accept_root:
-            raise ReplError(whole[0]) from None  # not the replica's root: nothing is scanned
+            raise ReplError(whole) from None  # not the replica's root: nothing is scanned
         print("asked the running daemon to scan the tree; `repld status` shows when it is done")
         return 0
     with rep:
         paths = _tree_paths(rep.root, args.paths)
         for given, path in zip(args.paths, paths or [], strict=False):
             if not os.path.lexists(rep.root / path) and rep.store.get(path) is None:
-                raise UsageError(f"{given}: not in the tree {rep.root} (nothing there, nothing recorded)")
+                raise UsageError(
+                    f"{given}: not in the tree {rep.root} (nothing there, nothing recorded)"
+                )
         if args.accept_root:
             rep.check_root(accept=True)
         stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress,
@@ -554,8 +555,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     direction = Direction.PULL if args.pull_only else Direction.PUSH if args.push_only else Direction.BOTH
     progress = Progress("syncing")
     dry = args.dry_run
-    own = configmod.load(args.config, need_root=False).path
-    if target.resolve() == own.resolve():
+    if target.resolve() == _config_path(args).resolve():
         raise UsageError(f"{args.target} is this replica's own config; give another replica's")
     with open_replica(args.config, dry_run=dry) as left, open_replica(target, dry_run=dry) as right:
         paths = _tree_paths(left.root, args.paths)
@@ -689,15 +689,8 @@ def _tree_paths(root: Path, given: list[str]) -> list[str] | None:
 
 
 def _rel_path(rep: Replica, given: str) -> str:
-    """Accept a path relative to the root, or an absolute / cwd-relative path inside it."""
-    p = Path(given)
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p]
-    for c in candidates:
-        try:
-            return Path(os.path.normpath(c)).relative_to(rep.root).as_posix()
-        except ValueError:
-            pass
-    return given.strip("/")
+    """One PATH, taken as ``_tree_paths`` takes them ("" for the root itself)."""
+    return (_tree_paths(rep.root, [given]) or [""])[0]
 
 
 def cmd_conflicts(args: argparse.Namespace) -> int:
@@ -823,7 +816,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         scan = True
     except StoreBusy:
         # The daemon (or a sync) holds the write lock: export what it has recorded, unscanned.
-        rep = Replica(configmod.load(args.config), write=False)
+        rep = open_replica(args.config, write=False)
         scan = False
     with rep:
         since, peer = _since_peer(rep, args.since) if args.since else (0, "")

@@ -168,6 +168,12 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj).encode() + b"\n"
 
 
+def replica_error(status: dict[str, Any]) -> str | None:
+    """A status's error about the replica as a whole (its root), not about one path: the one
+    whose path is ""."""
+    return next((e["error"] for e in status["errors"] if not e["path"]), None)
+
+
 def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
     """Send one command to the daemon of ``cfg``'s replica; its reply."""
     path = control_path(cfg)

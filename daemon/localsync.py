@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -70,7 +70,7 @@ def _opener(replica: Replica) -> Callable[[Record], BinaryIO]:
     return fetch
 
 
-def _policy(prefer: str | None, into_left: bool) -> Policy:
+def prefer_policy(prefer: str | None, into_left: bool) -> Policy:
     if prefer is None:
         return Policy.KEEP_BOTH
     # "local" is the left replica (the one whose config runs the command).
@@ -122,9 +122,8 @@ def sync(
         if direction in (Direction.BOTH, Direction.PUSH):
             passes.append((right, left, False))
         for into, src, into_left in passes:
-            report.passes.append(
-                _pass(into, src, _policy(prefer, into_left), within, dry_run, verbose, progress)
-            )
+            policy = prefer_policy(prefer, into_left)
+            report.passes.append(_pass(into, src, policy, within, dry_run, verbose, progress))
     return report
 
 
@@ -145,6 +144,59 @@ def _not_nested(left: Replica, right: Replica) -> None:
             )
 
 
+def pull_steps(
+    into: Replica,
+    records: Iterable[Record],
+    *,
+    policy: Policy,
+    within: Callable[[str], bool] | None = None,
+) -> Iterator[Step]:
+    """The steps that bring ``into`` up to date with another replica's ``records`` (from a
+    replica here, a peer's page, a bundle): the shared planner, with what ``into`` ignores left
+    out."""
+    ignore = into.ignore()
+    return plan_pull(
+        into.store.get, records, replica=into.store.replica_id, policy=policy, within=within,
+        ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
+    )  # fmt: skip
+
+
+def pull_applier(
+    into: Replica,
+    fetch: Callable[[Record], BinaryIO],
+    source: Callable[[str], Record | None],
+    *,
+    via: str,
+    policy: Policy,
+    verbose: bool,
+    progress: Callable[[ApplyStats], None] | None,
+) -> Applier:
+    """The applier for ``pull_steps`` from a source whose records ``source`` looks up by path:
+    a local file that changed under it is scanned, and the source's record planned again."""
+    me = into.store.replica_id
+
+    def replan(step: Step) -> list[Step]:
+        into.scan(paths=[step.path])
+        remote = source(step.path)
+        if remote is None:
+            return []
+        return plan_record(
+            into.store.get(step.path), remote, replica=me, policy=policy,
+            local_lookup=into.store.get,
+        )  # fmt: skip
+
+    return Applier(
+        into.store,
+        into.root,
+        fetch,
+        via=via,
+        replan=replan,
+        keep_steps=verbose,
+        on_progress=progress,
+        check_root=into.check_root,
+    )
+
+
 def _pass(
     into: Replica,
     src: Replica,
@@ -155,7 +207,6 @@ def _pass(
     progress: Callable[[ApplyStats], None] | None,
 ) -> PassReport:
     report = PassReport(into=into.cfg.name)
-    me = into.store.replica_id
     mark = into.store.peer_mark(src.store.replica_id)
     top = src.store.seq
 
@@ -167,36 +218,12 @@ def _pass(
             yield from page
             seq = page[-1].seq
 
-    ignore = into.ignore()
-    steps = plan_pull(
-        into.store.get, remote_records(), replica=me, policy=policy, within=within,
-        ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
-    )  # fmt: skip
+    steps = pull_steps(into, remote_records(), policy=policy, within=within)
     if dry_run:
         report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
         return report
-
-    def replan(step: Step) -> list[Step]:
-        # The local file changed under us: record that change, then plan the remote record again.
-        into.scan(paths=[step.path])
-        remote = src.store.get(step.path)
-        if remote is None:
-            return []
-        return plan_record(
-            into.store.get(step.path), remote, replica=me, policy=policy,
-            local_lookup=into.store.get,
-        )  # fmt: skip
-
-    applier = Applier(
-        into.store,
-        into.root,
-        _opener(src),
-        via=src.cfg.name,
-        replan=replan,
-        keep_steps=verbose,
-        on_progress=progress,
-        check_root=lambda: into.check_root(fast=True),
-    )
+    applier = pull_applier(into, _opener(src), src.store.get, via=src.cfg.name, policy=policy,
+                           verbose=verbose, progress=progress)  # fmt: skip
     report.stats = applier.apply(steps)
     report.steps = report.stats.done
     if report.stats.stale_sources:

@@ -33,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..protocol import messages as wire
 from ..protocol.errors import ProtocolError
-from ..protocol.plan import Op, Step, plan_pull, plan_record
+from ..protocol.plan import Op, Step, plan_record
 from ..protocol.reconcile import Policy
 from ..protocol.record import Kind, Record, conflict_original
 from ..protocol.session import (
@@ -54,6 +54,7 @@ from .errors import ConfigError, ReplError, RootChanged
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
+from .localsync import pull_steps
 from .replica import Replica, list_conflicts, load_keys
 from .scanner import kind_of
 from .watcher import Watcher
@@ -231,8 +232,7 @@ class Node:
             if self.opts.only_peer is None or peer.name == self.opts.only_peer:
                 self._dial(peer)
         self.poller.register(self._wake_r, zmq.POLLIN)
-        if self.opts.watch:
-            self._start_watcher()
+        self._watch()
         self.state = "scanning"
         self.publish()
 
@@ -263,7 +263,7 @@ class Node:
             self._root_error = ""
             self.errors.pop("", None)
             self.state = "idle"
-            self._rewatch()
+            self._watch()
             self.request_full_scan()
         return True
 
@@ -278,7 +278,7 @@ class Node:
         had_error = bool(self._root_error)
         self._root_ok()  # (rewatches when the root was in error)
         if not had_error:
-            self._rewatch()
+            self._watch()
         self.full_scan()
 
     def _setup_auth(self) -> None:
@@ -340,10 +340,7 @@ class Node:
         self.poller.register(mon, zmq.POLLIN)
 
     def close(self) -> None:
-        try:
-            self._save_acks()
-        except (ReplError, sqlite3.Error) as e:
-            log.warning("could not write down peers' acknowledgements: %s", e)
+        self._save_acks()
         for link in self.links:
             if link.session is not None and link.established:
                 self._send_out(link, link.session.close("shutting down"))
@@ -377,7 +374,11 @@ class Node:
         self._refresh_watches()
         self.request_full_scan()
 
-    def _start_watcher(self) -> None:
+    def _watch(self) -> None:
+        """Start watching the root, or start again: watches follow inodes, so after the root
+        was replaced or came back they must be made anew."""
+        if not self.opts.watch:
+            return
         if self.watcher is not None:
             self.watcher.stop()
         self.watcher = Watcher(self.cfg.root, self._wake_w, exclude=(self.cfg.state,),
@@ -397,11 +398,6 @@ class Node:
             return False
         lasting = w.degraded.startswith(("cannot use inotify", "inotify watch limit"))
         return not lasting and now - self._rewatched_at >= REWATCH_EVERY
-
-    def _rewatch(self) -> None:
-        """Watches follow inodes: after the root was replaced or came back, watch it anew."""
-        if self.opts.watch:
-            self._start_watcher()
 
     def _refresh_watches(self) -> None:
         """New ignore rules for the watches, and another try at what could not be watched."""
@@ -746,10 +742,7 @@ class Node:
         return self._rid_by_name.get(name)
 
     def _end_session(self, link: PeerLink, reason: str) -> None:
-        try:
-            self._save_acks([link])
-        except (ReplError, sqlite3.Error) as e:
-            log.warning("%s: could not write down its acknowledgement: %s", link.label, e)
+        self._save_acks([link])
         if link.session is not None and link.session.state is not State.CLOSED:
             link.session.state = State.CLOSED
             link.session.close_reason = reason
@@ -811,10 +804,7 @@ class Node:
                 log.info(
                     "%s: session ended: %s", link.label, action.reason, extra={"PEER": link.label}
                 )
-            try:
-                self._save_acks([link])
-            except (ReplError, sqlite3.Error) as e:
-                log.warning("%s: could not write down its acknowledgement: %s", link.label, e)
+            self._save_acks([link])
             link.session = None
             if link.dealer is None:
                 self._end_session(link, action.reason)
@@ -930,15 +920,9 @@ class Node:
         # What planning and applying the page will ask of the store, in a few queries.
         self.store.read_ahead([r.path for r in page.records],
                               [r.sha256 for r in page.records if r.sha256])  # fmt: skip
-        ignore = self.rep.ignore()
-        steps = list(
-            plan_pull(
-                self.store.get, page.records, replica=me, policy=policy, within=self.opts.within,
-                ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
-            )
-        )  # fmt: skip
+        steps = list(pull_steps(self.rep, page.records, policy=policy, within=self.opts.within))
         ok = True
-        if not self.opts.dry_run and steps and not self._root_ok():
+        if not self.opts.dry_run and steps and self._root_error:
             ok = False  # asked for again once the root is back
         elif self.opts.dry_run:
             self.stats.dry_steps.extend(st for st in steps if st.op is not Op.RECORD)
@@ -972,7 +956,7 @@ class Node:
                 via=link.peer.name,
                 replan=replan,
                 keep_steps=True,
-                check_root=lambda: self.rep.check_root(fast=True),
+                check_root=self.rep.check_root,
             )
             root_lost = False
             try:
@@ -1041,7 +1025,7 @@ class Node:
     # -- scanning -------------------------------------------------------------------------------
 
     def scan(self, paths: list[str]) -> None:
-        if not paths or not self._root_ok():
+        if not paths or self._root_error:
             return
         # Said before, not after: hashing a big new file takes a while, and until its record
         # is committed, status must not say idle and in sync.
@@ -1049,6 +1033,9 @@ class Node:
         self.publish()
         try:
             stats = self.rep.scan(paths=paths, clean_temp=False)
+        except RootChanged:
+            self._root_ok()  # says why, and stops scanning and applying until it is back
+            return
         finally:
             if self.state == "scanning":
                 self.state = was
@@ -1073,10 +1060,14 @@ class Node:
         return kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == mode
 
     def full_scan(self, *, rehash: bool = False) -> None:
-        if not self._root_ok():
+        if self._root_error:
             return
         self._applied.clear()
-        stats = self.rep.scan(paths=None, clean_temp=True, rehash=rehash)
+        try:
+            stats = self.rep.scan(paths=None, clean_temp=True, rehash=rehash)
+        except RootChanged:
+            self._root_ok()
+            return
         every = self._full_scan_every()
         self._next_full_scan = None if every is None else self.clock() + every
         self._scan_done(stats)
@@ -1124,7 +1115,7 @@ class Node:
     def _save_acks(self, links: list[PeerLink] | None = None) -> None:
         """Write down how far each peer has acknowledged our records: a few seconds late at
         most, and at the end of a session. It only saves `repld export --since PEER` from
-        carrying what PEER has already."""
+        carrying what PEER has already, so a failure is logged, never raised."""
         moved = [
             (link, link.session)
             for link in (self.links if links is None else links)
@@ -1133,11 +1124,14 @@ class Node:
         ]  # fmt: skip
         if not moved:
             return
-        with self.store.transaction():
-            for link, s in moved:
-                assert s is not None and s.peer is not None
-                self.store.set_peer_mark(s.peer.replica_id, acked_seq=s.confirmed_upto)
-                link.acked_saved = s.confirmed_upto
+        try:
+            with self.store.transaction():
+                for link, s in moved:
+                    assert s is not None and s.peer is not None
+                    self.store.set_peer_mark(s.peer.replica_id, acked_seq=s.confirmed_upto)
+                    link.acked_saved = s.confirmed_upto
+        except (ReplError, sqlite3.Error) as e:
+            log.warning("could not write down how far peers have our records: %s", e)
 
     def _timers(self, quick: bool = False) -> None:
         now = self.clock()
@@ -1176,7 +1170,7 @@ class Node:
             if self._root_ok() and self._watch_lost(now):
                 self._rewatched_at = now
                 log.warning("the watch on %s was lost; watching it again", self.cfg.root)
-                self._rewatch()
+                self._watch()
                 self.request_full_scan()
         if now - self._acks_at >= ACKS_EVERY:
             self._acks_at = now

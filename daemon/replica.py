@@ -169,10 +169,10 @@ class Replica:
             stats = self.scanner(**kwargs).scan(paths)
             # Again before the scan commits: a root that went away during the walk made every
             # path not walked yet look deleted.
-            self.check_root(fast=True)
+            self.check_root()
         return stats
 
-    def check_root(self, *, accept: bool = False, fast: bool = False) -> None:
+    def check_root(self, *, accept: bool = False) -> None:
         """Raise ``RootChanged`` unless the root is the directory this replica was made on.
 
         What identifies it is its file system's id and its inode number (``ROOT_ID``), noted
@@ -184,9 +184,9 @@ class Replica:
         btrfs derive the id from the file system's UUID.) A root that is empty while files are
         recorded, when nothing was noted yet (a replica made before this check), is refused
         too: the same mistake, on that first run. (Later, an empty root is only a tree whose
-        files were all deleted, which happens.) ``accept`` takes the
-        directory there now as the root. ``fast``: only compare with the last check's result
-        (a stat and a statvfs; what the applier asks before each batch)."""
+        files were all deleted, which happens.) ``accept`` takes the directory there now as the
+        root. The same identity as at the last check costs a stat and a statvfs, no more: the
+        applier asks before each batch, the daemon every 2 s."""
         root = self.cfg.root
         try:
             st = os.stat(root)
@@ -199,7 +199,7 @@ class Replica:
         if not stat.S_ISDIR(st.st_mode):
             raise RootChanged(f"the root {root} is not a directory any more; nothing is synced")
         ident = f"{fsid:x}:{st.st_ino}"
-        if fast and ident == self._root_ident:
+        if ident == self._root_ident and not accept:
             return
         known = self.store.meta(ROOT_ID)
         if known is not None and ":" not in known and known == str(st.st_ino):
@@ -266,7 +266,7 @@ def open_replica(
 
 
 FS_CHECKED = "fs_checked"  # meta key: the file system the root was last probed on
-ROOT_ID = "root_id"  # meta key: the root directory's inode number (see Replica.check_root)
+ROOT_ID = "root_id"  # meta key: the root's file system id and inode (see Replica.check_root)
 
 
 def _check_file_system_once(rep: Replica) -> None:
@@ -279,7 +279,6 @@ def _check_file_system_once(rep: Replica) -> None:
         return
     check_file_system(rep.cfg.root)
     rep.store.set_meta(FS_CHECKED, key)
-
 
 
 def _fs_key(root: Path) -> str | None:

@@ -24,7 +24,7 @@ from ..protocol.record import subtree_filter
 from ..protocol.session import State
 from . import config as configmod
 from . import systemd
-from .control import ControlServer, control_path
+from .control import ControlServer, control_path, replica_error
 from .control import request as control_request
 from .errors import DaemonNotRunning, ReplError, UsageError
 from .node import Node, Options
@@ -216,9 +216,9 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
     before = control_request(cfg, "status")["status"].get("transfer", {})
     while True:
         status = control_request(cfg, "status")["status"]
-        whole = [e["error"] for e in status["errors"] if not e["path"]]
+        whole = replica_error(status)
         if status["state"] == "error" and whole:
-            raise ReplError(whole[0])  # the root is not the replica's: nothing will be applied
+            raise ReplError(whole)  # the root is not the replica's: nothing will be applied
         peer = next(p for p in status["peers"] if p["name"] == peer_name)
         if peer["in_sync"]:
             after = status.get("transfer", {})

@@ -13,6 +13,8 @@ import socket
 import time
 from typing import Any
 
+from .control import replica_error
+
 try:  # optional: the daemon runs without it
     from systemd import daemon as _sd_daemon
     from systemd import journal as _sd_journal
@@ -90,9 +92,9 @@ def status_line(st: dict[str, Any]) -> str:
     """One line for `systemctl status`: what the daemon does, and how the peers are."""
     peers = st["peers"]
     up = [p for p in peers if p["connected"]]
-    whole = [e["error"] for e in st["errors"] if not e["path"]]  # about the replica as a whole
+    whole = replica_error(st)
     if st["state"] == "error" and whole:
-        head = "error: " + whole[0].split(":")[0]  # e.g. "the root /media/usb/home is not there"
+        head = "error: " + whole.split(":")[0]  # e.g. "the root /media/usb/home is not there"
     elif st["state"] in ("starting", "scanning", "paused", "error"):
         head = st["state"]
     else:
