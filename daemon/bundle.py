@@ -458,7 +458,8 @@ def import_bundle(
     had = store.peer_mark(bundle.replica_id).seen_seq
     if bundle.since > had:
         report.gap = (had, bundle.since)
-    policy = prefer_policy(prefer, into_left=True)  # (this replica is the sync's left side)
+    # (This replica is the sync's left side.)
+    policy = prefer_policy(prefer, into_left=True, default=rep.cfg.conflict_policy)
     me = store.replica_id
     with store.transaction(commit=False) if dry_run else nullcontext():
         report.scan = rep.scan(clean_temp=not dry_run)

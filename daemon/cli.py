@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pull-only", action="store_true", help="change only this replica")
     d.add_argument("--push-only", action="store_true", help="change only the target replica")
     c.add_argument("--prefer", choices=["local", "remote"],
-                   help="settle conflicts for this side (local) or the target (remote)")  # fmt: skip
+                   help="settle conflicts for this side (local) or the target (remote); "
+                        "without it, each side's conflict_policy applies")  # fmt: skip
     c.add_argument("-v", "--verbose", action="store_true", help="print each action")
     c.add_argument("paths", nargs="*", metavar="PATH")
 
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", type=Path, metavar="FILE")
     c.add_argument("-n", "--dry-run", action="store_true", help="print the plan, change nothing")
     c.add_argument("--prefer", choices=["local", "remote"],
-                   help="settle conflicts for this replica (local) or the bundle's (remote)")  # fmt: skip
+                   help="settle conflicts for this replica (local) or the bundle's (remote); "
+                        "without it, the config's conflict_policy applies")  # fmt: skip
     c.add_argument("-v", "--verbose", action="store_true", help="print each action")
     return p
 

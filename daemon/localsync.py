@@ -70,9 +70,11 @@ def _opener(replica: Replica) -> Callable[[Record], BinaryIO]:
     return fetch
 
 
-def prefer_policy(prefer: str | None, into_left: bool) -> Policy:
+def prefer_policy(prefer: str | None, into_left: bool, default: Policy) -> Policy:
+    """The policy of a pass into one side: ``--prefer`` if given, else ``default``, the
+    ``conflict_policy`` of the replica that changes (as its daemon would use it)."""
     if prefer is None:
-        return Policy.KEEP_BOTH
+        return default
     # "local" is the left replica (the one whose config runs the command).
     left_wins = prefer == "local"
     return Policy.PREFER_LOCAL if left_wins == into_left else Policy.PREFER_REMOTE
@@ -122,7 +124,7 @@ def sync(
         if direction in (Direction.BOTH, Direction.PUSH):
             passes.append((right, left, False))
         for into, src, into_left in passes:
-            policy = prefer_policy(prefer, into_left)
+            policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
             report.passes.append(_pass(into, src, policy, within, dry_run, verbose, progress))
     return report
 

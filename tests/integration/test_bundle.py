@@ -12,7 +12,7 @@ from daemons import Cluster
 from helpers import Rep, conflict_copies, files_bytes, make_replicas, snapshot
 from repld.daemon.store import Store
 from repld.protocol.messages import record_from_wire, record_to_wire
-from test_sync import newer, populate
+from test_sync import newer, populate, set_policy
 
 
 def records_in(out: str) -> int:
@@ -87,6 +87,23 @@ def test_bundles_both_ways_settle_edits_deletes_and_conflicts_like_a_sync(tmp_pa
         out = dst("import", again).stdout
         assert "0 files written" in out and "0 conflicts" in out and "0 deleted" in out
     assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_an_import_settles_conflicts_by_the_importers_conflict_policy(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f.txt").write_text("v0\n")
+    first = tmp_path / "first.bundle"
+    a("export", first)
+    b("import", first)
+    (a.root / "f.txt").write_text("a's newer edit\n")
+    (b.root / "f.txt").write_text("b's older edit\n")
+    newer(a.root / "f.txt", than=b.root / "f.txt")
+    set_policy(b, "newest")
+    to_b = tmp_path / "to-b.bundle"
+    a("export", to_b)
+    b("import", to_b)
+    assert (b.root / "f.txt").read_text() == "a's newer edit\n"
+    assert conflict_copies(b.root) == []
 
 
 def test_export_since_a_peer_leaves_out_what_its_bundles_showed_it_has(tmp_path):

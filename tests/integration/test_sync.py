@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -313,6 +314,42 @@ def test_prefer_local_settles_without_copy_and_third_replica_follows(tmp_path):
     c.sync(b)
     assert (c.root / "f.txt").read_text() == "a wins\n"
     assert conflict_copies(c.root) == []
+
+
+def set_policy(rep, policy: str) -> None:
+    text, n = re.subn(r"(?m)^conflict_policy = .*$", f'conflict_policy = "{policy}"',
+                      rep.config.read_text())  # fmt: skip
+    assert n == 1
+    rep.config.write_text(text)
+
+
+def test_the_changing_sides_conflict_policy_applies_without_prefer(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f.txt").write_text("v0\n")
+    (a.root / "g.txt").write_text("v0\n")
+    a.sync(b)
+    (a.root / "f.txt").write_text("older edit on a\n")
+    (b.root / "f.txt").write_text("newer edit on b\n")
+    newer(b.root / "f.txt", than=a.root / "f.txt")
+    set_policy(a, "newest")  # the pass into a settles it: b's newer edit, no copy
+    a.sync(b)
+    assert (a.root / "f.txt").read_text() == (b.root / "f.txt").read_text() == "newer edit on b\n"
+    assert conflict_copies(a.root) == conflict_copies(b.root) == []
+
+    (a.root / "g.txt").write_text("a's edit\n")
+    (b.root / "g.txt").write_text("b's newer edit\n")
+    newer(b.root / "g.txt", than=a.root / "g.txt")
+    set_policy(a, "keep-both")
+    set_policy(b, "prefer-local")  # b's own edit wins when b is the side that changes
+    b.sync(a)  # b's config runs it: the pass into b comes first
+    assert (a.root / "g.txt").read_text() == (b.root / "g.txt").read_text() == "b's newer edit\n"
+    assert conflict_copies(a.root) == conflict_copies(b.root) == []
+    # --prefer still overrides the config.
+    (a.root / "g.txt").write_text("a again\n")
+    (b.root / "g.txt").write_text("b again\n")
+    b.sync(a, "--prefer", "remote")
+    assert (a.root / "g.txt").read_text() == (b.root / "g.txt").read_text() == "a again\n"
+    assert conflict_copies(a.root) == conflict_copies(b.root) == []
 
 
 def test_delete_against_modify_keeps_modification(tmp_path):
