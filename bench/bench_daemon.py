@@ -13,6 +13,8 @@ Cases (replica A populated, replica B empty at the start of 1 and 2):
    that content; B's file is read every ~1 ms; p50 and p95 over 20 writes (plus one unmeasured
    warm-up write that creates the file). Daemons only.
 
+Right before a launch or a one-shot command, every file of A is read once, untimed
+(``common.warm_tree``: these virtual machines page out page-cache pages idle for ~2 s).
 Daemons (Syncthing, repld) are started on both replicas at once; for case 1 and 2 the time runs
 from that launch until B is found identical to A *on disk*: the script never asks the tool
 whether it is done. A poll (every 50 ms) stats the files of A that B does not have yet, hashes
@@ -97,6 +99,7 @@ from common import (
     indent,
     problems_section,
     tail,
+    warm_tree,
 )
 
 TOOLS = ("syncthing", "rsync", "unison", "repld")
@@ -772,6 +775,7 @@ class Bench:
         def sync(case: str, a: Path, b: Path, expected: dict[str, tuple[int, bytes]]) -> None:
             flush_fs()
             busy = quiet_machine(self.r)
+            warm_tree(a)  # last: see warm_tree
             foreign = Foreign()
             row = self.one_shot_row(case, tool, self.r.run(cmd(a, b), env=env), b, expected)
             row.elsewhere = foreign.cpus()
@@ -833,7 +837,7 @@ class Bench:
         try:
             a, b, base = self.replica_pair(f"{tool}-small", t.small)
             session = start_pair(a, b, base)
-            self.initial(tool, session, b, t.small_expected, self.case1())
+            self.initial(tool, session, a, b, t.small_expected, self.case1())
             cases.pop(0)
 
             unsettled = settle(session.daemons, self.r, session.idle)
@@ -879,7 +883,7 @@ class Bench:
         try:
             a, b, base = self.replica_pair(f"{tool}-large", t.large)
             session = start_pair(a, b, base)
-            self.initial(tool, session, b, t.large_expected, self.case2())
+            self.initial(tool, session, a, b, t.large_expected, self.case2())
         except BenchError as e:
             self.fail(tool, [self.case2()], e)
         finally:
@@ -891,12 +895,14 @@ class Bench:
         self,
         tool: str,
         session: Session,
+        a: Path,
         b: Path,
         expected: dict[str, tuple[int, bytes]],
         case: str,
     ) -> None:
         flush_fs()
         busy = quiet_machine(self.r)
+        warm_tree(a)  # last before the launch: see warm_tree (not later: a watcher would hear it)
         foreign = Foreign()
         start = session.launch()
         done = self.converge(case, b, expected, session.ignore, session.daemons, INITIAL_TIMEOUT_S)

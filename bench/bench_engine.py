@@ -16,9 +16,13 @@ d. A one-shot ``repld sync`` of a 10k-file tree into an empty replica against ``
    wrote, so ``cp -a && sync`` is its like-for-like comparison; ``cp -a`` and ``rsync -a`` only
    fill the page cache.
 
-Everything runs hot: the trees were just written, and ``sync`` runs before every measurement
-(plus after deleting the previous tool's target) so one run's write-back does not land in the
-next one's timing.
+Everything runs hot: ``sync`` runs before every measurement (plus after deleting the previous
+tool's target) so one run's write-back does not land in the next one's timing, and then every
+file of the tree the command reads is read once, untimed, right before it starts. A tree written
+or read a few seconds earlier is not enough: the virtual machines this was written on page out
+page-cache pages left untouched for about two seconds (DAMON proactive reclaim, see
+``/sys/kernel/mm/damon``), so whichever tool ran right after another one read the same tree got
+a hot cache and the one after a pause a half-cold one.
 
 Why a loop device: the root file system of the machines this was written on is ext4 *without a
 journal*; there, creating many files after deleting many is ~10x slower and erratic, which would
@@ -63,6 +67,7 @@ from common import (
     problems_section,
     q,
     tail,
+    warm_tree,
 )
 
 SCAN_TARGET_S = 2.0
@@ -138,8 +143,10 @@ class Bench:
         return [str(self.repld), "--config", str(config), *args]
 
     def measure(self, case: str, tool: str, cmd: Sequence[str], *, reference: bool = False,
-                env: dict[str, str] | None = None) -> Row:  # fmt: skip
+                env: dict[str, str] | None = None, warm: Path | None = None) -> Row:  # fmt: skip
         flush_fs()
+        if warm is not None:
+            self.warm(warm)  # last, just before the command: see the module's docstring
         self.r.note(f"{case}: {tool} ...")
         run = self.r.run(cmd, env=env)
         row = Row(case, tool, run.seconds, run.rss_mib, reference, stdout=run.stdout)
@@ -167,7 +174,7 @@ class Bench:
 
     def warm(self, tree: Path) -> None:
         """An untimed read of every file, so every tool starts from the same hot cache."""
-        self.r.shell(f"find {q(tree)} -type f -print0 | xargs -0 cat > /dev/null")
+        warm_tree(tree)
 
     # -- cases
 
@@ -193,15 +200,15 @@ class Bench:
     def case_init_and_scan(self, tree: TreeInfo) -> None:
         n = len(tree.files)
         label = _count(n)
-        self.warm(tree.root)
         case = f"a. first scan, {label} files"
         ref = self.measure(case, "find | xargs sha256sum",
                            ["sh", "-c", f"find {q(tree.root)} -type f -print0 "
                                         f"| xargs -0 sha256sum > /dev/null"],
-                           reference=True)  # fmt: skip
+                           reference=True, warm=tree.root)  # fmt: skip
         config = self.cfg_dir / "scan.toml"
         row = self.measure(case, "repld init", self.repld_cmd(config, "init", str(tree.root),
-                                                              "--name", "scan"))  # fmt: skip
+                                                              "--name", "scan"),
+                           warm=tree.root)  # fmt: skip
         ratio = row.seconds / ref.seconds
         row.notes.append(f"{n / row.seconds:,.0f} files/s; target <= {INIT_TARGET_RATIO:g}x: "
                          + ("met" if ratio <= INIT_TARGET_RATIO else "**missed**"))  # fmt: skip
@@ -209,8 +216,8 @@ class Bench:
         case = f"b. rescan, nothing changed, {label} files"
         self.measure(case, "find -printf (stat each)",
                      ["sh", "-c", f"find {q(tree.root)} -printf '%s %T@\\n' > /dev/null"],
-                     reference=True)  # fmt: skip
-        row = self.measure(case, "repld scan", self.repld_cmd(config, "scan"))
+                     reference=True, warm=tree.root)  # fmt: skip
+        row = self.measure(case, "repld scan", self.repld_cmd(config, "scan"), warm=tree.root)
         events = _summary(row.stdout)
         row.notes.append(f"target < {SCAN_TARGET_S:g} s: "
                          + ("met" if row.seconds < SCAN_TARGET_S else "**missed**"))  # fmt: skip
@@ -220,7 +227,7 @@ class Bench:
 
         touched, appended = change_some(tree, 0.01, self.seed + 3)
         case = f"c. rescan, 1% changed ({touched} touched, {appended} appended)"
-        row = self.measure(case, "repld scan", self.repld_cmd(config, "scan"))
+        row = self.measure(case, "repld scan", self.repld_cmd(config, "scan"), warm=tree.root)
         row.notes.append(_summary(row.stdout))
 
     def sync_repld(self, case: str, tree: TreeInfo, tag: str) -> Row:
@@ -233,23 +240,24 @@ class Bench:
         dst.mkdir()
         self.r.untimed(self.repld_cmd(b_cfg, "init", str(dst), "--name", "b",
                                       "--tree-id", tree_id))  # fmt: skip
-        row = self.measure(case, "repld sync", self.repld_cmd(a_cfg, "sync", str(b_cfg)))
+        row = self.measure(case, "repld sync", self.repld_cmd(a_cfg, "sync", str(b_cfg)),
+                           warm=tree.root)  # fmt: skip
         self.verify(tree.root, dst, "repld sync", row)
         # A second sync with nothing to do: cheap, and worth knowing.
         again = self.measure(f"{case} (again, nothing to do)", "repld sync",
-                             self.repld_cmd(a_cfg, "sync", str(b_cfg)))  # fmt: skip
+                             self.repld_cmd(a_cfg, "sync", str(b_cfg)), warm=tree.root)  # fmt: skip
         again.notes.append("both sides rescanned")
         return row
 
     def compare(self, case: str, tree: TreeInfo, tool: str, script: str, dst: Path, *,
                 reference: bool = False, env: dict[str, str] | None = None) -> Row:  # fmt: skip
-        row = self.measure(case, tool, ["sh", "-c", script], reference=reference, env=env)
+        row = self.measure(case, tool, ["sh", "-c", script], reference=reference, env=env,
+                           warm=tree.root)  # fmt: skip
         self.verify(tree.root, dst, tool, row)
         return row
 
     def case_sync_small(self, tree: TreeInfo) -> None:
         case = f"d. sync {_count(len(tree.files))} files into empty replica"
-        self.warm(tree.root)
         rows = [self.sync_repld(case, tree, "small")]
         src = tree.root
         dst = self.fresh_target("cp")
@@ -276,7 +284,6 @@ class Bench:
     def case_sync_large(self, tree: TreeInfo) -> None:
         s = self.sizes
         case = f"e. sync {s.large_count} x {s.large_size / MIB:g} MiB into empty replica"
-        self.warm(tree.root)
         rows = [self.sync_repld(case, tree, "large")]
         src = tree.root
         dst = self.fresh_target("cp-sync")
