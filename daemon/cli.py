@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -951,7 +952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else "repld: %(levelname)s: %(message)s",
     )
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a full disk or a closed pipe can still be reported
+        return code
     except ConfigError as e:
         print(f"repld: config error: {e}", file=sys.stderr)
         return 2
@@ -962,7 +965,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("repld: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _quiet_stdout()
         return 1
+    except OSError as e:
+        if args.debug:
+            raise
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG):
+            # Writing the output failed (`repld dump > /dev/full`).
+            _quiet_stdout()
+            print(f"repld: cannot write the output: {e.strerror}", file=sys.stderr)
+        else:
+            print(f"repld: {e}", file=sys.stderr)
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush of what could not be
+    written does not print a second error at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

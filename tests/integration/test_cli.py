@@ -258,3 +258,20 @@ def test_prune_says_how_many_tombstones_are_kept_and_that_it_drops_none(tmp_path
     assert "not available yet" in proc.stdout
     kept = [ln.split()[0] for ln in a("dump").stdout.splitlines() if not ln.startswith("#")]
     assert sorted(kept) == ["f0", "f1", "f2"]  # the tombstones are still there
+
+
+def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    (a.root / "f.txt").write_text("x\n")
+    a("scan")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*REPLD, "--config", str(a.config), "dump"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert "cannot write the output: No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # A reader that stops early (`| head -1`) is no error worth a message.
+    proc = subprocess.run(f"{shlex.join([*REPLD, '--config', str(a.config)])} "
+                          "dump | head -c 1 > /dev/null; echo ${PIPESTATUS[0]}", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.stderr == ""
