@@ -122,7 +122,12 @@ def reconcile(
     else:
         local_wins = _winner_key(local) > _winner_key(remote)
         winner_side = Side.LOCAL if local_wins else Side.REMOTE
-        reason = "newer modification" if local.mtime_ns != remote.mtime_ns else "tie broken by id"
+        if has_dir:
+            reason = "a directory stays: it may hold files"
+        elif local.mtime_ns != remote.mtime_ns:
+            reason = "newer modification"
+        else:
+            reason = "tie broken by id"
     winner, loser = (local, remote) if winner_side is Side.LOCAL else (remote, local)
 
     chosen = policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and not has_dir
@@ -130,7 +135,9 @@ def reconcile(
     result = winner.with_(version=version, action=Action.UPDATE)
     if chosen:
         result = result.with_(modified_by=replica, origin_seq=0)
-    keep = policy is Policy.KEEP_BOTH or (has_dir and policy is not Policy.NEWEST)
+    # A file or symlink that loses to a directory is kept whatever the policy: the directory
+    # did not win by being newer, and "newest" must not drop a newer edit.
+    keep = policy is Policy.KEEP_BOTH or has_dir
     copy = conflict_copy_record(loser, local.path) if keep else None
     conflict = Conflict(local.path, winner_side, winner, loser, copy, reason)
     return Resolution(order, result, conflict, note=reason)

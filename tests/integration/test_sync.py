@@ -352,6 +352,22 @@ def test_the_changing_sides_conflict_policy_applies_without_prefer(tmp_path):
     assert conflict_copies(a.root) == conflict_copies(b.root) == []
 
 
+def test_newest_never_drops_a_newer_edit_for_an_older_directory(tmp_path):
+    h, u = make_replicas(tmp_path, "h", "u")
+    (h.root / "t3").write_text("orig\n")
+    set_policy(h, "newest")
+    h.sync(u)
+    (h.root / "t3").unlink()
+    (h.root / "t3").mkdir()
+    (u.root / "t3").write_text("newer precious edit\n")
+    newer(u.root / "t3", than=h.root / "t3")
+    h.sync(u)
+    assert snapshot(h.root) == snapshot(u.root)
+    assert (h.root / "t3").is_dir()
+    (copy,) = conflict_copies(h.root)
+    assert (h.root / copy).read_text() == "newer precious edit\n"
+
+
 def test_delete_against_modify_keeps_modification(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "keep.txt").write_text("v1\n")

@@ -149,6 +149,17 @@ def test_newest_policy_drops_loser_deterministically():
     assert res.result == reconcile(b, a, replica=B, policy=Policy.NEWEST).result
 
 
+@pytest.mark.parametrize("policy", list(Policy))
+def test_a_newer_file_that_loses_to_a_directory_is_kept_under_every_policy(policy):
+    older_dir = rec({A: 2}, kind=Kind.DIR, mtime=100)
+    newer_file = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=900)
+    for local, remote, me in ((older_dir, newer_file, A), (newer_file, older_dir, B)):
+        res = reconcile(local, remote, replica=me, policy=policy)
+        assert res.result.kind is Kind.DIR
+        assert res.conflict.copy is not None and res.conflict.copy.sha256 == SHA2
+        assert "newer" not in res.conflict.reason  # the directory is the older one
+
+
 def test_equal_versions_with_different_content_are_a_conflict():
     a, b = rec({A: 1}, sha=SHA1), rec({A: 1}, sha=SHA2, mtime=200)
     res = reconcile(a, b, replica=A)
