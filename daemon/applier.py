@@ -30,7 +30,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
@@ -106,6 +106,15 @@ class ApplyStats:
     # Files of the source (the other replica, the peer) whose content did not match their
     # records: the source's next scan must read them again, whatever their stat says.
     stale_sources: list[str] = field(default_factory=list)
+
+    def merge(self, other: ApplyStats) -> None:
+        """Add ``other``'s counts and lists to these (two applies reported as one)."""
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            if isinstance(mine, list):
+                mine.extend(getattr(other, f.name))
+            else:
+                setattr(self, f.name, mine + getattr(other, f.name))
 
 
 _Failed = list[tuple["_Pending", OSError]]

@@ -46,7 +46,7 @@ from ..protocol.plan import Op, Step
 from ..protocol.record import Kind, Record
 from .applier import ApplyStats
 from .errors import ReplError, TreeMismatchError, UsageError
-from .localsync import prefer_policy, pull_applier, pull_steps
+from .localsync import prefer_policy, pull_applier, pull_steps, rules_widened
 from .replica import Replica
 from .scanner import ScanStats
 
@@ -463,6 +463,7 @@ def import_bundle(
     me = store.replica_id
     with store.transaction(commit=False) if dry_run else nullcontext():
         report.scan = rep.scan(clean_temp=not dry_run)
+        rep.rules_widened = False  # (the scan forgot the marks already)
         steps = pull_steps(rep, bundle.records(), policy=policy)
         if dry_run:
             report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
@@ -470,6 +471,12 @@ def import_bundle(
     applier = pull_applier(rep, bundle.open, bundle.get, via=f"bundle from {bundle.name}",
                            policy=policy, verbose=verbose, progress=progress)  # fmt: skip
     report.stats = applier.apply(steps)
+    if rules_widened(rep):
+        # The bundle brought ignore rules that let through paths whose records were skipped
+        # under the old ones: once more (what is here already merges as equal).
+        applier = pull_applier(rep, bundle.open, bundle.get, via=f"bundle from {bundle.name}",
+                               policy=policy, verbose=verbose, progress=progress)  # fmt: skip
+        report.stats.merge(applier.apply(pull_steps(rep, bundle.records(), policy=policy)))
     report.steps = report.stats.done
     report.stats.errors = [
         # (The applier's words are for a file that changed since its scan: here it is the bundle.)

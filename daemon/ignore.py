@@ -30,6 +30,9 @@ class Ignore:
         except (OSError, UnicodeDecodeError) as e:
             log.warning("cannot read %s: %s; its rules are not applied", root / IGNORE_FILE, e)
         self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
+        # The rules themselves, as a replica notes them to see when they change (see
+        # Replica.ignore): no blank lines, no comments.
+        self.rules = [r for line in lines if (r := line.rstrip()) and not r.startswith("#")]
         self.fixed: set[str] = set()
         root_abs = root.resolve()
         for p in exclude:
@@ -41,6 +44,14 @@ class Ignore:
                 self.fixed.add(rel.as_posix())
         self.empty = not lines and not self.fixed
         self._dirs: dict[str, bool] = {}  # directories: whether they or one above is ignored
+
+    def may_show_more_than(self, before: list[str]) -> bool:
+        """Whether these rules may let through a path that the rules ``before`` ignored: unless
+        they are ``before`` (in the same order) with rules added, none of them a negation
+        ("!..."), they may. (An added rule that is not a negation only ignores more.)"""
+        old = set(before)
+        kept = [r for r in self.rules if r in old]
+        return kept != before or any(r.startswith("!") for r in self.rules if r not in old)
 
     def __call__(self, path: str, is_dir: bool) -> bool:
         """True if ``path`` (relative, '/'-separated) is ignored."""

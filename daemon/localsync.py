@@ -123,10 +123,28 @@ def sync(
             passes.append((left, right, True))
         if direction in (Direction.BOTH, Direction.PUSH):
             passes.append((right, left, False))
+        for rep in (left, right):
+            rep.rules_widened = False  # (the scan forgot the marks already: the passes see it)
         for into, src, into_left in passes:
             policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
-            report.passes.append(_pass(into, src, policy, within, dry_run, verbose, progress))
+            done = _pass(into, src, policy, within, dry_run, verbose, progress)
+            if not dry_run and rules_widened(into):
+                # The pass brought ignore rules that let through paths whose records it
+                # skipped under the old ones: once more, from the first record.
+                again = _pass(into, src, policy, within, dry_run, verbose, progress)
+                done.steps += again.steps
+                done.stats.merge(again.stats)
+            report.passes.append(done)
     return report
+
+
+def rules_widened(rep: Replica) -> bool:
+    """Whether ``rep``'s ignore rules changed since it last looked (a sync or an import wrote
+    ROOT/.repldignore) so that what they ignored may pass now; then every peer's records are
+    asked for again (the marks are forgotten: see Replica.ignore)."""
+    rep.ignore()
+    widened, rep.rules_widened = rep.rules_widened, False
+    return widened
 
 
 def _not_nested(left: Replica, right: Replica) -> None:

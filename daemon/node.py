@@ -475,6 +475,8 @@ class Node:
                     self.full_scan()
                 else:
                     self.scan([p for p in paths if not self._our_echo(p)])
+        if self.rep.rules_widened:
+            self._ask_again()
         self._timers()
         self._send_pages()
         self.publish()
@@ -730,6 +732,24 @@ class Node:
         link.last_hello = self.clock()
         link.session = self._new_session(link, replica_id)
         self._send(link, link.session.hello())
+
+    def _ask_again(self) -> None:
+        """The ignore rules changed so that paths they ignored may be replicated now, and the
+        records of those paths were skipped when they came: start every session anew from each
+        peer's first record (what is here already merges as equal)."""
+        self.rep.rules_widened = False
+        try:
+            self.store.forget_seen()  # again: a page applied since may have moved a mark
+        except (ReplError, sqlite3.Error) as e:
+            log.warning("ignore rules changed, but the peers cannot be asked again: %s", e)
+            return
+        for link in self.links:
+            s = link.session
+            if s is not None and link.established and s.peer is not None:
+                log.info("%s: ignore rules changed: asking for every record again", link.label,
+                         extra={"PEER": link.label})  # fmt: skip
+                link.last_hello = float("-inf")
+                self._restart(link, s.peer.replica_id)
 
     def _replica_of(self, name: str) -> str | None:
         """The replica last seen under ``name`` (a re-initialised peer leaves an older mark).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -132,12 +133,20 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
+IGNORE_RULES_KEY = "ignore_rules"  # meta: the ignore rules as the last scan found them (JSON)
+
+
 class Replica:
     """Opens a replica's database with its config; closes it on exit."""
 
     def __init__(self, cfg: Config, *, write: bool = True):
         self.cfg = cfg
         self.store = Store(cfg.db_path, write=write)
+        self._write = write
+        # Set when the ignore rules changed so that something ignored before may be replicated
+        # now: every peer's records were asked for again (see _note_rules); the daemon starts
+        # its sessions anew when it sees this.
+        self.rules_widened = False
         self._ignore: tuple[object, Ignore] | None = None
         self._root_ident: str | None = None  # what check_root last found (see there)
 
@@ -158,7 +167,28 @@ class Replica:
         if self._ignore is None or self._ignore[0] != key:
             ignore = Ignore(self.cfg.root, self.cfg.ignore, exclude=(self.cfg.state, self.cfg.path))
             self._ignore = (key, ignore)
+            if self._write:
+                self._note_rules(ignore)
         return self._ignore[1]
+
+    def _note_rules(self, ignore: Ignore) -> None:
+        """Remember the ignore rules; when they may let through what they ignored before, forget
+        how far we have seen every peer's records, so that the next exchange with each brings
+        them all again. Records of ignored paths are skipped when they arrive, and a peer never
+        sends a record twice: without this, a directory taken off the rules would never come
+        over from the replicas that have it. (Only records travel again, and what is already
+        here merges as equal: the price of a rule change is one exchange of records.)"""
+        text = self.store.meta(IGNORE_RULES_KEY)
+        if text is not None and json.loads(text) == ignore.rules:
+            return
+        with self.store.transaction():
+            if text is not None and ignore.may_show_more_than(json.loads(text)):
+                forgot = self.store.forget_seen()
+                if forgot:
+                    log.info("ignore rules changed: asking %d peer(s) for every record again",
+                             forgot)  # fmt: skip
+                self.rules_widened = True
+            self.store.set_meta(IGNORE_RULES_KEY, json.dumps(ignore.rules))
 
     def scanner(self, **kwargs: object) -> Scanner:
         return Scanner(self.store, self.cfg.root, self.ignore(), **kwargs)  # type: ignore[arg-type]

@@ -766,6 +766,12 @@ class Store:
         with self.transaction():
             self._conn().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def forget_seen(self) -> int:
+        """Forget how far we have seen every peer's records (the next exchange with each starts
+        from its first record); how many peers that was."""
+        with self.transaction():
+            return self._conn().execute("UPDATE peers SET seen_seq = 0 WHERE seen_seq != 0").rowcount
+
     def set_peer_mark(
         self,
         replica_id: str,

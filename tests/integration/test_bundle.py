@@ -106,6 +106,22 @@ def test_an_import_settles_conflicts_by_the_importers_conflict_policy(tmp_path):
     assert conflict_copies(b.root) == []
 
 
+def test_a_bundle_that_takes_a_directory_off_the_ignore_rules_brings_it(tmp_path):
+    h, u = make_replicas(tmp_path, "h", "u")
+    (h.root / ".repldignore").write_text("cache/\n")
+    (h.root / "cache").mkdir()
+    (h.root / "cache" / "a").write_text("important\n")
+    first = tmp_path / "first.bundle"
+    h("export", first)
+    u("import", first)
+    assert not (u.root / "cache").exists()
+    (h.root / ".repldignore").write_text("")
+    second = tmp_path / "second.bundle"
+    h("export", second)
+    u("import", second)
+    assert (u.root / "cache" / "a").read_text() == "important\n"
+
+
 def test_export_since_a_peer_leaves_out_what_its_bundles_showed_it_has(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)

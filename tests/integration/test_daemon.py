@@ -123,6 +123,21 @@ def test_concurrent_edits_while_apart_keep_both(cluster):
         assert texts == ["edited on a\n", "edited on b while apart\n"], r.name
 
 
+def test_a_directory_taken_off_the_ignore_rules_comes_over(cluster):
+    a, b = cluster.make("a", "b")
+    (a.root / ".repldignore").write_text("cache/\n")
+    (a.root / "cache").mkdir()
+    (a.root / "cache" / "x").write_text("x from a\n")
+    (b.root / "cache").mkdir()
+    (b.root / "cache" / "y").write_text("y from b\n")
+    cluster.start()
+    cluster.wait_until(lambda: (b.root / ".repldignore").exists(), what="the rules reach b")
+    (a.root / ".repldignore").write_text("")  # both daemons now replicate cache/
+    cluster.wait_converged(what="cache/ replicated both ways")
+    assert (b.root / "cache" / "x").read_text() == "x from a\n"
+    assert (a.root / "cache" / "y").read_text() == "y from b\n"
+
+
 def test_delete_against_modify_while_apart_keeps_the_modification(cluster):
     a, b = cluster.make("a", "b")
     (a.root / "f.txt").write_text("base\n")

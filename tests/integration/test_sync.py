@@ -368,6 +368,42 @@ def test_newest_never_drops_a_newer_edit_for_an_older_directory(tmp_path):
     assert (h.root / copy).read_text() == "newer precious edit\n"
 
 
+def test_a_directory_taken_off_the_ignore_rules_comes_over_at_the_next_sync(tmp_path):
+    h, u = make_replicas(tmp_path, "h", "u")
+    (h.root / ".repldignore").write_text("cache/\n")
+    (h.root / "cache").mkdir()
+    (h.root / "cache" / "a").write_text("important\n")
+    h.sync(u)
+    assert not (u.root / "cache").exists()
+    (h.root / ".repldignore").write_text("")
+    h.sync(u)  # one sync: the rules that arrive in it apply to what arrives with them
+    assert (u.root / "cache" / "a").read_text() == "important\n"
+    assert snapshot(h.root) == snapshot(u.root)
+
+
+def test_an_ignored_directory_on_both_sides_merges_once_the_rule_goes(tmp_path):
+    h, u = make_replicas(tmp_path, "h", "u")
+    (u.root / "cache").mkdir()
+    (u.root / "cache" / "x").write_text("x on u\n")
+    (u.root / "cache" / "y").write_text("y on u\n")
+    u("scan")  # recorded on u before the rule reaches it
+    (h.root / ".repldignore").write_text("cache/\n")
+    (h.root / "cache").mkdir()
+    (h.root / "cache" / "x").write_text("x on h\n")
+    (h.root / "cache" / "z").write_text("z on h\n")
+    h.sync(u)
+    assert not (h.root / "cache" / "y").exists() and not (u.root / "cache" / "z").exists()
+    (h.root / ".repldignore").write_text("")
+    h.sync(u)
+    assert snapshot(h.root) == snapshot(u.root)
+    assert (u.root / "cache" / "z").read_text() == "z on h\n"
+    assert (h.root / "cache" / "y").read_text() == "y on u\n"
+    (copy,) = conflict_copies(h.root / "cache")
+    assert sorted([(h.root / "cache" / "x").read_text(), (h.root / "cache" / copy).read_text()]) == [
+        "x on h\n", "x on u\n"]
+    assert "0 files written" in h.sync(u).stdout  # settled
+
+
 def test_delete_against_modify_keeps_modification(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "keep.txt").write_text("v1\n")
