@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -966,6 +967,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         _quiet_stdout()
+        return 1
+    except sqlite3.Error as e:
+        if args.debug:
+            raise
+        print(f"repld: database error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         if args.debug:

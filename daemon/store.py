@@ -245,6 +245,11 @@ def _prefix_bounds(prefix: str) -> tuple[str, str]:
     return prefix + "/", prefix + "0"
 
 
+def _out_of_room(e: sqlite3.OperationalError) -> bool:
+    text = str(e)
+    return "full" in text or "disk I/O error" in text
+
+
 class Store:
     def __init__(self, db_path: Path, *, write: bool = True, clock: object = time.time_ns):
         self.db_path = db_path
@@ -260,6 +265,14 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError as e:
+            # Not a damaged file: SQLite could not read or write it (a read-only or full
+            # file system, no permission for its -wal and -shm files beside it).
+            self._unlock()
+            raise StoreError(
+                f"{db_path}: cannot open the database ({e}); its directory must be writable, "
+                "and its file system not full"
+            ) from None
         except sqlite3.DatabaseError as e:
             self._unlock()
             raise StoreError(f"{db_path}: not a repld database ({e})") from None
@@ -311,7 +324,13 @@ class Store:
 
     def _lock(self) -> None:
         lock_path = self.db_path.with_suffix(".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(
+                f"{lock_path}: cannot open the lock file ({e.strerror}): the state directory "
+                f"{lock_path.parent} must be writable by this user"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -367,12 +386,19 @@ class Store:
                 db.execute("ROLLBACK")
                 self._seq = seq_before
                 self._generation += 1
-        except BaseException:
+        except BaseException as e:
             self._pending_records, self._pending_history = [], []
             self._stop_writer()
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # (SQLite rolls back by itself after a full disk)
+                self._db.execute("ROLLBACK")
             self._seq = seq_before
             self._generation += 1
+            if isinstance(e, sqlite3.OperationalError) and _out_of_room(e):
+                raise StoreError(
+                    f"{self.db_path}: {e}: nothing of this was recorded. Make room on the file "
+                    f"system of {self.db_path.parent} and run again: files already written "
+                    "are found there and recorded then"
+                ) from None
             raise
         finally:
             self._in_tx = False

@@ -9,7 +9,7 @@ import socket
 import subprocess
 
 import pytest
-from helpers import REPLD, make_replicas, run
+from helpers import REPLD, Rep, make_replicas, run
 from repld.daemon.applier import Applier
 from repld.daemon.localsync import _opener
 from repld.daemon.replica import open_replica
@@ -275,3 +275,42 @@ def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
                           "dump | head -c 1 > /dev/null; echo ${PIPESTATUS[0]}", shell=True,
                           executable="/bin/bash", capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.stderr == ""
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs (root only), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    at = tmp_path / "small"
+    at.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(at)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=False)
+
+
+def test_a_full_state_directory_is_an_error_that_the_next_sync_repairs(tmp_path, small_tmpfs):
+    (h,) = make_replicas(tmp_path, "h")
+    # u2's state (its database) on the small file system, its tree elsewhere.
+    u2 = Rep("u2", tmp_path / "u2", tmp_path / "u2.toml")
+    u2.root.mkdir()
+    u2("init", u2.root, "--name", "u2", "--state", small_tmpfs / "u2.state",
+       "--tree-id", h.tree_id())  # fmt: skip
+    for i in range(1000):
+        (h.root / f"f{i:04}").write_text(f"{i}\n")
+    st = os.statvfs(small_tmpfs)
+    with open(small_tmpfs / "filler", "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 150 * 1024))
+    proc = h.sync(u2, check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "full" in proc.stderr and str(small_tmpfs) in proc.stderr
+    (small_tmpfs / "filler").unlink()
+    h.sync(u2)
+    assert sorted(p.name for p in u2.root.iterdir()) == sorted(p.name for p in h.root.iterdir())
+    assert "0 actions planned" in h.sync(u2, "-n").stdout
