@@ -449,6 +449,8 @@ class Applier:
             self._ensure_parent(path)
             tmp = self._temp_name(path)
             os.symlink(rec.target, tmp)
+            if rec.mtime_ns:
+                os.utime(tmp, ns=(rec.mtime_ns, rec.mtime_ns), follow_symlinks=False)
             self._batch.append(_Pending(step, tmp))
         elif step.op is Op.META:
             self._check(path, step.expected)

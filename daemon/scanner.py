@@ -381,7 +381,7 @@ class Scanner:
                 return False
             return True
         if kind is Kind.SYMLINK:
-            self._check_symlink(path, rec)
+            self._check_symlink(path, st, rec)
         else:
             self._check_file(path, st, rec)
         return False
@@ -411,7 +411,7 @@ class Scanner:
                      mtime_ns=st.st_mtime_ns)  # fmt: skip
         self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
 
-    def _check_symlink(self, path: str, rec: Record | None) -> None:
+    def _check_symlink(self, path: str, st: os.stat_result, rec: Record | None) -> None:
         try:
             target = os.readlink(self.root / path)
         except OSError as e:
@@ -420,7 +420,11 @@ class Scanner:
         live = rec is not None and not rec.deleted and rec.kind is Kind.SYMLINK
         if live and rec is not None and rec.target == target:
             return
-        new = Record(path, new_guid(), Kind.SYMLINK, VersionVector(), target=target)
+        # Its mtime is when its target was set (a symlink cannot be edited, only made anew): it
+        # decides a conflict by "newer modification" like a file's. (Only a new target is a
+        # change; the mtime alone is not, as for directories.)
+        new = Record(path, new_guid(), Kind.SYMLINK, VersionVector(), target=target,
+                     mtime_ns=st.st_mtime_ns)  # fmt: skip
         self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
 
     def _check_file(self, path: str, st: os.stat_result, rec: Record | None) -> None:

@@ -404,6 +404,24 @@ def test_an_ignored_directory_on_both_sides_merges_once_the_rule_goes(tmp_path):
     assert "0 files written" in h.sync(u).stdout  # settled
 
 
+def test_a_newer_symlink_beats_an_older_file_edit_and_keeps_its_time(tmp_path):
+    h, u = make_replicas(tmp_path, "h", "u")
+    (h.root / "s1").write_text("v0\n")
+    h.sync(u)
+    (h.root / "s1").write_text("older edit of the file\n")
+    old = (h.root / "s1").stat().st_mtime_ns
+    (u.root / "s1").unlink()
+    (u.root / "s1").symlink_to("elsewhere")
+    t = old + 5_000_000_000  # the symlink came five seconds later
+    os.utime(u.root / "s1", ns=(t, t), follow_symlinks=False)
+    h.sync(u)
+    for r in (h, u):
+        assert os.readlink(r.root / "s1") == "elsewhere", r.name
+        assert os.lstat(r.root / "s1").st_mtime_ns == t, r.name
+        (copy,) = conflict_copies(r.root)
+        assert (r.root / copy).read_text() == "older edit of the file\n"
+
+
 def test_delete_against_modify_keeps_modification(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "keep.txt").write_text("v1\n")
