@@ -584,16 +584,27 @@ def _sync_peer(args: argparse.Namespace) -> int:
         push_only=args.push_only, prefer=args.prefer,
         paths=_tree_paths(configmod.load(args.config, need_root=False).root, args.paths),
     )  # fmt: skip
+    me = report.status.get("name") or "this replica"
+    peer = args.target
     for step in report.steps:
-        print(step.describe().replace(step.path, escape(step.path), 1))
+        print(f"{me} <- {step.describe().replace(step.path, escape(step.path), 1)}")
     if args.dry_run:
-        print(f"dry run: {len(report.steps)} actions planned, nothing changed")
+        print(f"dry run: {len(report.steps)} actions planned here, nothing changed")
+        if report.offered is not None:
+            print(f"{peer}: {report.offered} changes of ours it has not seen would be offered; "
+                  f"what it takes is planned there (`repld sync {me} -n` on {peer}, with "
+                  "its daemon stopped)")  # fmt: skip
     elif report.status:
         t = report.status["transfer"]
-        print(
-            f"{args.target}: {t['files_written']} files written ({_human(t['bytes_written'])}, "
-            f"{_human(t['fetched_bytes'])} fetched), {t['conflicts_resolved']} conflicts resolved"
-        )
+        if not args.push_only:
+            print(
+                f"{me}: {t['files_written']} files written ({_human(t['bytes_written'])}, "
+                f"{_human(t['fetched_bytes'])} fetched), {t['conflicts_resolved']} conflicts "
+                "resolved"
+            )
+        if report.sent is not None:
+            print(f"{peer}: {report.sent} changes of ours sent and acknowledged (its daemon "
+                  "applies them)")  # fmt: skip
     for e in report.errors:
         print(f"error: {escape(e['path'])}: {e['error']}", file=sys.stderr)
     return 1 if report.errors else 0

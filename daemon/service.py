@@ -120,6 +120,11 @@ class PeerSyncReport:
     steps: list[Step] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
+    # Our side of the exchange: the changes of ours the peer acknowledged in it (it applies
+    # them itself), or in a dry run, how many it has not seen and would be offered; None when
+    # nothing was to be sent (--pull-only, a subtree) or the daemon did the exchange.
+    sent: int | None = None
+    offered: int | None = None
 
 
 def sync_with_peer(
@@ -200,6 +205,18 @@ def sync_with_peer(
             report.steps = node.stats.dry_steps
             report.status = node.status()
             report.errors = report.status["errors"]
+            s = link.session
+            if s is not None and s.peer is not None:
+                # (Changes the peer made itself come back to it relayed, and are no news.)
+                theirs = s.peer.replica_id
+                if dry_run and not (pull_only or paths):
+                    report.offered = rep.store.changes_between(
+                        s.start_upto, rep.store.seq, not_by=theirs
+                    )
+                elif opts.send:
+                    report.sent = rep.store.changes_between(
+                        s.start_upto, s.confirmed_upto, not_by=theirs
+                    )
         finally:
             node.close()
     return report

@@ -606,6 +606,15 @@ class Store:
         ).fetchone()
         return int(row[0] or 0), int(row[1] or 0)
 
+    def changes_between(self, after: int, upto: int, *, not_by: str) -> int:
+        """How many records with a sequence in (after, upto] hold a change that replica
+        ``not_by`` did not make itself: what a peer at ``after`` got from us up to ``upto``."""
+        row = self.execute(
+            "SELECT COUNT(*) FROM records WHERE seq > ? AND seq <= ? AND modified_by != ?",
+            (after, upto, not_by),
+        ).fetchone()
+        return int(row[0] or 0)
+
     def hashes_present(self, hashes: set[str]) -> set[str]:
         """Which of ``hashes`` some live record here has (one query per 500 hashes)."""
         found: set[str] = set()

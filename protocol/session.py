@@ -137,6 +137,7 @@ class Session:
         # Our records the peer has provably applied: its own mark (from its hello), or an Ack
         # that needs nothing more. (An Ack's upto alone counts pages handled, failed or not.)
         self.confirmed_upto = 0
+        self.start_upto = 0  # where the peer stood in our stream when the session began
         self._in_flight: deque[int] = deque()  # `upto` of each page sent and not yet acked
         self.peer_need_files = 0
         self.peer_need_bytes = 0
@@ -222,7 +223,7 @@ class Session:
             self.seen = self.received_upto = 0
         # What it holds of ours counts only if it says so of this replica; else start over.
         start = msg.seen if msg.seen_of == self.me.replica_id and msg.seen <= self.local_seq else 0
-        self.sent_upto = self.acked_upto = self.confirmed_upto = start
+        self.sent_upto = self.acked_upto = self.confirmed_upto = self.start_upto = start
         self.peer_acked_all = self.acked_upto >= self.local_seq
         out.actions.append(Established(msg))
 

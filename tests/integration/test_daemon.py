@@ -404,6 +404,9 @@ def test_one_shot_sync_with_a_running_peer(cluster):
     assert not (a.root / "gone.txt").exists() and (b.root / "new-on-a.txt").exists()
     assert (b.root / "shared.txt").read_text() == "edited on a\n"
     assert (a.root / "new-on-b.txt").read_text() == "b\n"
+    # Both directions reported, each under the replica that changed.
+    assert "a: 1 files written" in proc.stdout, proc.stdout
+    assert "b: 2 changes of ours sent and acknowledged" in proc.stdout, proc.stdout
     cluster.wait_converged(what="after the one-shot sync")
     again = a("sync", "b", "-n").stdout
     assert "0 actions planned" in again, again
@@ -434,6 +437,10 @@ def test_one_shot_dry_run_changes_nothing(cluster):
     listed = [ln for ln in proc.stdout.splitlines() if not ln.startswith("dry run")]
     assert len(listed) == len(set(listed)), f"an action listed twice:\n{proc.stdout}"
     assert not (b.root / "new-on-a.txt").exists() and (a.root / "gone.txt").exists()
+    # What the peer would be offered is said, not silently left out.
+    assert "b: 2 changes of ours it has not seen would be offered" in proc.stdout, proc.stdout
+    push = a("sync", "b", "-n", "--push-only").stdout
+    assert "would be offered" in push and "new-on-b.txt" not in push, push
     after = (a.tree(), b.tree(), a("dump").stdout)
     assert after[:2] == before[:2], "a dry run changed a tree"
     assert after[2] == before[2], "a dry run changed a's database"
