@@ -333,7 +333,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not had_ignore and ignore_file.exists():
         print(f"wrote {ignore_file}: the default ignore rules for a home directory (caches, "
               "trash, swap and lock files, build outputs); edit it to taste, it is replicated")  # fmt: skip
-    print(f"recorded {stats.created} paths ({_human(stats.hashed_bytes)}) in {time.monotonic() - t0:.1f} s")
+    took = f"({_human(stats.hashed_bytes)}) in {time.monotonic() - t0:.1f} s"
+    if args.tree_id and stats.created:
+        print(f"adopted {stats.created} paths found in the root {took}: at the first sync, those "
+              "with the tree's content merge quietly, those the tree deleted since are deleted "
+              "if unchanged, and those that differ are kept beside the tree's version as "
+              "conflict copies; nothing is lost")  # fmt: skip
+    else:
+        print(f"recorded {stats.created} paths {took}")
     for path, err in stats.errors:
         print(f"warning: {escape(path)}: {err}", file=sys.stderr)
     _print_skipped(stats.skipped)

@@ -361,7 +361,10 @@ def init(
     with Replica(cfg) as rep:
         if (key := _fs_key(root)) is not None:
             rep.store.set_meta(FS_CHECKED, key)  # probed above
-        stats = rep.scan(clean_temp=True, progress=progress)
+        # Joining a tree: what is in the root already may be an old copy of it (a state
+        # directory lost, a machine reinstalled with its home kept), so it is adopted, not
+        # created: see Action.ADOPT and protocol.reconcile.
+        stats = rep.scan(clean_temp=True, progress=progress, adopt=tree_id is not None)
     return cfg, stats
 
 

@@ -163,6 +163,7 @@ class Scanner:
         clean_temp: bool = False,
         progress: Callable[[ScanStats], None] | None = None,
         rehash: bool = False,
+        adopt: bool = False,
     ):
         self.store = store
         self.rehash = rehash  # read every file, even one whose stat matches its record
@@ -177,6 +178,8 @@ class Scanner:
         self._whole_walk = False
         self._known_inos: set[int] | None = None  # None: not loaded (see _inodes)
         self._first_version = VersionVector().bump(self.me).encode()
+        # What a path never recorded here is: new, or found at a join (see Action.ADOPT).
+        self._create = Action.ADOPT if adopt else Action.CREATE
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -352,12 +355,12 @@ class Scanner:
             return False  # replaced since the directory was read
         self.stats.files += 1
         self.stats.hashed_bytes += size
-        self.store.put_local(path, new_guid(), "file", self._first_version, "create",
+        self.store.put_local(path, new_guid(), "file", self._first_version, self._create.value,
                              st.st_mode & 0o7777, st.st_mtime_ns, size, sha, blocks, ino)
         known.add(ino)
         self.stats.created += 1
         if self.verbose:
-            self.stats.changes.append(("create", path))
+            self.stats.changes.append((self._create.value, path))
         return True
 
     def _scan_entry(
@@ -392,7 +395,7 @@ class Scanner:
         base = rec.version if rec is not None else VersionVector()
         guid = rec.guid if rec is not None and not rec.deleted else new.guid
         self.store.put(new.with_(version=base.bump(self.me), action=action, guid=guid), local=True)
-        if action is Action.CREATE:
+        if action in (Action.CREATE, Action.ADOPT):
             self.stats.created += 1
         elif action is Action.UPDATE:
             self.stats.updated += 1
@@ -409,7 +412,7 @@ class Scanner:
             return
         new = Record(path, new_guid(), Kind.DIR, VersionVector(), mode=mode,
                      mtime_ns=st.st_mtime_ns)  # fmt: skip
-        self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
+        self._event(rec, new, self._create if rec is None or rec.deleted else Action.UPDATE)
 
     def _check_symlink(self, path: str, st: os.stat_result, rec: Record | None) -> None:
         try:
@@ -425,7 +428,7 @@ class Scanner:
         # change; the mtime alone is not, as for directories.)
         new = Record(path, new_guid(), Kind.SYMLINK, VersionVector(), target=target,
                      mtime_ns=st.st_mtime_ns)  # fmt: skip
-        self._event(rec, new, Action.CREATE if rec is None or rec.deleted else Action.UPDATE)
+        self._event(rec, new, self._create if rec is None or rec.deleted else Action.UPDATE)
 
     def _check_file(self, path: str, st: os.stat_result, rec: Record | None) -> None:
         self.stats.files += 1
@@ -459,7 +462,7 @@ class Scanner:
             version, guid, action = base.bump(self.me), moved.guid, Action.CREATE
         else:
             base = rec.version if rec is not None else VersionVector()
-            version, guid, action = base.bump(self.me), new_guid(), Action.CREATE
+            version, guid, action = base.bump(self.me), new_guid(), self._create
             if rec is not None and rec.kind is not Kind.DIR and not rec.deleted:
                 action = Action.UPDATE  # a symlink became a file
         mtime_ns, ino = st.st_mtime_ns, st.st_ino
@@ -473,7 +476,7 @@ class Scanner:
                              size, sha, blocks, ino, note)  # fmt: skip
         if self._known_inos is not None:
             self._known_inos.add(ino)
-        if action is Action.CREATE:
+        if action in (Action.CREATE, Action.ADOPT):
             self.stats.created += 1
         else:
             self.stats.updated += 1

@@ -3,7 +3,9 @@
 - equal versions, or the local one dominates: nothing to do;
 - the remote one dominates: the local replica takes the remote record;
 - concurrent but the same content (or both deleted): the versions merge, nothing is a conflict;
-- concurrent, one side deleted: the modification wins, nothing is lost;
+- concurrent, one side deleted: the modification wins, nothing is lost (unless the live side is
+  what a joining replica found in its root, untouched since, and exactly what was deleted: then
+  it was an old copy, and the deletion wins);
 - concurrent, different content: a conflict. Without a preference every replica picks the same
   winner from the two records alone (a directory beats anything else, then the newer mtime, then
   the larger replica id, then that replica's later change, then the larger content hash: see
@@ -69,6 +71,14 @@ def _winner_key(r: Record) -> tuple[int, int, str, int, str, int, str, str]:
             r.content_id(), r.mode, r.kind.value, r.guid)  # fmt: skip
 
 
+def _what_was_deleted(alive: Record, dead: Record) -> bool:
+    """Whether ``alive`` is the content the tombstone ``dead`` was the deletion of (a tombstone
+    keeps the last content's hash or target)."""
+    return alive.kind is dead.kind and dead.with_(deleted=False).same_content(alive) and (
+        alive.kind is not Kind.FILE or bool(alive.sha256)
+    )
+
+
 def conflict_copy_record(loser: Record, path: str) -> Record:
     """The record of the copy that keeps a losing version; identical on every replica."""
     copy_path = conflict_copy_path(path, loser)
@@ -109,9 +119,15 @@ def reconcile(
         # Nothing to fight over. Metadata (mode, mtime) comes from the deterministic winner so
         # both replicas end up with the same record.
         base = max(local, remote, key=_winner_key)
+        if base.action is Action.ADOPT:  # the other side's history of it says more
+            base = base.with_(action=Action.UPDATE)
         return Resolution(order, base.with_(version=merged), note="same content, versions merged")
     if local.deleted or remote.deleted:
-        alive = remote if local.deleted else local
+        alive, dead = (remote, local) if local.deleted else (local, remote)
+        if alive.action is Action.ADOPT and _what_was_deleted(alive, dead):
+            # Found at a join, untouched since, and exactly what the other side deleted: an
+            # old copy of a deleted file, not a modification. Both sides decide the same.
+            return Resolution(order, dead.with_(version=merged), note="deleted (found at a join)")
         return Resolution(order, alive.with_(version=merged), note="modification beats deletion")
 
     has_dir = Kind.DIR in (local.kind, remote.kind)  # a directory always wins: it holds files

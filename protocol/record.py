@@ -53,6 +53,9 @@ class Action(enum.Enum):
     CREATE = "create"
     UPDATE = "update"
     DELETE = "delete"
+    # Found by the first scan of a replica that joined a tree (`init --tree-id`) with files in
+    # its root: perhaps an old copy of what the tree has changed or deleted since, perhaps new.
+    ADOPT = "adopt"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPLD, conflict_copies, files_bytes, make_replicas, snapshot
+from helpers import REPLD, Rep, conflict_copies, files_bytes, make_replicas, snapshot
 
 NAMES = ["with space.txt", "new\nline.txt", "ünïcødé €.md", "tab\there", "back\\slash"]
 
@@ -420,6 +420,38 @@ def test_a_newer_symlink_beats_an_older_file_edit_and_keeps_its_time(tmp_path):
         assert os.lstat(r.root / "s1").st_mtime_ns == t, r.name
         (copy,) = conflict_copies(r.root)
         assert (r.root / copy).read_text() == "older edit of the file\n"
+
+
+def test_a_replica_joined_again_over_its_old_files_brings_no_deleted_file_back(tmp_path):
+    """A state directory lost, or a machine reinstalled with its home kept: `init --tree-id`
+    over the old files. Those that were deleted elsewhere since stay deleted; the same content
+    merges quietly; what differs is kept beside the tree's version; what is new comes over."""
+    import shutil
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    for name in ("d13.txt", "d14.txt", "same.txt"):
+        (a.root / name).write_text(f"{name} as it was\n")
+    a.sync(b)
+    old = tmp_path / "c"
+    shutil.copytree(b.root, old, symlinks=True)  # what the old machine's disk still holds
+    (a.root / "d13.txt").unlink()
+    (a.root / "d14.txt").write_text("d14 edited on a\n")
+    newer(a.root / "d14.txt", than=old / "d14.txt")
+    a.sync(b)
+    (old / "only-on-c.txt").write_text("written there meanwhile\n")
+    c = Rep("c", old, tmp_path / "c.toml")
+    out = c("init", old, "--name", "c", "--tree-id", a.tree_id()).stdout
+    assert "adopted" in out, out
+    c.sync(a)
+    a.sync(b)
+    for r in (a, b, c):
+        assert not (r.root / "d13.txt").exists(), r.name
+        assert (r.root / "d14.txt").read_text() == "d14 edited on a\n", r.name
+        assert (r.root / "only-on-c.txt").read_text() == "written there meanwhile\n", r.name
+        (copy,) = conflict_copies(r.root)
+        assert (r.root / copy).read_text() == "d14.txt as it was\n", r.name
+    assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
+    assert "0 actions planned" in c.sync(a, "-n").stdout
 
 
 def test_delete_against_modify_keeps_modification(tmp_path):

@@ -160,6 +160,22 @@ def test_a_newer_file_that_loses_to_a_directory_is_kept_under_every_policy(polic
         assert "newer" not in res.conflict.reason  # the directory is the older one
 
 
+def test_an_adopted_old_copy_of_a_deleted_file_is_deleted_on_both_sides():
+    from repld.protocol.record import Action
+
+    tomb = rec({A: 3}, sha=SHA1, deleted=True)  # a deleted it; its last content was SHA1
+    found = rec({C: 1}, sha=SHA1, by=C).with_(action=Action.ADOPT)  # c joined with that copy
+    here = reconcile(found, tomb, replica=C)
+    there = reconcile(tomb, found, replica=A)
+    assert here.result.deleted and there.result.deleted
+    assert here.result == there.result  # the same decision on both sides
+    # Another content, or the same content edited after the join, is a modification: it stays.
+    other = rec({C: 1}, sha=SHA2, by=C).with_(action=Action.ADOPT)
+    assert not reconcile(other, tomb, replica=C).result.deleted
+    edited = rec({C: 2}, sha=SHA1, by=C).with_(action=Action.UPDATE)
+    assert not reconcile(edited, tomb, replica=C).result.deleted
+
+
 def test_equal_versions_with_different_content_are_a_conflict():
     a, b = rec({A: 1}, sha=SHA1), rec({A: 1}, sha=SHA2, mtime=200)
     res = reconcile(a, b, replica=A)
