@@ -47,7 +47,7 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .diskio import syncfs
-from .errors import ChangedOnDisk, FsError, ReplError, RootChanged
+from .errors import ApplyStopped, ChangedOnDisk, FsError, ReplError
 from .scanner import hash_file_stat
 from .store import Store
 
@@ -243,7 +243,7 @@ class Applier:
     def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
         try:
             fn(step)
-        except RootChanged:
+        except ApplyStopped:
             raise  # not this path's trouble: the whole apply stops
         except ChangedOnDisk as e:
             self._changed(step, e)
@@ -270,7 +270,7 @@ class Applier:
                 continue
             try:
                 (self._apply_deferred if again.deferred else self._stage)(again)
-            except RootChanged:
+            except ApplyStopped:
                 raise
             except ChangedOnDisk as e2:
                 self._error(again.path, f"{e2}; it will be synced next time")

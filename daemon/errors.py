@@ -49,7 +49,17 @@ class StoreBusy(StoreError):
     """Another repld process (the daemon, a sync, a scan) holds the database's write lock."""
 
 
-class RootChanged(ReplError):
+class ApplyStopped(ReplError):
+    """Not one path's trouble: the whole apply stops there (what it did is recorded, the rest
+    is tried again later)."""
+
+
+class PeerLost(ApplyStopped):
+    """The peer a page's content comes from went away, or stopped answering, in the middle of
+    the page: failing each remaining file in turn, 30 s apiece, would only make noise."""
+
+
+class RootChanged(ApplyStopped):
     """The root is missing, or is not the directory this replica was made on (an unmounted
     disk, a directory moved away and another made in its place): scanning it would record every
     file as deleted and send those deletions everywhere."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..protocol.messages import Blocks, Error, GetBlocks
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
 from .diskio import start_writeback
-from .errors import ReplError
+from .errors import PeerLost, ReplError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class _Request:
     sent: float
     data: bytes | None = None
     error: str = ""
+    link_trouble: bool = False  # the error is the link's (gone, mute), not this file's
 
 
 Send = Callable[[GetBlocks], bool]
@@ -220,6 +221,7 @@ class Transfers:
         ok = self._link.send(GetBlocks(req, f.rec.sha256, f.hint, chunk.offset, chunk.length))
         if not ok:
             r.error = f"cannot send to {self._link.name}"
+            r.link_trouble = True
         return r
 
     def arrived(self, reply: Blocks | Error) -> None:
@@ -267,6 +269,7 @@ class Transfers:
         while r.data is None and not r.error:
             if link is None or not link.alive():
                 r.error = f"lost the connection to {link.name if link else 'the peer'}"
+                r.link_trouble = True
                 break
             self._issue()
             self.pump(0.5)
@@ -274,9 +277,13 @@ class Transfers:
                 seen, last = self.stats.fetched_bytes, time.monotonic()
             elif time.monotonic() - last > STALL_TIMEOUT:
                 r.error = f"{link.name} sent nothing for {STALL_TIMEOUT:g} s"
+                r.link_trouble = True
         del self._requests[req]
         self._buffered -= chunk.length
         self._issue()
+        if r.error and (link is None or not link.alive() or r.link_trouble):
+            # The peer is gone or mute: the rest of the page would fail file by file.
+            raise PeerLost(r.error)
         if r.error:
             raise ReplError(f"{f.rec.path}: {r.error}")
         assert r.data is not None

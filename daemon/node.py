@@ -50,7 +50,7 @@ from ..protocol.session import (
 )
 from . import config as configmod
 from .applier import Applier, ApplyStats
-from .errors import ConfigError, ReplError, RootChanged
+from .errors import ConfigError, PeerLost, ReplError, RootChanged
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
@@ -70,6 +70,7 @@ ACKS_EVERY = 5.0  # seconds between writes of how far peers acknowledged our rec
 COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lacks, as they change
 ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
 RETRY_EVERY = 10.0  # failed pages are asked for again this often
+HELLO_AGAIN_EVERY = 15.0  # a dialled connection with no session says hello again this often
 DEBOUNCE_QUIET = 0.02
 DEBOUNCE_LONGEST = 0.25
 DEGRADED_SCAN_EVERY = 60.0
@@ -125,6 +126,7 @@ class PeerLink:
     # failures in a row, and when the last warning was logged, what it said, and how many
     # repeats were not logged since.
     redial_wait: float = 0.0
+    bye_heard: bool = False  # the peer ended the session while a page was being applied
     redial_at: float | None = None
     failures: int = 0
     warned_at: float | None = None
@@ -366,7 +368,8 @@ class Node:
         wanted = {p.name: p for p in cfg.peers}
         for link in list(self.links):
             if wanted.get(link.peer.name) != link.peer:
-                self._drop_link(link, "removed from the config")
+                why = "its entry changed in" if link.peer.name in wanted else "it was removed from"
+                self._drop_link(link, f"{why} {cfg.name}'s config")
         dialled = {link.peer.name for link in self.links if link.dealer is not None}
         for name, peer in wanted.items():
             if name not in dialled and (self.opts.only_peer in (None, name)):
@@ -557,6 +560,8 @@ class Node:
             if isinstance(msg, wire.Blocks) or (isinstance(msg, wire.Error) and msg.req):
                 self.transfers.arrived(msg)
                 return
+            if isinstance(msg, wire.Bye) or (isinstance(msg, wire.Error) and msg.fatal):
+                link.bye_heard = True  # the session ends after this page: fetch no more on it
             self._inbox.append((link, frames, msg))
             return
         self._handle(link, frames, None)
@@ -683,6 +688,7 @@ class Node:
 
     def _new_session(self, link: PeerLink, peer_replica: str | None) -> Session:
         seen = self.store.peer_mark(peer_replica).seen_seq if peer_replica else 0
+        link.bye_heard = False
         return Session(
             self.me,
             seq=self.store.committed_seq,
@@ -951,7 +957,8 @@ class Node:
             self.publish()
             remote = {r.path: r for r in page.records}
             fetch_link = FetchLink(link.label, lambda m: self._send(link, m),
-                                   lambda: link.session is s and s.state is State.ESTABLISHED)  # fmt: skip
+                                   lambda: link.session is s and s.state is State.ESTABLISHED
+                                   and not link.bye_heard)  # fmt: skip
             writes = [st for st in steps if st.op is Op.WRITE and st.record.kind is Kind.FILE]
             local = self.store.hashes_present({st.record.sha256 for st in writes})
             self.transfers.prefetch(
@@ -978,7 +985,7 @@ class Node:
                 keep_steps=True,
                 check_root=self.rep.check_root,
             )
-            root_lost = False
+            root_lost = False  # or the peer: the apply stopped in the middle of the page
             try:
                 stats = applier.apply(steps)
             except RootChanged:
@@ -986,6 +993,11 @@ class Node:
                 # recorded; the rest of the page is asked for again once the root is back.
                 stats, root_lost = applier.stats, True
                 self._root_ok()
+            except PeerLost as e:
+                # Likewise the peer: the rest of the page comes again with the next session.
+                stats, root_lost = applier.stats, True
+                log.info("%s: %s; the rest of this page is asked for again later", link.label, e,
+                         extra={"PEER": link.label})  # fmt: skip
             finally:
                 self.transfers.reset()
             self._count(stats)
@@ -1158,6 +1170,16 @@ class Node:
         self._redial(now)
         for link in list(self.links):
             s = link.session
+            if (
+                (s is None or s.state is State.HELLO_SENT)
+                and link.dealer is not None and link.connected and not link.error and not quick
+                and now - link.last_hello >= HELLO_AGAIN_EVERY
+            ):  # fmt: skip
+                # Connected, but no session: the peer ended ours (it took us off its peers, and
+                # may list us again), or never answered our hello. Ask now and then: without
+                # this, a side that cannot dial back would wait for a restart.
+                self._start_session(link, None)
+                s = link.session
             if s is None:
                 continue
             if s.state is State.ESTABLISHED and now - link.last_ping >= PING_EVERY:

@@ -137,3 +137,28 @@ def test_partial_files_untouched_for_a_week_are_deleted_at_start(tmp_path: Path)
         Transfers(store, tmp_path, partial, lambda _t: None)
     assert not stale.exists()
     assert recent.exists()  # a transfer that may still resume
+
+
+def test_a_peer_gone_mid_file_stops_the_whole_apply_at_once(tmp_path: Path, stores: list[Store]):
+    """A peer that ends the session (or goes silent) is the page's trouble, not each file's:
+    PeerLost, which the applier does not turn into one error per file, and no 30 s wait."""
+    from repld.daemon.errors import ApplyStopped, PeerLost
+
+    content = os.urandom(SIZE)
+    alive = [True]
+    peer = Peer(content)
+    store = Store.create(tmp_path / "state" / "repld.db")
+    stores.append(store)
+    t = Transfers(store, tmp_path / "root", tmp_path / "state" / "partial", lambda _t: None)
+    peer.transfers = t
+    rec = record_of(content)
+    t.prefetch(Link("peer", lambda req: True, lambda: alive[0]), [(rec, rec.path)])
+    reader = t.open(rec, rec.path)
+    alive[0] = False  # the Bye arrives: no reply will come
+    start = time.monotonic()
+    with pytest.raises(PeerLost, match="lost the connection to peer") as caught:
+        reader.read()
+    assert time.monotonic() - start < 5
+    assert isinstance(caught.value, ApplyStopped)
+    reader.close()
+    t.close()

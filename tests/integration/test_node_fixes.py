@@ -235,3 +235,26 @@ def test_an_error_goes_once_its_path_scans_cleanly(cluster):
                        "the error to go once the path holds a file")  # fmt: skip
     cluster.wait_converged(what="the file that replaced the fifo")
     assert (b.root / "thing").read_text() == "a file now\n"
+
+
+# -- 4. a peer that takes us off its list, then lists us again --------------------------------
+
+
+def test_a_peer_that_lists_us_again_is_greeted_again_without_a_restart(cluster):
+    """d dials a; a cannot dial d (a NAT, say). a removes d, then adds it again: d must find
+    its way back by itself, with no restart of either daemon."""
+    a, d = cluster.make("a", "d", links=[])
+    unreachable = f"tcp://127.0.0.1:{free_port()}"
+    a.add_peer_key("d", unreachable, d.public_key)
+    d.add_peer(a)
+    cluster.start()
+    (a.root / "first.txt").write_text("1\n")
+    cluster.wait_until(lambda: (d.root / "first.txt").exists(), 30, "first.txt to reach d")
+    a("peer", "remove", "d")
+    cluster.wait_until(lambda: not d.peer_status("a")["connected"], 30, "d's session to end")
+    a("peer", "add", "d", unreachable, d.public_key)
+    (a.root / "second.txt").write_text("2\n")
+    cluster.wait_until(lambda: (d.root / "second.txt").exists(), 45,
+                       "second.txt to reach d once a lists it again")  # fmt: skip
+    log = d.log.read_text(errors="replace")
+    assert "removed from a's config" in log, log[-2000:]
