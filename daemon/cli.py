@@ -198,10 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd(
         "resolve",
         "settle a conflict: keep the local version, the other one, or both",
-        "PATH is the file or its conflict copy. --keep local removes the conflict copy; "
-        "--keep remote puts the copy's content in place of the file; --keep both renames the "
-        "copy to NAME.<replica>.EXT so both stay as ordinary files. The decision is recorded as "
-        "ordinary changes, so every replica follows it.",
+        "PATH is the file or its conflict copy. --keep local keeps this replica's version (the "
+        "file at the name, or the conflict copy when it holds this replica's losing edit: "
+        "`repld conflicts` marks those '(this replica)') and removes the other; --keep remote "
+        "keeps the other replica's version; --keep both renames the copy to NAME.<replica>.EXT "
+        "so both stay as ordinary files. The decision is recorded as ordinary changes, so every "
+        "replica follows it.",
     )
     c.add_argument("path", metavar="PATH")
     c.add_argument("--keep", required=True, choices=["local", "remote", "both"])
@@ -397,9 +399,17 @@ def cmd_peer(args: argparse.Namespace) -> int:
                 print(f"{p.name:16} {p.endpoint:32} {p.public_key}")
         return 0
     if args.peer_command == "add":
-        name = configmod.check_name(args.name, key="NAME")
-        endpoint = configmod.check_endpoint(args.endpoint, key="ENDPOINT")
-        key = configmod.check_public_key(args.public_key, key="PUBLIC_KEY")
+        try:
+            name = configmod.check_name(args.name)
+            endpoint = configmod.check_endpoint(args.endpoint)
+            key = configmod.check_public_key(args.public_key)
+        except ConfigError as e:  # a mistake on the command line, not in the config file
+            raise UsageError(f"peer add: {str(e).split(': ', 1)[1]}") from None
+        if key == load_keys(cfg).public:
+            raise UsageError(
+                "that public key is this replica's own (`repld id` here prints it); give the "
+                "key that `repld id` prints on the other machine"
+            )
         if cfg.peer(name):
             raise UsageError(f"a peer named {name!r} exists already; `repld peer remove {name}` first")
         if name == cfg.name:
@@ -647,7 +657,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         path = _rel_path(rep, args.path)
         events = rep.store.history(path)
         if not events:
-            raise ReplError(f"{path}: no history (never seen by this replica)")
+            raise UsageError(f"{path}: no history (never seen by this replica)")
         names = {m.replica_id: m.name for m in rep.store.peer_marks()}
         names[rep.store.replica_id] = rep.cfg.name
     rows = [
@@ -696,6 +706,14 @@ def _tree_paths(root: Path, given: list[str]) -> list[str] | None:
     out = []
     for g in given:
         full = Path(os.path.normpath(base / g))  # (an absolute g replaces base)
+        if base is root and not os.path.isabs(g):
+            # Outside the tree, a PATH that names something inside it from here (the tree's
+            # own directory name first: `repld resolve home/x.conflict-...`) is what is meant.
+            here = Path(os.path.normpath(cwd / g))
+            if os.path.lexists(here):
+                here = Path(os.path.realpath(here.parent)) / here.name
+                if here.is_relative_to(real):
+                    full = here
         try:
             rel = full.relative_to(real if full.is_relative_to(real) else root).as_posix()
         except ValueError:
@@ -737,28 +755,46 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     with open_replica(args.config) as rep:
         path = _rel_path(rep, args.path)
+        if not os.path.lexists(rep.root / path) and rep.store.get(path) is None:
+            raise UsageError(f"{args.path}: not in this replica (nothing there, nothing recorded); "
+                             "`repld conflicts` lists the conflicts")  # fmt: skip
         rep.scan([path], clean_temp=True)
-        if (of := original_of(rep.store, path)) is not None:
-            original, copies = of, [path]
-        else:
-            original = path
-            copies = [r["copy"] for r in list_conflicts(rep.store) if r["path"] == path]
-        assert original is not None
+        rows = list_conflicts(rep.store)
+        original = original_of(rep.store, path) or path
+        every = [r["copy"] for r in rows if r["path"] == original]
+        copies = [path] if path != original else every  # (--keep both renames these)
         if not copies:
             raise ReplError(f"{path}: no conflict to resolve (see `repld conflicts`)")
-        if args.keep == "remote" and len(copies) > 1:
-            raise UsageError(
-                f"{original} has {len(copies)} conflict copies; name the one to keep: "
-                + ", ".join(copies)
-            )
+        # "local" is this replica's version: the file at the name, unless a conflict copy holds
+        # this replica's own losing edit; "remote" is the other one. Either settles the whole
+        # conflict: the version kept takes the name, every copy goes.
+        by = {r["copy"]: r["copy_replica"] for r in rows}
+        mine = [c for c in every if by.get(c) == rep.store.replica_id]
+        theirs = [c for c in every if c not in mine]
+        keep_copy: str | None = None  # the copy whose content takes the name
+        if args.keep in ("local", "remote"):
+            copies = sorted(set(every) | set(copies))
+        if args.keep == "local":
+            keep_copy = mine[0] if mine else None
+        elif args.keep == "remote":
+            if path != original:
+                keep_copy = path  # named explicitly
+            elif len(theirs) > 1:
+                raise UsageError(
+                    f"{original} has {len(theirs)} conflict copies; name the one to keep: "
+                    + ", ".join(theirs)
+                )
+            else:
+                keep_copy = theirs[0] if theirs else None
         root = rep.root
         touched = [original, *copies]
         try:
-            if args.keep == "local":
+            if args.keep in ("local", "remote"):
+                if keep_copy is not None:
+                    os.replace(root / keep_copy, root / original)
                 for c in copies:
-                    os.unlink(root / c)
-            elif args.keep == "remote":
-                os.replace(root / copies[0], root / original)
+                    if c != keep_copy:
+                        os.unlink(root / c)
             else:
                 for c in copies:
                     fixed = _both_name(c)

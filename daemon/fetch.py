@@ -469,7 +469,8 @@ def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
             data = _read_intact(root, other, req)
             if data is not None:
                 return Blocks(req.req, data)
-    return Error("gone", f"{req.path}: that version is not here any more", req=req.req)
+    return Error("gone", "the peer has that version no more (changed or deleted since); the "
+                 "newer one comes next", req=req.req)  # fmt: skip
 
 
 def _read_intact(root: Path, rec: Record, req: GetBlocks) -> bytes | None:

@@ -245,9 +245,11 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
             return PeerSyncReport(status=status, errors=status["errors"])
         now = time.monotonic()
         if not peer["connected"] and now - start > CONNECT_WAIT:
-            why = f" ({peer['error']})" if peer.get("error") else ""
+            if peer.get("error"):
+                # It answered, and refused or was refused: the reason, not a network guess.
+                raise ReplError(f"{peer_name} at {peer['endpoint']}: {peer['error']}")
             raise ReplError(
-                f"{peer_name}: not reachable at {peer['endpoint']}{why}; is its daemon running? "
+                f"{peer_name}: not reachable at {peer['endpoint']}; is its daemon running? "
                 "This daemon keeps trying, and syncs as soon as it gets through"
             )
         if now > deadline:

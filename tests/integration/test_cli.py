@@ -204,6 +204,10 @@ def test_paths_are_taken_as_a_user_means_them_and_mistakes_exit_2(tmp_path):
     proc = subprocess.run([*REPLD, "--config", a.config, "sync", b.config, "-n", "x.txt"],
                           cwd=a.root / "docs", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "docs/x.txt" in proc.stdout and "other" not in proc.stdout
+    # From outside the tree, a PATH that names something in it from there.
+    proc = subprocess.run([*REPLD, "--config", a.config, "sync", b.config, "-n", "a/docs"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "docs/x.txt" in proc.stdout and "other" not in proc.stdout
     for args, expect in [
         (["sync", b.config, "nosuch"], "in neither replica"),
         (["sync", b.config, "/etc"], "not inside the replicated tree"),

@@ -545,25 +545,38 @@ def test_log_shows_origin_and_relay(tmp_path):
     assert events[-1]["action"] == "create"
 
 
-def test_resolve_keep_remote_and_both(tmp_path):
+def test_resolve_keeps_this_replicas_version_or_the_others_or_both(tmp_path):
+    """--keep local is this replica's version, whether it won (the file at the name) or lost
+    (the conflict copy, marked "(this replica)" by `repld conflicts`)."""
     a, b = make_replicas(tmp_path, "a", "b")
-    for name in ("x.txt", "y.txt"):
+    names = ("x.txt", "y.txt", "z.txt", "w.txt")
+    for name in names:
         (a.root / name).write_text("base\n")
     a.sync(b)
-    for name in ("x.txt", "y.txt"):
+    for name in names:
         (a.root / name).write_text(f"a {name}\n")
         (b.root / name).write_text(f"b {name}\n")
+        newer(b.root / name, than=a.root / name)  # b's edits win: a's are the copies
     a.sync(b)
-    assert len(conflict_copies(a.root)) == 2
-    loser_x = (a.root / conflict_copies(a.root)[0]).read_text()
-    a("resolve", "x.txt", "--keep", "remote")
-    assert (a.root / "x.txt").read_text() == loser_x
-    a("resolve", "y.txt", "--keep", "both")
-    assert conflict_copies(a.root) == []
+    assert len(conflict_copies(a.root)) == 4
+    assert "(this replica)" in a("conflicts").stdout
+    a("resolve", "x.txt", "--keep", "local")  # a's own edit, from its copy
+    a("resolve", "y.txt", "--keep", "remote")  # b's, at the name already
+    b("resolve", "z.txt", "--keep", "local")  # b's own, at the name
+    a("resolve", "w.txt", "--keep", "both")
+    assert (a.root / "x.txt").read_text() == "a x.txt\n"
+    assert (a.root / "y.txt").read_text() == "b y.txt\n"
+    assert (b.root / "z.txt").read_text() == "b z.txt\n"
+    a.sync(b)
+    assert conflict_copies(a.root) == conflict_copies(b.root) == []
     assert "no conflicts" in a("conflicts").stdout
-    a.sync(b)
     assert snapshot(a.root) == snapshot(b.root)
-    assert (b.root / "x.txt").read_text() == loser_x
+    assert (b.root / "x.txt").read_text() == "a x.txt\n"
+    kept = {p.name: p.read_text() for p in b.root.iterdir() if p.name.startswith("w.")}
+    assert len(kept) == 2 and kept.pop("w.txt") == "b w.txt\n"
+    assert list(kept.values()) == ["a w.txt\n"]  # under w.<replica>.txt, an ordinary file
+    # A PATH in neither replica is a mistake on the command line.
+    assert a("resolve", "nothing-here.txt", "--keep", "local", check=False).returncode == 2
 
 
 def test_ignored_paths_stay_local(tmp_path):
