@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c = cmd("status", "ask the running daemon how it is doing (exit 3 if it is not running)")
     c.add_argument("--json", action="store_true", help="the machine-readable form (see README)")
-    cmd("pause", "tell the daemon to stop applying local changes and scanning until resumed")
+    cmd("pause", "tell the daemon to stop recording local changes and applying its peers' "
+                 "changes until resumed (it still answers peers' requests for content)")
     cmd("resume", "tell a paused daemon to carry on (it rescans first)")
     cmd("rescan", "tell the daemon to scan the whole tree now")
 

@@ -948,8 +948,8 @@ class Node:
                               [r.sha256 for r in page.records if r.sha256])  # fmt: skip
         steps = list(pull_steps(self.rep, page.records, policy=policy, within=self.opts.within))
         ok = True
-        if not self.opts.dry_run and steps and self._root_error:
-            ok = False  # asked for again once the root is back
+        if not self.opts.dry_run and steps and (self._root_error or self.paused):
+            ok = False  # asked for again once the root is back, or the daemon resumed
         elif self.opts.dry_run:
             self.stats.dry_steps.extend(st for st in steps if st.op is not Op.RECORD)
         elif steps:
@@ -1346,6 +1346,7 @@ class Node:
                         and s.in_sync
                         and self.state != "scanning"  # a change may be on its way
                         and not self._root_error  # nothing is applied or scanned meanwhile
+                        and not self.paused  # likewise
                         and not any(e.peer == p.name for e in self.errors.values())
                     ),  # fmt: skip
                     "error": errs[0] if errs else None,

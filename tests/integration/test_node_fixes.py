@@ -258,3 +258,26 @@ def test_a_peer_that_lists_us_again_is_greeted_again_without_a_restart(cluster):
                        "second.txt to reach d once a lists it again")  # fmt: skip
     log = d.log.read_text(errors="replace")
     assert "removed from a's config" in log, log[-2000:]
+
+
+# -- 5. pause -----------------------------------------------------------------------------------
+
+
+def test_a_paused_daemon_takes_nothing_in_and_is_not_in_sync_until_resumed(cluster):
+    a, b = cluster.make("a", "b")
+    cluster.start()
+    cluster.wait_converged(what="first contact")
+    b("pause")
+    cluster.wait_until(lambda: b.status()["state"] == "paused", 30, "b to say it is paused")
+    (a.root / "while-paused.txt").write_text("sent while b is paused\n")
+    # a has it recorded and offered; b does not take it, and does not claim to be in sync.
+    cluster.wait_until(lambda: b.peer_status("a")["need_files"] >= 1 or not
+                       b.peer_status("a")["in_sync"], 30, "b to hear of the new file")  # fmt: skip
+    deadline = time.monotonic() + 3  # a bounded look: nothing may arrive meanwhile
+    while time.monotonic() < deadline:
+        assert not (b.root / "while-paused.txt").exists()
+        assert not b.peer_status("a")["in_sync"]
+        time.sleep(0.1)
+    b("resume")
+    cluster.wait_converged(what="after resume")
+    assert (b.root / "while-paused.txt").read_text() == "sent while b is paused\n"
