@@ -109,6 +109,11 @@ class Transfers:
         self._link: Link | None = None
         self.stopping = False  # set on SIGTERM: finish the current file, fetch no more
         self._forget_stale_partials()
+        # Which version of a path has a partial file (path -> SHA-256), noted beside it in
+        # partial/<sha256>.path so that it outlives a restart: a partial of a version that
+        # was replaced or deleted since is of no use, and is deleted (see forget).
+        self._partial_of: dict[str, str] = {}
+        self._load_partial_paths()
 
     def _forget_stale_partials(self) -> None:
         """Partial files of transfers that never finished (the file changed again, was deleted,
@@ -123,12 +128,60 @@ class Transfers:
             try:
                 if e.is_file(follow_symlinks=False) and e.stat().st_mtime < old:
                     os.unlink(e.path)
-                    gone += 1
+                    gone += not e.name.endswith(".path")  # (a note beside a partial file)
             except OSError:
                 pass
         if gone:
             log.info("deleted %d partial file(s) untouched for %d days in %s",
                      gone, PARTIAL_MAX_AGE // 86400, self.partial_dir)  # fmt: skip
+
+    def _load_partial_paths(self) -> None:
+        try:
+            entries = [e for e in os.scandir(self.partial_dir) if e.name.endswith(".path")]
+        except OSError:
+            return
+        for e in entries:
+            sha = e.name.removesuffix(".path")
+            try:
+                if os.path.exists(self.partial_dir / sha):
+                    self._partial_of[Path(e.path).read_text(encoding="utf-8",
+                                                            errors="surrogateescape")] = sha
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
+
+    def _note_partial(self, path: str, sha: str) -> None:
+        """A partial file of ``sha`` is being written for ``path``: one of another version of
+        the same path is of no use any more."""
+        old = self._partial_of.get(path)
+        if old == sha:
+            return
+        self._partial_of[path] = sha
+        if old is not None:
+            self._drop_partial(old)
+        try:
+            (self.partial_dir / f"{sha}.path").write_text(path, encoding="utf-8",
+                                                          errors="surrogateescape")  # fmt: skip
+        except OSError:
+            pass  # only a note: without it the partial still goes after a week
+
+    def _drop_partial(self, sha: str) -> None:
+        """Delete the partial file of ``sha``, unless a path still wants that version."""
+        if sha in self._partial_of.values() or any(f.rec.sha256 == sha for f in self._queue):
+            return
+        for name in (sha, f"{sha}.path"):
+            try:
+                os.unlink(self.partial_dir / name)
+            except OSError:
+                pass
+
+    def forget(self, path: str) -> None:
+        """A version of ``path`` was applied (a file, a deletion, anything): a partial file of
+        another version of it is of no use, and one of this version is complete or in place."""
+        old = self._partial_of.pop(path, None)
+        if old is not None:
+            self._drop_partial(old)
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -317,6 +370,7 @@ class _Reader:
         if f.partial is not None:
             f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._partial_fd = os.open(f.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            transfers._note_partial(f.rec.path, f.rec.sha256)
 
     def _digest(self, offset: int) -> bytes:
         i = offset // self.bs * DIGEST_SIZE

@@ -1007,6 +1007,7 @@ class Node:
                     del self._applied[path]
             for st in stats.done:
                 r = st.record
+                self.transfers.forget(st.path)
                 self._applied.pop(st.path, None)  # (re)inserted last: the newest
                 self._applied[st.path] = (r.deleted, r.kind, r.size, r.mtime_ns, r.mode)
             for path, err in stats.errors:

@@ -162,3 +162,33 @@ def test_a_peer_gone_mid_file_stops_the_whole_apply_at_once(tmp_path: Path, stor
     assert isinstance(caught.value, ApplyStopped)
     reader.close()
     t.close()
+
+
+def test_a_partial_file_of_a_replaced_version_is_deleted_even_after_a_restart(
+    tmp_path: Path, stores: list[Store]
+) -> None:
+    """A big file changed (or was deleted) while it was being fetched: the partial file of the
+    version that will never be wanted again goes, not a week later."""
+    v1 = os.urandom(SIZE)
+    t, rec1, reader = open_fetch(tmp_path, Peer(v1), stores)
+    reader.read()  # a first chunk, then the transfer is cut
+    reader.close()
+    t.close()
+    partial = tmp_path / "state" / "partial"
+    assert (partial / rec1.sha256).exists()  # kept for a resume of that version
+    # A restart; then a new version of the same path is fetched.
+    v2 = v1[:-1] + bytes([v1[-1] ^ 1])
+    t2 = Transfers(stores[0], tmp_path / "root", partial, lambda _t: None)
+    rec2 = record_of(v2)
+    peer2 = Peer(v2)
+    peer2.transfers = t2
+    t2.pump = peer2.pump
+    t2.prefetch(Link("peer", peer2.send, lambda: True), [(rec2, rec2.path)])
+    r2 = t2.open(rec2, rec2.path)
+    r2.read()
+    assert not (partial / rec1.sha256).exists() and (partial / rec2.sha256).exists()
+    r2.close()
+    # The path is then deleted (or written some other way): its partial goes too.
+    t2.forget(rec2.path)
+    assert sorted(p.name for p in partial.iterdir()) == []
+    t2.close()
