@@ -47,7 +47,7 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .diskio import syncfs
-from .errors import ApplyStopped, ChangedOnDisk, FsError, ReplError
+from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError
 from .scanner import hash_file_stat
 from .store import Store
 
@@ -208,6 +208,11 @@ class Applier:
         # small batch fsyncs their parents).
         self._made_dirs: set[str] = set()
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
+        # Steps whose parent was not a directory yet, tried again after the others (see
+        # _wait_for_parent), and their paths.
+        self._parent_wait: list[Step] = []
+        self._waiting: set[str] = set()
+        self._second_try = False
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -216,6 +221,12 @@ class Applier:
             for step in steps:
                 self._take(step)
             self._flush()
+            if self._parent_wait:
+                waiting, self._parent_wait = self._parent_wait, []
+                self._second_try = True
+                for step in waiting:
+                    self._take(step)
+                self._flush()
             self._removing = True
             for step in sorted(self._deferred, key=lambda s: s.path, reverse=True):
                 self._guarded(step, self._apply_deferred)
@@ -245,12 +256,24 @@ class Applier:
             fn(step)
         except ApplyStopped:
             raise  # not this path's trouble: the whole apply stops
+        except ParentNotDir as e:
+            if self._removing or self._second_try:
+                self._changed(step, e)
+            else:
+                self._wait_for_parent(step)
         except ChangedOnDisk as e:
             self._changed(step, e)
         except ReplError as e:
             self._error(step.path, str(e))
         except OSError as e:
             self._error(step.path, str(FsError(step.path, e)))
+
+    def _wait_for_parent(self, step: Step) -> None:
+        """Try ``step`` again once every other step is staged: a later one may turn the file in
+        the way into the directory it needs (a file replaced by a directory elsewhere, whose
+        records arrive children first when the parent was recorded again last)."""
+        self._parent_wait.append(step)
+        self._waiting.add(step.path)
 
     def _changed(self, step: Step, e: ChangedOnDisk) -> None:
         log.info("%s", e)
@@ -308,7 +331,7 @@ class Applier:
                 except FileNotFoundError:
                     break
                 if not stat.S_ISDIR(st.st_mode):
-                    raise ChangedOnDisk(path, f"{cur} is not a directory")
+                    raise ParentNotDir(path, f"{cur} is not a directory")
                 self._dirs_ok.add(cur)
         return self._p(path)
 
@@ -394,6 +417,9 @@ class Applier:
         rec = step.record
         path = step.path
         copy = step.conflict.copy if step.conflict is not None else None
+        if copy is not None and copy.path in self._waiting and not self._second_try:
+            self._wait_for_parent(step)  # after its copy, which waits for its directory
+            return
         if copy is not None:
             # The losing version's copy first, for good: the step that settles the conflict
             # may replace the file it was taken from, or record the loser as seen.

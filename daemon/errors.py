@@ -89,3 +89,8 @@ class ChangedOnDisk(ReplError):
     def __init__(self, path: str, detail: str):
         self.path = path
         super().__init__(f"{path}: changed on disk since the last scan ({detail})")
+
+
+class ParentNotDir(ChangedOnDisk):
+    """A directory on the way to the path is something else on disk (perhaps only until a
+    later step of the same apply makes it a directory: a file replaced by a directory)."""

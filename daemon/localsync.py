@@ -135,6 +135,16 @@ def sync(
                 done.steps += again.steps
                 done.stats.merge(again.stats)
             report.passes.append(done)
+        if len(passes) == 2 and not dry_run:
+            st = report.passes[1].stats
+            if st.conflicts or st.kept_dirs:
+                # The second pass made changes of its own there (conflict copies, directories
+                # kept alive): bring them back now, not at the next sync.
+                into, src, into_left = passes[0]
+                policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
+                again = _pass(into, src, policy, within, dry_run, verbose, progress)
+                report.passes[0].steps += again.steps
+                report.passes[0].stats.merge(again.stats)
     return report
 
 

@@ -454,6 +454,28 @@ def test_a_replica_joined_again_over_its_old_files_brings_no_deleted_file_back(t
     assert "0 actions planned" in c.sync(a, "-n").stdout
 
 
+def test_a_file_made_a_directory_against_an_edit_settles_in_one_sync(tmp_path):
+    h, u = make_replicas(tmp_path, "h", "u")
+    (h.root / "t2").write_text("orig\n")
+    (h.root / "f").write_text("orig\n")
+    h.sync(u)
+    (h.root / "t2").unlink()
+    (h.root / "t2").mkdir()
+    (h.root / "t2" / "x").write_text("inside\n")  # recorded before t2 is recorded again
+    (u.root / "t2").write_text("edited on u\n")
+    (u.root / "f").unlink()  # on u, f becomes a directory with a file in it...
+    (u.root / "f").mkdir()
+    (u.root / "f" / "y").write_text("in f on u\n")
+    (h.root / "f").write_text("edited on h\n")  # ...while h edits it
+    proc = h.sync(u)  # one sync, no error
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+    assert snapshot(h.root) == snapshot(u.root)
+    assert (u.root / "t2" / "x").read_text() == "inside\n"
+    assert (h.root / "f" / "y").read_text() == "in f on u\n"
+    assert len(conflict_copies(h.root)) == 2
+    assert "0 actions planned" in h.sync(u, "-n").stdout
+
+
 def test_delete_against_modify_keeps_modification(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "keep.txt").write_text("v1\n")
