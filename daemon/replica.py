@@ -355,7 +355,20 @@ def init(
     cfg = Config(path=config_path.absolute(), root=root, state=state, name=name, listen=listen)
     _home_ignore_rules(root)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    make_keys(cfg.key_dir)
+    if any((cfg.key_dir / n).exists() for n in (PUBLIC_KEY_FILE, SECRET_KEY_FILE)):
+        # Keys with no database: a replica whose database was lost. Its keys are its identity
+        # to its peers (they admit that public key): keep them, so no peer needs telling.
+        try:
+            load_keys(cfg)
+        except ConfigError:
+            raise StoreError(
+                f"{cfg.key_dir} holds damaged or half the keys of an earlier replica; remove "
+                "that directory (a new key pair is made) or choose another --state"
+            ) from None
+        log.warning("keeping the keys of the earlier replica in %s: its peers admit this one",
+                    cfg.key_dir)  # fmt: skip
+    else:
+        make_keys(cfg.key_dir)
     Store.create(cfg.db_path, tree_id=tree_id).close()
     configmod.write(cfg)
     with Replica(cfg) as rep:

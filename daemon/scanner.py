@@ -304,6 +304,8 @@ class Scanner:
                 continue
             if st is not None and self.ignore(path, stat.S_ISDIR(st.st_mode)):
                 continue
+            if row is None and st is not None and stat.S_ISDIR(st.st_mode) and self._state(path):
+                continue
             rec = None
             if row is not None:
                 if st is not None and not row[2]:
@@ -377,6 +379,8 @@ class Scanner:
             return False
         if rec is not None and not rec.deleted and rec.kind is Kind.DIR and kind is not Kind.DIR:
             self._gone_subtree(path)
+        if kind is Kind.DIR and (rec is None or rec.deleted) and self._state(path):
+            return False
         if kind is Kind.DIR:
             self._check_dir(path, st, rec)
             if descend:
@@ -527,6 +531,15 @@ class Scanner:
     def _error(self, path: str, message: str) -> None:
         log.info("%s: %s", path, message)  # the caller shows it (the command line, the daemon)
         self.stats.errors.append((path, message))
+
+    def _state(self, path: str) -> bool:
+        """Whether the new directory ``path`` is a repld state directory (another replica's, or
+        this one's under another config): never recorded, its secret key must not travel."""
+        if not os.path.exists(f"{self._root_s}/{path}/repld.db"):
+            return False
+        self._skip(path, "a repld state directory (its secret key must not travel); keep it "
+                         "outside the tree, or ignore it in .repldignore")  # fmt: skip
+        return True
 
     def _skip(self, path: str, why: str) -> None:
         log.info("%s: not replicated: %s", path, why)

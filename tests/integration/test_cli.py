@@ -318,3 +318,29 @@ def test_a_full_state_directory_is_an_error_that_the_next_sync_repairs(tmp_path,
     h.sync(u2)
     assert sorted(p.name for p in u2.root.iterdir()) == sorted(p.name for p in h.root.iterdir())
     assert "0 actions planned" in h.sync(u2, "-n").stdout
+
+
+def test_a_repld_state_directory_inside_the_tree_is_never_recorded(tmp_path):
+    """Another replica's state (say ~/.local/state/repld of a second config) holds its secret
+    key: init and later scans leave it out, and say so."""
+    (a,) = make_replicas(tmp_path, "a")
+    other = Rep("o", tmp_path / "o", tmp_path / "o.toml")
+    other.root.mkdir()
+    other("init", other.root, "--name", "o", "--state", a.root / "cfg" / "o.state")
+    (a.root / "cfg" / "notes.txt").write_text("replicated\n")
+    a("scan")
+    dump = a("dump").stdout
+    assert "cfg/notes.txt" in dump and "o.state" not in dump and "curve" not in dump
+    proc = a("scan", check=False)
+    assert "not replicated: cfg/o.state: a repld state directory" in proc.stderr, proc.stderr
+
+
+def test_init_again_after_losing_the_database_keeps_the_replicas_keys(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    key = json.loads(a("id", "--json").stdout)["public_key"]
+    (a.state / "repld.db").unlink()
+    a.config.unlink()
+    proc = a("init", a.root, "--name", "a", "--state", a.state,
+             "--tree-id", "00000000-0000-4000-8000-000000000001")  # fmt: skip
+    assert "keeping the keys of the earlier replica" in proc.stderr
+    assert json.loads(a("id", "--json").stdout)["public_key"] == key
