@@ -101,17 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Make ROOT a replica: write the config file, make a CurveZMQ key pair, create the "
         "database and record every existing file as created here. Without --tree-id this "
         "starts a new tree; to add a replica to an existing tree, pass the tree id that "
-        "`repld id` prints on a replica of it.",
+        "`repld id` prints on a replica of it (files already in ROOT are then adopted: at the "
+        "first sync the same content merges, an old copy of what the tree deleted is deleted, "
+        "and different content is kept beside the tree's version).",
     )
-    c.add_argument("root", type=Path, metavar="ROOT")
+    c.add_argument("root", type=Path, metavar="ROOT",
+                   help="the directory to replicate (it must exist), e.g. ~")  # fmt: skip
     c.add_argument("--name", help="this replica's name (default: the host name)")
     c.add_argument("--listen", metavar="ENDPOINT", help="default tcp://0.0.0.0:7437")
     c.add_argument("--tree-id", metavar="ID", help="join this existing tree")
-    c.add_argument("--state", type=Path, metavar="DIR", help="where the database and keys live")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--state", type=Path, metavar="DIR",
+                   help="where the database and keys live (default: ~/.local/state/repld for "
+                        "the default config, else NAME.state beside a config NAME.toml)")  # fmt: skip
+    c.add_argument("--json", action="store_true", help="print the new replica's identity as JSON")
 
     c = cmd("id", "print this replica's identity: ids, public key, endpoint")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     c = cmd("peer", "add, list or remove peers (stored in the config file)")
     psub = c.add_subparsers(dest="peer_command", metavar="ACTION", parser_class=_Parser)
@@ -126,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("endpoint", help="tcp://HOST:PORT")
     a.add_argument("public_key", help="the 40-character key that `repld id` prints on the peer")
     a = psub.add_parser("list", help="list peers")
-    a.add_argument("--json", action="store_true")
-    a = psub.add_parser("remove", help="forget a peer")
-    a.add_argument("name")
+    a.add_argument("--json", action="store_true", help="as JSON, for scripts")
+    a = psub.add_parser("remove", help="forget a peer (a running daemon drops it at once)")
+    a.add_argument("name", help="the peer's name, as `repld peer list` shows it")
 
     cmd(
         "run",
@@ -187,14 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settle conflicts for this side (local) or the target (remote); "
                         "without it, each side's conflict_policy applies")  # fmt: skip
     c.add_argument("-v", "--verbose", action="store_true", help="print each action")
-    c.add_argument("paths", nargs="*", metavar="PATH")
+    c.add_argument("paths", nargs="*", metavar="PATH",
+                   help="only these subtrees (relative to the current directory inside the "
+                        "tree, else to its root)")  # fmt: skip
 
     c = cmd("log", "the history of PATH: each event, which replica made it, when")
-    c.add_argument("path", metavar="PATH")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("path", metavar="PATH", help="a file, directory or symlink of the tree")
+    c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     c = cmd("conflicts", "list conflict copies waiting for a decision")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     c = cmd(
         "resolve",
@@ -206,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         "so both stay as ordinary files. The decision is recorded as ordinary changes, so every "
         "replica follows it.",
     )
-    c.add_argument("path", metavar="PATH")
-    c.add_argument("--keep", required=True, choices=["local", "remote", "both"])
+    c.add_argument("path", metavar="PATH", help="the file, or one of its conflict copies")
+    c.add_argument("--keep", required=True, choices=["local", "remote", "both"],
+                   help="local: this replica's version; remote: the other one; both: keep "
+                        "both as ordinary files")  # fmt: skip
 
     cmd("dump", "print the database as text, one escaped line per record")
 
@@ -373,9 +382,12 @@ def cmd_id(args: argparse.Namespace) -> int:
             print(f"{k + ':':12} {v}")
         endpoint = str(ident["endpoint"])
         dial = _dialable(endpoint)
-        where = " (or an address of this machine the peer can reach)" if dial != endpoint else ""
-        print(f"\nto admit this replica on a peer (keep the single quotes){where}:\n"
+        print(f"\nto admit this replica on a peer (keep the single quotes):\n"
               f"  repld peer add {ident['name']} {dial} '{ident['public_key']}'")  # fmt: skip
+        if dial != endpoint:
+            print(f"(this replica listens on {endpoint}, every address of this machine: "
+                  f"{dial.split('//')[1].rsplit(':', 1)[0]} is its host name; give any address "
+                  "the peer can reach)")  # fmt: skip
     return 0
 
 
