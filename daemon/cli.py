@@ -382,12 +382,13 @@ def cmd_id(args: argparse.Namespace) -> int:
             print(f"{k + ':':12} {v}")
         endpoint = str(ident["endpoint"])
         dial = _dialable(endpoint)
-        print(f"\nto admit this replica on a peer (keep the single quotes):\n"
-              f"  repld peer add {ident['name']} {dial} '{ident['public_key']}'")  # fmt: skip
+        print()
         if dial != endpoint:
             print(f"(this replica listens on {endpoint}, every address of this machine: "
-                  f"{dial.split('//')[1].rsplit(':', 1)[0]} is its host name; give any address "
-                  "the peer can reach)")  # fmt: skip
+                  f"{dial.split('//')[1].rsplit(':', 1)[0]} below is its host name; any address "
+                  "the peer can reach will do)")  # fmt: skip
+        print(f"to admit this replica on a peer (keep the single quotes):\n"
+              f"  repld peer add {ident['name']} {dial} '{ident['public_key']}'")  # fmt: skip
     return 0
 
 
