@@ -47,7 +47,7 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .diskio import syncfs
-from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError
+from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError, StoreError
 from .scanner import hash_file_stat
 from .store import Store
 
@@ -254,8 +254,8 @@ class Applier:
     def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
         try:
             fn(step)
-        except ApplyStopped:
-            raise  # not this path's trouble: the whole apply stops
+        except (ApplyStopped, StoreError):
+            raise  # not this path's trouble (a full disk under the database): the apply stops
         except ParentNotDir as e:
             if self._removing or self._second_try:
                 self._changed(step, e)
@@ -293,7 +293,7 @@ class Applier:
                 continue
             try:
                 (self._apply_deferred if again.deferred else self._stage)(again)
-            except ApplyStopped:
+            except (ApplyStopped, StoreError):
                 raise
             except ChangedOnDisk as e2:
                 self._error(again.path, f"{e2}; it will be synced next time")

@@ -53,7 +53,7 @@ from .scanner import ScanStats
 log = logging.getLogger(__name__)
 
 FORMAT = "repld-bundle"
-VERSION = 1
+VERSION = 2  # 2: records may carry the action "adopt"
 CHUNK = 1 << 20  # bytes of content per row
 COMMIT_BYTES = 64 << 20  # content written between commits of the bundle being built
 

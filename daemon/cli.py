@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import errno
 import json
 import logging
 import os
@@ -772,43 +771,61 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         if not os.path.lexists(rep.root / path) and rep.store.get(path) is None:
             raise UsageError(f"{args.path}: not in this replica (nothing there, nothing recorded); "
                              "`repld conflicts` lists the conflicts")  # fmt: skip
-        rep.scan([path], clean_temp=True)
+        first = original_of(rep.store, path) or path
+        rep.scan([first, *(r["copy"] for r in list_conflicts(rep.store) if r["path"] == first)],
+                 clean_temp=True)  # fmt: skip
         rows = list_conflicts(rep.store)
         original = original_of(rep.store, path) or path
         every = [r["copy"] for r in rows if r["path"] == original]
         copies = [path] if path != original else every  # (--keep both renames these)
         if not copies:
             raise ReplError(f"{path}: no conflict to resolve (see `repld conflicts`)")
-        # "local" is this replica's version: the file at the name, unless a conflict copy holds
-        # this replica's own losing edit; "remote" is the other one. Either settles the whole
-        # conflict: the version kept takes the name, every copy goes.
+        # "local" is this replica's version, "remote" the other one's; each is either the file
+        # at the name (whoever changed it last) or a conflict copy (who made the losing edit).
+        # Either settles the whole conflict: the version kept takes the name, every copy goes.
+        me = rep.store.replica_id
         by = {r["copy"]: r["copy_replica"] for r in rows}
-        mine = [c for c in every if by.get(c) == rep.store.replica_id]
-        theirs = [c for c in every if c not in mine]
+        at_name = rep.store.get(original)
+        name_mine = at_name is not None and not at_name.deleted and at_name.modified_by == me
         keep_copy: str | None = None  # the copy whose content takes the name
         if args.keep in ("local", "remote"):
-            copies = sorted(set(every) | set(copies))
-        if args.keep == "local":
-            keep_copy = mine[0] if mine else None
-        elif args.keep == "remote":
+            want_mine = args.keep == "local"
             if path != original:
-                keep_copy = path  # named explicitly
-            elif len(theirs) > 1:
-                raise UsageError(
-                    f"{original} has {len(theirs)} conflict copies; name the one to keep: "
-                    + ", ".join(theirs)
-                )
+                if (by.get(path) == me) != want_mine:
+                    whose = "this replica's" if by.get(path) == me else "another replica's"
+                    raise UsageError(
+                        f"{path} holds {whose} version: --keep "
+                        f"{'remote' if want_mine else 'local'} keeps it"
+                    )
+                keep_copy = path
             else:
-                keep_copy = theirs[0] if theirs else None
+                chosen = [c for c in every if (by.get(c) == me) == want_mine]
+                name_fits = name_mine == want_mine
+                if len(chosen) + name_fits > 1:
+                    raise UsageError(
+                        f"{original} has more than one {args.keep} version "
+                        f"({', '.join(([original] if name_fits else []) + chosen)}); name the "
+                        "one to keep"
+                    )
+                if not name_fits and chosen:
+                    keep_copy = chosen[0]
+                elif not name_fits and not want_mine:
+                    raise UsageError(f"{original}: every version here is this replica's own; "
+                                     "--keep local settles it")  # fmt: skip
+                # (else the name keeps its content: it is the version asked for, or, with no
+                # version of this replica's anywhere, the one this replica shows.)
+            copies = sorted(set(every) | set(copies))
         root = rep.root
         touched = [original, *copies]
         try:
             if args.keep in ("local", "remote"):
                 if keep_copy is not None:
                     os.replace(root / keep_copy, root / original)
+                    print(f"{escape(keep_copy)} -> {escape(original)}")
                 for c in copies:
                     if c != keep_copy:
                         os.unlink(root / c)
+                        print(f"removed {escape(c)}")
             else:
                 for c in copies:
                     fixed = _both_name(c)
@@ -1020,6 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="repld: %(levelname)s: %(name)s: %(message)s" if args.debug
         else "repld: %(levelname)s: %(message)s",
     )
+    real_stdout = sys.stdout
+    sys.stdout = _Output(real_stdout)  # type: ignore[assignment]
     try:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # here, where a full disk or a closed pipe can still be reported
@@ -1028,6 +1047,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"repld: config error: {e}", file=sys.stderr)
         return 2
     except ReplError as e:
+        if isinstance(e, OutputError):
+            _quiet_stdout()
         print(f"repld: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -1044,13 +1065,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        if e.filename is None and e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG):
-            # Writing the output failed (`repld dump > /dev/full`).
-            _quiet_stdout()
-            print(f"repld: cannot write the output: {e.strerror}", file=sys.stderr)
-        else:
-            print(f"repld: {e}", file=sys.stderr)
+        print(f"repld: {e}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = real_stdout
+
+
+class OutputError(ReplError):
+    """Standard output could not be written (`repld dump > /dev/full`)."""
+
+
+class _Output:
+    """sys.stdout, whose write errors (a full disk, an I/O error) say they are the output's;
+    a closed pipe stays a BrokenPipeError (a reader that stopped early)."""
+
+    def __init__(self, f: Any):
+        self._f = f
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._f.write(text))
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(f"cannot write the output: {e.strerror}") from None
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(f"cannot write the output: {e.strerror}") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def _quiet_stdout() -> None:

@@ -99,7 +99,6 @@ def sync(
         )
     if left.store.replica_id == right.store.replica_id:
         raise ReplError(f"{left.cfg.path} and {right.cfg.path} are the same replica")
-    _not_nested(left, right)
     within = subtree_filter(paths)
 
     report = SyncReport(dry_run=dry_run)
@@ -112,6 +111,7 @@ def sync(
         if dry_run:
             stack.enter_context(left.store.transaction(commit=False))
             stack.enter_context(right.store.transaction(commit=False))
+        _not_nested(left, right)  # (it reads the ignore rules, which a replica notes: see there)
         for rep in (left, right):
             report.scans[rep.cfg.name] = rep.scan(
                 paths=[p.strip("/") for p in paths] if paths else None,
@@ -154,6 +154,8 @@ def rules_widened(rep: Replica) -> bool:
     asked for again (the marks are forgotten: see Replica.ignore)."""
     rep.ignore()
     widened, rep.rules_widened = rep.rules_widened, False
+    if widened:
+        rep.store.forget_seen()  # again: a pass may have set its mark after the rules changed
     return widened
 
 

@@ -50,7 +50,7 @@ from ..protocol.session import (
 )
 from . import config as configmod
 from .applier import Applier, ApplyStats
-from .errors import ConfigError, PeerLost, ReplError, RootChanged
+from .errors import ConfigError, PeerLost, ReplError, RootChanged, StoreError
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
@@ -751,11 +751,12 @@ class Node:
             return
         for link in self.links:
             s = link.session
-            if s is not None and link.established and s.peer is not None:
+            if s is not None and s.state in (State.ESTABLISHED, State.HELLO_SENT):
+                # (A hello on its way carries the old mark: it is asked again too.)
                 log.info("%s: ignore rules changed: asking for every record again", link.label,
                          extra={"PEER": link.label})  # fmt: skip
                 link.last_hello = float("-inf")
-                self._restart(link, s.peer.replica_id)
+                self._restart(link, s.peer.replica_id if s.peer is not None else s.seen_of or None)
 
     def _replica_of(self, name: str) -> str | None:
         """The replica last seen under ``name`` (a re-initialised peer leaves an older mark).
@@ -993,9 +994,16 @@ class Node:
                 # recorded; the rest of the page is asked for again once the root is back.
                 stats, root_lost = applier.stats, True
                 self._root_ok()
+            except (StoreError, sqlite3.Error) as e:
+                # The database cannot take it (a full disk): the page is asked for again later.
+                stats, root_lost = applier.stats, True
+                self.state = "idle"
+                log.error("%s: %s; this page is asked for again in %g s", link.label, e,
+                          RETRY_EVERY, extra={"PEER": link.label})  # fmt: skip
             except PeerLost as e:
                 # Likewise the peer: the rest of the page comes again with the next session.
                 stats, root_lost = applier.stats, True
+                self.state = "idle"
                 log.info("%s: %s; the rest of this page is asked for again later", link.label, e,
                          extra={"PEER": link.label})  # fmt: skip
             finally:
@@ -1193,6 +1201,8 @@ class Node:
             # (A dry run or a subtree sync marks every page failed, so as not to move the mark
             # past what it did not apply: asking for the pages again would only repeat them.)
             one_shot_partial = self.opts.dry_run or self.opts.within is not None
+            if self.paused:
+                continue  # what was refused meanwhile is asked for again at resume
             if (not quick and s.failed_from is not None and not one_shot_partial
                     and now - link.last_retry >= RETRY_EVERY):  # fmt: skip
                 link.last_retry = now
@@ -1254,6 +1264,10 @@ class Node:
                 self.paused = False
                 self.state = "idle"
                 self.request_full_scan()
+                for link in self.links:  # the pages refused while paused
+                    if link.session is not None and link.session.failed_from is not None:
+                        link.last_retry = self.clock()
+                        self._send_out(link, link.session.retry())
             elif name == "sync-now":
                 self.full_scan()
                 for link in self.links:

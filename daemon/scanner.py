@@ -225,6 +225,8 @@ class Scanner:
                 return
             rec = self.store.get(parent)
             if rec is None or rec.deleted:
+                if self._state(parent):
+                    return  # nothing in a state directory is recorded
                 self._scan_entry(parent, st, rec, descend=False)
         st = self._lstat(path)
         if st is not None and self.ignore(path, stat.S_ISDIR(st.st_mode)):
@@ -535,8 +537,9 @@ class Scanner:
     def _state(self, path: str) -> bool:
         """Whether the new directory ``path`` is a repld state directory (another replica's, or
         this one's under another config): never recorded, its secret key must not travel."""
-        if not os.path.exists(f"{self._root_s}/{path}/repld.db"):
-            return False
+        where = f"{self._root_s}/{path}"
+        if not (os.path.exists(f"{where}/repld.db") or os.path.exists(f"{where}/keys/curve.secret")):
+            return False  # (init makes the keys first, the database next)
         self._skip(path, "a repld state directory (its secret key must not travel); keep it "
                          "outside the tree, or ignore it in .repldignore")  # fmt: skip
         return True

@@ -233,6 +233,8 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
     before = control_request(cfg, "status")["status"].get("transfer", {})
     while True:
         status = control_request(cfg, "status")["status"]
+        if status["state"] == "paused":
+            raise ReplError("the daemon is paused (`repld resume` first): it takes nothing in")
         whole = replica_error(status)
         if status["state"] == "error" and whole:
             raise ReplError(whole)  # the root is not the replica's: nothing will be applied

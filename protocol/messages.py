@@ -18,7 +18,7 @@ from .errors import ProtocolError
 from .record import DIGEST_SIZE, Action, Kind, Record, check_path
 from .version import VersionVector
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: records may carry the action "adopt"
 PROTOCOL = "repld/1"
 MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
 MAX_BLOCK_REQUEST = 4 << 20  # bytes of file content one request may ask for

@@ -7,9 +7,10 @@
   what a joining replica found in its root, untouched since, and exactly what was deleted: then
   it was an old copy, and the deletion wins);
 - concurrent, different content: a conflict. Without a preference every replica picks the same
-  winner from the two records alone (a directory beats anything else, then the newer mtime, then
-  the larger replica id, then that replica's later change, then the larger content hash: see
-  ``_winner_key``, which also picks the metadata of a same-content merge); the loser is kept
+  winner from the two records alone (a directory beats anything else, then anything beats what a
+  joining replica found in its root, then the newer mtime, then the larger replica id, then that
+  replica's later change, then the larger content hash: see ``_winner_key``, which also picks
+  the metadata of a same-content merge); the loser is kept
   beside the winner as a conflict copy whose name and record derive only from the losing version,
   so two replicas that resolve the same conflict independently produce the same copy, once. The
   resolved version is the merge of both, so it dominates both and a third replica never sees the
@@ -59,16 +60,20 @@ class Resolution:
     note: str = ""
 
 
-def _winner_key(r: Record) -> tuple[int, int, str, int, str, int, str, str]:
+def _winner_key(r: Record) -> tuple[int, int, int, str, int, str, int, str, str]:
     """Orders two records alike on every replica, from replicated fields only.
+
+    A directory first (it may hold files); then anything over what a joining replica found in
+    its root (Action.ADOPT: perhaps an old copy, whatever its mtime says; a home restored with
+    `cp -r` has every mtime new), so the tree's version keeps the name.
 
     After kind and mtime: the replica that made the change, then its sequence number when it did
     (so of two changes by one replica the later one wins: a chmod keeps the mtime and the content,
     and must still beat the mode it changed), then content, mode and guid, so that two records
     never tie unless they describe the same thing the same way.
     """
-    return (1 if r.kind is Kind.DIR else 0, r.mtime_ns, r.modified_by, r.origin_seq,
-            r.content_id(), r.mode, r.kind.value, r.guid)  # fmt: skip
+    return (1 if r.kind is Kind.DIR else 0, 0 if r.action is Action.ADOPT else 1, r.mtime_ns,
+            r.modified_by, r.origin_seq, r.content_id(), r.mode, r.kind.value, r.guid)  # fmt: skip
 
 
 def _what_was_deleted(alive: Record, dead: Record) -> bool:
@@ -140,6 +145,8 @@ def reconcile(
         winner_side = Side.LOCAL if local_wins else Side.REMOTE
         if has_dir:
             reason = "a directory stays: it may hold files"
+        elif (local.action is Action.ADOPT) != (remote.action is Action.ADOPT):
+            reason = "the tree's version stays; the other was found at a join"
         elif local.mtime_ns != remote.mtime_ns:
             reason = "newer modification"
         else:

@@ -333,6 +333,10 @@ def test_a_repld_state_directory_inside_the_tree_is_never_recorded(tmp_path):
     assert "cfg/notes.txt" in dump and "o.state" not in dump and "curve" not in dump
     proc = a("scan", check=False)
     assert "not replicated: cfg/o.state: a repld state directory" in proc.stderr, proc.stderr
+    # A scan of paths inside it (what the daemon's watcher asks for) leaves it out too.
+    proc = a("scan", "cfg/o.state/keys/curve.secret", check=False)
+    assert "a repld state directory" in proc.stderr
+    assert "o.state" not in a("dump").stdout
 
 
 def test_init_again_after_losing_the_database_keeps_the_replicas_keys(tmp_path):

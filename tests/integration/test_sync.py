@@ -168,7 +168,7 @@ def test_a_conflict_on_a_name_near_the_length_limit_keeps_both_edits(tmp_path):
     listed = json.loads(a("conflicts", "--json").stdout)
     assert [(c["path"], c["path_exists"]) for c in listed] == [(name, True)]
     (copy,) = conflict_copies(a.root)
-    a("resolve", copy, "--keep", "remote")
+    a("resolve", copy, "--keep", "local")  # the copy holds a's own edit
     assert (a.root / name).read_text() == "edited on a, precious\n"
     assert conflict_copies(a.root) == [] and sorted(p.name for p in a.root.iterdir()) == [name]
 
@@ -429,7 +429,7 @@ def test_a_replica_joined_again_over_its_old_files_brings_no_deleted_file_back(t
     import shutil
 
     a, b = make_replicas(tmp_path, "a", "b")
-    for name in ("d13.txt", "d14.txt", "same.txt"):
+    for name in ("d13.txt", "d14.txt", "same.txt", "restored.txt"):
         (a.root / name).write_text(f"{name} as it was\n")
     a.sync(b)
     old = tmp_path / "c"
@@ -437,6 +437,8 @@ def test_a_replica_joined_again_over_its_old_files_brings_no_deleted_file_back(t
     (a.root / "d13.txt").unlink()
     (a.root / "d14.txt").write_text("d14 edited on a\n")
     newer(a.root / "d14.txt", than=old / "d14.txt")
+    (a.root / "restored.txt").write_text("restored.txt edited on a\n")
+    newer(old / "restored.txt", than=a.root / "restored.txt")  # as a `cp -r` restore leaves it
     a.sync(b)
     (old / "only-on-c.txt").write_text("written there meanwhile\n")
     c = Rep("c", old, tmp_path / "c.toml")
@@ -448,8 +450,10 @@ def test_a_replica_joined_again_over_its_old_files_brings_no_deleted_file_back(t
         assert not (r.root / "d13.txt").exists(), r.name
         assert (r.root / "d14.txt").read_text() == "d14 edited on a\n", r.name
         assert (r.root / "only-on-c.txt").read_text() == "written there meanwhile\n", r.name
-        (copy,) = conflict_copies(r.root)
-        assert (r.root / copy).read_text() == "d14.txt as it was\n", r.name
+        # The tree's version keeps the name even against a newer mtime; the old one is kept.
+        assert (r.root / "restored.txt").read_text() == "restored.txt edited on a\n", r.name
+        copies = sorted((r.root / c).read_text() for c in conflict_copies(r.root))
+        assert copies == ["d14.txt as it was\n", "restored.txt as it was\n"], r.name
     assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
     assert "0 actions planned" in c.sync(a, "-n").stdout
 
@@ -599,6 +603,29 @@ def test_resolve_keeps_this_replicas_version_or_the_others_or_both(tmp_path):
     assert list(kept.values()) == ["a w.txt\n"]  # under w.<replica>.txt, an ordinary file
     # A PATH in neither replica is a mistake on the command line.
     assert a("resolve", "nothing-here.txt", "--keep", "local", check=False).returncode == 2
+
+
+def test_resolve_keep_local_keeps_an_edit_made_here_after_the_conflict(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "x.txt").write_text("base\n")
+    a.sync(b)
+    (a.root / "x.txt").write_text("a's edit\n")
+    (b.root / "x.txt").write_text("b's edit\n")
+    newer(b.root / "x.txt", than=a.root / "x.txt")
+    a.sync(b)  # a's edit lost: its copy is a's
+    (a.root / "x.txt").write_text("a's newest edit, made on b's version\n")  # the name is a's now
+    a("scan")
+    (copy,) = conflict_copies(a.root)
+    # The copy is a's too, and so is the name: which one is meant must be said.
+    proc = a("resolve", "x.txt", "--keep", "local", check=False)
+    assert proc.returncode == 2 and "name the one to keep" in proc.stderr, proc.stderr
+    assert (a.root / "x.txt").read_text() == "a's newest edit, made on b's version\n"
+    proc = a("resolve", "x.txt", "--keep", "remote", check=False)  # b's is not here any more
+    assert proc.returncode == 2 and "this replica's own" in proc.stderr, proc.stderr
+    # Named, the copy is what is kept.
+    a("resolve", copy, "--keep", "local")
+    assert (a.root / "x.txt").read_text() == "a's edit\n"
+    assert conflict_copies(a.root) == []
 
 
 def test_ignored_paths_stay_local(tmp_path):

@@ -242,15 +242,15 @@ def test_every_message_survives_the_codec() -> None:
     [
         ([b"\xc1garbage"], "msgpack"),
         ([msgpack.packb([99, "hello", {}])], "wire version"),
-        ([msgpack.packb([1, "launch", {}])], "unknown message type"),
-        ([msgpack.packb([1, "ack", {"upto": -1}])], "ack.upto"),
-        ([msgpack.packb([1, "ack", {"upto": 1, "evil": 2}])], "unknown fields"),
-        ([msgpack.packb([1, "hello", {"tree_id": "t"}])], "missing"),
+        ([msgpack.packb([wire.WIRE_VERSION, "launch", {}])], "unknown message type"),
+        ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": -1}])], "ack.upto"),
+        ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": 1, "evil": 2}])], "unknown fields"),
+        ([msgpack.packb([wire.WIRE_VERSION, "hello", {"tree_id": "t"}])], "missing"),
         (
             [
                 msgpack.packb(
                     [
-                        1,
+                        wire.WIRE_VERSION,
                         "getblocks",
                         {
                             "req": 1,
@@ -268,7 +268,7 @@ def test_every_message_survives_the_codec() -> None:
             [
                 msgpack.packb(
                     [
-                        1,
+                        wire.WIRE_VERSION,
                         "getblocks",
                         {"req": 1, "sha256": "a", "path": "f", "offset": 0, "length": 1 << 30},
                     ]
@@ -276,8 +276,8 @@ def test_every_message_survives_the_codec() -> None:
             ],
             "length",
         ),  # fmt: skip
-        ([msgpack.packb([1, "records", {"records": [["x"]], "upto": 1}])], "16 fields"),
-        ([msgpack.packb([1, "blocks", {"req": 1}])], "data frame"),
+        ([msgpack.packb([wire.WIRE_VERSION, "records", {"records": [["x"]], "upto": 1}])], "16 fields"),
+        ([msgpack.packb([wire.WIRE_VERSION, "blocks", {"req": 1}])], "data frame"),
         ([b"x" * (wire.MAX_MESSAGE + 1)], "limit"),
         ([], "frames"),
     ],
