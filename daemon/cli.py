@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the directory now at the root as this replica's tree, after it was replaced "
         "(restored from a backup, say): files missing from it count as deleted",
     )
+    c.add_argument(
+        "--accept-deletes",
+        action="store_true",
+        help="record the deletions even if more than half of the tree is gone at once (the "
+        "circuit breaker holds such a scan back: an rm -rf in the wrong place would empty "
+        "every replica)",
+    )
     c.add_argument("paths", nargs="*", metavar="PATH")
 
     c = cmd(
@@ -524,6 +531,9 @@ def format_status(st: dict[str, Any]) -> str:
 
 def cmd_control(args: argparse.Namespace) -> int:
     cfg = configmod.load(args.config, need_root=False)
+    if args.command == "rescan" and control.request(cfg, "status")["status"]["state"] == "paused":
+        raise ReplError("the daemon is paused: it records nothing until `repld resume`, which "
+                        "scans the tree first")  # fmt: skip
     control.request(cfg, args.command)
     print(f"{args.command}: done" if args.command != "rescan" else "rescan: started")
     return 0
@@ -539,12 +549,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
         for given, path in zip(args.paths, _tree_paths(cfg.root, args.paths) or [], strict=False):
             if not os.path.lexists(cfg.root / path):
                 raise UsageError(f"{given}: no such file or directory in {cfg.root}") from None
-        command = "accept-root" if args.accept_root else "rescan-full" if args.full else "rescan"
+        command = ("accept-root" if args.accept_root else "accept-deletes" if args.accept_deletes
+                   else "rescan-full" if args.full else "rescan")  # fmt: skip
+        if control.request(cfg, "status")["status"]["state"] == "paused":
+            raise ReplError("the daemon is paused: it records nothing until `repld resume`, "
+                            "which scans the tree first") from None  # fmt: skip
         control.request(cfg, command)
         status = control.request(cfg, "status")["status"]
         whole = control.replica_error(status)
-        if status["state"] == "error" and whole and not args.accept_root:
-            raise ReplError(whole) from None  # not the replica's root: nothing is scanned
+        if whole and not (args.accept_root or args.accept_deletes) and (
+            status["state"] == "error" or status.get("deletes_held")
+        ):
+            raise ReplError(whole) from None  # not the replica's root, or deletions held
         print("asked the running daemon to scan the tree; `repld status` shows when it is done")
         return 0
     with rep:
@@ -557,7 +573,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if args.accept_root:
             rep.check_root(accept=True)
         stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress,
-                         rehash=args.full)  # fmt: skip
+                         rehash=args.full, accept_deletes=args.accept_deletes)  # fmt: skip
     progress.done()
     for action, path in stats.changes:
         print(f"{action:7} {escape(path)}")
@@ -799,19 +815,22 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                     )
                 keep_copy = path
             else:
+                # The file was named: when it is of the side asked for, it is the one kept.
                 chosen = [c for c in every if (by.get(c) == me) == want_mine]
                 name_fits = name_mine == want_mine
-                if len(chosen) + name_fits > 1:
+                if not name_fits and len(chosen) > 1:
                     raise UsageError(
-                        f"{original} has more than one {args.keep} version "
-                        f"({', '.join(([original] if name_fits else []) + chosen)}); name the "
-                        "one to keep"
+                        f"{original} has {len(chosen)} {args.keep} versions in conflict copies "
+                        f"({', '.join(chosen)}); name the one to keep"
                     )
                 if not name_fits and chosen:
                     keep_copy = chosen[0]
                 elif not name_fits and not want_mine:
-                    raise UsageError(f"{original}: every version here is this replica's own; "
-                                     "--keep local settles it")  # fmt: skip
+                    raise UsageError(
+                        f"{original}: every version here is this replica's own (the file and "
+                        f"its copies); `repld resolve {original} --keep local` keeps the file, "
+                        "`repld resolve COPY --keep local` a copy"
+                    )
                 # (else the name keeps its content: it is the version asked for, or, with no
                 # version of this replica's anywhere, the one this replica shows.)
             copies = sorted(set(every) | set(copies))

@@ -30,7 +30,8 @@ from .errors import DaemonNotRunning, ReplError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("status", "peers", "conflicts", "rescan", "rescan-full", "accept-root", "pause",
+COMMANDS = ("status", "peers", "conflicts", "rescan", "rescan-full", "accept-root",
+            "accept-deletes", "pause",
             "resume", "sync-now", "reload")
 MAX_REQUEST = 64 * 1024
 _UNIX_PATH_MAX = 107

@@ -65,6 +65,11 @@ class RootChanged(ApplyStopped):
     file as deleted and send those deletions everywhere."""
 
 
+class MassDelete(ReplError):
+    """A scan found most of the tree gone at once (an `rm -rf` in the wrong place, a sync tool
+    or a script run amok): not recorded, so not sent to any peer, until the user says so."""
+
+
 class TreeMismatchError(ReplError):
     """Two replicas of different trees were asked to sync."""
 

@@ -131,9 +131,7 @@ def sync(
             if not dry_run and rules_widened(into):
                 # The pass brought ignore rules that let through paths whose records it
                 # skipped under the old ones: once more, from the first record.
-                again = _pass(into, src, policy, within, dry_run, verbose, progress)
-                done.steps += again.steps
-                done.stats.merge(again.stats)
+                _rerun(done, _pass(into, src, policy, within, dry_run, verbose, progress))
             report.passes.append(done)
         if len(passes) == 2 and not dry_run:
             st = report.passes[1].stats
@@ -142,10 +140,24 @@ def sync(
                 # kept alive): bring them back now, not at the next sync.
                 into, src, into_left = passes[0]
                 policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
-                again = _pass(into, src, policy, within, dry_run, verbose, progress)
-                report.passes[0].steps += again.steps
-                report.passes[0].stats.merge(again.stats)
+                _rerun(report.passes[0], _pass(into, src, policy, within, dry_run, verbose,
+                                               progress))  # fmt: skip
     return report
+
+
+def _rerun(first: PassReport, again: PassReport) -> None:
+    """Report a pass run once more as part of the first: a path that failed the first time
+    and went through the second is no error, and a step is listed once."""
+    redone = {st.path for st in again.stats.done}
+    first.stats.errors = [(p, why) for p, why in first.stats.errors if p not in redone]
+    first.stats.merge(again.stats)
+    listed: set[tuple[object, str]] = set()
+    steps = []
+    for st in reversed(first.steps + again.steps):
+        if (st.op, st.path) not in listed:
+            listed.add((st.op, st.path))
+            steps.append(st)
+    first.steps = steps[::-1]
 
 
 def rules_widened(rep: Replica) -> bool:

@@ -50,7 +50,7 @@ from ..protocol.session import (
 )
 from . import config as configmod
 from .applier import Applier, ApplyStats
-from .errors import ConfigError, PeerLost, ReplError, RootChanged, StoreError
+from .errors import ConfigError, MassDelete, PeerLost, ReplError, RootChanged, StoreError
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
@@ -184,6 +184,7 @@ class Node:
         self.keys = load_keys(self.cfg)
         self.state = "starting"
         self.paused = False
+        self._deletes_held = ""  # why a scan's deletions are held back (see _hold_deletes)
         self.links: list[PeerLink] = []
         self.by_rid: dict[bytes, PeerLink] = {}
         self.errors: dict[str, PathError] = {}
@@ -268,6 +269,15 @@ class Node:
             self._watch()
             self.request_full_scan()
         return True
+
+    def _hold_deletes(self, e: MassDelete) -> None:
+        """The circuit breaker tripped (see Replica._check_deletes): nothing of that scan was
+        recorded. Other changes still travel, both ways; the next whole scan that finds no mass
+        deletion (or `repld scan --accept-deletes`) lifts the hold."""
+        if self._deletes_held != str(e):
+            log.error("%s", e)
+        self._deletes_held = str(e)
+        self.errors[""] = PathError("", str(e))
 
     def _accept_root(self) -> None:
         """`repld scan --accept-root`: the directory at the root now is the tree."""
@@ -1077,6 +1087,9 @@ class Node:
         except RootChanged:
             self._root_ok()  # says why, and stops scanning and applying until it is back
             return
+        except MassDelete as e:
+            self._hold_deletes(e)
+            return
         finally:
             if self.state == "scanning":
                 self.state = was
@@ -1100,15 +1113,25 @@ class Node:
             return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (size, mtime_ns, mode)
         return kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == mode
 
-    def full_scan(self, *, rehash: bool = False) -> None:
+    def full_scan(self, *, rehash: bool = False, accept_deletes: bool = False) -> None:
         if self._root_error:
             return
         self._applied.clear()
         try:
-            stats = self.rep.scan(paths=None, clean_temp=True, rehash=rehash)
+            stats = self.rep.scan(paths=None, clean_temp=True, rehash=rehash,
+                                  accept_deletes=accept_deletes)  # fmt: skip
         except RootChanged:
             self._root_ok()
             return
+        except MassDelete as e:
+            self._hold_deletes(e)
+            return
+        if self._deletes_held:
+            # A whole scan without a mass deletion: accepted, or the files are back.
+            log.warning("the deletions held back are %s", "recorded" if accept_deletes
+                        else "gone (the files are back)")  # fmt: skip
+            self._deletes_held = ""
+            self.errors.pop("", None)
         every = self._full_scan_every()
         self._next_full_scan = None if every is None else self.clock() + every
         self._scan_done(stats)
@@ -1249,9 +1272,14 @@ class Node:
                 if not self.commands:
                     return
                 name, args = self.commands.popleft()
+            if self.paused and name in ("rescan", "rescan-full", "accept-deletes"):
+                log.info("%s ignored: paused (resume scans the tree)", name)
+                continue
             if name == "rescan":
                 self._refresh_watches()
                 self.full_scan()
+            elif name == "accept-deletes":  # `repld scan --accept-deletes`
+                self.full_scan(accept_deletes=True)
             elif name == "rescan-full":  # `repld scan --full`: every file read again
                 self._refresh_watches()
                 self.full_scan(rehash=True)
@@ -1309,6 +1337,7 @@ class Node:
                 "sequence": self.store.committed_seq,
             },
             "conflicts": conflicts,
+            "deletes_held": bool(self._deletes_held),
             "errors": [{"path": e.path, "error": e.error} for e in self.errors.values()],
             "peers": peers,
             "watching": self.watcher is not None and self.watcher.alive,

@@ -21,7 +21,7 @@ from ..protocol.record import (
 )
 from . import config as configmod
 from .config import Config
-from .errors import ConfigError, RootChanged, StoreError
+from .errors import ConfigError, MassDelete, RootChanged, StoreError
 from .ignore import IGNORE_FILE, Ignore
 from .scanner import Scanner, ScanStats
 from .store import Store
@@ -133,6 +133,7 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
+MASS_DELETE_MIN = 100  # paths deleted by one scan before the circuit breaker looks at all
 IGNORE_RULES_KEY = "ignore_rules"  # meta: the ignore rules as the last scan found them (JSON)
 
 
@@ -193,14 +194,37 @@ class Replica:
     def scanner(self, **kwargs: object) -> Scanner:
         return Scanner(self.store, self.cfg.root, self.ignore(), **kwargs)  # type: ignore[arg-type]
 
-    def scan(self, paths: list[str] | None = None, **kwargs: object) -> ScanStats:
+    def scan(
+        self, paths: list[str] | None = None, *, accept_deletes: bool = False, **kwargs: object
+    ) -> ScanStats:
         self.check_root()
         with self.store.transaction():
             stats = self.scanner(**kwargs).scan(paths)
             # Again before the scan commits: a root that went away during the walk made every
             # path not walked yet look deleted.
             self.check_root()
+            if not accept_deletes:
+                self._check_deletes(stats)
         return stats
+
+    def _check_deletes(self, stats: ScanStats) -> None:
+        """The mass-delete circuit breaker: a scan that finds at least MASS_DELETE_MIN paths and
+        more than half of the tree gone is not committed (MassDelete rolls it back): nothing is
+        recorded, nothing reaches a peer, until `repld scan --accept-deletes` (or the files
+        come back). Deletions that arrive from peers are not checked: they were accepted where
+        they were made."""
+        if stats.deleted < MASS_DELETE_MIN:
+            return
+        files, dirs, _ = self.store.counts()  # what is left, this transaction's deletions done
+        before = files + dirs + stats.deleted
+        if stats.deleted * 2 <= before:
+            return
+        raise MassDelete(
+            f"{stats.deleted} of the {before} paths of {self.root} are gone since the last scan: "
+            "more than half of the tree at once, so it was not recorded and no peer hears of it. "
+            "If you meant it, run `repld scan --accept-deletes`; if not, put the files back "
+            "(from a backup, or copied from another replica's tree)"
+        )
 
     def check_root(self, *, accept: bool = False) -> None:
         """Raise ``RootChanged`` unless the root is the directory this replica was made on.

@@ -540,10 +540,12 @@ class Scanner:
         where = f"{self._root_s}/{path}"
         if not (os.path.exists(f"{where}/repld.db") or os.path.exists(f"{where}/keys/curve.secret")):
             return False  # (init makes the keys first, the database next)
+        # (At DEBUG: every scan that passes by says it again, and status lists it anyway.)
         self._skip(path, "a repld state directory (its secret key must not travel); keep it "
-                         "outside the tree, or ignore it in .repldignore")  # fmt: skip
+                         "outside the tree, or ignore it in .repldignore",
+                   level=logging.DEBUG)  # fmt: skip
         return True
 
-    def _skip(self, path: str, why: str) -> None:
-        log.info("%s: not replicated: %s", path, why)
+    def _skip(self, path: str, why: str, *, level: int = logging.INFO) -> None:
+        log.log(level, "%s: not replicated: %s", path, why)
         self.stats.skipped.append((path, why))

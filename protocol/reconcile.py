@@ -123,9 +123,9 @@ def reconcile(
     if local.same_content(remote):
         # Nothing to fight over. Metadata (mode, mtime) comes from the deterministic winner so
         # both replicas end up with the same record.
+        # (Two joiners' adopted copies that merge stay adopted: the tree's version, when it
+        # comes, still wins over them; one adopted copy and the tree's merge into the tree's.)
         base = max(local, remote, key=_winner_key)
-        if base.action is Action.ADOPT:  # the other side's history of it says more
-            base = base.with_(action=Action.UPDATE)
         return Resolution(order, base.with_(version=merged), note="same content, versions merged")
     if local.deleted or remote.deleted:
         alive, dead = (remote, local) if local.deleted else (local, remote)
@@ -136,9 +136,13 @@ def reconcile(
         return Resolution(order, alive.with_(version=merged), note="modification beats deletion")
 
     has_dir = Kind.DIR in (local.kind, remote.kind)  # a directory always wins: it holds files
-    if policy is Policy.PREFER_LOCAL and not has_dir:
+    # What a joining replica found in its root never loses silently, whatever the policy: the
+    # tree's version keeps the name, the adopted one is kept beside it.
+    adopted = Action.ADOPT in (local.action, remote.action)
+    fixed = has_dir or adopted  # decided by the rule, not by a preference or a policy
+    if policy is Policy.PREFER_LOCAL and not fixed:
         winner_side, reason = Side.LOCAL, "prefer local"
-    elif policy is Policy.PREFER_REMOTE and not has_dir:
+    elif policy is Policy.PREFER_REMOTE and not fixed:
         winner_side, reason = Side.REMOTE, "prefer remote"
     else:
         local_wins = _winner_key(local) > _winner_key(remote)
@@ -153,14 +157,14 @@ def reconcile(
             reason = "tie broken by id"
     winner, loser = (local, remote) if winner_side is Side.LOCAL else (remote, local)
 
-    chosen = policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and not has_dir
+    chosen = policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and not fixed
     version = merged.bump(replica) if chosen else merged
     result = winner.with_(version=version, action=Action.UPDATE)
     if chosen:
         result = result.with_(modified_by=replica, origin_seq=0)
     # A file or symlink that loses to a directory is kept whatever the policy: the directory
     # did not win by being newer, and "newest" must not drop a newer edit.
-    keep = policy is Policy.KEEP_BOTH or has_dir
+    keep = policy is Policy.KEEP_BOTH or fixed
     copy = conflict_copy_record(loser, local.path) if keep else None
     conflict = Conflict(local.path, winner_side, winner, loser, copy, reason)
     return Resolution(order, result, conflict, note=reason)

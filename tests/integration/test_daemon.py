@@ -138,6 +138,26 @@ def test_a_directory_taken_off_the_ignore_rules_comes_over(cluster):
     assert (a.root / "cache" / "y").read_text() == "y from b\n"
 
 
+def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster):
+    a, b = cluster.make("a", "b")
+    for i in range(150):
+        (a.root / f"f{i:03}").write_text(f"{i}\n")
+    cluster.start()
+    cluster.wait_converged(what="150 files")
+    for i in range(150):
+        (a.root / f"f{i:03}").unlink()
+    cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
+    st = a.status()
+    assert any("--accept-deletes" in e["error"] for e in st["errors"] if not e["path"]), st
+    (a.root / "new.txt").write_text("other changes still travel\n")
+    cluster.wait_until(lambda: (b.root / "new.txt").exists(), 30, "new.txt to reach b")
+    assert len([p for p in b.root.iterdir() if p.name.startswith("f")]) == 150
+    a("scan", "--accept-deletes")
+    cluster.wait_until(lambda: not any(p.name.startswith("f") for p in b.root.iterdir()), 30,
+                       "the accepted deletions to reach b")  # fmt: skip
+    cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to be lifted")
+
+
 def test_delete_against_modify_while_apart_keeps_the_modification(cluster):
     a, b = cluster.make("a", "b")
     (a.root / "f.txt").write_text("base\n")

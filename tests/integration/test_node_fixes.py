@@ -206,8 +206,8 @@ def test_an_error_goes_once_its_path_is_gone(cluster):
 
 
 def test_an_error_goes_after_a_rescan_finds_its_path_gone(cluster):
-    """The same, found by a full scan (`repld rescan`) rather than by the watcher: paused, the
-    daemon leaves the watcher's news of the removal alone."""
+    """The same, found by a full scan (the one `repld resume` makes) rather than by the
+    watcher: paused, the daemon leaves the watcher's news of the removal alone."""
     (a,) = cluster.make("a")
     cluster.start()
     os.mkfifo(a.root / "myfifo")
@@ -215,10 +215,9 @@ def test_an_error_goes_after_a_rescan_finds_its_path_gone(cluster):
     _wait(a, lambda: len(_errors_about(a, "fifo")) == 2, "errors about the fifos")
     a("pause")
     (a.root / "myfifo").unlink()
-    a("rescan")
+    a("resume")  # which scans the whole tree first
     _wait(a, lambda: not _errors_about(a, "myfifo"), "the fifo's error to go after a rescan")
     assert [e["path"] for e in _errors_about(a, "fifo")] == ["other-fifo"]
-    a("resume")
 
 
 def test_an_error_goes_once_its_path_scans_cleanly(cluster):
@@ -269,6 +268,9 @@ def test_a_paused_daemon_takes_nothing_in_and_is_not_in_sync_until_resumed(clust
     cluster.wait_converged(what="first contact")
     b("pause")
     cluster.wait_until(lambda: b.status()["state"] == "paused", 30, "b to say it is paused")
+    for scan in (["scan"], ["rescan"]):  # a paused daemon records nothing, even when asked
+        proc = b(*scan, check=False)
+        assert proc.returncode == 1 and "paused" in proc.stderr, (scan, proc.stderr)
     (a.root / "while-paused.txt").write_text("sent while b is paused\n")
     # a has it recorded and offered; b refuses the page: it needs the file and says so.
     cluster.wait_until(lambda: b.peer_status("a")["need_files"] >= 1, 30,

@@ -480,6 +480,57 @@ def test_a_file_made_a_directory_against_an_edit_settles_in_one_sync(tmp_path):
     assert "0 actions planned" in h.sync(u, "-n").stdout
 
 
+def test_most_of_the_tree_deleted_at_once_is_held_back_until_accepted(tmp_path):
+    import shutil
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    for d in range(3):
+        (a.root / f"d{d}").mkdir()
+        for i in range(50):
+            (a.root / f"d{d}" / f"f{i}").write_text(f"{d} {i}\n")
+    (a.root / "keep.txt").write_text("kept\n")
+    a.sync(b)
+    for d in range(3):
+        shutil.rmtree(a.root / f"d{d}")  # an rm -rf in the wrong place
+    proc = a.sync(b, check=False)
+    assert proc.returncode == 1 and "--accept-deletes" in proc.stderr, proc.stderr
+    assert len(list((b.root / "d1").iterdir())) == 50  # nothing deleted there
+    proc = a("scan", check=False)
+    assert proc.returncode == 1 and "more than half of the tree" in proc.stderr
+    a("scan", "--accept-deletes")
+    a.sync(b)
+    assert sorted(p.name for p in b.root.iterdir()) == ["keep.txt"]
+    # Fewer deletions, or less than half of the tree, go through as usual.
+    for i in range(10):
+        (a.root / f"g{i}").write_text("g\n")
+    a.sync(b)
+    for i in range(10):
+        (a.root / f"g{i}").unlink()
+    a.sync(b)
+    assert sorted(p.name for p in b.root.iterdir()) == ["keep.txt"]
+
+
+def test_a_directory_made_a_file_against_edits_inside_it_settles_without_an_error(tmp_path):
+    import shutil
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "d").mkdir()
+    (a.root / "d" / "x").write_text("x\n")
+    a.sync(b)
+    shutil.rmtree(a.root / "d")
+    (a.root / "d").write_text("file now\n")
+    (b.root / "d" / "new").write_text("new\n")
+    (b.root / "d" / "x").write_text("x edited\n")
+    proc = a.sync(b, "-v")
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if " <- " in ln]
+    assert len(lines) == len(set(lines)), proc.stdout  # each step listed once
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (a.root / "d" / "new").read_text() == "new\n"
+    (copy,) = conflict_copies(a.root)
+    assert (a.root / copy).read_text() == "file now\n"
+
+
 def test_delete_against_modify_keeps_modification(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "keep.txt").write_text("v1\n")
@@ -616,15 +667,11 @@ def test_resolve_keep_local_keeps_an_edit_made_here_after_the_conflict(tmp_path)
     (a.root / "x.txt").write_text("a's newest edit, made on b's version\n")  # the name is a's now
     a("scan")
     (copy,) = conflict_copies(a.root)
-    # The copy is a's too, and so is the name: which one is meant must be said.
-    proc = a("resolve", "x.txt", "--keep", "local", check=False)
-    assert proc.returncode == 2 and "name the one to keep" in proc.stderr, proc.stderr
-    assert (a.root / "x.txt").read_text() == "a's newest edit, made on b's version\n"
     proc = a("resolve", "x.txt", "--keep", "remote", check=False)  # b's is not here any more
     assert proc.returncode == 2 and "this replica's own" in proc.stderr, proc.stderr
-    # Named, the copy is what is kept.
-    a("resolve", copy, "--keep", "local")
-    assert (a.root / "x.txt").read_text() == "a's edit\n"
+    # The copy is a's too, and so is the name: the one named is the one kept.
+    a("resolve", "x.txt", "--keep", "local")
+    assert (a.root / "x.txt").read_text() == "a's newest edit, made on b's version\n"
     assert conflict_copies(a.root) == []
 
 

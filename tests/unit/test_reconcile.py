@@ -176,6 +176,29 @@ def test_an_adopted_old_copy_of_a_deleted_file_is_deleted_on_both_sides():
     assert not reconcile(edited, tomb, replica=C).result.deleted
 
 
+@pytest.mark.parametrize("policy", list(Policy))
+def test_an_adopted_version_is_never_dropped_and_never_takes_the_name(policy):
+    from repld.protocol.record import Action
+
+    tree = rec({A: 2}, sha=SHA1, mtime=100)
+    found = rec({C: 1}, sha=SHA2, by=C, mtime=900).with_(action=Action.ADOPT)  # newer mtime
+    for local, remote, me in ((found, tree, C), (tree, found, A)):
+        res = reconcile(local, remote, replica=me, policy=policy)
+        assert res.result.sha256 == SHA1  # the tree's version keeps the name
+        assert res.conflict.copy is not None and res.conflict.copy.sha256 == SHA2
+
+
+def test_two_joiners_old_copies_that_merge_stay_adopted():
+    from repld.protocol.record import Action
+
+    b_copy = rec({B: 1}, sha=SHA1, by=B).with_(action=Action.ADOPT)
+    c_copy = rec({C: 1}, sha=SHA1, by=C).with_(action=Action.ADOPT)
+    merged = reconcile(b_copy, c_copy, replica=B).result
+    assert merged.action is Action.ADOPT
+    tomb = rec({A: 3}, sha=SHA1, deleted=True)  # the tree deleted what both had
+    assert reconcile(merged, tomb, replica=B).result.deleted
+
+
 def test_equal_versions_with_different_content_are_a_conflict():
     a, b = rec({A: 1}, sha=SHA1), rec({A: 1}, sha=SHA2, mtime=200)
     res = reconcile(a, b, replica=A)
