@@ -102,7 +102,8 @@ class ApplyStats:
     conflicts: int = 0
     kept_dirs: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
-    done: list[Step] = field(default_factory=list)
+    done: list[Step] = field(default_factory=list)  # with keep_steps
+    done_paths: set[str] = field(default_factory=set)  # always
     # Files of the source (the other replica, the peer) whose content did not match their
     # records: the source's next scan must read them again, whatever their stat says.
     stale_sources: list[str] = field(default_factory=list)
@@ -111,7 +112,9 @@ class ApplyStats:
         """Add ``other``'s counts and lists to these (two applies reported as one)."""
         for f in fields(self):
             mine = getattr(self, f.name)
-            if isinstance(mine, list):
+            if isinstance(mine, set):
+                mine.update(getattr(other, f.name))
+            elif isinstance(mine, list):
                 mine.extend(getattr(other, f.name))
             else:
                 setattr(self, f.name, mine + getattr(other, f.name))
@@ -834,6 +837,7 @@ class Applier:
             self.stats.deleted += 1
         else:
             self.stats.recorded += 1
+        self.stats.done_paths.add(step.path)
         if self.keep_steps:
             self.stats.done.append(step)
 

@@ -555,12 +555,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
             raise ReplError("the daemon is paused: it records nothing until `repld resume`, "
                             "which scans the tree first") from None  # fmt: skip
         control.request(cfg, command)
+        if args.accept_root and args.accept_deletes:
+            control.request(cfg, "accept-deletes")
         status = control.request(cfg, "status")["status"]
         whole = control.replica_error(status)
-        if whole and not (args.accept_root or args.accept_deletes) and (
-            status["state"] == "error" or status.get("deletes_held")
-        ):
-            raise ReplError(whole) from None  # not the replica's root, or deletions held
+        if status["state"] == "error" and whole and not args.accept_root:
+            raise ReplError(whole) from None  # not the replica's root: nothing is scanned
         print("asked the running daemon to scan the tree; `repld status` shows when it is done")
         return 0
     with rep:

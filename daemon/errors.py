@@ -70,6 +70,11 @@ class MassDelete(ReplError):
     or a script run amok): not recorded, so not sent to any peer, until the user says so."""
 
 
+class DeletesDeferred(ReplError):
+    """A scan of a few paths found many of them deleted: not recorded yet, but left to a
+    whole scan once the tree is quiet, which sees how much of the tree is gone (see Node)."""
+
+
 class TreeMismatchError(ReplError):
     """Two replicas of different trees were asked to sync."""
 

@@ -148,14 +148,14 @@ def sync(
 def _rerun(first: PassReport, again: PassReport) -> None:
     """Report a pass run once more as part of the first: a path that failed the first time
     and went through the second is no error, and a step is listed once."""
-    redone = {st.path for st in again.stats.done}
+    redone = again.stats.done_paths
     first.stats.errors = [(p, why) for p, why in first.stats.errors if p not in redone]
     first.stats.merge(again.stats)
-    listed: set[tuple[object, str]] = set()
+    listed: set[str] = set()
     steps = []
     for st in reversed(first.steps + again.steps):
-        if (st.op, st.path) not in listed:
-            listed.add((st.op, st.path))
+        if st.describe() not in listed:  # (the same step done twice; never a different one)
+            listed.add(st.describe())
             steps.append(st)
     first.steps = steps[::-1]
 

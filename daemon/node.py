@@ -50,7 +50,15 @@ from ..protocol.session import (
 )
 from . import config as configmod
 from .applier import Applier, ApplyStats
-from .errors import ConfigError, MassDelete, PeerLost, ReplError, RootChanged, StoreError
+from .errors import (
+    ConfigError,
+    DeletesDeferred,
+    MassDelete,
+    PeerLost,
+    ReplError,
+    RootChanged,
+    StoreError,
+)
 from .fetch import Link as FetchLink
 from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
@@ -70,6 +78,9 @@ ACKS_EVERY = 5.0  # seconds between writes of how far peers acknowledged our rec
 COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lacks, as they change
 ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
 RETRY_EVERY = 10.0  # failed pages are asked for again this often
+DEFER_DELETES = 20  # deletions in one batch of watcher events that wait for a whole scan
+SETTLE_DELETES = 2.0  # seconds of quiet after such a batch before that scan
+DELETES_WINDOW = 60.0  # deletions recorded by path scans count together over this long
 HELLO_AGAIN_EVERY = 15.0  # a dialled connection with no session says hello again this often
 DEBOUNCE_QUIET = 0.02
 DEBOUNCE_LONGEST = 0.25
@@ -185,6 +196,8 @@ class Node:
         self.state = "starting"
         self.paused = False
         self._deletes_held = ""  # why a scan's deletions are held back (see _hold_deletes)
+        self._settle_at: float | None = None  # a whole scan due once deletions settle
+        self._recent_deletes: deque[tuple[float, int]] = deque()  # (when, how many) by path scans
         self.links: list[PeerLink] = []
         self.by_rid: dict[bytes, PeerLink] = {}
         self.errors: dict[str, PathError] = {}
@@ -466,6 +479,8 @@ class Node:
         for link in self.links:
             if link.redial_at is not None:
                 t = min(t, max(0.0, link.redial_at - self.clock()))
+        if self._settle_at is not None:
+            t = min(t, max(0.0, self._settle_at - self.clock()))
         if self._inbox:
             t = 0
         return t
@@ -488,6 +503,14 @@ class Node:
                     self.full_scan()
                 else:
                     self.scan([p for p in paths if not self._our_echo(p)])
+        if (
+            self._settle_at is not None and self.clock() >= self._settle_at
+            and not self.paused
+            and not (self.watcher is not None
+                     and self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST) is not None)
+        ):  # fmt: skip
+            self._settle_at = None
+            self.full_scan()
         if self.rep.rules_widened:
             self._ask_again()
         self._timers()
@@ -979,7 +1002,7 @@ class Node:
             )  # fmt: skip
 
             def replan(step: Step) -> list[Step]:
-                self.rep.scan(paths=[step.path])
+                self.rep.scan(paths=[step.path], strict_deletes=bool(self._deletes_held))
                 rec = remote.get(step.path) or remote.get(conflict_original(step.path) or "")
                 if rec is None:
                     return []
@@ -1004,6 +1027,11 @@ class Node:
                 # recorded; the rest of the page is asked for again once the root is back.
                 stats, root_lost = applier.stats, True
                 self._root_ok()
+            except MassDelete as e:
+                # A rescan of a path the page found changed found most of the tree gone.
+                stats, root_lost = applier.stats, True
+                self.state = "idle"
+                self._hold_deletes(e)
             except (StoreError, sqlite3.Error) as e:
                 # The database cannot take it (a full disk): the page is asked for again later.
                 stats, root_lost = applier.stats, True
@@ -1083,9 +1111,24 @@ class Node:
         was, self.state = self.state, "scanning"
         self.publish()
         try:
-            stats = self.rep.scan(paths=paths, clean_temp=False)
+            # (While a burst of deletions settles, any deletion is part of it; and deletions
+            # that trickle in count together over a minute, or a slow script deleting one file
+            # at a time would never be judged.)
+            now = self.clock()
+            while self._recent_deletes and self._recent_deletes[0][0] < now - DELETES_WINDOW:
+                self._recent_deletes.popleft()
+            recent = sum(n for _, n in self._recent_deletes)
+            defer = 1 if self._settle_at is not None else max(1, DEFER_DELETES - recent)
+            stats = self.rep.scan(paths=paths, clean_temp=False, defer_deletes=defer,
+                                  strict_deletes=bool(self._deletes_held))  # fmt: skip
         except RootChanged:
             self._root_ok()  # says why, and stops scanning and applying until it is back
+            return
+        except DeletesDeferred:
+            # Many deletions in one batch of events: an rm -rf may be under way, and the watcher
+            # hands it over in pieces, each a small part of the tree. A whole scan judges it
+            # once the tree has been quiet a moment (see Replica._check_deletes).
+            self._settle_at = self.clock() + SETTLE_DELETES
             return
         except MassDelete as e:
             self._hold_deletes(e)
@@ -1093,6 +1136,8 @@ class Node:
         finally:
             if self.state == "scanning":
                 self.state = was
+        if stats.deleted:
+            self._recent_deletes.append((self.clock(), stats.deleted - stats.moved))
         self._scan_done(stats, paths)
 
     def _our_echo(self, path: str) -> bool:
@@ -1119,11 +1164,14 @@ class Node:
         self._applied.clear()
         try:
             stats = self.rep.scan(paths=None, clean_temp=True, rehash=rehash,
-                                  accept_deletes=accept_deletes)  # fmt: skip
+                                  accept_deletes=accept_deletes,
+                                  strict_deletes=bool(self._deletes_held))  # fmt: skip
         except RootChanged:
             self._root_ok()
             return
         except MassDelete as e:
+            every = self._full_scan_every()  # not again at once: the next one is due as usual
+            self._next_full_scan = None if every is None else self.clock() + every
             self._hold_deletes(e)
             return
         if self._deletes_held:
@@ -1272,7 +1320,7 @@ class Node:
                 if not self.commands:
                     return
                 name, args = self.commands.popleft()
-            if self.paused and name in ("rescan", "rescan-full", "accept-deletes"):
+            if self.paused and name in ("rescan", "rescan-full", "accept-deletes", "sync-now"):
                 log.info("%s ignored: paused (resume scans the tree)", name)
                 continue
             if name == "rescan":

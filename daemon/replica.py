@@ -21,7 +21,7 @@ from ..protocol.record import (
 )
 from . import config as configmod
 from .config import Config
-from .errors import ConfigError, MassDelete, RootChanged, StoreError
+from .errors import ConfigError, DeletesDeferred, MassDelete, RootChanged, StoreError
 from .ignore import IGNORE_FILE, Ignore
 from .scanner import Scanner, ScanStats
 from .store import Store
@@ -195,36 +195,52 @@ class Replica:
         return Scanner(self.store, self.cfg.root, self.ignore(), **kwargs)  # type: ignore[arg-type]
 
     def scan(
-        self, paths: list[str] | None = None, *, accept_deletes: bool = False, **kwargs: object
+        self,
+        paths: list[str] | None = None,
+        *,
+        accept_deletes: bool = False,
+        strict_deletes: bool = False,
+        defer_deletes: int | None = None,
+        **kwargs: object,
     ) -> ScanStats:
+        """Record what changed (see Scanner). The mass-delete circuit breaker may refuse to
+        commit it (see _check_deletes): ``accept_deletes`` lets it through, ``strict_deletes``
+        holds any scan with MASS_DELETE_MIN deletions or more (while deletions are held), and
+        ``defer_deletes`` refuses a scan with that many deletions or more with DeletesDeferred,
+        for a whole scan to judge later."""
         self.check_root()
         with self.store.transaction():
             stats = self.scanner(**kwargs).scan(paths)
             # Again before the scan commits: a root that went away during the walk made every
             # path not walked yet look deleted.
             self.check_root()
+            gone = stats.deleted - stats.moved  # (a file moved leaves a deleted path behind)
+            if defer_deletes is not None and gone >= defer_deletes and not accept_deletes:
+                raise DeletesDeferred(f"{gone} paths deleted: left to a whole scan")
             if not accept_deletes:
-                self._check_deletes(stats)
+                self._check_deletes(stats, gone, strict=strict_deletes)
         return stats
 
-    def _check_deletes(self, stats: ScanStats) -> None:
+    def _check_deletes(self, stats: ScanStats, gone: int, *, strict: bool) -> None:
         """The mass-delete circuit breaker: a scan that finds at least MASS_DELETE_MIN paths and
-        more than half of the tree gone is not committed (MassDelete rolls it back): nothing is
-        recorded, nothing reaches a peer, until `repld scan --accept-deletes` (or the files
-        come back). Deletions that arrive from peers are not checked: they were accepted where
-        they were made."""
-        if stats.deleted < MASS_DELETE_MIN:
+        more than half of the tree gone (moved files do not count) is not committed (MassDelete
+        rolls it back): nothing is recorded, nothing reaches a peer, until `repld scan
+        --accept-deletes` (or the files come back). Deletions that arrive from peers are not
+        checked: they were accepted where they were made."""
+        if gone < MASS_DELETE_MIN:
             return
-        files, dirs, _ = self.store.counts()  # what is left, this transaction's deletions done
-        before = files + dirs + stats.deleted
-        if stats.deleted * 2 <= before:
+        files, dirs, _ = self.store.counts()  # what is left, this transaction's changes done
+        before = files + dirs + stats.deleted - stats.created
+        if gone * 2 <= before and not strict:
             return
         raise MassDelete(
-            f"{stats.deleted} of the {before} paths of {self.root} are gone since the last scan: "
-            "more than half of the tree at once, so it was not recorded and no peer hears of it. "
-            "If you meant it, run `repld scan --accept-deletes`; if not, put the files back "
-            "(from a backup, or copied from another replica's tree)"
-        )
+            f"{gone} of the {before} paths of {self.root} are gone since the last scan"
+            + (" (while earlier deletions are held)" if strict and gone * 2 <= before else
+               ": more than half of the tree at once")
+            + ", so it was not recorded and no peer hears of it. If you meant it, run `repld "
+            "scan --accept-deletes`; if not, put the files back (from a backup, or copied from "
+            "another replica's tree)"
+        )  # fmt: skip
 
     def check_root(self, *, accept: bool = False) -> None:
         """Raise ``RootChanged`` unless the root is the directory this replica was made on.

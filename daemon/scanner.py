@@ -48,6 +48,7 @@ class ScanStats:
     created: int = 0
     updated: int = 0
     deleted: int = 0
+    moved: int = 0  # of the created: files found moved (their old paths count as deleted)
     hashed_bytes: int = 0
     files: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -478,6 +479,8 @@ class Scanner:
             self.store.set_ino(path, ino)  # same file, new inode: cache only
             return
         note = f"moved from {moved.path}" if moved is not None else ""
+        if moved is not None:
+            self.stats.moved += 1
         self.store.put_local(path, guid, "file", version.encode(), action.value, mode, mtime_ns,
                              size, sha, blocks, ino, note)  # fmt: skip
         if self._known_inos is not None:

@@ -159,7 +159,10 @@ def reconcile(
 
     chosen = policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and not fixed
     version = merged.bump(replica) if chosen else merged
-    result = winner.with_(version=version, action=Action.UPDATE)
+    # Two joiners' different adopted copies: the one kept at the name is still only adopted,
+    # and the tree's version, when it comes, still wins over it.
+    both_adopted = local.action is Action.ADOPT and remote.action is Action.ADOPT
+    result = winner.with_(version=version, action=Action.ADOPT if both_adopted else Action.UPDATE)
     if chosen:
         result = result.with_(modified_by=replica, origin_seq=0)
     # A file or symlink that loses to a directory is kept whatever the policy: the directory

@@ -158,6 +158,26 @@ def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster
     cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to be lifted")
 
 
+def test_a_slow_mass_deletion_is_held_back_too(cluster):
+    """A script deleting one file at a time: the watcher hands each deletion over on its own,
+    each a tiny part of the tree; they count together, and the rest waits for a whole scan."""
+    import time
+
+    from repld.daemon.node import DEFER_DELETES
+
+    a, b = cluster.make("a", "b")
+    for i in range(150):
+        (a.root / f"f{i:03}").write_text(f"{i}\n")
+    cluster.start()
+    cluster.wait_converged(what="150 files")
+    for i in range(150):
+        (a.root / f"f{i:03}").unlink()
+        time.sleep(0.01)  # the script's own pace (longer than the watcher's 5 ms of quiet)
+    cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
+    left = [p for p in b.root.iterdir() if p.name.startswith("f")]
+    assert len(left) >= 150 - DEFER_DELETES, len(left)
+
+
 def test_delete_against_modify_while_apart_keeps_the_modification(cluster):
     a, b = cluster.make("a", "b")
     (a.root / "f.txt").write_text("base\n")

@@ -188,6 +188,19 @@ def test_an_adopted_version_is_never_dropped_and_never_takes_the_name(policy):
         assert res.conflict.copy is not None and res.conflict.copy.sha256 == SHA2
 
 
+def test_two_joiners_different_old_copies_stay_adopted_and_lose_to_the_tree():
+    from repld.protocol.record import Action
+
+    b_copy = rec({B: 1}, sha=SHA1, by=B, mtime=800).with_(action=Action.ADOPT)
+    c_copy = rec({C: 1}, sha=SHA2, by=C, mtime=900).with_(action=Action.ADOPT)
+    settled = reconcile(b_copy, c_copy, replica=B).result
+    assert settled.action is Action.ADOPT
+    tree = rec({A: 2}, sha="3" * 64, mtime=100)
+    for policy in Policy:
+        res = reconcile(settled, tree, replica=B, policy=policy)
+        assert res.result.sha256 == "3" * 64 and res.conflict.copy is not None, policy
+
+
 def test_two_joiners_old_copies_that_merge_stay_adopted():
     from repld.protocol.record import Action
 
