@@ -1041,9 +1041,18 @@ def _keys_are_not_options(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(
-        _keys_are_not_options(list(sys.argv[1:] if argv is None else argv))
-    )
+    real_stdout = sys.stdout
+    sys.stdout = _Output(real_stdout)  # type: ignore[assignment]
+    try:
+        args, extra = parser.parse_known_args(
+            _keys_are_not_options(list(sys.argv[1:] if argv is None else argv))
+        )
+    except OutputError as e:  # `repld --help > /dev/full`
+        _quiet_stdout()
+        print(f"repld: {e}", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout = real_stdout
     if extra:
         # PATHs after an option (`repld sync usb.toml -n Documents`): argparse stops taking
         # positionals at the first option, but a user need not know that.

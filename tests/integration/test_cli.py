@@ -274,6 +274,10 @@ def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert "cannot write the output: No space left on device" in proc.stderr
     assert "Traceback" not in proc.stderr
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*REPLD, "sync", "--help"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and "cannot write the output" in proc.stderr, proc.stderr
     # A reader that stops early (`| head -1`) is no error worth a message.
     proc = subprocess.run(f"{shlex.join([*REPLD, '--config', str(a.config)])} "
                           "dump | head -c 1 > /dev/null; echo ${PIPESTATUS[0]}", shell=True,
