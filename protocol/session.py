@@ -146,6 +146,7 @@ class Session:
         self.received_upto = seen  # pages given to the daemon, applied or not
         self.peer_seq = 0  # the peer's newest sequence number, as far as we know
         self._pending: deque[tuple[int, int, int]] = deque()  # (upto, files, bytes) not yet applied
+        self._failed_need = (0, 0)  # files and bytes of pages that failed, until asked again
         self.remaining_files = 0  # after the newest page received, as the peer counted them
         self.remaining_bytes = 0
         self.failed_from: int | None = None  # `seen` when a page first failed; retry from there
@@ -327,7 +328,9 @@ class Session:
         """The daemon has applied the page up to ``upto``; ``ok`` if every record applied."""
         out = Output()
         while self._pending and self._pending[0][0] <= upto:
-            self._pending.popleft()
+            _, files, size = self._pending.popleft()
+            if not ok or self.failed_from is not None:  # (what comes again after a failure)
+                self._failed_need = (self._failed_need[0] + files, self._failed_need[1] + size)
         if ok and self.failed_from is None:
             self.seen = max(self.seen, upto)
         elif not ok and self.failed_from is None:
@@ -338,10 +341,10 @@ class Session:
 
     def need(self) -> tuple[int, int]:
         """Files and bytes we still expect from the peer: an upper bound (some may be equal)."""
-        files = sum(p[1] for p in self._pending) + self.remaining_files
+        files = sum(p[1] for p in self._pending) + self.remaining_files + self._failed_need[0]
         if not files and self.received_upto < self.peer_seq:
             files = 1  # announced but not streamed yet: at least one
-        size = sum(p[2] for p in self._pending) + self.remaining_bytes
+        size = sum(p[2] for p in self._pending) + self.remaining_bytes + self._failed_need[1]
         if self.failed_from is not None:
             files = max(files, 1)
         return files, size
@@ -351,6 +354,7 @@ class Session:
         if self.failed_from is None or self.state is not State.ESTABLISHED or self._pending:
             return Output()
         after, self.failed_from = self.failed_from, None
+        self._failed_need = (0, 0)  # the pages come again, and are counted as they arrive
         return self._resend(after)
 
     def ask_again(self) -> Output:
