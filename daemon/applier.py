@@ -846,6 +846,14 @@ class Applier:
     def _apply_deferred(self, step: Step) -> None:
         self._check_root()
         path = step.path
+        copy = step.conflict.copy if step.conflict is not None else None
+        if copy is not None:
+            # A removal that settles a conflict (what a joining replica had, against a deletion)
+            # goes only once its copy is safe, as in _stage.
+            why = next((m for p, m in reversed(self.stats.errors) if p == copy.path), None)
+            if why is not None or copy.path in self._waiting:
+                raise ReplError(f"left as it is: its conflict copy {copy.path} could not be "
+                                f"written ({why or 'its directory is not there'})")  # fmt: skip
         self._abs(path)
         expected = step.expected
         st = self._check(path, expected)

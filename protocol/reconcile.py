@@ -129,10 +129,20 @@ def reconcile(
         return Resolution(order, base.with_(version=merged), note="same content, versions merged")
     if local.deleted or remote.deleted:
         alive, dead = (remote, local) if local.deleted else (local, remote)
-        if alive.action is Action.ADOPT and _what_was_deleted(alive, dead):
-            # Found at a join, untouched since, and exactly what the other side deleted: an
-            # old copy of a deleted file, not a modification. Both sides decide the same.
-            return Resolution(order, dead.with_(version=merged), note="deleted (found at a join)")
+        if alive.action is Action.ADOPT:
+            result = dead.with_(version=merged)
+            if _what_was_deleted(alive, dead):
+                # Found at a join, untouched since, and exactly what the other side deleted: an
+                # old copy of a deleted file, not a modification. Both sides decide the same.
+                return Resolution(order, result, note="deleted (found at a join)")
+            # Found at a join and not what was deleted (an older version, most likely, of a
+            # file edited and then deleted): the deletion stands at the name, and the content
+            # is kept beside it. Nothing deleted comes back; nothing is lost.
+            reason = "deleted in the tree; what a joining replica had is kept beside it"
+            side = Side.LOCAL if dead is local else Side.REMOTE
+            copy = conflict_copy_record(alive, local.path)
+            conflict = Conflict(local.path, side, dead, alive, copy, reason)
+            return Resolution(order, result, conflict, note=reason)
         return Resolution(order, alive.with_(version=merged), note="modification beats deletion")
 
     has_dir = Kind.DIR in (local.kind, remote.kind)  # a directory always wins: it holds files

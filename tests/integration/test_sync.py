@@ -534,6 +534,28 @@ def test_a_directory_made_a_file_against_edits_inside_it_settles_without_an_erro
     assert (a.root / copy).read_text() == "file now\n"
 
 
+def test_an_old_copy_of_a_file_edited_then_deleted_does_not_come_back_at_its_name(tmp_path):
+    import shutil
+
+    (a,) = make_replicas(tmp_path, "a")
+    (a.root / "e.txt").write_text("v1\n")
+    a("scan")
+    old = tmp_path / "b"
+    shutil.copytree(a.root, old, symlinks=True)  # a backup, restored later on a new machine
+    (a.root / "e.txt").write_text("v2\n")
+    a("scan")
+    (a.root / "e.txt").unlink()
+    a("scan")
+    b = Rep("b", old, tmp_path / "b.toml")
+    b("init", old, "--name", "b", "--tree-id", a.tree_id())
+    b.sync(a)
+    for r in (a, b):
+        assert not (r.root / "e.txt").exists(), r.name
+        (copy,) = conflict_copies(r.root)
+        assert (r.root / copy).read_text() == "v1\n", r.name
+    assert "0 actions planned" in b.sync(a, "-n").stdout
+
+
 def test_delete_against_modify_keeps_modification(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "keep.txt").write_text("v1\n")

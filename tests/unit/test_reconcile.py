@@ -169,9 +169,13 @@ def test_an_adopted_old_copy_of_a_deleted_file_is_deleted_on_both_sides():
     there = reconcile(tomb, found, replica=A)
     assert here.result.deleted and there.result.deleted
     assert here.result == there.result  # the same decision on both sides
-    # Another content, or the same content edited after the join, is a modification: it stays.
+    # Another content (an older version of a file edited, then deleted): the deletion stands
+    # at the name, the content is kept beside it, the same on both sides.
     other = rec({C: 1}, sha=SHA2, by=C).with_(action=Action.ADOPT)
-    assert not reconcile(other, tomb, replica=C).result.deleted
+    here, there = reconcile(other, tomb, replica=C), reconcile(tomb, other, replica=A)
+    assert here.result.deleted and there.result.deleted and here.result == there.result
+    assert here.conflict.copy == there.conflict.copy and here.conflict.copy.sha256 == SHA2
+    # Edited after the join, it is a modification: it stays.
     edited = rec({C: 2}, sha=SHA1, by=C).with_(action=Action.UPDATE)
     assert not reconcile(edited, tomb, replica=C).result.deleted
 
