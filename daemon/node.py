@@ -283,14 +283,20 @@ class Node:
             self.request_full_scan()
         return True
 
-    def _hold_deletes(self, e: MassDelete) -> None:
-        """The circuit breaker tripped (see Replica._check_deletes): nothing of that scan was
-        recorded. Other changes still travel, both ways; the next whole scan that finds no mass
-        deletion (or `repld scan --accept-deletes`) lifts the hold."""
+    def _hold_deletes(self, e: MassDelete, paths: list[str] | None = None) -> None:
+        """The circuit breaker tripped (see Replica._check_deletes): the deletions of that scan
+        are not recorded; everything else it found is, at once (a scan without them). Other
+        changes still travel, both ways; the next whole scan that finds no mass deletion (or
+        `repld scan --accept-deletes`) lifts the hold."""
         if self._deletes_held != str(e):
             log.error("%s", e)
         self._deletes_held = str(e)
         self.errors[""] = PathError("", str(e))
+        try:
+            stats = self.rep.scan(paths=paths, clean_temp=False, skip_deletes=True)
+        except (RootChanged, MassDelete):
+            return
+        self._scan_done(stats, paths)
 
     def _accept_root(self) -> None:
         """`repld scan --accept-root`: the directory at the root now is the tree."""
@@ -1057,10 +1063,12 @@ class Node:
                 self._applied.pop(st.path, None)  # (re)inserted last: the newest
                 self._applied[st.path] = (r.deleted, r.kind, r.size, r.mtime_ns, r.mode)
             for path, err in stats.errors:
+                prev = self.errors.get(path)
+                # (A page retried every 10 s fails the same way each time: said once.)
+                level = logging.DEBUG if prev is not None and prev.error == err else logging.WARNING
                 self.errors[path] = PathError(path, err, link.peer.name)
-                log.warning(
-                    "%s: %s", link.peer.name, err, extra={"PEER": link.peer.name, "PATH": path}
-                )
+                log.log(level, "%s: %s", link.peer.name, err,
+                        extra={"PEER": link.peer.name, "PATH": path})  # fmt: skip
             failed = {p for p, _ in stats.errors}
             for st in stats.done if root_lost else steps:
                 if st.path in self.errors and st.path not in failed:
@@ -1131,11 +1139,15 @@ class Node:
             self._settle_at = self.clock() + SETTLE_DELETES
             return
         except MassDelete as e:
-            self._hold_deletes(e)
+            self._hold_deletes(e, paths)
             return
         finally:
             if self.state == "scanning":
                 self.state = was
+            if self._deletes_held:
+                # Files put back come through the watcher as paths: a whole scan, once the
+                # tree is quiet, sees whether the hold still holds.
+                self._settle_at = self.clock() + SETTLE_DELETES
         if stats.deleted:
             self._recent_deletes.append((self.clock(), stats.deleted - stats.moved))
         self._scan_done(stats, paths)
@@ -1439,6 +1451,7 @@ class Node:
                         and self.state != "scanning"  # a change may be on its way
                         and not self._root_error  # nothing is applied or scanned meanwhile
                         and not self.paused  # likewise
+                        and not self._deletes_held  # local deletions not sent
                         and not any(e.peer == p.name for e in self.errors.values())
                     ),  # fmt: skip
                     "error": errs[0] if errs else None,

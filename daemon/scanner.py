@@ -165,8 +165,12 @@ class Scanner:
         progress: Callable[[ScanStats], None] | None = None,
         rehash: bool = False,
         adopt: bool = False,
+        skip_deletes: bool = False,
     ):
         self.store = store
+        # Record everything but deletions (the circuit breaker holds those back, and the rest
+        # of the scan must not wait with them).
+        self.skip_deletes = skip_deletes
         self.rehash = rehash  # read every file, even one whose stat matches its record
         self.root = root
         self._root_s = str(root)
@@ -524,11 +528,15 @@ class Scanner:
         return None
 
     def _gone(self, rec: Record) -> None:
+        if self.skip_deletes:
+            return
         if rec.kind is Kind.DIR:
             self._gone_subtree(rec.path)
         self._event(rec, rec.with_(deleted=True), Action.DELETE)
 
     def _gone_subtree(self, path: str) -> None:
+        if self.skip_deletes:
+            return
         below = [r for r in self.store.iter_paths(path, include_prefix=False) if not r.deleted]
         for r in reversed(below):
             self._event(r, r.with_(deleted=True), Action.DELETE)

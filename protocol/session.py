@@ -234,22 +234,26 @@ class Session:
             return
         if msg.epoch != self.epoch:
             return  # sent before the peer saw our Resend: the resent stream covers it
-        if msg.upto < self.received_upto:
-            raise ProtocolError(
-                f"records page up to {msg.upto} goes back (had {self.received_upto})"
-            )
         for r in msg.records:
-            if not self.received_upto < r.seq <= msg.upto:
-                raise ProtocolError(
-                    f"{r.path}: seq {r.seq} outside the page ({self.received_upto}, {msg.upto}]"
-                )
-        size = sum(r.size for r in msg.records if not r.deleted)
-        self._pending.append((msg.upto, len(msg.records), size))
+            if r.seq > msg.upto:
+                raise ProtocolError(f"{r.path}: seq {r.seq} after the page's end {msg.upto}")
+        if msg.upto <= self.received_upto:
+            # A page we hold already: the peer started its stream again from an older point
+            # (two hellos crossed, a session restarted on its side). Acknowledged, not applied
+            # twice; dropping it as an error would be harmless, but a page that straddles
+            # what we hold must not be: see below.
+            out.send.append(Ack(self.seen, *self.need()))
+            return
+        # Of a page that starts before what we hold, only what is new to us: dropping it whole
+        # would lose the records past our position, and the next page would move past them.
+        records = tuple(r for r in msg.records if r.seq > self.received_upto)
+        size = sum(r.size for r in records if not r.deleted)
+        self._pending.append((msg.upto, len(records), size))
         self.received_upto = msg.upto
         self.peer_seq = max(self.peer_seq, msg.upto)
         self.remaining_files = msg.remaining_files
         self.remaining_bytes = msg.remaining_bytes
-        out.actions.append(ApplyPage(msg.records, msg.upto))
+        out.actions.append(ApplyPage(records, msg.upto))
         # What we need, said now rather than once the page is applied (a big file can take a
         # while): the sender's status must not count us as in sync meanwhile.
         out.send.append(Ack(self.seen, *self.need()))

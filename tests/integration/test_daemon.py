@@ -144,11 +144,20 @@ def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster
         (a.root / f"f{i:03}").write_text(f"{i}\n")
     cluster.start()
     cluster.wait_converged(what="150 files")
+    (a.root / "keep.txt").write_text("before\n")
+    cluster.wait_until(lambda: (b.root / "keep.txt").exists(), 30, "keep.txt to reach b")
     for i in range(150):
         (a.root / f"f{i:03}").unlink()
+    (a.root / "keep.txt").write_text("edited in the same burst\n")
+    (a.root / "burst.txt").write_text("made in the same burst\n")
     cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
     st = a.status()
     assert any("--accept-deletes" in e["error"] for e in st["errors"] if not e["path"]), st
+    assert not a.peer_status("b")["in_sync"]  # its own deletions are not sent
+    # The burst's other changes are recorded and sent without the deletions.
+    cluster.wait_until(lambda: (b.root / "burst.txt").exists()
+                       and (b.root / "keep.txt").read_text() == "edited in the same burst\n",
+                       30, "the burst's other changes to reach b")  # fmt: skip
     (a.root / "new.txt").write_text("other changes still travel\n")
     cluster.wait_until(lambda: (b.root / "new.txt").exists(), 30, "new.txt to reach b")
     assert len([p for p in b.root.iterdir() if p.name.startswith("f")]) == 150
@@ -156,6 +165,23 @@ def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster
     cluster.wait_until(lambda: not any(p.name.startswith("f") for p in b.root.iterdir()), 30,
                        "the accepted deletions to reach b")  # fmt: skip
     cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to be lifted")
+
+
+def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
+    a, b = cluster.make("a", "b")
+    for i in range(150):
+        (a.root / f"f{i:03}").write_text(f"{i}\n")
+    cluster.start()
+    cluster.wait_converged(what="150 files")
+    saved = {p.name: p.read_bytes() for p in a.root.iterdir()}
+    for name in saved:
+        (a.root / name).unlink()
+    cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
+    for name, data in saved.items():  # restored (from a backup, say)
+        (a.root / name).write_bytes(data)
+    cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to lift by itself")
+    cluster.wait_converged(what="after the restore")
+    assert len(list(b.root.iterdir())) == 150
 
 
 def test_a_slow_mass_deletion_is_held_back_too(cluster):

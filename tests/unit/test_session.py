@@ -218,6 +218,26 @@ def test_a_page_with_records_outside_its_range_is_a_protocol_error() -> None:
         s.receive(wire.Records((a.records["f"].with_(seq=9),), 3))
 
 
+def test_a_stream_started_again_from_an_older_point_loses_nothing() -> None:
+    """Two hellos crossed and the peer began its stream again from an older point: a page we
+    hold already is acknowledged and skipped; one that straddles our position gives what is new
+    in it (dropping it whole lost those records for good: the next page moved past them)."""
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    for i in range(6):
+        a.write(f"f{i}", str(i))
+    recs = [a.records[f"f{i}"] for i in range(6)]  # seqs 1..6
+    s = b.start()
+    s.receive(a.start().hello())
+    first = s.receive(wire.Records(tuple(recs[:4]), 4))  # we hold up to 4
+    assert [type(x) for x in first.actions] == [ApplyPage]
+    again = s.receive(wire.Records(tuple(recs[:2]), 2))  # the restarted stream: old news
+    assert not again.actions and [type(m) for m in again.send] == [wire.Ack]
+    straddle = s.receive(wire.Records(tuple(recs[2:6]), 6))  # 3..6: only 5 and 6 are new
+    (page,) = straddle.actions
+    assert isinstance(page, ApplyPage) and [r.path for r in page.records] == ["f4", "f5"]
+    assert s.received_upto == 6
+
+
 # -- the codec ------------------------------------------------------------------------------------
 
 
