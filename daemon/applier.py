@@ -850,10 +850,12 @@ class Applier:
         if copy is not None:
             # A removal that settles a conflict (what a joining replica had, against a deletion)
             # goes only once its copy is safe, as in _stage.
+            # (Removals run after the second try of steps that waited for their directory: a
+            # copy that failed there is in the errors too.)
             why = next((m for p, m in reversed(self.stats.errors) if p == copy.path), None)
-            if why is not None or copy.path in self._waiting:
+            if why is not None:
                 raise ReplError(f"left as it is: its conflict copy {copy.path} could not be "
-                                f"written ({why or 'its directory is not there'})")  # fmt: skip
+                                f"written ({why})")  # fmt: skip
         self._abs(path)
         expected = step.expected
         st = self._check(path, expected)
