@@ -1,10 +1,14 @@
-"""Two calls of the C library that Python's os module lacks: syncfs(2) and sync_file_range(2)."""
+"""Disk primitives Python's os module lacks: syncfs(2), sync_file_range(2), and writes that go
+around the page cache (O_DIRECT) for big files."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
+import mmap
 import os
+import threading
 from pathlib import Path
 
 SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writing the range, do not wait
@@ -37,3 +41,57 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     libc = _libc()
     if hasattr(libc, "sync_file_range"):
         libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+# -- direct I/O -----------------------------------------------------------------------------------
+
+DIRECT_ALIGN = 4096  # offsets, lengths and buffers of O_DIRECT writes: any device's logical block
+
+_buffers = threading.local()
+
+
+def open_direct(path: Path | str) -> int | None:
+    """A second descriptor of an existing file that writes around the page cache (O_DIRECT),
+    or None where the file system does not take direct I/O (tmpfs before Linux 6.6, some FUSE
+    file systems): the caller then writes as usual."""
+    flags = getattr(os, "O_DIRECT", 0)
+    if not flags:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def pwrite_direct(fd: int, data: bytes | memoryview, offset: int) -> bool:
+    """Write ``data`` at ``offset`` through a descriptor from ``open_direct``: the bytes go from
+    this thread's aligned buffer to the disk, without a copy in the page cache to write back
+    later. A last piece whose length is not a multiple of DIRECT_ALIGN is padded with zeros, so
+    the file can end up to DIRECT_ALIGN - 1 bytes too long: the caller truncates it to its
+    size. False, with nothing written, when this offset or this file system does not allow it
+    (write it the usual way then)."""
+    if offset % DIRECT_ALIGN:
+        return False
+    n = len(data)
+    padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < padded:
+        buf = _buffers.buf = mmap.mmap(-1, max(padded, 1 << 20))  # page-aligned, reused
+    view = memoryview(buf)
+    try:
+        view[:n] = data
+        if padded > n:
+            view[n:padded] = bytes(padded - n)
+        try:
+            done = os.pwrite(fd, view[:padded], offset)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return False  # an alignment this device does not take
+            raise
+    finally:
+        view.release()
+    if done != padded:
+        raise OSError(errno.EIO, f"short direct write ({done} of {padded} bytes)")
+    return True

@@ -8,7 +8,9 @@ behind), else fetched; every block is checked against its SHA-256 before it is u
 then checks the whole file). Big files are also written to ``partial/<sha256>`` in the state
 directory as blocks arrive, so a transfer cut by a crash or a lost peer resumes where it stopped.
 Checking and writing those blocks is handed to two worker threads (hashlib and pwrite let go of
-the GIL), so that while they hash and write, the daemon's loop goes on receiving.
+the GIL), so that while they hash and write, the daemon's loop goes on receiving. Where the file
+system allows it they write with direct I/O: a big file costs no copy into the page cache and
+leaves no dirty pages to flush, which on a machine short of CPU is most of the cost of writing it.
 
 The serving side: ``serve`` reads a block range of any local file whose recorded content has the
 asked-for hash and is still intact on disk.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from ..protocol.messages import Blocks, Error, GetBlocks
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
-from .diskio import start_writeback
+from .diskio import open_direct, pwrite_direct, start_writeback
 from .errors import PeerLost, ReplError
 from .store import Store
 
@@ -108,6 +110,7 @@ class Transfers:
         self._workers: ThreadPoolExecutor | None = None
         self._link: Link | None = None
         self.stopping = False  # set on SIGTERM: finish the current file, fetch no more
+        self.direct = True  # big files are written with direct I/O until that fails once
         self._forget_stale_partials()
         # Which version of a path has a partial file (path -> SHA-256), noted beside it in
         # partial/<sha256>.path so that it outlives a restart: a partial of a version that
@@ -134,6 +137,12 @@ class Transfers:
         if gone:
             log.info("deleted %d partial file(s) untouched for %d days in %s",
                      gone, PARTIAL_MAX_AGE // 86400, self.partial_dir)  # fmt: skip
+
+    def no_direct(self, why: str) -> None:
+        """Direct I/O does not work here: write big files through the page cache from now on."""
+        if self.direct:
+            self.direct = False
+            log.info("%s: big files are written through the page cache", why)
 
     def _load_partial_paths(self) -> None:
         try:
@@ -367,10 +376,21 @@ class _Reader:
         self.blocks_checked = len(f.rec.blocks) == DIGEST_SIZE * (
             (f.rec.size + self.bs - 1) // self.bs
         )
+        # The same file opened for direct I/O (O_DIRECT), where the file system allows it: the
+        # blocks of a big file go to the disk without a copy in the page cache (no copy to make,
+        # no dirty pages to write back later, and what is in the cache for everything else stays).
+        self._direct_fd: int | None = None
         if f.partial is not None:
             f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._partial_fd = os.open(f.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             transfers._note_partial(f.rec.path, f.rec.sha256)
+            if transfers.direct:
+                try:
+                    self._direct_fd = open_direct(f.partial)
+                except OSError:
+                    self._direct_fd = None
+                if self._direct_fd is None:
+                    transfers.no_direct(f"{f.partial.parent} does not take direct I/O")
 
     def _digest(self, offset: int) -> bytes:
         i = offset // self.bs * DIGEST_SIZE
@@ -440,6 +460,11 @@ class _Reader:
     def _spool_job(self, data: bytes, offset: int, check: bool) -> None:
         if check:
             self._check(data, offset)
+        direct = self._direct_fd
+        if direct is not None and self.t.direct:
+            if pwrite_direct(direct, data, offset):
+                return
+            self.t.no_direct(f"{self.f.partial}: a direct write at {offset} was refused")
         fd = self._partial_fd
         assert fd is not None  # closed only once every job is done
         if os.pwrite(fd, data, offset) != len(data):
@@ -464,6 +489,11 @@ class _Reader:
         if error is not None:
             raise error
 
+    def _close_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+
     @property
     def spool(self) -> Path | None:
         """The partial file this reader writes, until ``take_spool`` hands it over."""
@@ -474,7 +504,10 @@ class _Reader:
         it, verified): the caller renames it into place, and it is no longer this reader's."""
         assert self.spool is not None and self.i >= len(self.f.chunks)
         self._settle()
+        self._close_direct()
         if self._partial_fd is not None:
+            if os.fstat(self._partial_fd).st_size > self.f.rec.size:
+                os.ftruncate(self._partial_fd, self.f.rec.size)  # a padded direct write
             os.close(self._partial_fd)
             self._partial_fd = None
         spool, self.f.partial = self.f.partial, None
@@ -490,6 +523,7 @@ class _Reader:
             except Exception as e:  # noqa: BLE001 - the file itself fails or succeeds on its own
                 log.warning("%s: partial copy %s incomplete: %s",
                             self.f.rec.path, self.f.partial, e)  # fmt: skip
+            self._close_direct()
             os.close(self._partial_fd)
             self._partial_fd = None
             complete = self.i >= len(self.f.chunks) and not self._failed

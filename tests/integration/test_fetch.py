@@ -104,6 +104,26 @@ def test_a_big_file_is_checked_and_spooled_whole(tmp_path: Path, stores: list[St
     assert spool.read_bytes() == content
     assert reader.blocks_checked  # every block was checked: no second pass over the file needed
     assert t.stats.fetched_bytes == len(content)
+    # Written with direct I/O (the file system of tmp_path takes it), its padded last block
+    # trimmed off again.
+    assert t.direct
+
+
+def test_a_file_system_without_direct_io_gets_the_same_file(
+    tmp_path: Path, stores: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import repld.daemon.fetch as fetch
+
+    monkeypatch.setattr(fetch, "open_direct", lambda path: None)  # as on such a file system
+    content = os.urandom(SIZE)
+    t, rec, reader = open_fetch(tmp_path, Peer(content), stores)
+    while reader.read():
+        pass
+    spool = reader.take_spool()
+    reader.close()
+    t.close()
+    assert spool.read_bytes() == content
+    assert not t.direct
 
 
 def test_a_corrupt_block_is_refused_and_never_spooled(tmp_path: Path, stores: list[Store]) -> None:
