@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`repld conflicts` marks those '(this replica)') and removes the other; --keep remote "
         "keeps the other replica's version; --keep both renames the copy to NAME.<replica>.EXT "
         "so both stay as ordinary files. The decision is recorded as ordinary changes, so every "
-        "replica follows it.",
+        "replica follows it. On a replica that made neither version (it relayed a conflict "
+        "between two others), name the copy to keep: `repld resolve COPY --keep remote`.",
     )
     c.add_argument("path", metavar="PATH", help="the file, or one of its conflict copies")
     c.add_argument("--keep", required=True, choices=["local", "remote", "both"],
@@ -817,7 +818,14 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             else:
                 # The file was named: when it is of the side asked for, it is the one kept.
                 chosen = [c for c in every if (by.get(c) == me) == want_mine]
-                name_fits = name_mine == want_mine
+                name_there = at_name is not None and not at_name.deleted
+                name_fits = name_there and name_mine == want_mine
+                if not want_mine and name_fits and chosen:
+                    # Several other replicas' versions (this one only relayed them): which to
+                    # keep is not for "remote" to guess, each is someone's edit.
+                    raise UsageError(_which_remote(rep, original, at_name, chosen, by))
+                if want_mine and not name_fits and not chosen:
+                    raise UsageError(_which_remote(rep, original, at_name, every, by))
                 if not name_fits and len(chosen) > 1:
                     raise UsageError(
                         f"{original} has {len(chosen)} {args.keep} versions in conflict copies "
@@ -864,6 +872,27 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     print(f"resolved {escape(original)}: kept {args.keep} ({stats.events} changes recorded; "
           "they reach other replicas with the next sync)")  # fmt: skip
     return 0
+
+
+def _which_remote(rep: Replica, original: str, at_name: Any, copies: list[str],
+                  by: dict[str, str]) -> str:  # fmt: skip
+    """Why --keep local or remote cannot choose between versions other replicas made."""
+    names = {m.replica_id: m.name for m in rep.store.peer_marks()}
+
+    def who(rid: str | None) -> str:
+        return names.get(rid or "") or short_id(rid or "?")
+
+    there = at_name is not None and not at_name.deleted
+    versions = [f"the file at the name is {who(at_name.modified_by)}'s" if there
+                else "nothing is at the name"]  # fmt: skip
+    versions += [f"{c} is {who(by.get(c))}'s" for c in copies]
+    return (
+        f"{original}: no version here was made on this replica, so local and remote cannot "
+        f"choose ({'; '.join(versions)}): `repld resolve COPY --keep remote` keeps that "
+        f"copy's version, `repld resolve {original} --keep both` keeps every version under "
+        "its replica's name (then delete the ones you do not want), or resolve it on the "
+        "replica that made one of them"
+    )
 
 
 def _kind_on_disk(path: Path) -> str:

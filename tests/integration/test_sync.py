@@ -700,6 +700,34 @@ def test_resolve_keep_local_keeps_an_edit_made_here_after_the_conflict(tmp_path)
     assert conflict_copies(a.root) == []
 
 
+def test_resolve_on_a_replica_that_made_neither_version_asks_which(tmp_path):
+    """b only relayed a's and c's edits: "local" and "remote" cannot say which one to keep,
+    and must not throw one of them away."""
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "r.txt").write_text("base\n")
+    a.sync(b)
+    b.sync(c)
+    (a.root / "r.txt").write_text("a's edit\n")
+    (c.root / "r.txt").write_text("c's edit\n")
+    newer(c.root / "r.txt", than=a.root / "r.txt")  # c's wins the name, a's is the copy
+    a.sync(b)
+    c.sync(b)
+    (copy,) = conflict_copies(b.root)
+    for side in ("local", "remote"):
+        proc = b("resolve", "r.txt", "--keep", side, check=False)
+        assert proc.returncode == 2, proc.stdout
+        assert "no version here was made on this replica" in proc.stderr
+        assert f"{copy} is a's" in proc.stderr and "the file at the name is c's" in proc.stderr
+    assert (b.root / copy).read_text() == "a's edit\n"  # nothing was removed
+    b("resolve", copy, "--keep", "remote")  # a's version, named
+    assert (b.root / "r.txt").read_text() == "a's edit\n"
+    b.sync(a)
+    b.sync(c)
+    for r in (a, b, c):
+        assert (r.root / "r.txt").read_text() == "a's edit\n"
+        assert conflict_copies(r.root) == []
+
+
 def test_ignored_paths_stay_local(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / ".repldignore").write_text("*.tmp\ncache/\n")
