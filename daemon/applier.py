@@ -400,7 +400,10 @@ class Applier:
         for d in reversed(missing):
             self._abs(d)
             rec = self.store.get(d)
-            mode = rec.mode if rec is not None and rec.kind is Kind.DIR and rec.mode else 0o755
+            # (Mode 0, a directory chmodded 000, is a mode like any other.)
+            mode = 0o755
+            if rec is not None and rec.kind is Kind.DIR and not rec.deleted:
+                mode = rec.mode
             os.mkdir(self._p(d), mode)
             os.chmod(self._p(d), mode)
             self._made_dirs.add(d)
@@ -469,8 +472,8 @@ class Applier:
             self._ensure_parent(path)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 os.unlink(self._p(path))  # a file or symlink replaced by a directory
-            os.mkdir(self._p(path), rec.mode or 0o755)
-            os.chmod(self._p(path), rec.mode or 0o755)
+            os.mkdir(self._p(path), rec.mode)
+            os.chmod(self._p(path), rec.mode)
             self._made_dirs.add(path)
             self._batch.append(_Pending(step))
         elif step.op is Op.SYMLINK:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -65,6 +66,23 @@ def test_every_kind_of_change_propagates(tmp_path):
     a.sync(b)
     assert snapshot(a.root) == snapshot(b.root)
     assert not (b.root / "docs" / "deep").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a directory of mode 000 is scanned by root only")
+def test_a_directory_of_mode_000_keeps_its_mode_everywhere(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "locked").mkdir()
+    (a.root / "locked").chmod(0)
+    (a.root / "sub").mkdir()
+    (a.root / "sub" / "inner").mkdir()
+    (a.root / "sub" / "inner" / "f").write_text("f")
+    (a.root / "sub" / "inner").chmod(0)  # made as the parent of a file on the other side
+    a.sync(b)
+    a.sync(b)  # b would record a mode it made up as its own change, and send it back
+    for r in (a, b):
+        assert stat.S_IMODE((r.root / "locked").stat().st_mode) == 0
+        assert stat.S_IMODE((r.root / "sub" / "inner").stat().st_mode) == 0
+    assert "0 actions planned" in a.sync(b, "-n").stdout
 
 
 def test_dry_run_changes_nothing_anywhere(tmp_path):
