@@ -1388,7 +1388,12 @@ class Node:
             "name": self.cfg.name,
             "tree_id": self.store.tree_id,
             "root": str(self.cfg.root),
-            "state": "paused" if self.paused else self.state,
+            "state": "paused"
+            if self.paused
+            # (A burst of deletions waits for a whole scan once the tree is quiet.)
+            else "scanning"
+            if self._settle_at is not None and self.state == "idle"
+            else self.state,
             "pid": os.getpid(),
             "local": {
                 "files": files,
@@ -1449,6 +1454,7 @@ class Node:
                         s is not None
                         and s.in_sync
                         and self.state != "scanning"  # a change may be on its way
+                        and self._settle_at is None  # deletions wait for a whole scan
                         and not self._root_error  # nothing is applied or scanned meanwhile
                         and not self.paused  # likewise
                         and not self._deletes_held  # local deletions not sent

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 from helpers import make_replicas
-from repld.daemon.node import COUNTS_EVERY, DEGRADED_SCAN_EVERY, Node, Options, PeerLink
+from repld.daemon.node import (
+    COUNTS_EVERY,
+    DEGRADED_SCAN_EVERY,
+    SETTLE_DELETES,
+    Node,
+    Options,
+    PeerLink,
+)
 from repld.daemon.replica import open_replica
 from repld.protocol.record import Kind, Record
 from repld.protocol.version import VersionVector
@@ -163,6 +170,28 @@ def test_status_counts_every_change_once_in_sync_and_once_a_second_before(
     peer["in_sync"] = True
     node.publish()
     assert node.snapshot["local"]["files"] == 4
+
+
+def test_a_burst_of_deletions_waiting_for_its_scan_is_not_idle(make_node) -> None:
+    """Twenty deletions or more in one batch of events wait for a whole scan once the tree is
+    quiet (not a mass deletion here: 60 of 300 files); until then the status must not say idle
+    (nor any peer in sync) while the deletions are known and not yet recorded."""
+    node, clock, _ = make_node(0)
+    root = node.cfg.root
+    for i in range(300):
+        (root / f"f{i:03}").write_text(f"{i}\n")
+    node.full_scan()
+    gone = [f"f{i:03}" for i in range(60)]
+    for name in gone:
+        (root / name).unlink()
+    node.scan(gone)  # the watcher's batch
+    node.publish()
+    assert node.snapshot["state"] == "scanning"
+    assert node.snapshot["local"]["files"] == 300  # not recorded yet
+    clock.now += SETTLE_DELETES
+    node.step(0)
+    assert node.snapshot["state"] == "idle"
+    assert node.snapshot["local"]["files"] == 240
 
 
 def _file(path: str, size: int) -> Record:
