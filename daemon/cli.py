@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import stat
@@ -315,8 +316,15 @@ def _config_path(args: argparse.Namespace) -> Path:
     return args.config or configmod.default_config_path()
 
 
+_UNENCODABLE = re.compile("[\ud800-\udfff]")
+
+
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
+    """``obj`` as JSON in UTF-8. A name that is not valid UTF-8 holds its undecodable bytes as
+    lone surrogates (U+DC80-U+DCFF, Python's surrogateescape): they are written as \\udcXX
+    escapes, so the output stays valid UTF-8 and a reader gets the same string back."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    print(_UNENCODABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 def _scan_summary(name: str, st: ScanStats) -> str:

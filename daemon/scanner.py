@@ -215,6 +215,14 @@ class Scanner:
         try:
             check_path(path)
         except UnsafePathError as e:
+            if not os.path.lexists(self.root / path):
+                return  # gone (renamed to a valid name, say): nothing to record, nor to report
+            try:
+                path.encode()
+            except UnicodeEncodeError:
+                # As the walk says it, so that the walk and this agree on what is wrong.
+                self._skip(path, "its name is not valid UTF-8; rename it to replicate it")
+                return
             self.stats.errors.append((path, str(e)))
             return
         parts = path.split("/")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 from daemons import Cluster, Replica, free_port
-from helpers import conflict_copies, run
+from helpers import REPLD, conflict_copies, run
 
 UNICODE = "ünïcødé € name.txt"
 SPACES = "two  words and more.txt"
@@ -165,6 +165,25 @@ def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster
     cluster.wait_until(lambda: not any(p.name.startswith("f") for p in b.root.iterdir()), 30,
                        "the accepted deletions to reach b")  # fmt: skip
     cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to be lifted")
+
+
+def test_a_name_that_is_not_utf8_is_reported_in_valid_json_until_it_goes(cluster):
+    import subprocess
+
+    a, b = started(cluster, "a", "b")
+    bad = os.fsdecode(b"caf\xe9-latin1.txt")
+    (a.root / bad).write_text("latin-1 name\n")
+    cluster.wait_until(lambda: any(e["path"] == bad for e in a.status()["errors"]), 30,
+                       "the name to be reported")  # fmt: skip
+    out = subprocess.run([*REPLD, "--config", a.config, "status", "--json"],
+                         capture_output=True, check=True).stdout  # fmt: skip
+    st = json.loads(out.decode("utf-8"))  # valid UTF-8, and the name comes back as it is
+    (err,) = [e for e in st["errors"] if e["path"] == bad]
+    assert "not valid UTF-8" in err["error"] and "rename it" in err["error"]
+    os.rename(a.root / bad, a.root / "cafe-renamed.txt")
+    cluster.wait_until(lambda: (b.root / "cafe-renamed.txt").exists(), 30, "the rename")
+    cluster.wait_until(lambda: not any(e["path"] == bad for e in a.status()["errors"]), 30,
+                       "the error to go with the file")  # fmt: skip
 
 
 def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
