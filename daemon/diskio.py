@@ -93,5 +93,6 @@ def pwrite_direct(fd: int, data: bytes | memoryview, offset: int) -> bool:
     finally:
         view.release()
     if done != padded:
-        raise OSError(errno.EIO, f"short direct write ({done} of {padded} bytes)")
+        # (A regular file takes less only when its disk is full.)
+        raise OSError(errno.ENOSPC, f"only {done} of {padded} bytes written")
     return True

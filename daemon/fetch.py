@@ -18,6 +18,7 @@ asked-for hash and is still intact on disk.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -380,6 +381,17 @@ class _Reader:
         # blocks of a big file go to the disk without a copy in the page cache (no copy to make,
         # no dirty pages to write back later, and what is in the cache for everything else stays).
         self._direct_fd: int | None = None
+        self._no_room = False  # a write to the partial file found its disk full
+        if f.partial is not None and not _room_for(f.partial, f.rec.size):
+            # The partial file only makes a cut transfer resumable: without room for it in
+            # the state directory, the file is written straight into the tree (as small files
+            # are), checked block by block as it arrives.
+            log.info("%s: no room for a resumable copy in %s (%d bytes); fetching it straight "
+                     "into the tree", f.rec.path, f.partial.parent, f.rec.size)  # fmt: skip
+            if transfers._partial_of.get(f.rec.path) == f.rec.sha256:
+                del transfers._partial_of[f.rec.path]
+            transfers._drop_partial(f.rec.sha256)  # and what it held: the room matters more
+            f.partial = None
         if f.partial is not None:
             f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._partial_fd = os.open(f.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -460,6 +472,17 @@ class _Reader:
     def _spool_job(self, data: bytes, offset: int, check: bool) -> None:
         if check:
             self._check(data, offset)
+        try:
+            self._write_spool(data, offset)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._no_room = True
+            raise ReplError(f"{self.f.rec.path}: no room left in {self.f.partial.parent} for "
+                            f"its partial copy ({e.strerror}); the next try fetches it "
+                            "straight into the tree if there is room there") from None
+
+    def _write_spool(self, data: bytes, offset: int) -> None:
         direct = self._direct_fd
         if direct is not None and self.t.direct:
             if pwrite_direct(direct, data, offset):
@@ -467,8 +490,9 @@ class _Reader:
             self.t.no_direct(f"{self.f.partial}: a direct write at {offset} was refused")
         fd = self._partial_fd
         assert fd is not None  # closed only once every job is done
-        if os.pwrite(fd, data, offset) != len(data):
-            raise ReplError(f"{self.f.rec.path}: short write to {self.f.partial}")
+        done = os.pwrite(fd, data, offset)
+        if done != len(data):  # (a regular file takes less only when its disk is full)
+            raise OSError(errno.ENOSPC, f"only {done} of {len(data)} bytes written")
         start_writeback(fd, offset, len(data))
 
     def _done(self, job: Future[None]) -> None:
@@ -527,7 +551,9 @@ class _Reader:
             os.close(self._partial_fd)
             self._partial_fd = None
             complete = self.i >= len(self.f.chunks) and not self._failed
-            if complete and self.f.partial is not None:
+            if (complete or self._no_room) and self.f.partial is not None:
+                # (A partial copy that filled its disk is deleted too: the room matters more,
+                # to this daemon's database first.)
                 try:
                     os.unlink(self.f.partial)  # complete: the applier has the whole file
                 except OSError:
@@ -539,6 +565,23 @@ class _Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+ROOM_SPARE = 64 << 20  # bytes a partial file leaves free on its file system
+
+
+def _room_for(partial: Path, size: int) -> bool:
+    """Whether the file system of ``partial`` has room for the rest of it, and some to spare
+    (the database lives there too)."""
+    try:
+        have = os.stat(partial).st_size
+    except OSError:
+        have = 0
+    try:
+        vfs = os.statvfs(partial.parent if partial.parent.exists() else partial.parent.parent)
+    except OSError:
+        return True  # cannot tell: try, and a full disk is handled when it comes
+    return vfs.f_bavail * vfs.f_frsize >= size - have + ROOM_SPARE
 
 
 # -- serving --------------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ class Node:
         self.paused = False
         self._deletes_held = ""  # why a scan's deletions are held back (see _hold_deletes)
         self._settle_at: float | None = None  # a whole scan due once deletions settle
+        self._store_error = ""  # why the last scan could not be recorded (a full disk)
         self._recent_deletes: deque[tuple[float, int]] = deque()  # (when, how many) by path scans
         self.links: list[PeerLink] = []
         self.by_rid: dict[bytes, PeerLink] = {}
@@ -283,6 +284,18 @@ class Node:
             self.request_full_scan()
         return True
 
+    def _cannot_record(self, e: Exception) -> None:
+        """A scan could not commit what it found (the state directory's disk is full, say):
+        nothing of it was recorded. The daemon carries on (peers are still served, and a full
+        disk may be made room on) and scans the whole tree again in a while, since the
+        watcher's hints of that scan are spent."""
+        if self._store_error != str(e):
+            log.error("%s; scanning again every %g s until it can be recorded", e, RETRY_EVERY)
+        self._store_error = str(e)
+        if "" not in self.errors or self.errors[""].error == self._store_error:
+            self.errors[""] = PathError("", str(e))
+        self._next_full_scan = self.clock() + RETRY_EVERY
+
     def _hold_deletes(self, e: MassDelete, paths: list[str] | None = None) -> None:
         """The circuit breaker tripped (see Replica._check_deletes): the deletions of that scan
         are not recorded; everything else it found is, at once (a scan without them). Other
@@ -295,6 +308,9 @@ class Node:
         try:
             stats = self.rep.scan(paths=paths, clean_temp=False, skip_deletes=True)
         except (RootChanged, MassDelete):
+            return
+        except (StoreError, sqlite3.Error) as e:
+            self._cannot_record(e)
             return
         self._scan_done(stats, paths)
 
@@ -1132,6 +1148,9 @@ class Node:
         except RootChanged:
             self._root_ok()  # says why, and stops scanning and applying until it is back
             return
+        except (StoreError, sqlite3.Error) as e:
+            self._cannot_record(e)
+            return
         except DeletesDeferred:
             # Many deletions in one batch of events: an rm -rf may be under way, and the watcher
             # hands it over in pieces, each a small part of the tree. A whole scan judges it
@@ -1181,11 +1200,18 @@ class Node:
         except RootChanged:
             self._root_ok()
             return
+        except (StoreError, sqlite3.Error) as e:
+            self._cannot_record(e)
+            return
         except MassDelete as e:
             every = self._full_scan_every()  # not again at once: the next one is due as usual
             self._next_full_scan = None if every is None else self.clock() + every
             self._hold_deletes(e)
             return
+        if self._store_error:
+            log.warning("changes are recorded again")
+            self._store_error = ""
+            self.errors.pop("", None)
         if self._deletes_held:
             # A whole scan without a mass deletion: accepted, or the files are back.
             log.warning("the deletions held back are %s", "recorded" if accept_deletes

@@ -186,6 +186,46 @@ def test_a_name_that_is_not_utf8_is_reported_in_valid_json_until_it_goes(cluster
                        "the error to go with the file")  # fmt: skip
 
 
+def test_a_full_state_disk_stops_recording_not_the_daemon(cluster):
+    """b's database on a small file system that fills up: the scans that cannot be recorded
+    are errors in status, the daemon stays up, and once there is room the changes go out."""
+    import subprocess
+    import tomllib
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    a, b = cluster.make("a", "b")
+    state = Path(tomllib.loads(b.config.read_text())["state"])
+    saved = cluster.tmp / "b.state.saved"
+    shutil.copytree(state, saved)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(state)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        shutil.copytree(saved, state, dirs_exist_ok=True)
+        cluster.start()
+        cluster.wait_converged(what="first contact")
+        st = os.statvfs(state)
+        with open(state / "filler", "wb") as f:
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 150 * 1024))
+        for i in range(1000):
+            (b.root / f"f{i:04}").write_text(f"{i}\n")
+        cluster.wait_until(
+            lambda: any(not e["path"] and "full" in e["error"] for e in b.status()["errors"]),
+            30, "b to say it cannot record",
+        )
+        assert b.running
+        (state / "filler").unlink()
+        cluster.wait_until(lambda: len(list(a.root.iterdir())) == 1000, 60,
+                           "b's files to reach a once there is room")  # fmt: skip
+        cluster.wait_until(lambda: not any(not e["path"] for e in b.status()["errors"]), 30,
+                           "the error to go")  # fmt: skip
+    finally:
+        cluster.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
 def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
     a, b = cluster.make("a", "b")
     for i in range(150):

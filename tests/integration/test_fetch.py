@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -124,6 +125,34 @@ def test_a_file_system_without_direct_io_gets_the_same_file(
     t.close()
     assert spool.read_bytes() == content
     assert not t.direct
+
+
+def test_without_room_for_a_partial_copy_the_file_is_fetched_without_one(
+    tmp_path: Path, stores: list[Store]
+) -> None:
+    """The partial file only makes a transfer resumable: a state directory without room for
+    it must not keep the file from coming (it is written straight into the tree)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    partial = tmp_path / "state" / "partial"
+    partial.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(partial)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        content = os.urandom(SIZE)  # more than the 16 MiB there
+        t, rec, reader = open_fetch(tmp_path, Peer(content), stores)
+        assert reader.spool is None
+        got = bytearray()
+        while chunk := reader.read():
+            got += chunk
+        reader.close()
+        t.close()
+        assert bytes(got) == content
+        assert os.listdir(partial) == []
+    finally:
+        subprocess.run(["umount", "-l", str(partial)], check=False)
 
 
 def test_a_corrupt_block_is_refused_and_never_spooled(tmp_path: Path, stores: list[Store]) -> None:
