@@ -237,14 +237,16 @@ class Transfers:
                         old.blocks[i : i + DIGEST_SIZE], (abs_old, i // DIGEST_SIZE * bs)
                     )
         partial = None
+        held: list[tuple[int, int]] = []  # what a partial file of a cut transfer holds
         if rec.size >= PARTIAL_MIN:
             partial = self.partial_dir / rec.sha256
+            held = _data_ranges(partial)
         chunks: list[_Chunk] = []
         for i in range(nblocks):
             off, length = i * bs, min(bs, rec.size - i * bs)
             d = digests[i] if len(digests) == nblocks else b""
             src = local.get(d) if d else None
-            if src is None and partial is not None and partial.exists():
+            if src is None and partial is not None and _within(held, off, length):
                 src = (str(partial), off)
             if src is not None:
                 chunks.append(_Chunk(off, length, src))
@@ -565,6 +567,39 @@ class _Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _data_ranges(path: Path) -> list[tuple[int, int]]:
+    """The (start, end) byte ranges of ``path`` that hold data, holes left out (blocks of a
+    partial file are written as they come, two at a time, so a cut one may have holes): only
+    those are read back, and the rest is fetched in full-sized requests, many in flight."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    ranges: list[tuple[int, int]] = []
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # no data after pos
+                return [(0, size)]  # no SEEK_DATA here: take it all as written
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start, end))
+            pos = end
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return ranges
+
+
+def _within(ranges: list[tuple[int, int]], offset: int, length: int) -> bool:
+    return any(start <= offset and offset + length <= end for start, end in ranges)
 
 
 ROOM_SPARE = 64 << 20  # bytes a partial file leaves free on its file system

@@ -213,6 +213,47 @@ def test_a_peer_gone_mid_file_stops_the_whole_apply_at_once(tmp_path: Path, stor
     t.close()
 
 
+def test_a_resumed_transfer_reads_what_the_partial_holds_and_fetches_the_rest_in_bulk(
+    tmp_path: Path, stores: list[Store]
+) -> None:
+    """A cut transfer left a partial file with holes (blocks are written as they come): what
+    is in it is read back, and the holes and the rest are fetched in full-sized requests, many
+    in flight, not one block per round trip."""
+    content = os.urandom(SIZE)
+    rec = record_of(content)
+    partial = tmp_path / "state" / "partial"
+    partial.mkdir(parents=True)
+    mib = 1 << 20
+    fd = os.open(partial / rec.sha256, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.pwrite(fd, content[: 3 * mib], 0)
+    os.pwrite(fd, content[6 * mib : 7 * mib], 6 * mib)  # a hole from 3 to 6 MiB
+    os.close(fd)
+    requests: list[GetBlocks] = []
+    peak = [0]
+    peer = Peer(content)
+    send = peer.send
+
+    def counted(req: GetBlocks) -> bool:
+        requests.append(req)
+        peak[0] = max(peak[0], len(peer.replies) + 1)
+        return send(req)
+
+    peer.send = counted  # type: ignore[method-assign]
+    t, rec, reader = open_fetch(tmp_path, peer, stores)
+    got = bytearray()
+    while chunk := reader.read():
+        got += chunk
+    spool = reader.take_spool()
+    reader.close()
+    t.close()
+    assert bytes(got) == content and spool.read_bytes() == content
+    assert t.stats.resumed_bytes == 4 * mib
+    assert t.stats.fetched_bytes == SIZE - 4 * mib
+    rest = SIZE - 7 * mib
+    assert len(requests) == 3 + -(-rest // REQUEST_BYTES), [r.length for r in requests]
+    assert peak[0] > 1
+
+
 def test_a_partial_file_of_a_replaced_version_is_deleted_even_after_a_restart(
     tmp_path: Path, stores: list[Store]
 ) -> None:
