@@ -205,8 +205,27 @@ class Scanner:
                 with self.store.write_behind():  # SQLite writes on the other core
                     self._walk("")
             else:
-                for path in sorted(set(paths)):
+                todo = sorted(set(paths))
+                for path in todo:
                     self._scan_path(path)
+                # A file with other names (hard links): a write through one name changes them
+                # all, and the watcher names only the one written to.
+                others = sorted({p for path in todo for p in self._other_links(path)} - set(todo))
+                for path in others:
+                    self._scan_path(path)
+
+    def _other_links(self, path: str) -> list[str]:
+        try:
+            st = self._lstat(path) if path and path != "." else None
+        except OSError:
+            return []
+        if st is None or st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
+            return []
+        rows = self.store.execute(
+            "SELECT path FROM records WHERE ino = ? AND deleted = 0 AND path != ?",
+            (st.st_ino, path),
+        ).fetchall()
+        return [p for (p,) in rows]
 
     def _scan_path(self, path: str) -> None:
         if not path or path == ".":

@@ -167,6 +167,21 @@ def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster
     cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to be lifted")
 
 
+def test_a_write_through_one_hard_link_reaches_the_other_names_too(cluster):
+    """inotify names only the link written to; the file's other names changed as well."""
+    a, b = started(cluster, "a", "b")
+    (a.root / "h1").write_text("base\n")
+    os.link(a.root / "h1", a.root / "h2")
+    cluster.wait_until(lambda: (b.root / "h2").exists(), 30, "both names to reach b")
+    with open(a.root / "h1", "a") as f:
+        f.write("more\n")
+    cluster.wait_until(
+        lambda: all((b.root / n).read_text() == "base\nmore\n" for n in ("h1", "h2")),
+        30, "the write to reach both names on b",
+    )
+    cluster.wait_converged(what="after the write")
+
+
 def test_a_name_that_is_not_utf8_is_reported_in_valid_json_until_it_goes(cluster):
     import subprocess
 
