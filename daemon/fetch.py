@@ -602,6 +602,12 @@ def _within(ranges: list[tuple[int, int]], offset: int, length: int) -> bool:
     return any(start <= offset and offset + length <= end for start, end in ranges)
 
 
+# Why a block request was refused when the file changed on the peer after its record was sent:
+# nothing wrong, the newer version's record follows (the node logs it quietly).
+VERSION_GONE = (
+    "the peer has that version no more (changed or deleted since); the newer one comes next"
+)
+
 ROOM_SPARE = 64 << 20  # bytes a partial file leaves free on its file system
 
 
@@ -635,8 +641,7 @@ def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
             data = _read_intact(root, other, req)
             if data is not None:
                 return Blocks(req.req, data)
-    return Error("gone", "the peer has that version no more (changed or deleted since); the "
-                 "newer one comes next", req=req.req)  # fmt: skip
+    return Error("gone", VERSION_GONE, req=req.req)
 
 
 def _read_intact(root: Path, rec: Record, req: GetBlocks) -> bytes | None:

@@ -59,8 +59,8 @@ from .errors import (
     RootChanged,
     StoreError,
 )
+from .fetch import VERSION_GONE, Transfers, serve
 from .fetch import Link as FetchLink
-from .fetch import Transfers, serve
 from .ignore import IGNORE_FILE
 from .localsync import pull_steps
 from .replica import Replica, list_conflicts, load_keys
@@ -1080,8 +1080,11 @@ class Node:
                 self._applied[st.path] = (r.deleted, r.kind, r.size, r.mtime_ns, r.mode)
             for path, err in stats.errors:
                 prev = self.errors.get(path)
-                # (A page retried every 10 s fails the same way each time: said once.)
+                # (A page retried every 10 s fails the same way each time: said once. A file
+                # that changed again on the peer while it was fetched is no trouble at all.)
                 level = logging.DEBUG if prev is not None and prev.error == err else logging.WARNING
+                if VERSION_GONE in err and level == logging.WARNING:
+                    level = logging.INFO
                 self.errors[path] = PathError(path, err, link.peer.name)
                 log.log(level, "%s: %s", link.peer.name, err,
                         extra={"PEER": link.peer.name, "PATH": path})  # fmt: skip
