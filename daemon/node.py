@@ -77,6 +77,7 @@ ROOT_CHECK_EVERY = 2.0  # seconds between looks at the root: still the replica's
 ACKS_EVERY = 5.0  # seconds between writes of how far peers acknowledged our records
 COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lacks, as they change
 ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
+PUBLISH_WHILE_FETCHING = 0.5  # seconds between status updates while a file's content arrives
 RETRY_EVERY = 10.0  # failed pages are asked for again this often
 DEFER_DELETES = 20  # deletions in one batch of watcher events that wait for a whole scan
 SETTLE_DELETES = 2.0  # seconds of quiet after such a batch before that scan
@@ -209,6 +210,8 @@ class Node:
         self.poller = zmq.Poller()
         self._inbox: deque[tuple[PeerLink, list[bytes], wire.Message | None]] = deque()
         self._pumping = False
+        self._pump_published = 0.0
+        self._page_in: tuple[PeerLink, int] | None = None  # link of the page applied, bytes then
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.watcher: Watcher | None = None
         self.commands: deque[tuple[str, dict[str, Any]]] = deque()
@@ -545,6 +548,11 @@ class Node:
         """Wait for replies while the applier waits for content; serve block requests meanwhile."""
         self._poll(timeout, defer=True)
         self._timers(quick=True)
+        now = self.clock()
+        if now - self._pump_published >= PUBLISH_WHILE_FETCHING:
+            # A big file takes a while: status shows the bytes coming in meanwhile.
+            self._pump_published = now
+            self.publish()
         if self.on_tick is not None:
             self.on_tick()
 
@@ -1042,6 +1050,8 @@ class Node:
                 check_root=self.rep.check_root,
             )
             root_lost = False  # or the peer: the apply stopped in the middle of the page
+            t = self.transfers.stats
+            self._page_in = (link, t.fetched_bytes + t.reused_bytes + t.resumed_bytes)
             try:
                 stats = applier.apply(steps)
             except RootChanged:
@@ -1068,6 +1078,7 @@ class Node:
                          extra={"PEER": link.label})  # fmt: skip
             finally:
                 self.transfers.reset()
+                self._page_in = None
             self._count(stats)
             self._log_applied(link.peer.name, stats)
             if len(self._applied) > APPLIED_MAX:
@@ -1463,6 +1474,12 @@ class Node:
                 else self._replica_of(p.name)
             )
             need_files, need_bytes = s.need() if s is not None else (0, 0)
+            if self._page_in is not None and self._page_in[0] is best:
+                # The page being applied: what of its content is here already (a big file
+                # comes in for a while) is needed no more.
+                t = self.transfers.stats
+                got = t.fetched_bytes + t.reused_bytes + t.resumed_bytes - self._page_in[1]
+                need_bytes = max(0, need_bytes - got)
             seen = max((lk.last_seen_wall for lk in links), default=0.0)
             errs = [lk.error for lk in links if lk.error]
             peers.append(
