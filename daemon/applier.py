@@ -210,6 +210,10 @@ class Applier:
         # too before the records of what is in them are committed (a syncfs covers them; a
         # small batch fsyncs their parents).
         self._made_dirs: set[str] = set()
+        # Read-only directories opened for this apply (path -> mode they had), and directories
+        # found writable already (see _unlock).
+        self._unlocked: dict[str, int] = {}
+        self._writable: set[str] = set()
         self._removing = False  # removals (deferred steps) have begun: none is deferred any more
         # Steps whose parent was not a directory yet, tried again after the others (see
         # _wait_for_parent), and their paths.
@@ -240,7 +244,53 @@ class Applier:
         finally:
             self._discard_batches()
             self._record_removals_anyway()
+            self._lock_again()
         return self.stats
+
+    # -- read-only directories ------------------------------------------------------------------
+
+    def _unlock(self, d: str) -> None:
+        """Let this apply write in directory ``d`` when its mode does not (a read-only tree:
+        Go's module cache, an archive unpacked read-only): a user's own directory is given
+        owner write and search permission until the apply ends (``_lock_again``). Root needs
+        none of it; a directory of someone else's is left to fail as it would."""
+        if d in self._unlocked or d in self._writable:
+            return
+        p = self._p(d)
+        try:
+            st = os.lstat(p)
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            if os.access(p, os.W_OK | os.X_OK, effective_ids=True):
+                self._writable.add(d)
+                return
+            if st.st_uid != os.geteuid():
+                return
+            os.chmod(p, stat.S_IMODE(st.st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+        except OSError:
+            return
+        self._unlocked[d] = stat.S_IMODE(st.st_mode)
+
+    def _mode_set(self, d: str) -> None:
+        """The applier gave ``d`` its recorded mode: whether it can write in it is to be seen
+        again."""
+        self._unlocked.pop(d, None)
+        self._writable.discard(d)
+
+    def _lock_again(self) -> None:
+        """Give the directories ``_unlock`` opened their modes back: the recorded one (a page
+        may have changed it), else the one they had. Deepest first: a parent made read-only
+        again before its child would refuse the child's chmod nothing, but keep it tidy."""
+        for d in sorted(self._unlocked, key=lambda x: x.count("/"), reverse=True):
+            rec = self.store.get(d)
+            mode = rec.mode if rec is not None and not rec.deleted and rec.kind is Kind.DIR \
+                else self._unlocked[d]  # fmt: skip
+            try:
+                os.chmod(self._p(d), mode)
+            except OSError:
+                pass  # removed meanwhile
+        self._unlocked.clear()
+        self._writable.clear()
 
     def _take(self, step: Step) -> None:
         if step.deferred:
@@ -256,6 +306,9 @@ class Applier:
 
     def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
         try:
+            self._unlock(parent_of(step.path))
+            if step.source:
+                self._unlock(parent_of(step.source))
             fn(step)
         except (ApplyStopped, StoreError):
             raise  # not this path's trouble (a full disk under the database): the apply stops
@@ -399,6 +452,7 @@ class Applier:
             break
         for d in reversed(missing):
             self._abs(d)
+            self._unlock(parent_of(d))
             rec = self.store.get(d)
             # (Mode 0, a directory chmodded 000, is a mode like any other.)
             mode = 0o755
@@ -406,6 +460,7 @@ class Applier:
                 mode = rec.mode
             os.mkdir(self._p(d), mode)
             os.chmod(self._p(d), mode)
+            self._mode_set(d)
             self._made_dirs.add(d)
             if rec is None:
                 placeholder = Record(d, derived_guid("parent", d), Kind.DIR, VersionVector(),
@@ -474,6 +529,7 @@ class Applier:
                 os.unlink(self._p(path))  # a file or symlink replaced by a directory
             os.mkdir(self._p(path), rec.mode)
             os.chmod(self._p(path), rec.mode)
+            self._mode_set(path)
             self._made_dirs.add(path)
             self._batch.append(_Pending(step))
         elif step.op is Op.SYMLINK:
@@ -487,6 +543,7 @@ class Applier:
         elif step.op is Op.META:
             self._check(path, step.expected)
             os.chmod(self._p(path), rec.mode)
+            self._mode_set(path)
             if rec.kind is Kind.FILE:
                 os.utime(self._p(path), ns=(rec.mtime_ns, rec.mtime_ns))
             self._batch.append(_Pending(step))

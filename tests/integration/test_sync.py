@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -83,6 +84,47 @@ def test_a_directory_of_mode_000_keeps_its_mode_everywhere(tmp_path):
         assert stat.S_IMODE((r.root / "locked").stat().st_mode) == 0
         assert stat.S_IMODE((r.root / "sub" / "inner").stat().st_mode) == 0
     assert "0 actions planned" in a.sync(b, "-n").stdout
+
+
+def as_a_user(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """The CLI with a user's file permissions: as root, without the capabilities that let
+    root write anywhere (a read-only directory of its own refuses it then, as it would any
+    user); as anyone else, as it is."""
+    from helpers import REPLD
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root's overrides")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", "--bounding-set", caps, "--inh-caps", caps, "--"]
+    return subprocess.run([*prefix, *REPLD, *map(str, args)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_read_only_directories_are_filled_and_emptied_and_stay_read_only(tmp_path):
+    """Go's module cache, an archive unpacked read-only: directories without write permission
+    that hold files. A user's sync must still write (and later delete) what is in them, and
+    leave them read-only."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "mod" / "pkg@v1").mkdir(parents=True)
+    (a.root / "mod" / "pkg@v1" / "go.mod").write_text("module pkg\n")
+    (a.root / "mod" / "pkg@v1" / "go.mod").chmod(0o444)
+    (a.root / "mod" / "pkg@v1").chmod(0o555)
+    (a.root / "mod").chmod(0o555)
+    proc = as_a_user("--config", a.config, "sync", b.config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (b.root / "mod" / "pkg@v1" / "go.mod").read_text() == "module pkg\n"
+    for d in ("mod", "mod/pkg@v1"):
+        assert stat.S_IMODE((b.root / d).stat().st_mode) == 0o555
+    assert "0 actions planned" in as_a_user("--config", a.config, "sync", b.config, "-n").stdout
+    # Edited and then removed on b (made writable first, as `go clean -modcache` does).
+    for d in (b.root / "mod", b.root / "mod" / "pkg@v1"):
+        d.chmod(0o755)
+    shutil.rmtree(b.root / "mod")
+    proc = as_a_user("--config", b.config, "sync", a.config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (a.root / "mod").exists()
 
 
 def test_dry_run_changes_nothing_anywhere(tmp_path):
