@@ -390,9 +390,8 @@ class _Reader:
             # are), checked block by block as it arrives.
             log.info("%s: no room for a resumable copy in %s (%d bytes); fetching it straight "
                      "into the tree", f.rec.path, f.partial.parent, f.rec.size)  # fmt: skip
-            if transfers._partial_of.get(f.rec.path) == f.rec.sha256:
-                del transfers._partial_of[f.rec.path]
-            transfers._drop_partial(f.rec.sha256)  # and what it held: the room matters more
+            transfers.forget(f.rec.path)  # whatever partial copy the path had
+            transfers._drop_partial(f.rec.sha256)  # and one of this version: room matters more
             f.partial = None
         if f.partial is not None:
             f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -294,9 +294,9 @@ class Node:
         watcher's hints of that scan are spent."""
         if self._store_error != str(e):
             log.error("%s; scanning again every %g s until it can be recorded", e, RETRY_EVERY)
-        self._store_error = str(e)
         if "" not in self.errors or self.errors[""].error == self._store_error:
-            self.errors[""] = PathError("", str(e))
+            self.errors[""] = PathError("", str(e))  # (not over the root's or the breaker's)
+        self._store_error = str(e)
         self._next_full_scan = self.clock() + RETRY_EVERY
 
     def _hold_deletes(self, e: MassDelete, paths: list[str] | None = None) -> None:
@@ -1224,8 +1224,9 @@ class Node:
             return
         if self._store_error:
             log.warning("changes are recorded again")
+            if "" in self.errors and self.errors[""].error == self._store_error:
+                del self.errors[""]
             self._store_error = ""
-            self.errors.pop("", None)
         if self._deletes_held:
             # A whole scan without a mass deletion: accepted, or the files are back.
             log.warning("the deletions held back are %s", "recorded" if accept_deletes

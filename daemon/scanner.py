@@ -206,28 +206,19 @@ class Scanner:
                     self._walk("")
             else:
                 todo = sorted(set(paths))
+                linked: list[int] = []  # inodes of named files that have other names
                 for path in todo:
-                    self._scan_path(path)
+                    self._scan_path(path, linked)
                 # A file with other names (hard links): a write through one name changes them
                 # all, and the watcher names only the one written to.
-                others = sorted({p for path in todo for p in self._other_links(path)} - set(todo))
-                for path in others:
-                    self._scan_path(path)
+                others: set[str] = set()
+                for ino in linked:
+                    others.update(p for (p,) in self.store.execute(
+                        "SELECT path FROM records WHERE ino = ? AND deleted = 0", (ino,)))
+                for path in sorted(others - set(todo)):
+                    self._scan_path(path, [])
 
-    def _other_links(self, path: str) -> list[str]:
-        try:
-            st = self._lstat(path) if path and path != "." else None
-        except OSError:
-            return []
-        if st is None or st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
-            return []
-        rows = self.store.execute(
-            "SELECT path FROM records WHERE ino = ? AND deleted = 0 AND path != ?",
-            (st.st_ino, path),
-        ).fetchall()
-        return [p for (p,) in rows]
-
-    def _scan_path(self, path: str) -> None:
+    def _scan_path(self, path: str, linked: list[int]) -> None:
         if not path or path == ".":
             self._walk("")
             return
@@ -263,6 +254,8 @@ class Scanner:
         st = self._lstat(path)
         if st is not None and self.ignore(path, stat.S_ISDIR(st.st_mode)):
             return
+        if st is not None and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+            linked.append(st.st_ino)
         self._scan_entry(path, st, self.store.get(path), descend=True)
 
     def _lstat(self, path: str) -> os.stat_result | None:
