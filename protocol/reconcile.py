@@ -76,6 +76,21 @@ def _winner_key(r: Record) -> tuple[int, int, int, str, int, str, int, str, str]
             r.modified_by, r.origin_seq, r.content_id(), r.mode, r.kind.value, r.guid)  # fmt: skip
 
 
+def _metadata_winner(local: Record, remote: Record) -> Record:
+    """Of two concurrent records with the same content, the one whose metadata stands: the
+    one whose last change the other's version has not seen, when only one is; else the
+    deterministic winner. (A record's version counts its maker's change at most as high as the
+    record says, so "seen" is sure; "not seen" may be a merge's overestimate, and then both
+    may look unseen: the rule falls back, it never guesses wrong.)"""
+    local_seen = remote.version.get(local.modified_by) >= local.version.get(local.modified_by)
+    remote_seen = local.version.get(remote.modified_by) >= remote.version.get(remote.modified_by)
+    if remote_seen and not local_seen:
+        return local
+    if local_seen and not remote_seen:
+        return remote
+    return max(local, remote, key=_winner_key)
+
+
 def _what_was_deleted(alive: Record, dead: Record) -> bool:
     """Whether ``alive`` is the content the tombstone ``dead`` was the deletion of (a tombstone
     keeps the last content's hash or target)."""
@@ -121,12 +136,22 @@ def reconcile(
 
     merged = local.version.merge(remote.version)
     if local.same_content(remote):
-        # Nothing to fight over. Metadata (mode, mtime) comes from the deterministic winner so
-        # both replicas end up with the same record.
+        # Nothing to fight over. Metadata (mode, mtime) comes from the side whose change the
+        # other has not seen (a chmod here against a merge there that only added a lost
+        # conflict), else from the deterministic winner, so both replicas end up with the same
+        # record.
         # (Two joiners' adopted copies that merge stay adopted: the tree's version, when it
         # comes, still wins over them; one adopted copy and the tree's merge into the tree's.)
-        base = max(local, remote, key=_winner_key)
-        return Resolution(order, base.with_(version=merged), note="same content, versions merged")
+        base = _metadata_winner(local, remote)
+        note = "same content, versions merged"
+        if local.same_metadata(remote):
+            return Resolution(order, base.with_(version=merged), note=note)
+        # Different metadata: the result is a state neither side had under that version, and
+        # another replica may merge the same versions from other records (one that lost a
+        # conflict to either side): a version of its own keeps two different results of one
+        # merge from ever looking equal. (Replicas that make this same merge reach the same
+        # metadata, and their two versions then merge without a new one.)
+        return Resolution(order, base.with_(version=merged.bump(replica)), note=note)
     if local.deleted or remote.deleted:
         alive, dead = (remote, local) if local.deleted else (local, remote)
         if alive.action is Action.ADOPT:

@@ -38,13 +38,28 @@ def test_new_path_is_taken():
     assert reconcile(None, remote, replica=A).result == remote
 
 
+def meta(r: Record) -> tuple[object, ...]:
+    return (r.kind, r.deleted, r.sha256, r.mode, r.mtime_ns, r.guid, r.modified_by)
+
+
 def test_same_content_merges_without_conflict():
+    same_meta = reconcile(rec({A: 2}), rec({A: 1, B: 1}, by=B), replica=A)
+    assert same_meta.conflict is None
+    assert same_meta.result.version == VersionVector.of({A: 2, B: 1})
+
     local, remote = rec({A: 2}), rec({A: 1, B: 1}, by=B, mtime=200)
     res = reconcile(local, remote, replica=A)
-    assert res.conflict is None
-    assert res.result.version == VersionVector.of({A: 2, B: 1})
-    # Metadata comes from the deterministic winner, so both sides agree.
-    assert res.result == reconcile(remote, local, replica=B).result
+    there = reconcile(remote, local, replica=B)
+    assert res.conflict is None and there.conflict is None
+    # Metadata comes from the same record on both sides (here the newer mtime) ...
+    assert meta(res.result) == meta(there.result) == meta(remote)
+    # ... under a version of the merging replica's own, which dominates both: a merge of these
+    # versions from other records elsewhere is never taken for this one.
+    assert res.result.version == VersionVector.of({A: 3, B: 1})
+    assert there.result.version == VersionVector.of({A: 2, B: 2})
+    # The two replicas' results agree: they merge without another version.
+    again = reconcile(res.result, there.result, replica=A)
+    assert again.result.version == VersionVector.of({A: 3, B: 2}) and again.conflict is None
 
 
 def test_same_content_merge_ties_on_mode_and_guid_alike_everywhere():
@@ -55,11 +70,30 @@ def test_same_content_merge_ties_on_mode_and_guid_alike_everywhere():
     for local, remote in ((old, chmod), (chmod, old)):
         res = reconcile(local, remote, replica=C)
         assert res.conflict is None and res.result.mode == 0o700
-        assert res.result.version == VersionVector.of({A: 2, B: 1})
+        assert res.result.version == VersionVector.of({A: 2, B: 1, C: 1})
     # Records that differ in nothing the key looked at before but mode or guid.
     x = rec({A: 2}).with_(mode=0o644, guid="g1")
     y = rec({A: 1, B: 1}).with_(mode=0o755, guid="g2")
-    assert reconcile(x, y, replica=A).result == reconcile(y, x, replica=B).result
+    assert meta(reconcile(x, y, replica=A).result) == meta(reconcile(y, x, replica=B).result)
+
+
+def test_a_chmod_beats_a_merge_that_never_saw_it():
+    """Found by the property test: C chmodded A's file; elsewhere A's file had won a conflict
+    against B's symlink (its version merged B's, content and mode unchanged). Merging the two,
+    the chmod stands, whatever the replica ids; and a replica that merged the same versions the
+    other way (its own record losing) gets a version that the chmod's merge is not equal to."""
+    created = rec({A: 1}, by=A)
+    chmod = created.with_(version=VersionVector.of({A: 1, C: 1}), mode=0o755, modified_by=C)
+    won_over_b = created.with_(version=VersionVector.of({A: 1, B: 1}))  # still A's change
+    for by_id in (A, "0" * 8, "f" * 8):  # the deterministic key would pick either
+        a = created.with_(modified_by=by_id, version=VersionVector.of({by_id: 1}))
+        c = chmod.with_(version=VersionVector.of({by_id: 1, C: 1}))
+        w = won_over_b.with_(modified_by=by_id, version=VersionVector.of({by_id: 1, B: 1}))
+        assert a.mode == w.mode == 0o644
+        for local, remote in ((c, w), (w, c)):
+            res = reconcile(local, remote, replica=C)
+            assert res.result.mode == 0o755
+            assert res.result.version.dominates(c.version.merge(w.version))
 
 
 def test_both_deleted_merges():
