@@ -46,7 +46,7 @@ from ..protocol.record import (
     parent_of,
 )
 from ..protocol.version import Order, VersionVector
-from .diskio import syncfs
+from .diskio import rename_noreplace, syncfs
 from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError, StoreError
 from .scanner import hash_file_stat
 from .store import Store
@@ -97,6 +97,7 @@ class ApplyStats:
     written: int = 0
     written_bytes: int = 0
     copied_locally: int = 0
+    moved: int = 0  # files the other side moved, renamed here from their old paths (not written)
     deleted: int = 0
     recorded: int = 0
     conflicts: int = 0
@@ -220,6 +221,12 @@ class Applier:
         self._parent_wait: list[Step] = []
         self._waiting: set[str] = set()
         self._second_try = False
+        # New files that the other side moved from a path where this replica has them too: set
+        # aside until every removal of the apply is known (see _apply_moves), then renamed.
+        self._moves: list[tuple[Step, Record]] = []
+        self._moves_open = True
+        self._moved: list[tuple[Step, Step, int]] = []  # (the new file, the removal, its inode)
+        self._not_moved: list[Step] = []
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -234,6 +241,7 @@ class Applier:
                 for step in waiting:
                     self._take(step)
                 self._flush()
+            self._apply_moves()
             self._removing = True
             for step in sorted(self._deferred, key=lambda s: s.path, reverse=True):
                 self._guarded(step, self._apply_deferred)
@@ -243,6 +251,7 @@ class Applier:
             self._flush()
         finally:
             self._discard_batches()
+            self._record_moves_anyway()
             self._record_removals_anyway()
             self._lock_again()
         return self.stats
@@ -496,6 +505,8 @@ class Applier:
         self._abs(path)
         if step.op is Op.WRITE:
             new = step.expected is None or step.expected.deleted
+            if new and self._may_move(step):
+                return  # set aside: renamed (or written) once the removals are known
             if not new:
                 # A new file needs no look first: it is linked to its name at install, which
                 # fails if anything is there by then (and so if it was there already).
@@ -674,6 +685,119 @@ class Applier:
                 return f, other.path
             f.close()
         return self.fetch(rec.with_(path=source) if source else rec), None
+
+    # -- moves ----------------------------------------------------------------------------------
+
+    def _may_move(self, step: Step) -> bool:
+        """Set ``step`` aside if its new file is one the other side moved (its scan kept the
+        file's guid) from a path where this replica has the very same file: if this apply also
+        removes that path, the file is renamed, not copied (see _apply_moves)."""
+        rec = step.record
+        if not self._moves_open or step.conflict is not None or step.source or not rec.sha256:
+            return False
+        for other in self.store.live_with_hash(rec.sha256):
+            if (
+                other.guid == rec.guid
+                and other.path != rec.path
+                and other.kind is Kind.FILE
+                and (other.size, other.mode, other.mtime_ns) == (rec.size, rec.mode, rec.mtime_ns)
+            ):
+                self._moves.append((step, other))
+                return True
+        return False
+
+    def _apply_moves(self) -> None:
+        """The files set aside by _may_move, once every other new file is in place and every
+        removal of the apply is known (a stream sends a move's new path and the removal of its
+        old one in either order): one whose old path this apply removes, still as recorded, is
+        renamed there (a big tree moved costs no copy, no time and no space), and the removal
+        is recorded as done with it; the others are written as any new file."""
+        moves, self._moves = self._moves, []
+        self._moves_open = False
+        if not moves:
+            return
+        removals = {
+            s.path: s
+            for s in self._deferred
+            if s.op is Op.DELETE and s.conflict is None and s.expected is not None
+        }
+        for step, old in moves:
+            gone = removals.pop(old.path, None)
+            if gone is None or gone.expected is None or gone.expected.guid != step.record.guid:
+                self._not_moved.append(step)
+                continue
+            self._guarded(step, lambda s, g=gone: self._move(s, g))  # type: ignore[misc]
+        self._record_moves()
+        rest, self._not_moved = self._not_moved, []
+        for step in rest:
+            self._take(step)
+        self._flush()
+
+    def _move(self, step: Step, gone: Step) -> None:
+        """Rename the file at ``gone``'s path (a removal of this apply) to ``step``'s new one, if
+        it is on disk as recorded; else (edited here meanwhile: its removal finds out and keeps
+        it) ``step`` is written as any new file."""
+        assert gone.expected is not None
+        self._check_root()
+        old = gone.path
+        self._abs(old)
+        try:
+            self._check(old, gone.expected)
+        except ChangedOnDisk:
+            self._not_moved.append(step)
+            return
+        if gone.expected.sha256 != step.record.sha256:
+            self._not_moved.append(step)
+            return
+        self._ensure_parent(step.path)
+        self._unlock(parent_of(old))
+        try:
+            rename_noreplace(self._p(old), self._p(step.path))
+        except FileExistsError:
+            raise ChangedOnDisk(step.path, "something new is there") from None
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            self._not_moved.append(step)  # another mount inside the root, or no renameat2
+            return
+        ino = os.lstat(self._p(step.path)).st_ino
+        note = f"moved from {old}"
+        self._moved.append((Step(step.op, step.path, step.record, step.expected, note=note),
+                            Step(gone.op, old, gone.record, gone.expected, deferred=True,
+                                 note=f"moved to {step.path}"), ino))  # fmt: skip
+        self._deferred = [s for s in self._deferred if s is not gone]
+
+    def _record_moves(self) -> None:
+        """Make the renames durable (the old names gone, the new ones there), then record both
+        ends of each in one transaction: the new path first, as the other side sent them."""
+        moved, self._moved = self._moved, []
+        if not moved:
+            return
+        made, self._made_dirs = self._made_dirs, set()
+        dirs = {parent_of(p) for st, gone, _ in moved for p in (st.path, gone.path)}
+        dirs |= {parent_of(d) for d in made}
+        if len(dirs) <= SMALL_BATCH:
+            for d in dirs:
+                _fsync_dir(self._p(d))
+        else:
+            syncfs(self.root)
+        with self.store.transaction():
+            for st, gone, ino in moved:
+                self._record(st.record, local=False, step=st, ino=ino, moved=True)
+                self._record(gone.record, local=False, step=gone, moved=True)
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+
+    def _record_moves_anyway(self) -> None:
+        """On the way out of ``apply`` after an error: files renamed and not yet recorded are
+        recorded if at all possible (else the next scan finds them moved here)."""
+        if not (n := len(self._moved)):
+            return
+        try:
+            self._record_moves()
+        except (OSError, ReplError, sqlite3.Error) as e:
+            log.warning("%s: %d move(s) not recorded (%s); the next scan records them",
+                        self.root, n, e)  # fmt: skip
 
     # -- the batch ------------------------------------------------------------------------------
 
@@ -876,9 +1000,10 @@ class Applier:
         step: Step | None = None,
         action: Action | None = None,
         ino: int | None = None,
+        moved: bool = False,
     ) -> None:
         """Store ``rec`` (with ``action``, and ``ino`` as its inode) in the caller's transaction;
-        count ``step`` done."""
+        count ``step`` done (``moved``: one end of a file renamed by _apply_moves)."""
         if action is not None:
             rec = rec.with_(action=action)
         if step is None:
@@ -890,7 +1015,9 @@ class Applier:
             note = f"conflict resolved: {c.winner.value} wins ({c.reason})"
             self.stats.conflicts += 1
         self.store.put(rec, local=local, via=self.via, note=note, ino=ino)
-        if step.op is Op.WRITE:
+        if moved:
+            self.stats.moved += step.op is Op.WRITE
+        elif step.op is Op.WRITE:
             self.stats.written += 1
             self.stats.written_bytes += rec.size
         elif step.op is Op.DELETE:

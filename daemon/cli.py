@@ -584,8 +584,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         stats = rep.scan(paths, verbose=args.verbose, clean_temp=True, progress=progress,
                          rehash=args.full, accept_deletes=args.accept_deletes)  # fmt: skip
     progress.done()
-    for action, path in stats.changes:
-        print(f"{action:7} {escape(path)}")
+    for change in stats.changes:
+        print(_change(change, 7))
     print(_scan_summary(rep.cfg.name, stats))
     for path, err in stats.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
@@ -665,11 +665,18 @@ def _sync_peer(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def _change(change: tuple[str, ...], width: int = 0) -> str:
+    """One line of a scan's changes: ``(action, path)``, or ``("move", path, old_path)``."""
+    action, path, *was = change
+    text = f"{escape(was[0])} -> {escape(path)}" if was else escape(path)
+    return f"{action:{width}} {text}"
+
+
 def _print_sync(report: SyncReport, verbose: bool) -> None:
     if verbose or report.dry_run:
         for name, st in report.scans.items():
-            for action, path in st.changes:
-                print(f"scan {name}: {action} {escape(path)}")
+            for change in st.changes:
+                print(f"scan {name}: {_change(change)}")
     for p in report.passes:
         for step in p.steps:
             print(f"{p.into} <- {step.describe().replace(step.path, escape(step.path), 1)}")
@@ -681,7 +688,9 @@ def _print_sync(report: SyncReport, verbose: bool) -> None:
             s = p.stats
             print(
                 f"{p.into}: {s.written} files written ({_human(s.written_bytes)}, "
-                f"{s.copied_locally} from local copies), {s.deleted} deleted, "
+                f"{s.copied_locally} from local copies), "
+                + (f"{s.moved} moved, " if s.moved else "")
+                + f"{s.deleted} deleted, "
                 f"{s.recorded} other updates, {s.conflicts} conflicts"
                 + (f", {s.kept_dirs} directories kept" if s.kept_dirs else "")
             )
@@ -1016,8 +1025,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         progress.done()
     if args.verbose or args.dry_run:
         assert report.scan is not None
-        for action, path in report.scan.changes:
-            print(f"scan: {action} {escape(path)}")
+        for change in report.scan.changes:
+            print(f"scan: {_change(change)}")
     for step in report.steps:
         print(f"{rep.cfg.name} <- {step.describe().replace(step.path, escape(step.path), 1)}")
     if report.dry_run:
@@ -1026,8 +1035,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         s = report.stats
         print(
             f"{rep.cfg.name}: from {report.name}'s bundle, {s.written} files written "
-            f"({_human(s.written_bytes)}, {s.copied_locally} from local copies), {s.deleted} "
-            f"deleted, {s.recorded} other updates, {s.conflicts} conflicts"
+            f"({_human(s.written_bytes)}, {s.copied_locally} from local copies), "
+            + (f"{s.moved} moved, " if s.moved else "")
+            + f"{s.deleted} deleted, {s.recorded} other updates, {s.conflicts} conflicts"
         )
     for path, err in report.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)

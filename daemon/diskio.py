@@ -33,6 +33,23 @@ def syncfs(path: Path | str) -> None:
         os.close(fd)
 
 
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1  # from <linux/fs.h>
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` in one step, failing with FileExistsError if ``dst`` exists
+    (renameat2 with RENAME_NOREPLACE; os.rename would replace it). Where the file system or the C
+    library lacks it: OSError with EINVAL or ENOSYS, nothing renamed."""
+    libc = _libc()
+    if not hasattr(libc, "renameat2"):
+        raise OSError(errno.ENOSYS, "renameat2 is not available", src)
+    if libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+                      RENAME_NOREPLACE) != 0:  # fmt: skip
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src, None, dst)
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Have the kernel start writing these bytes of ``fd`` to disk now, without waiting for it:
     an fdatasync later finds little left to do, and the disk works while the rest of a big file

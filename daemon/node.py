@@ -1125,15 +1125,18 @@ class Node:
                 kept = f"the other version kept as {c.copy.path}" if c.copy else "the other dropped"
                 log.warning("%s: conflict on %s: %s version wins (%s); %s", peer, st.path,
                             c.winner.value, c.reason, kept, extra={"PEER": peer, "PATH": st.path})  # fmt: skip
-        if stats.written or stats.deleted or stats.conflicts:
-            log.info("%s: %d file(s) written (%s bytes), %d deleted, %d conflict(s)", peer,
-                     stats.written, f"{stats.written_bytes:,}", stats.deleted, stats.conflicts)  # fmt: skip
+        if stats.written or stats.deleted or stats.conflicts or stats.moved:
+            moved = f", {stats.moved:d} moved" if stats.moved else ""
+            log.info("%s: %d file(s) written (%s bytes)%s, %d deleted, %d conflict(s)", peer,
+                     stats.written, f"{stats.written_bytes:,}", moved, stats.deleted,
+                     stats.conflicts)  # fmt: skip
 
     def _count(self, stats: ApplyStats) -> None:
         a = self.stats.applied
         a.written += stats.written
         a.written_bytes += stats.written_bytes
         a.copied_locally += stats.copied_locally
+        a.moved += stats.moved
         a.deleted += stats.deleted
         a.recorded += stats.recorded
         a.conflicts += stats.conflicts

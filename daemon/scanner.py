@@ -55,7 +55,8 @@ class ScanStats:
     # Paths that cannot be replicated at all (a FIFO, a socket, a name that is not UTF-8): said,
     # but not failures: nothing a sync could do about them, short of an ignore rule.
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    changes: list[tuple[str, str]] = field(default_factory=list)  # (action, path) when verbose
+    # (action, path), or ("move", path, old path), when verbose
+    changes: list[tuple[str, ...]] = field(default_factory=list)
 
     @property
     def events(self) -> int:
@@ -182,6 +183,8 @@ class Scanner:
         self.stats = ScanStats()
         self._whole_walk = False
         self._known_inos: set[int] | None = None  # None: not loaded (see _inodes)
+        # Paths found gone, their tombstones not recorded yet (see _tombstone), in order.
+        self._later: dict[str, Record] = {}
         self._first_version = VersionVector().bump(self.me).encode()
         # What a path never recorded here is: new, or found at a join (see Action.ADOPT).
         self._create = Action.ADOPT if adopt else Action.CREATE
@@ -192,10 +195,11 @@ class Scanner:
         """Scan the whole tree, or only ``paths`` (and what is below them); one transaction."""
         self.stats = ScanStats()
         self._start_seq = self.store.seq
+        self._later = {}
         try:
             self._scan(paths)
         finally:
-            self._whole_walk, self._known_inos = False, None
+            self._whole_walk, self._known_inos, self._later = False, None, {}
         return self.stats
 
     def _scan(self, paths: Iterable[str] | None) -> None:
@@ -204,6 +208,7 @@ class Scanner:
                 self._whole_walk = True
                 with self.store.write_behind():  # SQLite writes on the other core
                     self._walk("")
+                    self._emit_upto(None)
             else:
                 todo = sorted(set(paths))
                 linked: list[int] = []  # inodes of named files that have other names
@@ -217,6 +222,7 @@ class Scanner:
                         "SELECT path FROM records WHERE ino = ? AND deleted = 0", (ino,)))
                 for path in sorted(others - set(todo)):
                     self._scan_path(path, [])
+                self._emit_upto(None)
 
     def _scan_path(self, path: str, linked: list[int]) -> None:
         if not path or path == ".":
@@ -247,7 +253,7 @@ class Scanner:
                 self._scan_entry(parent, st, self.store.get(parent), descend=False)
                 return
             rec = self.store.get(parent)
-            if rec is None or rec.deleted:
+            if rec is None or rec.deleted or parent in self._later:
                 if self._state(parent):
                     return  # nothing in a state directory is recorded
                 self._scan_entry(parent, st, rec, descend=False)
@@ -306,6 +312,12 @@ class Scanner:
                 continue
             entry = entries.get(name)
             row = known.get(name)
+            if entry is not None and path in self._later:
+                # Found gone earlier in this scan (a path scan looked before the walk), and
+                # here again: its tombstone first, then this is a new entry over it.
+                self._emit_upto(path)
+                records = None
+                row = (*row[:2], 1, *row[3:]) if row is not None else None
             if entry is None:
                 if row is not None and not row[2]:
                     if records is None:
@@ -396,6 +408,9 @@ class Scanner:
         self, path: str, st: os.stat_result | None, rec: Record | None, *, descend: bool
     ) -> bool:
         """Record what changed at ``path``; True if it is a directory to walk."""
+        if st is not None and path in self._later:
+            self._emit_upto(path)  # found gone earlier in this scan, and here again (see _scan_dir)
+            rec = self.store.get(path)
         if st is None:
             if rec is not None and not rec.deleted:
                 self._gone(rec)
@@ -405,7 +420,8 @@ class Scanner:
             self._skip(path, "not a regular file, directory or symlink")
             return False
         if rec is not None and not rec.deleted and rec.kind is Kind.DIR and kind is not Kind.DIR:
-            self._gone_subtree(path)
+            # Now: the children's tombstones go before the record of what replaces them.
+            self._gone_subtree(path, later=False)
         if kind is Kind.DIR and (rec is None or rec.deleted) and self._state(path):
             return False
         if kind is Kind.DIR:
@@ -515,9 +531,13 @@ class Scanner:
             self.stats.updated += 1
         if self.verbose:
             if moved is not None:
-                self.stats.changes.append(("move", f"{moved.path} -> {path}"))
+                self.stats.changes.append(("move", path, moved.path))
             else:
                 self.stats.changes.append((action.value, path))
+        if moved is not None and self._lstat(moved.path) is None:
+            # The old path's tombstone right after the move: a peer gets both in one page, and
+            # renames its copy of the file instead of copying it and deleting the original.
+            self._tombstone_now(moved.path)
 
     def _inodes(self) -> set[int] | None:
         """In a whole walk, the inodes that records of files have (None: ask the store).
@@ -552,14 +572,47 @@ class Scanner:
             return
         if rec.kind is Kind.DIR:
             self._gone_subtree(rec.path)
-        self._event(rec, rec.with_(deleted=True), Action.DELETE)
+        self._tombstone(rec)
 
-    def _gone_subtree(self, path: str) -> None:
+    def _gone_subtree(self, path: str, *, later: bool = True) -> None:
         if self.skip_deletes:
             return
         below = [r for r in self.store.iter_paths(path, include_prefix=False) if not r.deleted]
         for r in reversed(below):
-            self._event(r, r.with_(deleted=True), Action.DELETE)
+            self._tombstone(r, later=later)
+
+    def _tombstone(self, rec: Record, *, later: bool = True) -> None:
+        """Record that ``rec``'s path is gone: at the end of the scan (``later``), or now.
+
+        A scan records what it finds in path order, so the old paths of a moved tree may come
+        long before the new ones (``mv Photos Pictures``): recorded first, a peer that gets them
+        pages apart would delete its copy of each file before it learns where the file went,
+        and copy it back or fetch it again. Kept until the end (or until the move that takes
+        the path's file away, see _check_file), the tombstones follow what was moved, in the
+        order they were found: children before their directory, as always."""
+        if later:
+            self._later.setdefault(rec.path, rec)
+            return
+        self._later.pop(rec.path, None)
+        self._event(rec, rec.with_(deleted=True), Action.DELETE)
+
+    def _tombstone_now(self, path: str) -> None:
+        """The tombstone of ``path`` now, if it is recorded alive (a file moved away)."""
+        if self.skip_deletes:
+            return
+        self._later.pop(path, None)
+        rec = self.store.get(path)
+        if rec is not None and not rec.deleted:
+            self._event(rec, rec.with_(deleted=True), Action.DELETE)
+
+    def _emit_upto(self, path: str | None) -> None:
+        """Record the tombstones kept for later, in order, up to ``path``'s (all: None)."""
+        while self._later:
+            first, rec = next(iter(self._later.items()))
+            del self._later[first]
+            self._event(rec, rec.with_(deleted=True), Action.DELETE)
+            if first == path:
+                return
 
     def _error(self, path: str, message: str) -> None:
         log.info("%s: %s", path, message)  # the caller shows it (the command line, the daemon)

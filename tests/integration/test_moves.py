@@ -1,0 +1,145 @@
+"""A file moved on one replica is renamed on the others, not copied, when they hold it too.
+
+The scanner records a move as the new path with the file's old guid plus a tombstone at the old
+path. An apply that brings both renames the file it has at the old path (if it is still as
+recorded there) instead of writing a second copy and removing the first: a moved tree of big
+files costs no time and no space. Anything else (the old file edited here meanwhile, something
+new at the destination, no removal in the same apply) goes the ordinary way, losing nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from daemons import Cluster
+from helpers import make_replicas, snapshot
+from repld.daemon import applier as applier_mod
+from repld.daemon.localsync import sync
+from repld.daemon.replica import open_replica
+
+
+def inodes(root: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(root)): p.stat().st_ino
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".repld")
+    }
+
+
+def test_a_moved_tree_is_renamed_on_the_other_side_not_copied(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "Photos" / "2020").mkdir(parents=True)
+    for i in range(3):
+        (a.root / "Photos" / "2020" / f"p {i}.jpg").write_bytes(os.urandom(200_000 + i))
+    (a.root / "Photos" / "index.txt").write_text("three photos\n")
+    (a.root / "stays.txt").write_text("here\n")
+    a.sync(b)
+    before = inodes(b.root)
+
+    (a.root / "Photos").rename(a.root / "Pictures")
+    out = a.sync(b, "-v").stdout
+    assert snapshot(a.root) == snapshot(b.root)
+    assert not (b.root / "Photos").exists()
+    after = inodes(b.root)
+    for name in ("2020/p 0.jpg", "2020/p 1.jpg", "2020/p 2.jpg", "index.txt"):
+        assert after[f"Pictures/{name}"] == before[f"Photos/{name}"], name
+    assert "b: 0 files written (0 B, 0 from local copies), 4 moved, 2 deleted" in out
+    assert "[moved from Photos/2020/p 0.jpg]" in out
+    log = b("log", "Pictures/2020/p 0.jpg").stdout
+    assert "moved from Photos/2020/p 0.jpg" in log
+    # Recorded as any file written there: the next sync (and scan) has nothing to do.
+    assert "0 actions planned" in a.sync(b, "-n").stdout
+    assert "0 created, 0 updated, 0 deleted" in b("scan").stdout
+
+
+def test_a_moved_file_edited_here_meanwhile_keeps_the_edit_and_still_arrives(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "old.txt").write_text("the original\n")
+    a.sync(b)
+    (a.root / "old.txt").rename(a.root / "new.txt")
+    a("scan")
+    with open(b.root / "old.txt", "a") as f:
+        f.write("an edit made on b\n")  # not scanned: the sync's scan of b finds it
+
+    a.sync(b)
+    assert (b.root / "new.txt").read_text() == "the original\n"
+    # The edit is newer than what a deleted: it lives on, on both sides.
+    assert (b.root / "old.txt").read_text() == "the original\nan edit made on b\n"
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_something_new_at_the_destination_is_never_replaced(tmp_path, monkeypatch):
+    """A file that appears at the destination between planning and the rename stays: the move
+    is planned again against it (a conflict), and neither version is lost."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "old.bin").write_bytes(b"moved content\n")
+    a.sync(b)
+    (a.root / "old.bin").rename(a.root / "new.bin")
+
+    real = applier_mod.Applier._apply_moves
+
+    def appears_first(self):
+        if self._moves:
+            (b.root / "new.bin").write_bytes(b"written on b just now\n")
+        real(self)
+
+    monkeypatch.setattr(applier_mod.Applier, "_apply_moves", appears_first)
+    left, right = open_replica(a.config), open_replica(b.config)
+    try:
+        report = sync(left, right)
+    finally:
+        left.close()
+        right.close()
+    assert not report.errors, report.errors
+    contents = sorted(p.read_bytes() for p in b.root.iterdir() if p.is_file())
+    assert b"written on b just now\n" in contents
+    assert b"moved content\n" in contents
+
+
+def test_a_scan_records_each_old_path_right_after_its_move(tmp_path):
+    """In seq order (what peers get, in pages): each moved file's new path, then its old
+    path's tombstone; the directories' tombstones after their children's, at the end."""
+    (a,) = make_replicas(tmp_path, "a")
+    (a.root / "Photos" / "2020").mkdir(parents=True)
+    for i in range(3):
+        (a.root / "Photos" / "2020" / f"p{i}.jpg").write_text(f"photo {i}\n")
+    (a.root / "Photos" / "notes.txt").write_text("deleted, not moved\n")
+    a("scan")
+    (a.root / "Photos").rename(a.root / "Pictures")
+    (a.root / "Pictures" / "notes.txt").unlink()
+    a("scan")
+    rows = [line.split(" ") for line in a("dump").stdout.splitlines() if not line.startswith("#")]
+    order = [(r[0], r[3] == "D") for r in sorted(rows, key=lambda r: int(r[-1]))]
+    changed = order[order.index(("Pictures", False)):]
+    assert changed == [
+        ("Pictures", False), ("Pictures/2020", False),
+        ("Pictures/2020/p0.jpg", False), ("Photos/2020/p0.jpg", True),
+        ("Pictures/2020/p1.jpg", False), ("Photos/2020/p1.jpg", True),
+        ("Pictures/2020/p2.jpg", False), ("Photos/2020/p2.jpg", True),
+        ("Photos/notes.txt", True), ("Photos/2020", True), ("Photos", True),
+    ]
+
+
+def test_a_big_tree_moved_in_a_running_tree_is_renamed_on_the_peer(tmp_path):
+    """More records than one page holds, and old paths that sort before the new ones: the
+    peer still renames (at most a file per page boundary is copied, from its own disk)."""
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        for d in range(12):
+            (a.root / "Photos" / f"d{d}").mkdir(parents=True)
+            for i in range(100):
+                (a.root / "Photos" / f"d{d}" / f"{i}.jpg").write_text(f"{d} {i}\n")
+        (a.root / "Photos" / "big.mkv").write_bytes(os.urandom(8 << 20))
+        cluster.start()
+        cluster.wait_converged(what="first contact")
+        before = inodes(b.root / "Photos")
+
+        (a.root / "Photos").rename(a.root / "Pictures")
+        cluster.wait_converged(what="the move", timeout=60)
+        assert not (b.root / "Photos").exists()
+        after = inodes(b.root / "Pictures")
+        assert after.keys() == before.keys()
+        copied = [p for p in before if after[p] != before[p]]
+        assert len(copied) <= 3, copied
+        assert after["big.mkv"] == before["big.mkv"]
