@@ -843,9 +843,19 @@ class Node:
                 self.links.remove(link)
 
     def _send_out(self, link: PeerLink, out: Output) -> None:
+        s = link.session
         for msg in out.send:
+            if link.session is not s:
+                return
             self._send(link, msg)
         for action in out.actions:
+            if link.session is not s:
+                # A send failed and ended the session (a peer stopped or gone): what is left
+                # (a page to apply, blocks to serve) belonged to it, and comes again with the
+                # next one.
+                log.debug("%s: session ended; %d action(s) dropped", link.label,
+                          len(out.actions))  # fmt: skip
+                return
             self._act(link, action)
 
     def _act(self, link: PeerLink, action: object) -> None:
@@ -1003,7 +1013,8 @@ class Node:
 
     def _apply_page(self, link: PeerLink, page: ApplyPage) -> None:
         s = link.session
-        assert s is not None and s.peer is not None
+        if s is None or s.peer is None:
+            return  # (the session ended: the page is asked for again by the next one)
         peer_id = s.peer.replica_id
         me = self.store.replica_id
         policy = self._policy()

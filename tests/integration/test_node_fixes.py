@@ -280,3 +280,38 @@ def test_a_paused_daemon_takes_nothing_in_and_is_not_in_sync_until_resumed(clust
     b("resume")
     cluster.wait_converged(what="after resume")
     assert (b.root / "while-paused.txt").read_text() == "sent while b is paused\n"
+
+
+def test_a_send_that_ends_the_session_drops_the_rest_of_its_output(tmp_path: Path):
+    """A peer stopped (SIGSTOP) long enough for our queue to it to fill: the send that fails
+    ends the session, and the page that came with it is not applied on a session that is gone
+    (it killed the daemon with an AssertionError). In process: the send fails as ZeroMQ's would."""
+    from repld.protocol import messages as wire
+    from repld.protocol.session import ApplyPage, Output
+
+    (rep,) = make_replicas(tmp_path, "a")
+    node = Node(open_replica(rep.config), options=Options(listen=False, watch=False))
+    try:
+        node.open()
+        key = zmq.curve_keypair()[0].decode()
+        node._dial(configmod.Peer("stopped", f"tcp://127.0.0.1:{free_port()}", key))
+        (link,) = node.links
+        link.session = node._new_session(link, None)
+
+        class FullQueue:
+            def send_multipart(self, *args: Any, **kw: Any) -> None:
+                raise zmq.Again()
+
+            def close(self, *args: Any, **kw: Any) -> None:
+                pass
+
+        real, link.dealer = link.dealer, FullQueue()  # type: ignore[assignment]
+        try:
+            node._send_out(link, Output(send=[wire.Ping(1)], actions=[ApplyPage((), 5)]))
+        finally:
+            link.dealer = real
+        assert link.session is None
+        assert node.store.peer_mark("").seen_seq == 0  # nothing applied, no mark moved
+    finally:
+        node.close()
+        node.rep.close()
