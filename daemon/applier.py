@@ -21,6 +21,7 @@ Promises:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -427,6 +428,16 @@ class Applier:
                 raise ChangedOnDisk(path, "modified")
         return st
 
+    def _gone_here(self, path: str, expected: Record | None) -> bool:
+        """Whether a file or symlink ``expected`` says is here is gone, deleted (or moved away)
+        and not recorded yet: a newer version of it then simply comes back, as a modification
+        beats a deletion, with no scan first. (Scanning it first would be no better: its
+        parent may be gone too, with a whole tree under it that a scan of one path would
+        find deleted, and the circuit breaker hold, at every try.)"""
+        if expected is None or expected.deleted or expected.kind is Kind.DIR:
+            return False
+        return not os.path.lexists(self._p(path))
+
     def _ensure_parent(self, path: str) -> None:
         """Create missing parent directories, and record them as alive here.
 
@@ -504,6 +515,8 @@ class Applier:
             return
         self._abs(path)
         if step.op is Op.WRITE:
+            if self._gone_here(path, step.expected):
+                step = dataclasses.replace(step, expected=None)  # a new file here, then
             new = step.expected is None or step.expected.deleted
             if new and self._may_move(step):
                 return  # set aside: renamed (or written) once the removals are known
@@ -1045,6 +1058,13 @@ class Applier:
                                 f"written ({why})")  # fmt: skip
         self._abs(path)
         expected = step.expected
+        if step.op is Op.DELETE and not os.path.lexists(self._p(path)):
+            # Gone here already, not recorded yet (a deletion the circuit breaker holds, a
+            # parent removed): what the step asks for is done, and its tombstone is recorded.
+            # (Asked to scan it first, a scan that may not record deletions would leave it
+            # "changed on disk" at every try.)
+            self._removed.append(step)
+            return
         st = self._check(path, expected)
         if step.op is not Op.DELETE:
             # A directory replaced by a file: its children's tombstones (removed just before,

@@ -167,6 +167,31 @@ def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster
     cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to be lifted")
 
 
+def test_a_peers_deletion_of_a_file_whose_deletion_is_held_here_is_recorded(cluster):
+    """a holds an `rm -rf` back; b deletes some of the same files: a records b's tombstones
+    (the files are gone here anyway) instead of rescanning each path, finding its whole
+    directory gone and failing on the breaker at every retry."""
+    a, b = cluster.make("a", "b")
+    (a.root / "bulk").mkdir()
+    for i in range(150):
+        (a.root / "bulk" / f"f{i:03}").write_text(f"{i}\n")
+    cluster.start()
+    cluster.wait_converged(what="150 files")
+    shutil.rmtree(a.root / "bulk")
+    cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
+    for i in range(5):
+        (b.root / "bulk" / f"f{i:03}").unlink()
+    cluster.wait_until(
+        lambda: all("via b" in a("log", f"bulk/f{i:03}").stdout for i in range(5)),
+        30, "a to record b's deletions",
+    )
+    cluster.wait_until(lambda: a.peer_status("b")["need_files"] == 0, 30, "a to need nothing")
+    st = a.status()
+    assert st["deletes_held"]  # its own are still held
+    assert [e for e in st["errors"] if e["path"]] == [], st["errors"]
+    assert "delete by" not in a("log", "bulk/f100").stdout  # held, not recorded
+
+
 def test_a_write_through_one_hard_link_reaches_the_other_names_too(cluster):
     """inotify names only the link written to; the file's other names changed as well."""
     a, b = started(cluster, "a", "b")

@@ -850,3 +850,37 @@ def test_kill_during_sync_leaves_no_partial_file_and_next_sync_repairs(tmp_path)
     assert not list((b.root / "data").glob(".repld-tmp-*"))
     assert conflict_copies(b.root) == []
     b("dump")  # the database reads back whole
+
+
+def test_peer_changes_to_files_gone_here_unrecorded_apply_without_a_scan(tmp_path):
+    """What a daemon meets when a peer's records arrive before its own watcher has recorded a
+    local `mv` (or while the circuit breaker holds the deletions): files its records say are
+    here are gone, parents and all. An edit from the peer comes back (a modification beats a
+    deletion) and a deletion from the peer is simply recorded, with no scan of the gone path
+    (which found a whole tree gone under its parent and tripped the breaker at every try)."""
+    from repld.daemon.localsync import _pass
+    from repld.daemon.replica import open_replica
+    from repld.protocol.reconcile import Policy
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    for d in range(10):
+        (a.root / "dirA" / f"s{d}").mkdir(parents=True)
+        for i in range(20):
+            (a.root / "dirA" / f"s{d}" / f"f{i}.txt").write_text(f"{d} {i}\n")
+    a.sync(b)
+    (a.root / "dirA").rename(a.root / "dirB")  # not scanned on a
+    (b.root / "dirA" / "s3" / "f7.txt").write_text("edited on b\n")
+    (b.root / "dirA" / "s4" / "f1.txt").unlink()
+    b("scan")
+
+    with open_replica(a.config) as into, open_replica(b.config) as src:
+        report = _pass(into, src, Policy.KEEP_BOTH, None, False, True, None)
+    assert report.stats.errors == []
+    assert (a.root / "dirA" / "s3" / "f7.txt").read_text() == "edited on b\n"
+    assert "delete by" in a("log", "dirA/s4/f1.txt").stdout
+    # a's own scan then records the move, the rest of dirA as gone, and nothing is lost.
+    a("scan", "--accept-deletes")
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (b.root / "dirB" / "s3" / "f7.txt").read_text() == "3 7\n"
+    assert (b.root / "dirA" / "s3" / "f7.txt").read_text() == "edited on b\n"
