@@ -26,7 +26,15 @@ from . import control
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
-from .replica import Replica, init, list_conflicts, load_keys, open_replica, original_of
+from .replica import (
+    Replica,
+    init,
+    list_conflicts,
+    load_keys,
+    open_replica,
+    original_of,
+    rejoin,
+)
 from .scanner import ScanStats
 
 log = logging.getLogger("repld")
@@ -227,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "both as ordinary files")  # fmt: skip
 
     cmd("dump", "print the database as text, one escaped line per record")
+
+    cmd(
+        "rejoin",
+        "give this replica a new database, as if it joined its tree anew (after a restore)",
+        "For a replica whose state directory was restored from an older backup, or copied from "
+        "another machine: its peers have seen more of its records than its database holds "
+        "(the daemon says so and exchanges nothing). The database is moved aside (kept as "
+        "repld.db.before-rejoin-DATE), the config and the keys stay (peers need no telling), "
+        "and a first scan adopts every file in the root as a joining replica does: at the next "
+        "sync each one is checked against the tree, what the tree has newer comes in, what it "
+        "deleted goes, and anything of this replica's that differs is kept as a conflict copy. "
+        "Run it with the daemon stopped.",
+    )
 
     cmd(
         "prune",
@@ -947,6 +968,23 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rejoin(args: argparse.Namespace) -> int:
+    progress = Progress("first scan")
+    try:
+        cfg, stats, old = rejoin(_config_path(args), progress=progress)
+    except StoreBusy:
+        raise UsageError("the daemon (or a sync) is using this replica: stop it first, e.g. "
+                         "`systemctl --user stop repld`, then run `repld rejoin` again") from None  # fmt: skip
+    progress.done()
+    with Replica(cfg, write=False) as rep:
+        print(f"replica {cfg.name} ({short_id(rep.store.replica_id)}) joined tree "
+              f"{rep.store.tree_id} anew; the old database is kept as {old}")  # fmt: skip
+    print(f"adopted {stats.created} paths found in the root: at the next sync, each is checked "
+          "against the tree (newer versions come in, what the tree deleted goes, what differs "
+          "is kept beside it as a conflict copy)")  # fmt: skip
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     with open_replica(args.config, write=False) as rep:
         row = rep.store.execute(
@@ -1069,6 +1107,7 @@ COMMANDS = {
     "resolve": cmd_resolve,
     "dump": cmd_dump,
     "prune": cmd_prune,
+    "rejoin": cmd_rejoin,
     "export": cmd_export,
     "import": cmd_import,
 }

@@ -16,6 +16,7 @@ __all__ = [
     "StoreError",
     "StoreBusy",
     "TreeMismatchError",
+    "RolledBack",
     "RootChanged",
     "FsError",
     "ChangedOnDisk",
@@ -47,6 +48,23 @@ class StoreError(ReplError):
 
 class StoreBusy(StoreError):
     """Another repld process (the daemon, a sync, a scan) holds the database's write lock."""
+
+
+class RolledBack(ReplError):
+    """This replica's database is older than what a peer has seen of it (restored from a
+    backup, copied from another machine): syncing on would reuse its version numbers."""
+
+    def __init__(self, peer: str, seen: int, ours: int, config: Path | str):
+        super().__init__(
+            f"{peer} has seen this replica's records up to number {seen:,}, but its database "
+            f"goes up to {ours:,} only: it was restored from an older backup, or copied from "
+            f"another machine. Changes made here since would reuse version numbers that {peer} "
+            "knows for other content (some would never reach it, some would be overwritten), "
+            "so nothing is exchanged with any peer. Make this replica join its tree afresh: "
+            f"`repld --config {config} rejoin` (with the daemon stopped) keeps the files, the "
+            "config and the keys, and starts a new database whose every file is checked against "
+            "the tree at the next sync: nothing here is lost"
+        )
 
 
 class ApplyStopped(ReplError):

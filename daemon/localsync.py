@@ -26,7 +26,7 @@ from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
 from ..protocol.record import Kind, Record, subtree_filter
 from .applier import Applier, ApplyStats
-from .errors import ReplError, TreeMismatchError
+from .errors import ReplError, RolledBack, TreeMismatchError
 from .replica import Replica
 from .scanner import ScanStats
 from .store import PAGE
@@ -99,6 +99,10 @@ def sync(
         )
     if left.store.replica_id == right.store.replica_id:
         raise ReplError(f"{left.cfg.path} and {right.cfg.path} are the same replica")
+    for one, other in ((left, right), (right, left)):
+        seen = other.store.peer_mark(one.store.replica_id).seen_seq
+        if seen > one.store.seq:
+            raise RolledBack(other.cfg.name, seen, one.store.seq, one.cfg.path)
     within = subtree_filter(paths)
 
     report = SyncReport(dry_run=dry_run)

@@ -56,6 +56,7 @@ from .errors import (
     MassDelete,
     PeerLost,
     ReplError,
+    RolledBack,
     RootChanged,
     StoreError,
 )
@@ -223,6 +224,9 @@ class Node:
         self._counts_at = -COUNTS_EVERY  # monotonic time of the last count
         self._acks_at = 0.0  # ...and of the last write of peers' acknowledgements
         self._root_error = ""  # why the root is not the replica's own directory, while it is not
+        # Why nothing is exchanged: a peer has seen more of our records than this database has
+        # (restored from a backup): see RolledBack.
+        self._rolled_back = ""
         self._root_checked = 0.0
         self._rewatched_at = -REWATCH_EVERY
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
@@ -861,6 +865,17 @@ class Node:
     def _act(self, link: PeerLink, action: object) -> None:
         if isinstance(action, Established):
             h = action.peer
+            if h.seen > self.store.committed_seq and not self._rolled_back:
+                self._rolled_back = str(RolledBack(link.peer.name, h.seen,
+                                                   self.store.committed_seq, self.cfg.path))
+                log.error("%s", self._rolled_back)
+                for other in list(self.links):
+                    if other is not link and other.session is not None:
+                        self._end_session(other, "this replica's database was rolled back")
+            if self._rolled_back:
+                link.error = self._rolled_back  # (a one-shot sync says it and exits)
+                self._end_session(link, "this replica's database was rolled back")
+                return
             log.info("%s: in session with %s (%s) on %s, its seq %d, it has seen ours up to %d",
                      link.label, h.name, h.replica_id[:8],
                      "our connection to it" if link.dealer is not None else "its connection to us",
@@ -1443,7 +1458,9 @@ class Node:
             "name": self.cfg.name,
             "tree_id": self.store.tree_id,
             "root": str(self.cfg.root),
-            "state": "paused"
+            "state": "error"
+            if self._rolled_back
+            else "paused"
             if self.paused
             # (A burst of deletions waits for a whole scan once the tree is quiet.)
             else "scanning"
@@ -1458,7 +1475,8 @@ class Node:
             },
             "conflicts": conflicts,
             "deletes_held": bool(self._deletes_held),
-            "errors": [{"path": e.path, "error": e.error} for e in self.errors.values()],
+            "errors": [{"path": "", "error": self._rolled_back}] * bool(self._rolled_back)
+            + [{"path": e.path, "error": e.error} for e in self.errors.values()],
             "peers": peers,
             "watching": self.watcher is not None and self.watcher.alive,
             # Directories beyond the inotify watch limit, rescanned every minute instead.

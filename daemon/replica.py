@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,32 @@ def init(
         # created: see Action.ADOPT and protocol.reconcile.
         stats = rep.scan(clean_temp=True, progress=progress, adopt=tree_id is not None)
     return cfg, stats
+
+
+def rejoin(config_path: Path | None, *, progress: object = None) -> tuple[Config, ScanStats, Path]:
+    """Give a replica a new database of the same tree, as a replica that joins it (see
+    RolledBack): the old database is kept beside it (returned), the config and the keys stay,
+    and a first scan adopts every file in the root (see Action.ADOPT), so that at the next
+    sync each is checked against the tree: nothing in the root is lost, nothing the tree
+    deleted comes back."""
+    rep = open_replica(config_path)  # the write lock: refused while the daemon runs
+    try:
+        rep.check_root()  # an empty mount point would join as an empty tree
+        cfg, tree_id = rep.cfg, rep.store.tree_id
+        kept = {k: v for k in (FS_CHECKED, ROOT_ID) if (v := rep.store.meta(k)) is not None}
+    finally:
+        rep.close()
+    old = cfg.db_path.with_name(f"{cfg.db_path.name}.before-rejoin-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        src = cfg.db_path.with_name(cfg.db_path.name + suffix)
+        if src.exists():
+            src.rename(old.with_name(old.name + suffix))
+    Store.create(cfg.db_path, tree_id=tree_id).close()
+    with Replica(cfg) as rep:
+        for key, value in kept.items():
+            rep.store.set_meta(key, value)
+        stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
+    return cfg, stats, old
 
 
 # The example config and the default ignore rules: etc/ in the source tree, repld/etc/ installed.

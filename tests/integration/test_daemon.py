@@ -192,6 +192,38 @@ def test_a_peers_deletion_of_a_file_whose_deletion_is_held_here_is_recorded(clus
     assert "delete by" not in a("log", "bulk/f100").stdout  # held, not recorded
 
 
+def test_a_daemon_restored_from_an_old_backup_stops_exchanging_until_it_rejoins(cluster):
+    a, b = started(cluster, "a", "b")
+    (b.root / "f.txt").write_text("v1\n")
+    cluster.wait_until(lambda: (a.root / "f.txt").exists(), 30, "f.txt to reach a")
+    cluster.stop(b)
+    shutil.copytree(b.state, b.state.with_name("backup"))
+    cluster.start(b)
+    (b.root / "f.txt").write_text("v2, after the backup\n")
+    for i in range(10):  # records a sees, which a rescan of the restored database never makes
+        (b.root / f"tmp{i}").write_text("short-lived\n")
+    cluster.wait_until(lambda: (a.root / "tmp9").exists(), 30, "the temporary files to reach a")
+    for i in range(10):
+        (b.root / f"tmp{i}").unlink()
+    cluster.wait_until(lambda: not (a.root / "tmp0").exists(), 30, "their deletion to reach a")
+    cluster.wait_converged(what="v2")
+    cluster.stop(b)
+    shutil.rmtree(b.state)
+    shutil.copytree(b.state.with_name("backup"), b.state)
+    (b.root / "g.txt").write_text("made after the restore\n")
+    cluster.start(b)
+    cluster.wait_until(lambda: b.status()["state"] == "error", 30, "b to notice the restore")
+    st = b.status()
+    assert any("restored from an older backup" in e["error"] and "rejoin" in e["error"]
+               for e in st["errors"]), st["errors"]  # fmt: skip
+    cluster.stop(b)
+    b("rejoin")
+    cluster.start(b)
+    cluster.wait_converged(what="after the rejoin")
+    assert (a.root / "g.txt").read_text() == "made after the restore\n"
+    assert (a.root / "f.txt").read_text() == "v2, after the backup\n"
+
+
 def test_a_write_through_one_hard_link_reaches_the_other_names_too(cluster):
     """inotify names only the link written to; the file's other names changed as well."""
     a, b = started(cluster, "a", "b")

@@ -884,3 +884,37 @@ def test_peer_changes_to_files_gone_here_unrecorded_apply_without_a_scan(tmp_pat
     assert snapshot(a.root) == snapshot(b.root)
     assert (b.root / "dirB" / "s3" / "f7.txt").read_text() == "3 7\n"
     assert (b.root / "dirA" / "s3" / "f7.txt").read_text() == "edited on b\n"
+
+
+def test_a_replica_restored_from_an_old_backup_is_refused_until_it_rejoins(tmp_path):
+    """b's state directory is put back from a backup older than what a has seen of b: b's new
+    changes would reuse version numbers a knows for other content (one edit here never
+    reached a; another would be overwritten by the older one). The sync refuses, names the
+    way out; `repld rejoin` then loses nothing and takes in what b missed."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f.txt").write_text("v1\n")
+    a.sync(b)
+    backup = tmp_path / "b.state.backup"
+    shutil.copytree(b.state, backup)
+    (b.root / "f.txt").write_text("v2, edited on b after the backup\n")
+    (b.root / "g.txt").write_text("made on b after the backup\n")
+    a.sync(b)  # a has seen b's records past the backup now
+    shutil.rmtree(b.state)
+    shutil.copytree(backup, b.state)  # the restore
+    (b.root / "h.txt").write_text("made on b after the restore\n")
+
+    refused = a.sync(b, check=False)
+    assert refused.returncode != 0
+    assert "restored from an older backup" in refused.stderr, refused.stderr
+    assert "rejoin" in refused.stderr
+    assert not (a.root / "h.txt").exists()  # nothing was exchanged
+
+    out = b("rejoin").stdout
+    assert "joined tree" in out and "before-rejoin" in out
+    assert list(b.state.glob("repld.db.before-rejoin-*"))
+    a.sync(b)
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (a.root / "h.txt").read_text() == "made on b after the restore\n"
+    assert (a.root / "f.txt").read_text() == "v2, edited on b after the backup\n"
+    assert conflict_copies(a.root) == []
