@@ -156,3 +156,10 @@ def setup_logging(replica_id: str, *, debug: bool) -> None:
             logging.getLogger().removeHandler(h)
         root.addHandler(handler)
         root.propagate = False
+    else:
+        # Run by hand (a terminal, a log file): with the time, which the journal adds itself.
+        fmt = logging.Formatter("%(asctime)s.%(msecs)03d " + ("repld: %(levelname)s: %(name)s: "
+                                "%(message)s" if debug else "repld: %(levelname)s: %(message)s"),
+                                "%Y-%m-%d %H:%M:%S")  # fmt: skip
+        for h in logging.getLogger().handlers:
+            h.setFormatter(fmt)
