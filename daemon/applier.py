@@ -518,14 +518,15 @@ class Applier:
             if self._gone_here(path, step.expected):
                 step = dataclasses.replace(step, expected=None)  # a new file here, then
             new = step.expected is None or step.expected.deleted
-            if new and self._may_move(step):
+            others = self.store.live_with_hash(rec.sha256)  # the content here already, if at all
+            if new and self._may_move(step, others):
                 return  # set aside: renamed (or written) once the removals are known
             if not new:
                 # A new file needs no look first: it is linked to its name at install, which
                 # fails if anything is there by then (and so if it was there already).
                 self._check(path, step.expected)
             self._ensure_parent(path)
-            src, local = self._open_source(rec, step.source)
+            src, local = self._open_source(rec, step.source, others)
             fd = None
             try:
                 if new and getattr(src, "spool", None) is None:  # a spool is adopted instead
@@ -683,10 +684,12 @@ class Applier:
         finally:
             os.close(fd)
 
-    def _open_source(self, rec: Record, source: str = "") -> tuple[BinaryIO, str | None]:
-        """Content from a local file with the same hash if one is intact (and its path), else
-        from the fetcher (and None)."""
-        for other in self.store.live_with_hash(rec.sha256):
+    def _open_source(
+        self, rec: Record, source: str, others: list[Record]
+    ) -> tuple[BinaryIO, str | None]:
+        """Content from one of ``others`` (live records with the same hash) if one is intact
+        on disk (and its path), else from the fetcher (and None)."""
+        for other in others:
             if other.kind is not Kind.FILE:
                 continue
             try:
@@ -701,14 +704,15 @@ class Applier:
 
     # -- moves ----------------------------------------------------------------------------------
 
-    def _may_move(self, step: Step) -> bool:
+    def _may_move(self, step: Step, others: list[Record]) -> bool:
         """Set ``step`` aside if its new file is one the other side moved (its scan kept the
-        file's guid) from a path where this replica has the very same file: if this apply also
-        removes that path, the file is renamed, not copied (see _apply_moves)."""
+        file's guid) from a path where this replica has the very same file (among ``others``,
+        the live records with its hash): if this apply also removes that path, the file is
+        renamed, not copied (see _apply_moves)."""
         rec = step.record
         if not self._moves_open or step.conflict is not None or step.source or not rec.sha256:
             return False
-        for other in self.store.live_with_hash(rec.sha256):
+        for other in others:
             if (
                 other.guid == rec.guid
                 and other.path != rec.path
@@ -788,12 +792,7 @@ class Applier:
             return
         made, self._made_dirs = self._made_dirs, set()
         dirs = {parent_of(p) for st, gone, _ in moved for p in (st.path, gone.path)}
-        dirs |= {parent_of(d) for d in made}
-        if len(dirs) <= SMALL_BATCH:
-            for d in dirs:
-                _fsync_dir(self._p(d))
-        else:
-            syncfs(self.root)
+        self._names_durable(dirs | {parent_of(d) for d in made})
         with self.store.transaction():
             for st, gone, ino in moved:
                 self._record(st.record, local=False, step=st, ino=ino, moved=True)
@@ -1094,16 +1093,20 @@ class Applier:
         steps = self._removed
         if not steps:
             return
-        dirs = {parent_of(s.path) for s in steps}
-        if len(dirs) <= SMALL_BATCH:
-            for d in dirs:  # one removed itself since is skipped: its parent is in the set
-                _fsync_dir(self._p(d))
-        else:
-            syncfs(self.root)
+        self._names_durable({parent_of(s.path) for s in steps})
         with self.store.transaction():
             for s in steps:
                 self._record(s.record, local=False, step=s)
         self._removed = []
+
+    def _names_durable(self, dirs: set[str]) -> None:
+        """Make the entries of ``dirs`` durable: an fsync of each of a few (one removed since
+        is skipped: its parent is in the set too), else one syncfs."""
+        if len(dirs) <= SMALL_BATCH:
+            for d in dirs:
+                _fsync_dir(self._p(d))
+        else:
+            syncfs(self.root)
 
     def _record_removals_anyway(self) -> None:
         """On the way out of ``apply`` after an error: the files are gone from disk, so record

@@ -23,6 +23,7 @@ from ..protocol.record import check_path, escape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
+from .applier import ApplyStats
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
@@ -693,6 +694,16 @@ def _change(change: tuple[str, ...], width: int = 0) -> str:
     return f"{action:{width}} {text}"
 
 
+def _applied(s: ApplyStats) -> str:
+    """What an apply did, in the words of `sync` and `import`."""
+    return (
+        f"{s.written} files written ({_human(s.written_bytes)}, {s.copied_locally} from local "
+        "copies), " + (f"{s.moved} moved, " if s.moved else "")
+        + f"{s.deleted} deleted, {s.recorded} other updates, {s.conflicts} conflicts"
+        + (f", {s.kept_dirs} directories kept" if s.kept_dirs else "")
+    )
+
+
 def _print_sync(report: SyncReport, verbose: bool) -> None:
     if verbose or report.dry_run:
         for name, st in report.scans.items():
@@ -706,15 +717,7 @@ def _print_sync(report: SyncReport, verbose: bool) -> None:
         print(f"dry run: {n} actions planned, nothing changed")
     else:
         for p in report.passes:
-            s = p.stats
-            print(
-                f"{p.into}: {s.written} files written ({_human(s.written_bytes)}, "
-                f"{s.copied_locally} from local copies), "
-                + (f"{s.moved} moved, " if s.moved else "")
-                + f"{s.deleted} deleted, "
-                f"{s.recorded} other updates, {s.conflicts} conflicts"
-                + (f", {s.kept_dirs} directories kept" if s.kept_dirs else "")
-            )
+            print(f"{p.into}: {_applied(p.stats)}")
     for path, err in report.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
     _print_skipped([s for st in report.scans.values() for s in st.skipped])
@@ -1070,13 +1073,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if report.dry_run:
         print(f"dry run: {len(report.steps)} actions planned, nothing changed")
     else:
-        s = report.stats
-        print(
-            f"{rep.cfg.name}: from {report.name}'s bundle, {s.written} files written "
-            f"({_human(s.written_bytes)}, {s.copied_locally} from local copies), "
-            + (f"{s.moved} moved, " if s.moved else "")
-            + f"{s.deleted} deleted, {s.recorded} other updates, {s.conflicts} conflicts"
-        )
+        print(f"{rep.cfg.name}: from {report.name}'s bundle, {_applied(report.stats)}")
     for path, err in report.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
     _print_skipped(report.scan.skipped if report.scan else [])

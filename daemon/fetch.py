@@ -54,6 +54,11 @@ class TransferStats:
     resumed_bytes: int = 0  # blocks taken from a partial file of a cut transfer
     files: int = 0
 
+    @property
+    def arrived_bytes(self) -> int:
+        """Content that is here, however it came."""
+        return self.fetched_bytes + self.reused_bytes + self.resumed_bytes
+
 
 @dataclass
 class _Chunk:

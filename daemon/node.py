@@ -1076,8 +1076,7 @@ class Node:
                 check_root=self.rep.check_root,
             )
             root_lost = False  # or the peer: the apply stopped in the middle of the page
-            t = self.transfers.stats
-            self._page_in = (link, t.fetched_bytes + t.reused_bytes + t.resumed_bytes)
+            self._page_in = (link, self.transfers.stats.arrived_bytes)
             try:
                 stats = applier.apply(steps)
             except RootChanged:
@@ -1510,8 +1509,7 @@ class Node:
             if self._page_in is not None and self._page_in[0] is best:
                 # The page being applied: what of its content is here already (a big file
                 # comes in for a while) is needed no more.
-                t = self.transfers.stats
-                got = t.fetched_bytes + t.reused_bytes + t.resumed_bytes - self._page_in[1]
+                got = self.transfers.stats.arrived_bytes - self._page_in[1]
                 need_bytes = max(0, need_bytes - got)
             seen = max((lk.last_seen_wall for lk in links), default=0.0)
             errs = [lk.error for lk in links if lk.error]

@@ -594,6 +594,9 @@ class Scanner:
             self._later.setdefault(rec.path, rec)
             return
         self._later.pop(rec.path, None)
+        self._deleted(rec)
+
+    def _deleted(self, rec: Record) -> None:
         self._event(rec, rec.with_(deleted=True), Action.DELETE)
 
     def _tombstone_now(self, path: str) -> None:
@@ -603,14 +606,14 @@ class Scanner:
         self._later.pop(path, None)
         rec = self.store.get(path)
         if rec is not None and not rec.deleted:
-            self._event(rec, rec.with_(deleted=True), Action.DELETE)
+            self._deleted(rec)
 
     def _emit_upto(self, path: str | None) -> None:
         """Record the tombstones kept for later, in order, up to ``path``'s (all: None)."""
         while self._later:
             first, rec = next(iter(self._later.items()))
             del self._later[first]
-            self._event(rec, rec.with_(deleted=True), Action.DELETE)
+            self._deleted(rec)
             if first == path:
                 return
 

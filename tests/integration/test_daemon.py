@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -43,6 +44,18 @@ def started(cluster: Cluster, *names: str, **kw) -> list[Replica]:
     cluster.start()
     cluster.wait_converged(what="first contact")
     return reps
+
+
+def with_files(cluster: Cluster, n: int, under: str = "") -> list[Replica]:
+    """Daemons a and b running, in sync on ``n`` small files f000... made on a (in ``under``)."""
+    a, b = cluster.make("a", "b")
+    where = a.root / under
+    where.mkdir(exist_ok=True)
+    for i in range(n):
+        (where / f"f{i:03}").write_text(f"{i}\n")
+    cluster.start()
+    cluster.wait_converged(what=f"{n} files")
+    return [a, b]
 
 
 def test_initial_sync_of_a_populated_tree(cluster):
@@ -139,11 +152,7 @@ def test_a_directory_taken_off_the_ignore_rules_comes_over(cluster):
 
 
 def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster):
-    a, b = cluster.make("a", "b")
-    for i in range(150):
-        (a.root / f"f{i:03}").write_text(f"{i}\n")
-    cluster.start()
-    cluster.wait_converged(what="150 files")
+    a, b = with_files(cluster, 150)
     (a.root / "keep.txt").write_text("before\n")
     cluster.wait_until(lambda: (b.root / "keep.txt").exists(), 30, "keep.txt to reach b")
     for i in range(150):
@@ -171,12 +180,7 @@ def test_a_peers_deletion_of_a_file_whose_deletion_is_held_here_is_recorded(clus
     """a holds an `rm -rf` back; b deletes some of the same files: a records b's tombstones
     (the files are gone here anyway) instead of rescanning each path, finding its whole
     directory gone and failing on the breaker at every retry."""
-    a, b = cluster.make("a", "b")
-    (a.root / "bulk").mkdir()
-    for i in range(150):
-        (a.root / "bulk" / f"f{i:03}").write_text(f"{i}\n")
-    cluster.start()
-    cluster.wait_converged(what="150 files")
+    a, b = with_files(cluster, 150, under="bulk")
     shutil.rmtree(a.root / "bulk")
     cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
     for i in range(5):
@@ -222,6 +226,15 @@ def test_a_daemon_restored_from_an_old_backup_stops_exchanging_until_it_rejoins(
     cluster.wait_converged(what="after the rejoin")
     assert (a.root / "g.txt").read_text() == "made after the restore\n"
     assert (a.root / "f.txt").read_text() == "v2, after the backup\n"
+
+
+def test_the_log_of_a_daemon_run_by_hand_has_the_time(cluster):
+    """Under systemd the journal stamps each line; on a terminal or in a file, repld does."""
+    (a,) = started(cluster, "a")
+    lines = [ln for ln in a.log.read_text().splitlines() if "repld: INFO:" in ln]
+    assert lines, a.log.read_text()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} repld: INFO: ", ln)
+               for ln in lines), lines  # fmt: skip
 
 
 def test_a_write_through_one_hard_link_reaches_the_other_names_too(cluster):
@@ -299,11 +312,7 @@ def test_a_full_state_disk_stops_recording_not_the_daemon(cluster):
 
 
 def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
-    a, b = cluster.make("a", "b")
-    for i in range(150):
-        (a.root / f"f{i:03}").write_text(f"{i}\n")
-    cluster.start()
-    cluster.wait_converged(what="150 files")
+    a, b = with_files(cluster, 150)
     saved = {p.name: p.read_bytes() for p in a.root.iterdir()}
     for name in saved:
         (a.root / name).unlink()
@@ -322,11 +331,7 @@ def test_a_slow_mass_deletion_is_held_back_too(cluster):
 
     from repld.daemon.node import DEFER_DELETES
 
-    a, b = cluster.make("a", "b")
-    for i in range(150):
-        (a.root / f"f{i:03}").write_text(f"{i}\n")
-    cluster.start()
-    cluster.wait_converged(what="150 files")
+    a, b = with_files(cluster, 150)
     for i in range(150):
         (a.root / f"f{i:03}").unlink()
         time.sleep(0.01)  # the script's own pace (longer than the watcher's 5 ms of quiet)

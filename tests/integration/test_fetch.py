@@ -92,16 +92,21 @@ def open_fetch(
     return t, rec, t.open(rec, rec.path)
 
 
-def test_a_big_file_is_checked_and_spooled_whole(tmp_path: Path, stores: list[Store]) -> None:
-    content = os.urandom(SIZE)
-    t, rec, reader = open_fetch(tmp_path, Peer(content), stores)
+def read_all(reader: _Reader) -> bytes:
     got = bytearray()
     while chunk := reader.read():
         got += chunk
+    return bytes(got)
+
+
+def test_a_big_file_is_checked_and_spooled_whole(tmp_path: Path, stores: list[Store]) -> None:
+    content = os.urandom(SIZE)
+    t, rec, reader = open_fetch(tmp_path, Peer(content), stores)
+    got = read_all(reader)
     spool = reader.take_spool()
     reader.close()
     t.close()
-    assert bytes(got) == content
+    assert got == content
     assert spool.read_bytes() == content
     assert reader.blocks_checked  # every block was checked: no second pass over the file needed
     assert t.stats.fetched_bytes == len(content)
@@ -144,12 +149,10 @@ def test_without_room_for_a_partial_copy_the_file_is_fetched_without_one(
         content = os.urandom(SIZE)  # more than the 16 MiB there
         t, rec, reader = open_fetch(tmp_path, Peer(content), stores)
         assert reader.spool is None
-        got = bytearray()
-        while chunk := reader.read():
-            got += chunk
+        got = read_all(reader)
         reader.close()
         t.close()
-        assert bytes(got) == content
+        assert got == content
         assert os.listdir(partial) == []
     finally:
         subprocess.run(["umount", "-l", str(partial)], check=False)
@@ -240,13 +243,11 @@ def test_a_resumed_transfer_reads_what_the_partial_holds_and_fetches_the_rest_in
 
     peer.send = counted  # type: ignore[method-assign]
     t, rec, reader = open_fetch(tmp_path, peer, stores)
-    got = bytearray()
-    while chunk := reader.read():
-        got += chunk
+    got = read_all(reader)
     spool = reader.take_spool()
     reader.close()
     t.close()
-    assert bytes(got) == content and spool.read_bytes() == content
+    assert got == content and spool.read_bytes() == content
     assert t.stats.resumed_bytes == 4 * mib
     assert t.stats.fetched_bytes == SIZE - 4 * mib
     rest = SIZE - 7 * mib
