@@ -8,7 +8,9 @@ Promises:
   files are gathered in batches: one ``syncfs`` makes a whole batch durable before the renames
   (on another thread, while the next batch is written), a second one makes the renames durable
   before the batch's records are committed (one transaction). A ``kill -9`` at any moment
-  leaves no partial file under a tracked name.
+  leaves no partial file under a tracked name. New files copied from a replica on this machine
+  are filled by a second process (see copyproc) while this one plans, links and records; they
+  are checked the same way, and one it could not copy is copied here.
 - Before a file is replaced or removed, its state on disk is compared with the local record the
   step was planned against; if it changed (an edit nobody has recorded yet), the path is rescanned
   and planned again, which turns it into a conflict: it is never overwritten.
@@ -47,6 +49,7 @@ from ..protocol.record import (
     parent_of,
 )
 from ..protocol.version import Order, VersionVector
+from .copyproc import CopyProcess
 from .diskio import rename_noreplace, syncfs
 from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError, StoreError
 from .scanner import hash_file_stat
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH_FILES = 2000
+COPY_PROCESS_AFTER = 64  # new files written here before the copy process is worth its fork
 BATCH_BYTES = 256 << 20
 COPY_CHUNK = 1 << 20
 
@@ -135,6 +139,7 @@ class _Pending:
     step: Step
     tmp: Path | None = None  # a named temporary file (or symlink) beside the target
     fd: int | None = None  # an unnamed one (O_TMPFILE), linked to its name at install
+    job: int | None = None  # the copy process's job that makes ``fd`` (see _collect)
 
 
 # Batches of at most this many files are made durable file by file (fdatasync, then fsync of
@@ -176,6 +181,7 @@ class Applier:
         keep_steps: bool = False,
         on_progress: Callable[[ApplyStats], None] | None = None,
         check_root: Callable[[], None] | None = None,
+        source_root: str | None = None,
     ):
         self.store = store
         # Raises RootChanged if the root is no longer the replica's own directory: asked before
@@ -228,6 +234,11 @@ class Applier:
         self._moves_open = True
         self._moved: list[tuple[Step, Step, int]] = []  # (the new file, the removal, its inode)
         self._not_moved: list[Step] = []
+        # ``fetch`` reads the files of a replica on this machine, at this root: new files are
+        # copied by a second process once a few have been (see _copy_elsewhere).
+        self._source_root = source_root
+        self._copier: CopyProcess | None = None
+        self._unnamed_written = 0
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -252,6 +263,9 @@ class Applier:
             self._flush()
         finally:
             self._discard_batches()
+            if self._copier is not None:
+                self._copier.close()
+                self._copier = None
             self._record_moves_anyway()
             self._record_removals_anyway()
             self._lock_again()
@@ -526,26 +540,11 @@ class Applier:
                 # fails if anything is there by then (and so if it was there already).
                 self._check(path, step.expected)
             self._ensure_parent(path)
-            src, local = self._open_source(rec, step.source, others)
-            fd = None
-            try:
-                if new and getattr(src, "spool", None) is None:  # a spool is adopted instead
-                    fd = self._write_unnamed(rec, src, local is not None)
-                if fd is not None:
-                    self._batch.append(_Pending(step, fd=fd))
-                    self._batch_fds += 1
-                else:
-                    self._batch.append(
-                        _Pending(step, self._write_temp(rec, src, local is not None))
-                    )
-            except SourceChanged:
-                if local is not None:
-                    self.store.set_ino(local, 0)  # a stat cache: the next scan reads it again
-                else:
-                    self.stats.stale_sources.append(step.source or path)
-                raise
-            finally:
-                src.close()  # consumed and closed already, unless something failed first
+            if new and not others and self._copy_elsewhere(step):
+                return
+            pending = self._write_content(step, new, others)
+            self._batch.append(pending)
+            self._batch_fds += pending.fd is not None
             self._batch_bytes += rec.size
         elif step.op is Op.MKDIR:
             st = self._check(path, step.expected)
@@ -574,6 +573,73 @@ class Applier:
             self._batch.append(_Pending(step))
         else:
             raise AssertionError(f"not a staged op: {step.op}")
+
+    def _write_content(self, step: Step, new: bool, others: list[Record]) -> _Pending:
+        """The content of ``step``'s file in a temporary file beside it: read from a local file
+        among ``others`` (live records with its hash) if one is intact, else fetched."""
+        rec = step.record
+        src, local = self._open_source(rec, step.source, others)
+        try:
+            if new and getattr(src, "spool", None) is None:  # a spool is adopted instead
+                fd = self._write_unnamed(rec, src, local is not None)
+                if fd is not None:
+                    self._unnamed_written += 1
+                    return _Pending(step, fd=fd)
+            return _Pending(step, self._write_temp(rec, src, local is not None))
+        except SourceChanged:
+            if local is not None:
+                self.store.set_ino(local, 0)  # a stat cache: the next scan reads it again
+            else:
+                self.stats.stale_sources.append(step.source or step.path)
+            raise
+        finally:
+            src.close()  # consumed and closed already, unless something failed first
+
+    def _copy_elsewhere(self, step: Step) -> bool:
+        """Hand a new file's copy to the copy process (see copyproc) if the content comes from
+        a replica on this machine, once this apply has written a few new files itself into
+        unnamed temporary files (a small sync forks nothing; the file system has them)."""
+        if self._source_root is None or not self._unnamed_ok:
+            return False
+        if self._copier is None:
+            if self._unnamed_written < COPY_PROCESS_AFTER or self._flight is not None:
+                return False  # (forked while no thread of ours runs: see copyproc)
+            try:
+                self._copier = CopyProcess()
+            except OSError as e:
+                log.info("%s: copying in this process (%s)", self.root, e)
+                self._source_root = None
+                return False
+        rec = step.record
+        source = os.fsencode(f"{self._source_root}/{step.source or rec.path}")
+        job = self._copier.submit(source, os.fsencode(self._p(parent_of(rec.path))), rec.size,
+                                  rec.sha256, rec.mode, rec.mtime_ns)  # fmt: skip
+        self._batch.append(_Pending(step, job=job))
+        self._batch_fds += 1
+        self._batch_bytes += rec.size
+        return True
+
+    def _collect(self, batch: list[_Pending]) -> None:
+        """The copy process's temporary files for ``batch``; a file it could not copy is copied
+        here, which fails the usual way (the source changed since its scan: an error, and the
+        source is read again next time) or not (a directory that takes no unnamed file)."""
+        assert self._copier is not None
+        for p in [p for p in batch if p.job is not None]:
+            job, p.job = p.job, None
+            p.fd = self._copier.take(job)
+            if p.fd is not None:
+                continue
+            try:
+                done = self._write_content(p.step, True, [])
+                p.fd, p.tmp = done.fd, done.tmp
+            except (ApplyStopped, StoreError):
+                raise
+            except ReplError as e:
+                self._error(p.step.path, str(e))
+                batch.remove(p)
+            except OSError as e:
+                self._error(p.step.path, str(FsError(p.step.path, e)))
+                batch.remove(p)
 
     def _temp_name(self, path: str) -> Path:
         name = path.rpartition("/")[2]
@@ -813,8 +879,15 @@ class Applier:
 
     # -- the batch ------------------------------------------------------------------------------
 
-    def _take_batch(self) -> list[_Pending]:
+    def _take_batch(self, collect: bool = True) -> list[_Pending]:
         batch, self._batch, self._batch_bytes, self._batch_fds = self._batch, [], 0, 0
+        if collect and self._copier is not None:
+            try:
+                self._collect(batch)
+            except BaseException:
+                for p in batch:
+                    self._drop_pending(p)
+                raise
         return batch
 
     def _rotate(self) -> None:
@@ -991,8 +1064,8 @@ class Applier:
             data_synced.join()
             for p in batch:
                 self._drop_pending(p)
-        for p in self._take_batch():
-            self._drop_pending(p)
+        for p in self._take_batch(collect=False):
+            self._drop_pending(p)  # (the copy process's descriptors go with it: see apply)
 
     @staticmethod
     def _drop_pending(p: _Pending) -> None:

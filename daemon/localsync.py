@@ -218,9 +218,11 @@ def pull_applier(
     policy: Policy,
     verbose: bool,
     progress: Callable[[ApplyStats], None] | None,
+    source_root: str | None = None,
 ) -> Applier:
     """The applier for ``pull_steps`` from a source whose records ``source`` looks up by path:
-    a local file that changed under it is scanned, and the source's record planned again."""
+    a local file that changed under it is scanned, and the source's record planned again.
+    ``source_root``: ``fetch`` reads the files of a replica on this machine there."""
     me = into.store.replica_id
 
     def replan(step: Step) -> list[Step]:
@@ -242,6 +244,7 @@ def pull_applier(
         keep_steps=verbose,
         on_progress=progress,
         check_root=into.check_root,
+        source_root=source_root,
     )
 
 
@@ -271,7 +274,7 @@ def _pass(
         report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
         return report
     applier = pull_applier(into, _opener(src), src.store.get, via=src.cfg.name, policy=policy,
-                           verbose=verbose, progress=progress)  # fmt: skip
+                           verbose=verbose, progress=progress, source_root=str(src.root))  # fmt: skip
     report.stats = applier.apply(steps)
     report.steps = report.stats.done
     if report.stats.stale_sources:

@@ -52,6 +52,25 @@ def test_initial_sync_copies_everything_both_ways(tmp_path):
     assert "0 actions planned" in out
 
 
+def test_a_sync_of_many_files_copies_each_exactly(tmp_path):
+    """Enough new files that a second process copies most of them (see copyproc): every name,
+    mode, mtime and byte arrives, and the next scan and sync find nothing to do."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    names = NAMES + ["empty", "big.bin"]
+    for i in range(300):
+        d = a.root / f"d{i % 7}" / f"sub{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        name = names[i % len(names)]
+        data = b"" if name == "empty" else os.urandom(3_000_000 if i == 297 else i * 37)
+        (d / f"{i:03}-{name}").write_bytes(data)
+        os.chmod(d / f"{i:03}-{name}", (0o600, 0o755, 0o444, 0o640)[i % 4])
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert len([p for p in b.root.rglob("*") if p.is_file()]) == 300
+    assert "0 created, 0 updated, 0 deleted (0 B hashed)" in b("scan").stdout
+    assert "0 actions planned" in a.sync(b, "-n").stdout
+
+
 def test_every_kind_of_change_propagates(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)

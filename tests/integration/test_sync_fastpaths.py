@@ -10,12 +10,16 @@
   what the database would say, after writes, a rollback or a cache refresh of the inode.
 - A rescan compares each entry with a short form of its record first: every kind of change is
   still recorded, exactly as a scan from nothing records the tree.
+- New files from a replica on this machine are copied by a second process (copyproc): what it
+  writes is checked the same way, a file it could not copy is copied by the applier (which
+  reports why, if it fails too), and nothing of it is left behind (process, descriptors).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +28,7 @@ import pytest
 from helpers import make_replicas
 from repld.daemon import applier as applier_mod
 from repld.daemon.applier import Applier
+from repld.daemon.copyproc import CopyProcess
 from repld.daemon.localsync import _opener
 from repld.daemon.replica import open_replica
 from repld.daemon.scanner import Scanner
@@ -53,6 +58,41 @@ def write_files(root: Path, n: int) -> dict[str, bytes]:
     return files
 
 
+class Copiers:
+    """Runs an Applier copying new files itself (``here``) or by the copy process from the
+    first file on (``process``); ``started`` lists the copy processes it made."""
+
+    def __init__(self, where: str, monkeypatch: pytest.MonkeyPatch):
+        self.where = where
+        self.started: list[CopyProcess] = []
+        if where == "process":
+            monkeypatch.setattr(applier_mod, "COPY_PROCESS_AFTER", 0)
+            started = self.started
+
+            class Spy(CopyProcess):
+                def __init__(self) -> None:
+                    super().__init__()
+                    started.append(self)
+
+            monkeypatch.setattr(applier_mod, "CopyProcess", Spy)
+
+    def applier(self, into, source, **kw) -> Applier:
+        root = str(source.root) if self.where == "process" else None
+        return Applier(into.store, into.root, _opener(source), source_root=root, **kw)
+
+    def check_used(self) -> None:
+        """The copy process ran if it was to, and is gone (reaped)."""
+        assert len(self.started) == (self.where == "process")
+        for proc in self.started:
+            with pytest.raises(ChildProcessError):
+                os.waitpid(proc.pid, os.WNOHANG)
+
+
+@pytest.fixture(params=["here", "process"])
+def copiers(request, monkeypatch) -> Copiers:
+    return Copiers(request.param, monkeypatch)
+
+
 def recorded_on_disk(root: Path, store: Store) -> None:
     """Every file under a real name has a live record that says what is there."""
     for dirpath, _, names in os.walk(root):
@@ -67,7 +107,7 @@ def recorded_on_disk(root: Path, store: Store) -> None:
 
 
 def test_files_appearing_where_new_ones_go_are_kept_across_pipelined_batches(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, copiers
 ):
     monkeypatch.setattr(applier_mod, "BATCH_FILES", BATCH)
     a, b = make_replicas(tmp_path, "a", "b")
@@ -89,11 +129,12 @@ def test_files_appearing_where_new_ones_go_are_kept_across_pipelined_batches(
             return plan_record(rb.store.get(step.path), ra.store.get(step.path),
                                replica=rb.store.replica_id, local_lookup=rb.store.get)  # fmt: skip
 
-        stats = Applier(rb.store, rb.root, _opener(ra), replan=replan).apply(steps)
+        stats = copiers.applier(rb, ra, replan=replan).apply(steps)
         assert stats.errors == []
         assert stats.conflicts == 2
         recorded_on_disk(b.root, rb.store)
     assert syncfs_threads() == [] and open_fds() == fds
+    copiers.check_used()
     for rel, data in files.items():
         copies = [p.read_bytes() for p in (b.root / rel).parent.glob(Path(rel).stem + "*")]
         assert data in copies, rel
@@ -104,7 +145,7 @@ def test_files_appearing_where_new_ones_go_are_kept_across_pipelined_batches(
     assert not list(b.root.rglob(".repld-tmp-*"))
 
 
-def test_a_source_that_changed_since_its_record_is_checked_by_hash(tmp_path):
+def test_a_source_that_changed_since_its_record_is_checked_by_hash(tmp_path, copiers):
     """Only what the record says is read, and its hash checked: a file rewritten since is not
     written (the next sync takes it); one that only grew gives the bytes its record has."""
     a, b = make_replicas(tmp_path, "a", "b")
@@ -118,12 +159,44 @@ def test_a_source_that_changed_since_its_record_is_checked_by_hash(tmp_path):
     (a.root / "shrunk").write_bytes(b"rec")
     with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
         steps = plan_pull(rb.store.get, ra.store.records_since(0), replica=rb.store.replica_id)
-        stats = Applier(rb.store, rb.root, _opener(ra)).apply(steps)
+        stats = copiers.applier(rb, ra).apply(steps)
         assert sorted(path for path, _ in stats.errors) == ["rewritten", "shrunk"]
         assert all("does not match its record" in e for _, e in stats.errors)
+        assert sorted(stats.stale_sources) == ["rewritten", "shrunk"]
         recorded_on_disk(b.root, rb.store)
     assert sorted(os.listdir(b.root)) == ["grown"]
     assert (b.root / "grown").read_bytes() == b"recorded\n"
+    copiers.check_used()
+
+
+def test_when_the_copy_process_dies_the_applier_copies_the_rest_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(applier_mod, "BATCH_FILES", BATCH)
+    monkeypatch.setattr(applier_mod, "COPY_PROCESS_AFTER", 0)
+    a, b = make_replicas(tmp_path, "a", "b")
+    files = write_files(a.root, 4 * BATCH)
+    a("scan")
+    killed = []
+
+    class Doomed(CopyProcess):
+        def submit(self, *job):  # killed once a batch and a half is handed to it
+            n = super().submit(*job)
+            if n == BATCH + BATCH // 2:
+                os.kill(self.pid, signal.SIGKILL)
+                killed.append(self.pid)
+            return n
+
+    monkeypatch.setattr(applier_mod, "CopyProcess", Doomed)
+    fds = open_fds()
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        steps = plan_pull(rb.store.get, ra.store.records_since(0), replica=rb.store.replica_id)
+        stats = Applier(rb.store, rb.root, _opener(ra), source_root=str(a.root)).apply(steps)
+        assert stats.errors == [] and stats.written == len(files)
+        recorded_on_disk(b.root, rb.store)
+    assert len(killed) == 1 and open_fds() == fds
+    with pytest.raises(ChildProcessError):
+        os.waitpid(killed[0], os.WNOHANG)
+    for rel, data in files.items():
+        assert (b.root / rel).read_bytes() == data, rel
 
 
 class Boom(Exception):
