@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`repld conflicts` marks those '(this replica)') and removes the other; --keep remote "
         "keeps the other replica's version; --keep both renames the copy to NAME.<replica>.EXT "
         "so both stay as ordinary files. The decision is recorded as ordinary changes, so every "
-        "replica follows it. On a replica that made neither version (it relayed a conflict "
-        "between two others), name the copy to keep: `repld resolve COPY --keep remote`.",
+        "replica follows it (with the daemon running, the daemon records it). On a replica "
+        "that made neither version (it relayed a conflict between two others), name the copy "
+        "to keep: `repld resolve COPY --keep remote`.",
     )
     c.add_argument("path", metavar="PATH", help="the file, or one of its conflict copies")
     c.add_argument("--keep", required=True, choices=["local", "remote", "both"],
@@ -823,15 +824,35 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon_holds(config: Path | None, busy: StoreBusy) -> configmod.Config:
+    """The config of a replica whose database another process holds, if that is its daemon
+    (else ``busy`` is raised: a one-shot sync or scan, which ends by itself)."""
+    cfg = configmod.load(config, need_root=False)
+    try:
+        control.request(cfg, "status")
+    except DaemonNotRunning:
+        raise busy from None
+    return cfg
+
+
 def cmd_resolve(args: argparse.Namespace) -> int:
-    with open_replica(args.config) as rep:
+    try:
+        rep = open_replica(args.config)
+        daemon = None
+    except StoreBusy as busy:
+        # Its daemon runs: decide from what it has recorded (it watches the tree), change the
+        # files, and let it record the changes, as it records any other edit.
+        daemon = _daemon_holds(args.config, busy)
+        rep = open_replica(args.config, write=False)
+    with rep:
         path = _rel_path(rep, args.path)
         if not os.path.lexists(rep.root / path) and rep.store.get(path) is None:
             raise UsageError(f"{args.path}: not in this replica (nothing there, nothing recorded); "
                              "`repld conflicts` lists the conflicts")  # fmt: skip
         first = original_of(rep.store, path) or path
-        rep.scan([first, *(r["copy"] for r in list_conflicts(rep.store) if r["path"] == first)],
-                 clean_temp=True)  # fmt: skip
+        if daemon is None:
+            rep.scan([first, *(r["copy"] for r in list_conflicts(rep.store) if r["path"] == first)],
+                     clean_temp=True)  # fmt: skip
         rows = list_conflicts(rep.store)
         original = original_of(rep.store, path) or path
         every = [r["copy"] for r in rows if r["path"] == original]
@@ -909,10 +930,29 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                 "hand: move or remove one, give the other the name, then `repld scan`"
             ) from None
         finally:
-            stats = rep.scan(touched)  # whatever was done, recorded
-    print(f"resolved {escape(original)}: kept {args.keep} ({stats.events} changes recorded; "
-          "they reach other replicas with the next sync)")  # fmt: skip
+            if daemon is None:
+                stats = rep.scan(touched)  # whatever was done, recorded
+            else:
+                paused = _ask_daemon_to_scan(daemon)
+    if daemon is None:
+        print(f"resolved {escape(original)}: kept {args.keep} ({stats.events} changes recorded; "
+              "they reach other replicas with the next sync)")  # fmt: skip
+    elif paused:
+        print(f"resolved {escape(original)}: kept {args.keep}; the daemon is paused: it records "
+              "the change, and sends it to its peers, after `repld resume`")  # fmt: skip
+    else:
+        print(f"resolved {escape(original)}: kept {args.keep}; the running daemon records the "
+              "change and sends it to its peers (`repld status` shows when they have it)")  # fmt: skip
     return 0
+
+
+def _ask_daemon_to_scan(cfg: configmod.Config) -> bool:
+    """Ask the running daemon to scan the tree (it would see the changes anyway, by inotify or
+    its periodic scans); True if it is paused (it records nothing until resumed)."""
+    if control.request(cfg, "status")["status"]["state"] == "paused":
+        return True
+    control.request(cfg, "rescan")
+    return False
 
 
 def _which_remote(rep: Replica, original: str, at_name: Any, copies: list[str],

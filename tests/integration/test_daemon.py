@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,33 @@ def test_concurrent_edits_while_apart_keep_both(cluster):
         assert len(copies) == 1, (r.name, copies)
         texts = sorted([(r.root / "f.txt").read_text(), (r.root / copies[0]).read_text()])
         assert texts == ["edited on a\n", "edited on b while apart\n"], r.name
+
+
+def changed_apart(cluster, a, b, on_a: Callable[[], object], on_b: Callable[[], object]) -> None:
+    """``a`` and ``b`` in sync on f.txt, then each runs its change while ``b`` is stopped,
+    and both are in sync again."""
+    (a.root / "f.txt").write_text("base\n")
+    cluster.start()
+    cluster.wait_converged(what="initial sync")
+    b.stop()
+    on_a()
+    on_b()
+    b.start()
+    cluster.wait_converged(what="after b came back")
+
+
+def test_resolve_with_the_daemon_running_settles_the_conflict_everywhere(cluster):
+    a, b = cluster.make("a", "b")
+    changed_apart(cluster, a, b, lambda: (a.root / "f.txt").write_text("edited on a\n"),
+                  lambda: (b.root / "f.txt").write_text("edited on b while apart\n"))  # fmt: skip
+    assert len(conflict_copies(a.root)) == 1
+    out = a("resolve", "f.txt", "--keep", "local").stdout
+    assert "the running daemon records the change" in out
+    cluster.wait_until(lambda: not any(conflict_copies(r.root) for r in cluster.replicas)
+                       and cluster.converged(), what="the resolution reaches b")  # fmt: skip
+    for r in cluster.replicas:
+        assert (r.root / "f.txt").read_text() == "edited on a\n", r.name
+        assert json.loads(r("conflicts", "--json").stdout) == [], r.name
 
 
 def test_a_directory_taken_off_the_ignore_rules_comes_over(cluster):
@@ -342,14 +370,8 @@ def test_a_slow_mass_deletion_is_held_back_too(cluster):
 
 def test_delete_against_modify_while_apart_keeps_the_modification(cluster):
     a, b = cluster.make("a", "b")
-    (a.root / "f.txt").write_text("base\n")
-    cluster.start()
-    cluster.wait_converged(what="initial sync")
-    b.stop()
-    (a.root / "f.txt").unlink()
-    (b.root / "f.txt").write_text("modified on b while apart\n")
-    b.start()
-    cluster.wait_converged(what="after b came back")
+    changed_apart(cluster, a, b, (a.root / "f.txt").unlink,
+                  lambda: (b.root / "f.txt").write_text("modified on b while apart\n"))  # fmt: skip
     for r in (a, b):
         assert (r.root / "f.txt").read_text() == "modified on b while apart\n"
         assert not conflict_copies(r.root)
