@@ -551,6 +551,12 @@ def format_status(st: dict[str, Any]) -> str:
             seen = p["last_seen"] or "never"
             why = f"; {p['error']}" if p.get("error") else ""
             lines.append(f"  peer {p['name']} ({p['endpoint']}): not connected, last seen {seen}{why}")
+    for r in st.get("refused", []):
+        lines.append(
+            f"  refused: {r['count']} connection(s) from public key '{r['key']}', no peer's key "
+            f"here (last {r['last']}); if it is a replica of this tree, admit it: "
+            f"repld peer add NAME ENDPOINT '{r['key']}'"
+        )
     if st["conflicts"]:
         lines.append(f"  conflicts: {st['conflicts']} (see `repld conflicts`)")
     for e in st["errors"][:20]:

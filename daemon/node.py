@@ -168,14 +168,51 @@ class NodeStats:
     dry_steps: list[Step] = field(default_factory=list)
 
 
+def _iso(wall: float) -> str:
+    """A ``time.time()`` as local ISO 8601 with its offset, to the second."""
+    return dt.datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
+
+
+REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent ones)
+
+
+@dataclass
+class Refused:
+    count: int
+    last: float  # time.time() of the last refusal
+
+
 class _KeyCheck:
-    """ZAP callback: admits exactly the public keys of the configured peers (reloadable)."""
+    """ZAP callback: admits exactly the public keys of the configured peers (reloadable), and
+    notes the keys it refused, which only the dialling side would otherwise hear of: a replica
+    not added here yet, or known here under another key (re-initialised, mistyped)."""
 
     def __init__(self, keys: set[bytes]):
         self.keys = frozenset(keys)
+        self._lock = threading.Lock()
+        self._refused: dict[str, Refused] = {}
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys  # pyzmq passes the key Z85-encoded
+        if key in self.keys:  # pyzmq passes the key Z85-encoded
+            return True
+        text = key.decode("ascii", "replace")
+        with self._lock:  # (called on the authenticator's thread)
+            seen = self._refused.pop(text, None)
+            self._refused[text] = Refused((seen.count if seen else 0) + 1, time.time())
+            while len(self._refused) > REFUSED_KEPT:
+                del self._refused[next(iter(self._refused))]
+        if seen is None:
+            log.warning("refused a connection from public key %s: it is no peer's key here; if "
+                        "it is a replica of this tree, admit it with `repld peer add NAME "
+                        "ENDPOINT '%s'`", text, text)  # fmt: skip
+        return False
+
+    def refused(self) -> list[dict[str, Any]]:
+        """The keys refused lately that are still no peer's key, most recent last."""
+        with self._lock:
+            items = list(self._refused.items())
+        return [{"key": k, "count": r.count, "last": _iso(r.last)} for k, r in items
+                if k.encode() not in self.keys]  # fmt: skip
 
 
 class Node:
@@ -706,7 +743,10 @@ class Node:
                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
             ):
                 self._handshake_failed(
-                    link, f"handshake with {link.peer.endpoint} failed: wrong public key for it?"
+                    link,
+                    f"handshake with {link.peer.endpoint} failed: its public key is not the one "
+                    f"listed here for {link.peer.name} (see `repld id` there), or it went away "
+                    "in the middle",
                 )
 
     def _handshake_failed(self, link: PeerLink, error: str) -> None:
@@ -1477,6 +1517,7 @@ class Node:
             "errors": [{"path": "", "error": self._rolled_back}] * bool(self._rolled_back)
             + [{"path": e.path, "error": e.error} for e in self.errors.values()],
             "peers": peers,
+            "refused": self.keycheck.refused(),
             "watching": self.watcher is not None and self.watcher.alive,
             # Directories beyond the inotify watch limit, rescanned every minute instead.
             "unwatched_dirs": len(self.watcher.unwatched) if self.watcher is not None else 0,
@@ -1519,11 +1560,7 @@ class Node:
                     "replica_id": rid,
                     "endpoint": p.endpoint,
                     "connected": s is not None,
-                    "last_seen": dt.datetime.fromtimestamp(seen)
-                    .astimezone()
-                    .isoformat(timespec="seconds")
-                    if seen
-                    else None,  # fmt: skip
+                    "last_seen": _iso(seen) if seen else None,
                     "need_files": need_files,
                     "need_bytes": need_bytes,
                     "peer_need_files": s.peer_need_files if s is not None else 0,

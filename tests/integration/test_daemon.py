@@ -535,6 +535,11 @@ def test_peer_with_an_unadmitted_key_gets_nothing(cluster):
     assert intruder.tree() == {}
     assert not a.peer_status("intruder")["connected"]
     assert intruder.status()["local"]["files"] == 0
+    # The refusing side says whose key it refused, and how to admit it.
+    refused = [r for r in a.status()["refused"] if r["key"] == intruder.public_key]
+    assert refused and refused[0]["count"] >= 1, a.status()["refused"]
+    human = a("status").stdout
+    assert "refused: " in human and f"repld peer add NAME ENDPOINT '{intruder.public_key}'" in human
 
 
 def test_different_tree_ids_refuse_to_sync(cluster):

@@ -83,7 +83,7 @@ class _Admit:
 @pytest.mark.parametrize("why", ["wrong key", "key refused"])
 def test_failing_handshakes_are_backed_off_and_logged_rarely(cluster, why):
     """A peer at an endpoint whose handshakes fail every time: listed under a key it does not
-    have ("wrong public key for it?"), or refusing our key. A CURVE server in the test stands
+    have ("its public key is not the one listed here"), or refusing our key. A CURVE server in the test stands
     for the peer, so every dial shows as a connection it accepts. Once the peer admits our key,
     the next dial gets through (ZeroMQ alone never dials again after a refusal)."""
     ctx = zmq.Context()
