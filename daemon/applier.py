@@ -50,7 +50,7 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .copyproc import CopyProcess
-from .diskio import rename_noreplace, syncfs
+from .diskio import open_regular, rename_noreplace, syncfs
 from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError, StoreError
 from .scanner import hash_file_stat
 from .store import Store
@@ -668,7 +668,8 @@ class Applier:
             fd = os.open(self._p(parent_of(rec.path)), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
                          0o600)  # fmt: skip
         except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            # (ENOENT is the directory gone meanwhile: this file's trouble, not the tree's.)
+            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 self._unnamed_ok = False
                 log.info("%s: no unnamed temporary files here (%s)", self.root, e.strerror)
                 return None
@@ -759,7 +760,7 @@ class Applier:
             if other.kind is not Kind.FILE:
                 continue
             try:
-                f = open(os.open(self._p(other.path), os.O_RDONLY | os.O_NOFOLLOW), "rb")
+                f = open(open_regular(self._p(other.path)), "rb")
             except OSError:
                 continue
             st = os.fstat(f.fileno())

@@ -23,6 +23,7 @@ runs. It touches nothing of its parent's but the socket, and leaves at the end o
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import select
 import signal
@@ -30,7 +31,12 @@ import socket
 
 import msgpack
 
+from .diskio import open_regular
+
+log = logging.getLogger(__name__)
+
 CHUNK_JOBS = 32  # files per message, each way
+CHUNK_BYTES = 64 << 10  # and at most about this much (a SEQPACKET message must fit the buffer)
 MAX_MESSAGE = 1 << 20
 COPY_CHUNK = 1 << 20
 
@@ -56,6 +62,7 @@ class CopyProcess:
         self._sock = mine
         self._next = 0
         self._unsent: list[list] = []
+        self._unsent_bytes = 0
         self._done: dict[int, int | None] = {}
         self._answered = 0  # jobs answered so far (in order)
         self._sent = 0
@@ -66,7 +73,8 @@ class CopyProcess:
         n = self._next
         self._next += 1
         self._unsent.append([source, target_dir, size, sha256, mode, mtime_ns])
-        if len(self._unsent) >= CHUNK_JOBS:
+        self._unsent_bytes += len(source) + len(target_dir) + 100
+        if len(self._unsent) >= CHUNK_JOBS or self._unsent_bytes >= CHUNK_BYTES:
             self._send()
         return n
 
@@ -92,7 +100,7 @@ class CopyProcess:
 
     def _send(self) -> None:
         if not self._unsent or self._lost:
-            self._unsent.clear()
+            self._unsent, self._unsent_bytes = [], 0
             return
         msg = msgpack.packb(self._unsent)
         while True:
@@ -104,11 +112,12 @@ class CopyProcess:
             except BlockingIOError:
                 select.select([self._sock], [self._sock], [])
                 self._receive(block=False)
-            except OSError:
+            except OSError as e:
+                log.info("copy process: %s; copying in this process", e.strerror)
                 self._lost = True
                 break
         self._sent += len(self._unsent)
-        self._unsent = []
+        self._unsent, self._unsent_bytes = [], 0
 
     def _receive(self, block: bool) -> None:
         try:
@@ -119,6 +128,8 @@ class CopyProcess:
         except OSError:
             msg, fds = b"", []
         if not msg:
+            if not self._lost:
+                log.info("copy process %d ended; copying in this process", self.pid)
             self._lost = True  # the child died: what it did not answer is copied by the caller
             for fd in fds:
                 os.close(fd)
@@ -155,7 +166,7 @@ def _copy(source: bytes, target_dir: bytes, size: int, sha256: str, mode: int,
           mtime_ns: int) -> int:  # fmt: skip  # pragma: no cover (runs in the child)
     """An unnamed temporary file in ``target_dir`` holding ``source``'s first ``size`` bytes,
     which must hash to ``sha256``, with ``mode`` and ``mtime_ns``; the open descriptor."""
-    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    src = open_regular(source)
     try:
         fd = os.open(target_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         try:

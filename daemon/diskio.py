@@ -8,6 +8,7 @@ import errno
 import functools
 import mmap
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -31,6 +32,28 @@ def syncfs(path: Path | str) -> None:
             os.sync()
     finally:
         os.close(fd)
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device",
+          stat.S_IFBLK: "a device", stat.S_IFDIR: "a directory"}  # fmt: skip
+
+
+def open_regular(path: str | os.PathLike[str] | bytes) -> int:
+    """A descriptor to read the regular file at ``path``, opened without following a symlink
+    and without blocking: a FIFO put where a file was would block a plain open for reading
+    until some writer came, forever. Anything but a regular file is an OSError (EINVAL, its
+    strerror saying what is there)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = _KINDS.get(stat.S_IFMT(mode), "something else")
+        raise OSError(errno.EINVAL, f"not a regular file but {what}", os.fsdecode(path))
+    return fd
 
 
 AT_FDCWD = -100

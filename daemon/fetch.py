@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..protocol.messages import Blocks, Error, GetBlocks
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
-from .diskio import open_direct, pwrite_direct, start_writeback
+from .diskio import open_direct, open_regular, pwrite_direct, start_writeback
 from .errors import PeerLost, ReplError
 from .store import Store
 
@@ -428,7 +428,7 @@ class _Reader:
         assert chunk.local is not None
         path, offset = chunk.local
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_regular(path)
         except OSError:
             return None
         try:
@@ -578,7 +578,7 @@ def _data_ranges(path: Path) -> list[tuple[int, int]]:
     partial file are written as they come, two at a time, so a cut one may have holes): only
     those are read back, and the rest is fetched in full-sized requests, many in flight."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_regular(path)
     except OSError:
         return []
     ranges: list[tuple[int, int]] = []
@@ -652,7 +652,7 @@ def _read_intact(root: Path, rec: Record, req: GetBlocks) -> bytes | None:
     if rec.kind is not Kind.FILE or req.offset + req.length > rec.size:
         return None
     try:
-        fd = os.open(os.path.join(root, rec.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_regular(os.path.join(root, rec.path))
     except OSError:
         return None
     try:

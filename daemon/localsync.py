@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from typing import BinaryIO
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
 from ..protocol.record import Kind, Record, subtree_filter
-from .applier import Applier, ApplyStats
+from .applier import Applier, ApplyStats, SourceChanged
+from .diskio import open_regular
 from .errors import ReplError, RolledBack, TreeMismatchError
 from .replica import Replica
 from .scanner import ScanStats
@@ -63,7 +63,15 @@ def _opener(replica: Replica) -> Callable[[Record], BinaryIO]:
     root = str(replica.root)
 
     def fetch(rec: Record) -> BinaryIO:
-        fd = os.open(f"{root}/{rec.path}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = open_regular(f"{root}/{rec.path}")
+        except OSError as e:
+            # Gone, or something else is there now (a directory, a symlink, a FIFO): the
+            # source's record is out of date, and its next scan says what is there.
+            raise SourceChanged(
+                f"{rec.path}: changed in {root} since it was scanned ({e.strerror}); the next "
+                "sync takes what is there"
+            ) from None
         # Unbuffered: the applier reads what the record says is there, one read for a small file.
         return open(fd, "rb", buffering=0)
 

@@ -71,6 +71,30 @@ def test_a_sync_of_many_files_copies_each_exactly(tmp_path):
     assert "0 actions planned" in a.sync(b, "-n").stdout
 
 
+def test_a_fifo_where_a_recorded_file_was_fails_that_file_without_hanging(tmp_path):
+    """A FIFO put where a recorded file was (on the source, or where the target has the same
+    content to copy from): opening it to read would wait for a writer forever."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "same.txt").write_text("same\n")
+    a.sync(b)
+    (b.root / "same.txt").unlink()  # b's copy of the content becomes a FIFO, unscanned
+    os.mkfifo(b.root / "same.txt")
+    (a.root / "again.txt").write_text("same\n")  # b would copy it from its own same.txt
+    (a.root / "f.txt").write_text("recorded\n")
+    (a.root / "other.txt").write_text("other\n")
+    a("scan")
+    (a.root / "f.txt").unlink()
+    os.mkfifo(a.root / "f.txt")
+    proc = subprocess.run([*REPLD, "--config", str(a.config), "sync", str(b.config)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"f\.txt: changed in .* since it was scanned \(not a regular file but a "
+                     r"FIFO\)", proc.stdout + proc.stderr), proc.stdout + proc.stderr  # fmt: skip
+    assert (b.root / "again.txt").read_text() == "same\n"  # from a, not from the FIFO
+    assert (b.root / "other.txt").read_text() == "other\n"
+    assert not (b.root / "f.txt").exists()
+
+
 def test_every_kind_of_change_propagates(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)

@@ -18,8 +18,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
+import stat
 import threading
 from pathlib import Path
 from typing import BinaryIO
@@ -197,6 +199,46 @@ def test_when_the_copy_process_dies_the_applier_copies_the_rest_itself(tmp_path,
         os.waitpid(killed[0], os.WNOHANG)
     for rel, data in files.items():
         assert (b.root / rel).read_bytes() == data, rel
+
+
+def test_the_copy_process_takes_paths_near_the_length_limit(tmp_path):
+    """Jobs are sent many to a message: paths of some 4,000 bytes must not overflow one."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    deep = Path(*["d" * 200] * 19)  # 3,819 bytes below each root
+    (src / deep).mkdir(parents=True)
+    (dst / deep).mkdir(parents=True)
+    files = {f"{i:02}": os.urandom(i * 100) for i in range(40)}
+    for name, data in files.items():
+        (src / deep / name).write_bytes(data)
+    proc = CopyProcess()
+    try:
+        jobs = {name: proc.submit(os.fsencode(src / deep / name), os.fsencode(dst / deep),
+                                  len(data), hashlib.sha256(data).hexdigest(), 0o640, 10**18)
+                for name, data in files.items()}  # fmt: skip
+        for name, job in jobs.items():
+            fd = proc.take(job)
+            assert fd is not None, name  # (None: the process failed or was lost)
+            os.link(f"/proc/self/fd/{fd}", dst / deep / name, src_dir_fd=fd, follow_symlinks=True)
+            os.close(fd)
+    finally:
+        proc.close()
+    for name, data in files.items():
+        st = (dst / deep / name).stat()
+        assert (dst / deep / name).read_bytes() == data
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o640, 10**18)
+
+
+def test_a_directory_gone_meanwhile_fails_its_file_not_unnamed_files(tmp_path):
+    """A target directory removed while the sync runs costs its files only: the tree keeps
+    its unnamed temporary files (and the copy process)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    with open_replica(b.config) as rb, open_replica(a.config, write=False) as ra:
+        applier = Applier(rb.store, rb.root, _opener(ra))
+        rec = Record("gone/f.txt", "g", Kind.FILE, VersionVector(), size=0,
+                     sha256=hashlib.sha256(b"").hexdigest())  # fmt: skip
+        with pytest.raises(FileNotFoundError):
+            applier._write_unnamed(rec, io.BytesIO(b""), False)
+        assert applier._unnamed_ok
 
 
 class Boom(Exception):
