@@ -50,7 +50,7 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .copyproc import CopyProcess
-from .diskio import open_regular, rename_noreplace, syncfs
+from .diskio import COPY_CHUNK, copy_hashed, open_regular, rename_noreplace, syncfs
 from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError, StoreError
 from .scanner import hash_file_stat
 from .store import Store
@@ -61,7 +61,6 @@ T = TypeVar("T")
 BATCH_FILES = 2000
 COPY_PROCESS_AFTER = 64  # new files written here before the copy process is worth its fork
 BATCH_BYTES = 256 << 20
-COPY_CHUNK = 1 << 20
 
 
 class _Background(Generic[T]):
@@ -683,22 +682,9 @@ class Applier:
 
     def _fill(self, fd: int, rec: Record, src: BinaryIO, local: bool) -> None:
         """Write ``src`` to ``fd``, check it is ``rec``'s content, give it ``rec``'s metadata."""
-        want = rec.size
         with src:
-            h, size = hashlib.sha256(), 0
-            # Read what the record says is there, and no more: a small file is one read, with no
-            # megabyte buffer allocated for it. What is read is what the hash checks, so a source
-            # changed since its record fails the check; one that only grew past it gives the
-            # recorded bytes, which is what the record describes.
-            while size < want and (chunk := src.read(min(COPY_CHUNK, want - size))):
-                h.update(chunk)
-                size += len(chunk)
-                done = os.write(fd, chunk)
-                if done < len(chunk):
-                    view = memoryview(chunk)[done:]
-                    while view:
-                        view = view[os.write(fd, view) :]
-        _check_content(rec, h.hexdigest(), size)
+            sha, size = copy_hashed(src.read, fd, rec.size)
+        _check_content(rec, sha, size)
         os.fchmod(fd, rec.mode)
         os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
         if local:

@@ -569,7 +569,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 def cmd_control(args: argparse.Namespace) -> int:
     cfg = configmod.load(args.config, need_root=False)
-    if args.command == "rescan" and control.request(cfg, "status")["status"]["state"] == "paused":
+    if args.command == "rescan" and _paused(cfg):
         raise ReplError("the daemon is paused: it records nothing until `repld resume`, which "
                         "scans the tree first")  # fmt: skip
     control.request(cfg, args.command)
@@ -589,7 +589,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 raise UsageError(f"{given}: no such file or directory in {cfg.root}") from None
         command = ("accept-root" if args.accept_root else "accept-deletes" if args.accept_deletes
                    else "rescan-full" if args.full else "rescan")  # fmt: skip
-        if control.request(cfg, "status")["status"]["state"] == "paused":
+        if _paused(cfg):
             raise ReplError("the daemon is paused: it records nothing until `repld resume`, "
                             "which scans the tree first") from None  # fmt: skip
         control.request(cfg, command)
@@ -955,10 +955,15 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def _ask_daemon_to_scan(cfg: configmod.Config) -> bool:
     """Ask the running daemon to scan the tree (it would see the changes anyway, by inotify or
     its periodic scans); True if it is paused (it records nothing until resumed)."""
-    if control.request(cfg, "status")["status"]["state"] == "paused":
+    if _paused(cfg):
         return True
     control.request(cfg, "rescan")
     return False
+
+
+def _paused(cfg: configmod.Config) -> bool:
+    """Whether the running daemon is paused (it records nothing until `repld resume`)."""
+    return bool(control.request(cfg, "status")["status"]["state"] == "paused")
 
 
 def _which_remote(rep: Replica, original: str, at_name: Any, copies: list[str],

@@ -22,7 +22,7 @@ runs. It touches nothing of its parent's but the socket, and leaves at the end o
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import os
 import select
@@ -31,14 +31,13 @@ import socket
 
 import msgpack
 
-from .diskio import open_regular
+from .diskio import copy_hashed, open_regular
 
 log = logging.getLogger(__name__)
 
 CHUNK_JOBS = 32  # files per message, each way
 CHUNK_BYTES = 64 << 10  # and at most about this much (a SEQPACKET message must fit the buffer)
 MAX_MESSAGE = 1 << 20
-COPY_CHUNK = 1 << 20
 
 
 class CopyProcess:
@@ -170,14 +169,8 @@ def _copy(source: bytes, target_dir: bytes, size: int, sha256: str, mode: int,
     try:
         fd = os.open(target_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         try:
-            h, done = hashlib.sha256(), 0
-            while done < size and (chunk := os.read(src, min(COPY_CHUNK, size - done))):
-                h.update(chunk)
-                done += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            if done != size or h.hexdigest() != sha256:
+            sha, done = copy_hashed(functools.partial(os.read, src), fd, size)
+            if (sha, done) != (sha256, size):
                 raise ValueError("not the recorded content")
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import mmap
 import os
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writing the range, do not wait
@@ -54,6 +56,24 @@ def open_regular(path: str | os.PathLike[str] | bytes) -> int:
         what = _KINDS.get(stat.S_IFMT(mode), "something else")
         raise OSError(errno.EINVAL, f"not a regular file but {what}", os.fsdecode(path))
     return fd
+
+
+COPY_CHUNK = 1 << 20
+
+
+def copy_hashed(read: Callable[[int], bytes], fd: int, size: int) -> tuple[str, int]:
+    """Write to ``fd`` what ``read`` gives, up to ``size`` bytes and no more (a small file is
+    one read, with no megabyte buffer allocated for it); the SHA-256 of what was written and
+    its length, which the caller compares with the record: a source changed since its record
+    fails that check, one that only grew past it gives the recorded bytes."""
+    h, done = hashlib.sha256(), 0
+    while done < size and (chunk := read(min(COPY_CHUNK, size - done))):
+        h.update(chunk)
+        done += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+    return h.hexdigest(), done
 
 
 AT_FDCWD = -100

@@ -177,7 +177,7 @@ REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent one
 
 
 @dataclass
-class Refused:
+class _Refused:
     count: int
     last: float  # time.time() of the last refusal
 
@@ -190,7 +190,7 @@ class _KeyCheck:
     def __init__(self, keys: set[bytes]):
         self.keys = frozenset(keys)
         self._lock = threading.Lock()
-        self._refused: dict[str, Refused] = {}
+        self._refused: dict[str, _Refused] = {}
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:  # pyzmq passes the key Z85-encoded
@@ -198,7 +198,7 @@ class _KeyCheck:
         text = key.decode("ascii", "replace")
         with self._lock:  # (called on the authenticator's thread)
             seen = self._refused.pop(text, None)
-            self._refused[text] = Refused((seen.count if seen else 0) + 1, time.time())
+            self._refused[text] = _Refused((seen.count if seen else 0) + 1, time.time())
             while len(self._refused) > REFUSED_KEPT:
                 del self._refused[next(iter(self._refused))]
         if seen is None:
