@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from .applier import ApplyStats
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
+from .prune import iso_time
 from .replica import (
     Replica,
     init,
@@ -251,13 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Run it with the daemon stopped.",
     )
 
-    cmd(
+    c = cmd(
         "prune",
-        "say how many tombstones are kept (dropping them is not available yet)",
+        "say how many tombstones are kept, and which replicas have seen them "
+        "(dropping them is not available yet)",
         "Tombstones (the records of deleted paths) are what keeps a deletion from coming back "
-        "from a replica that has not seen it. Dropping them is safe only once every replica of "
-        "the tree has provably seen them; this version keeps them all, and says how many.",
+        "from a replica that has not seen it. Dropping one is safe only once every replica of "
+        "the tree has provably seen it. This lists, for each other replica this one knows of, "
+        "how many of the tombstones here it has seen: a replica it synced with (as a daemon "
+        "peer, by `repld sync` or by a bundle) has acknowledged them up to a point; of one it "
+        "knows only from its edits (they came through another replica), or a peer it has not "
+        "met yet, it cannot tell. This version drops none (a replica that never changed "
+        "anything and never synced with this one would be unknown here), and exits 1 to say so.",
     )
+    c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     c = cmd(
         "export",
@@ -297,9 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt_time(ns: int) -> str:
-    if not ns:
-        return "-"
-    return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+    return iso_time(ns) if ns else "-"
 
 
 def _human(n: float) -> str:
@@ -1040,16 +1045,32 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .prune import HOW_CONFIGURED, HOW_SYNCED, prune_report
+
     with open_replica(args.config, write=False) as rep:
-        row = rep.store.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(path) + LENGTH(version) + 150), 0) "
-            "FROM records WHERE deleted = 1"
-        ).fetchone()
-    print(
-        f"{row[0]} tombstones kept (about {_human(row[1])} of database); pruning is not "
-        "available yet: they are kept until a version of repld can prove every replica has "
-        "seen them, so that no deletion ever comes back"
-    )
+        report = prune_report(rep)
+    if args.json:
+        _print_json(report.to_json())
+        return 1
+    n = report.tombstones
+    print(f"{n or 'no'} tombstone{'' if n == 1 else 's'} kept (about "
+          f"{_human(report.tombstone_bytes)} of database); this version drops none")  # fmt: skip
+    for h in report.holders:
+        who = f"{h.name} ({short_id(h.replica_id)})" if h.name and h.replica_id \
+            else h.name or short_id(h.replica_id)  # fmt: skip
+        if h.how == HOW_SYNCED:
+            if h.unseen:
+                seen = (f"has not acknowledged {h.unseen} of them yet (the newest: "
+                        f"{escape(h.newest_unseen or '')}); its next sync with this "
+                        "replica brings them")  # fmt: skip
+            else:
+                seen = "has seen them all"
+            print(f"  {who}: last synced {_fmt_time(h.last_sync)}, {seen}")
+        elif h.how == HOW_CONFIGURED:
+            print(f"  {who}: a peer not met yet: cannot tell what it has seen")
+        else:
+            print(f"  {who}: known from its edits only, never synced with this replica: "
+                  "cannot tell what it has seen")  # fmt: skip
     return 1
 
 

@@ -55,8 +55,11 @@ class Rep:
     def sync(self, other: Rep, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self("sync", other.config, *args, check=check)
 
+    def identity(self) -> dict[str, str]:
+        return json.loads(self("id", "--json").stdout)
+
     def tree_id(self) -> str:
-        return json.loads(self("id", "--json").stdout)["tree_id"]
+        return self.identity()["tree_id"]
 
     @property
     def state(self) -> Path:

@@ -259,9 +259,46 @@ def test_prune_says_how_many_tombstones_are_kept_and_that_it_drops_none(tmp_path
     a("scan")
     proc = a("prune", check=False)
     assert proc.returncode == 1 and proc.stdout.startswith("2 tombstones kept")
-    assert "not available yet" in proc.stdout
+    assert "drops none" in proc.stdout
     kept = [ln.split()[0] for ln in a("dump").stdout.splitlines() if not ln.startswith("#")]
     assert sorted(kept) == ["f0", "f1", "f2"]  # the tombstones are still there
+
+
+def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    for n in range(3):
+        (a.root / f"f{n}").write_text("x\n")
+    a("sync", b.config)
+    (c.root / "from-c").write_text("c\n")
+    c("sync", b.config)  # c's edit reaches a through b only
+    a("sync", b.config)
+    a("peer", "add", "d", "tcp://127.0.0.1:18999", c.identity()["public_key"])  # never met
+    (a.root / "f0").unlink()
+    (a.root / "f1").unlink()
+    a("scan")
+
+    def report() -> dict[str, dict]:
+        proc = a("prune", "--json", check=False)
+        assert proc.returncode == 1
+        out = json.loads(proc.stdout)
+        assert out["tombstones"] == 2 and out["droppable"] == 0
+        return {r["name"] or r["replica_id"]: r for r in out["replicas"]}
+
+    before = report()
+    assert before["b"]["how"] == "synced" and before["b"]["unseen"] == 2
+    assert before["b"]["newest_unseen"] in ("f0", "f1")
+    assert before["d"]["how"] == "configured" and before["d"]["unseen"] is None
+    c_id = c.identity()["replica_id"]
+    assert before[c_id]["how"] == "heard of" and before[c_id]["unseen"] is None
+    assert a.identity()["replica_id"] not in before and "a" not in before  # not itself
+
+    a("sync", b.config)
+    after = report()
+    assert after["b"]["unseen"] == 0 and after["b"]["last_sync"].startswith("20")
+    text = a("prune", check=False).stdout
+    assert "b (" in text and "has seen them all" in text
+    assert f"{c_id[:8]}: known from its edits only" in text
+    assert "d: a peer not met yet" in text
 
 
 def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):

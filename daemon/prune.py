@@ -1,0 +1,112 @@
+"""What keeps tombstones: for each replica of the tree this one knows of, how many of the
+tombstones here it has provably seen.
+
+A tombstone (the record of a deleted path) is what keeps the deletion from being undone by a
+replica that still has the file: its live record is older than the tombstone, so it loses. A
+tombstone may be dropped only once every replica of the tree holds it (or something newer) for
+that path. What this replica can prove is narrow: a replica it synced with directly (a daemon
+peer, a one-shot sync, a bundle) has acknowledged this replica's records up to a sequence
+number, so it holds every tombstone recorded here up to that number; of a replica it knows only
+from the version vectors of its records (its edits came through another replica), or from the
+config (a peer not met yet), it can prove nothing. A replica it has never heard of at all (one
+that has changed nothing and never synced with it) is the reason nothing is dropped yet: that
+takes the replicas of a tree telling each other who they know, which is for a later version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+
+from ..protocol.version import VersionVector
+from .replica import Replica
+
+HOW_SYNCED = "synced"  # a daemon peer, a one-shot sync or a bundle: it acknowledged our records
+HOW_CONFIGURED = "configured"  # a peer in the config this replica has not exchanged records with
+HOW_HEARD_OF = "heard of"  # only in the version vectors or the history of records
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One other replica of the tree, and what it has provably seen of the tombstones here."""
+
+    name: str  # "" when this replica knows it only by its id
+    replica_id: str  # "" for a configured peer not met yet
+    how: str  # HOW_*
+    last_sync: int  # ns; 0 if never
+    acked_seq: int  # the highest of this replica's sequence numbers it acknowledged
+    unseen: int | None  # tombstones here it has not provably seen; None: cannot tell
+    newest_unseen: str | None  # the path of the newest of those
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    tombstones: int
+    tombstone_bytes: int  # about: what their rows take in the database
+    holders: list[Holder]
+
+    @property
+    def droppable(self) -> int:
+        return 0  # see the module's docstring
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "tombstones": self.tombstones,
+            "tombstone_bytes": self.tombstone_bytes,
+            "droppable": self.droppable,
+            "replicas": [
+                asdict(h) | {"last_sync": iso_time(h.last_sync) if h.last_sync else None}
+                for h in self.holders
+            ],
+        }
+
+
+def iso_time(ns: int) -> str:
+    """A time in nanoseconds as local ISO 8601 with its offset, to the second."""
+    return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+
+
+def prune_report(rep: Replica) -> PruneReport:
+    store = rep.store
+    me = store.replica_id
+    count, size = store.execute(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(path) + LENGTH(version) + 150), 0) "
+        "FROM records WHERE deleted = 1"
+    ).fetchone()
+    holders: list[Holder] = []
+    met: set[str] = {me}
+    names: set[str] = set()
+    for m in store.peer_marks():
+        if m.replica_id in met:
+            continue
+        met.add(m.replica_id)
+        names.add(m.name)
+        unseen, newest = _unseen_after(rep, m.acked_seq)
+        holders.append(Holder(m.name, m.replica_id, HOW_SYNCED, m.last_sync_ns, m.acked_seq,
+                              unseen, newest))  # fmt: skip
+    for p in rep.cfg.peers:
+        if p.name not in names:
+            holders.append(Holder(p.name, "", HOW_CONFIGURED, 0, 0, None, None))
+    for rid in sorted(_heard_of(rep) - met):
+        holders.append(Holder("", rid, HOW_HEARD_OF, 0, 0, None, None))
+    return PruneReport(int(count), int(size), holders)
+
+
+def _unseen_after(rep: Replica, acked: int) -> tuple[int, str | None]:
+    """Tombstones recorded here after sequence ``acked``, and the path of the newest."""
+    n, top = rep.store.execute(
+        "SELECT COUNT(*), MAX(seq) FROM records WHERE deleted = 1 AND seq > ?", (acked,)
+    ).fetchone()
+    if not n:
+        return 0, None
+    (path,) = rep.store.execute("SELECT path FROM records WHERE seq = ?", (top,)).fetchone()
+    return int(n), str(path)
+
+
+def _heard_of(rep: Replica) -> set[str]:
+    """Every replica id in the history's origins and the records' version vectors."""
+    ids = {str(o) for (o,) in rep.store.execute("SELECT DISTINCT origin FROM history")}
+    for (v,) in rep.store.execute("SELECT DISTINCT version FROM records"):
+        ids.update(r for r, _ in VersionVector.decode(str(v)))
+    ids.discard("")
+    return ids
