@@ -54,6 +54,7 @@ from .diskio import COPY_CHUNK, copy_hashed, open_regular, rename_noreplace, syn
 from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError, StoreError
 from .scanner import hash_file_stat
 from .store import Store
+from .versions import Keeper, VersionError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,8 +182,11 @@ class Applier:
         on_progress: Callable[[ApplyStats], None] | None = None,
         check_root: Callable[[], None] | None = None,
         source_root: str | None = None,
+        keeper: Keeper | None = None,
     ):
         self.store = store
+        # Keeps what a removal or a rewrite takes out of the tree, as the config says (versions).
+        self._keeper = keeper
         # Raises RootChanged if the root is no longer the replica's own directory: asked before
         # each batch is installed and before each removal, so that a disk unmounted (or a root
         # moved aside) in the middle of an apply stops it, rather than fill the stranger.
@@ -549,6 +553,8 @@ class Applier:
             st = self._check(path, step.expected)
             self._ensure_parent(path)
             if st is not None and not stat.S_ISDIR(st.st_mode):
+                if self._keeper is not None:
+                    self._keeper.removing(path, st)
                 os.unlink(self._p(path))  # a file or symlink replaced by a directory
             os.mkdir(self._p(path), rec.mode)
             os.chmod(self._p(path), rec.mode)
@@ -1001,6 +1007,10 @@ class Applier:
                     _unlink_quiet(p.tmp)
                     self._error(p.step.path, str(FsError(p.step.path, e)))
                     continue
+                except VersionError as e:
+                    _unlink_quiet(p.tmp)
+                    self._error(p.step.path, str(e))
+                    continue
                 p.tmp = None
             elif p.step.op in (Op.MKDIR, Op.META) or p.step.record.kind is Kind.FILE:
                 try:
@@ -1028,6 +1038,8 @@ class Applier:
         target = self._parents_ok(step.path)  # again: a parent may have become a symlink
         if step.expected is not None and not step.expected.deleted:
             self._check(step.path, step.expected)
+            if self._keeper is not None:
+                self._keeper.rewriting(step.path)
             os.rename(tmp, target)
             return
         try:
@@ -1039,6 +1051,8 @@ class Applier:
                 raise
             # A file system without hard links: look, then rename (a rename replaces).
             self._check(step.path, step.expected)
+            if self._keeper is not None:
+                self._keeper.rewriting(step.path)
             os.rename(tmp, target)
             return
         os.unlink(tmp)
@@ -1139,6 +1153,8 @@ class Applier:
                 self._keep_dir(step, st)
                 return
         elif st is not None:
+            if self._keeper is not None:
+                self._keeper.removing(path, st)
             os.unlink(self._p(path))
         if step.op is Op.DELETE:
             self._removed.append(step)

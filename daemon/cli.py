@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import socket
 import sqlite3
 import stat
@@ -37,6 +38,7 @@ from .replica import (
     rejoin,
 )
 from .scanner import ScanStats
+from .versions import expire
 
 log = logging.getLogger("repld")
 
@@ -55,6 +57,7 @@ examples:
   repld sync desktop -n                  what one exchange with peer desktop would bring
   repld log Documents/report.odt         where each version of a file came from
   repld conflicts                        conflicting edits kept side by side
+  repld versions Documents               files a peer's change deleted or replaced here, kept 30 days
   repld export /media/usb/x.bundle --since desktop
                                          changes desktop lacks, as a file to carry there
   repld import /media/usb/x.bundle       apply a bundle another replica exported
@@ -235,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", required=True, choices=["local", "remote", "both"],
                    help="local: this replica's version; remote: the other one; both: keep "
                         "both as ordinary files")  # fmt: skip
+
+    c = cmd(
+        "versions",
+        "list the files another replica's change deleted or replaced here, kept for a while",
+        "Before a change from another replica removes a file here (a deletion, a file replaced "
+        "by a directory; with keep_versions = \"all\" also a newer version written over it), "
+        "the file is kept in STATE/versions/ under its path, with the time in its name, for "
+        "keep_versions_days (30 by default). This lists them, newest first, with where each "
+        "is. To restore one, copy it back into the tree: the next scan records it as an edit "
+        "and every replica gets it. Nothing of this replica's own changes is kept: those were "
+        "yours to make here.",
+    )
+    c.add_argument("paths", nargs="*", metavar="PATH",
+                   help="only versions of this file, or of files under this directory")  # fmt: skip
+    c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     cmd("dump", "print the database as text, one escaped line per record")
 
@@ -662,6 +680,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )  # fmt: skip
         progress.done()
         _print_sync(report, args.verbose)
+        if not dry:
+            for r in (left, right):
+                expire(r.cfg.versions_dir, r.cfg.keep_versions_days)
     return 1 if report.errors else 0
 
 
@@ -1012,6 +1033,30 @@ def _both_name(copy_path: str) -> str:
     return f"{head}/{new}" if head else new
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    from .versions import versions
+
+    cfg = configmod.load(args.config, need_root=False)
+    unders = _tree_paths(cfg.root, args.paths) or [""]
+    found = {v.file: v for u in unders for v in versions(cfg.versions_dir, u)}
+    rows = sorted(found.values(), key=lambda v: (-v.kept, v.path))
+    if args.json:
+        _print_json([{"path": v.path, "kept": iso_time(int(v.kept * 1e9)), "size": v.size,
+                      "file": str(v.file)} for v in rows])  # fmt: skip
+        return 0
+    if not rows:
+        what = ", ".join(args.paths) if args.paths else "any file"
+        print(f"no versions of {what} kept in {cfg.versions_dir} (keep_versions = "
+              f"\"{cfg.keep_versions.value}\", for {cfg.keep_versions_days} days)")  # fmt: skip
+        return 0
+    for v in rows:
+        print(f"{iso_time(int(v.kept * 1e9))}  {_human(v.size):>10}  {escape(v.path)}\n"
+              f"    {escape(str(v.file))}")  # fmt: skip
+    print(f"{len(rows)} version(s); restore one by copying it back into the tree, e.g. "
+          f"cp -p {shlex.quote(str(rows[0].file))} {shlex.quote(str(cfg.root / rows[0].path))}")  # fmt: skip
+    return 0
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
     with open_replica(args.config, write=False) as rep:
         s = rep.store
@@ -1136,6 +1181,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             verbose=args.verbose or args.dry_run, progress=progress,
         )  # fmt: skip
         progress.done()
+        if not args.dry_run:
+            expire(rep.cfg.versions_dir, rep.cfg.keep_versions_days)
     if args.verbose or args.dry_run:
         assert report.scan is not None
         for change in report.scan.changes:
@@ -1174,6 +1221,7 @@ COMMANDS = {
     "log": cmd_log,
     "conflicts": cmd_conflicts,
     "resolve": cmd_resolve,
+    "versions": cmd_versions,
     "dump": cmd_dump,
     "prune": cmd_prune,
     "rejoin": cmd_rejoin,

@@ -6,15 +6,18 @@ errors), so the command line can exit 2 with a message a person can act on.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from ..protocol.reconcile import Policy
 from .errors import ConfigError
+from .versions import Keep
 
 ENDPOINT_RE = re.compile(r"^tcp://(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -23,7 +26,7 @@ DEFAULT_PORT = 7437
 
 TOP_KEYS = {
     "root", "state", "name", "listen", "conflict_policy", "ignore", "scan_interval", "peer",
-    "control_socket",
+    "control_socket", "keep_versions", "keep_versions_days",
 }
 PEER_KEYS = {"name", "endpoint", "public_key"}
 
@@ -96,6 +99,8 @@ class Config:
     scan_interval: int = 3600
     peers: tuple[Peer, ...] = field(default=())
     control_socket: Path | None = None  # None: control.sock in the state directory
+    keep_versions: Keep = Keep.DELETED
+    keep_versions_days: int = 30
 
     @property
     def db_path(self) -> Path:
@@ -104,6 +109,10 @@ class Config:
     @property
     def key_dir(self) -> Path:
         return self.state / "keys"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.state / "versions"
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -170,6 +179,21 @@ def line_of(text: str, key: str) -> int | None:
     return None
 
 
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _choice(data: dict[str, object], key: str, default: E, path: Path, what: str) -> E:
+    """The value of ``key``, one of ``default``'s enum's values (``what`` names one in errors)."""
+    text = data.get(key, default.value)
+    _type(text, str, "a string", path, key)
+    try:
+        return type(default)(text)
+    except ValueError:
+        choices = ", ".join(str(c.value) for c in type(default))
+        raise ConfigError(f"unknown {what} {text!r} (choose one of {choices})", file=path,
+                          key=key) from None  # fmt: skip
+
+
 def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Config:
     for key in data:
         if key not in TOP_KEYS:
@@ -190,15 +214,7 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
         raise ConfigError(f"state must be an absolute path, not {state}", file=path, key="state")
     name = check_name(str(data["name"]), file=path)
     listen = check_endpoint(str(data["listen"]), file=path)
-    policy_text = data.get("conflict_policy", Policy.KEEP_BOTH.value)
-    _type(policy_text, str, "a string", path, "conflict_policy")
-    try:
-        policy = Policy(policy_text)
-    except ValueError:
-        choices = ", ".join(p.value for p in Policy)
-        raise ConfigError(
-            f"unknown policy {policy_text!r} (choose one of {choices})", file=path, key="conflict_policy"
-        ) from None
+    policy = _choice(data, "conflict_policy", Policy.KEEP_BOTH, path, "policy")
     ignore = data.get("ignore", [])
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise ConfigError("expected a list of gitignore-style patterns", file=path, key="ignore")
@@ -207,6 +223,13 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
     assert isinstance(interval, int)
     if interval < 0:
         raise ConfigError("must be >= 0 (0 turns periodic scans off)", file=path, key="scan_interval")
+    keep = _choice(data, "keep_versions", Keep.DELETED, path, "value")
+    days = data.get("keep_versions_days", 30)
+    _type(days, int, "a number of days", path, "keep_versions_days")
+    assert isinstance(days, int)
+    if days < 1:
+        raise ConfigError("must be >= 1 (keep_versions = \"off\" keeps none)", file=path,
+                          key="keep_versions_days")  # fmt: skip
     control = data.get("control_socket")
     if control is not None:
         _type(control, str, "a path", path, "control_socket")
@@ -251,6 +274,8 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
         scan_interval=interval,
         peers=tuple(peers),
         control_socket=control,  # type: ignore[arg-type]
+        keep_versions=keep,
+        keep_versions_days=days,
     )
 
 
@@ -292,6 +317,12 @@ scan_interval = {cfg.scan_interval}
 # gitignore-style patterns for this replica only, in addition to ROOT/.repldignore (which is
 # replicated, so every replica ignores the same things).
 ignore = [{", ".join(_q(i) for i in cfg.ignore)}]
+
+# Files that another replica's change deletes here are kept for a while in STATE/versions/
+# (`repld versions` lists them): "deleted" (default), "all" (also the old content of files
+# another replica's change rewrites), or "off".
+keep_versions = {_q(cfg.keep_versions.value)}
+keep_versions_days = {cfg.keep_versions_days}
 
 # The daemon's control socket, for `repld status` (default: control.sock in the state directory).
 {control}

@@ -30,6 +30,7 @@ from .errors import ReplError, RolledBack, TreeMismatchError
 from .replica import Replica
 from .scanner import ScanStats
 from .store import PAGE
+from .versions import keeper_for
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ def pull_applier(
         on_progress=progress,
         check_root=into.check_root,
         source_root=source_root,
+        keeper=keeper_for(into.root, into.cfg.versions_dir, into.cfg.keep_versions),
     )
 
 

@@ -66,6 +66,7 @@ from .ignore import IGNORE_FILE
 from .localsync import pull_steps
 from .replica import Replica, list_conflicts, load_keys
 from .scanner import kind_of
+from .versions import expire, keeper_for
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ class Node:
         self.links: list[PeerLink] = []
         self.by_rid: dict[bytes, PeerLink] = {}
         self.errors: dict[str, PathError] = {}
+        self._keeper = keeper_for(self.cfg.root, self.cfg.versions_dir, self.cfg.keep_versions)
         self.stats = NodeStats()
         self.router: zmq.Socket[bytes] | None = None
         self.auth: ThreadAuthenticator | None = None
@@ -1114,6 +1116,7 @@ class Node:
                 replan=replan,
                 keep_steps=True,
                 check_root=self.rep.check_root,
+                keeper=self._keeper,
             )
             root_lost = False  # or the peer: the apply stopped in the middle of the page
             self._page_in = (link, self.transfers.stats.arrived_bytes)
@@ -1304,6 +1307,7 @@ class Node:
         every = self._full_scan_every()
         self._next_full_scan = None if every is None else self.clock() + every
         self._scan_done(stats)
+        expire(self.cfg.versions_dir, self.cfg.keep_versions_days)
 
     def _full_scan_every(self) -> float | None:
         """Seconds between full scans: the config's (0: never), at most a minute while the

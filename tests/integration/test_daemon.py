@@ -423,6 +423,12 @@ def test_peer_offline_during_a_delete_does_not_bring_it_back(cluster):
     for r in cluster.replicas:
         assert not (r.root / "doomed.txt").exists(), r.name
         assert (r.root / "keep.txt").exists(), r.name
+    # The peers that deleted it for a's change kept it as a version; a deleted it itself.
+    for r in (b, c):
+        kept = json.loads(r("versions", "--json").stdout)
+        assert [v["path"] for v in kept] == ["doomed.txt"], r.name
+        assert Path(kept[0]["file"]).read_text() == "delete me\n"
+    assert json.loads(a("versions", "--json").stdout) == []
     # A later change still travels, and the deleted file still does not come back with it.
     (c.root / "later.txt").write_text("later\n")
     cluster.wait_converged(what="a later change")

@@ -1,0 +1,173 @@
+"""Versions: files that a change from another replica deleted or replaced here, kept for a while.
+
+A deletion made on one machine reaches every other within a second; so does a save over the
+wrong file. Before the applier removes a file for another replica's change (a deletion, a file
+replaced by a directory, or with ``keep_versions = "all"`` a newer version written over it), it
+links the file into ``STATE/versions/`` under its path in the tree, with the time in its name:
+``Documents/report~20261122-150003.odt``. A hard link costs no copy and no space until the tree's
+own name is gone (a state directory on another file system gets a copy instead). Changes made
+on this machine are not versions: the file was this user's to change here.
+
+Versions are never replicated (the state directory never is) and are deleted once they are
+older than ``keep_versions_days``: by the daemon at its start and at each periodic scan, and by
+the one-shot commands that apply changes. ``repld versions`` lists them; restoring one is a copy
+back into the tree, which the next scan records as any edit.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol.errors import ReplError
+
+log = logging.getLogger(__name__)
+
+STAMP = "%Y%m%d-%H%M%S"
+# NAME~STAMP[-N]EXT, from the name NAME + EXT a file had in the tree.
+_NAME_RE = re.compile(r"^(?P<stem>.+)~(?P<stamp>\d{8}-\d{6})(?:-\d+)?(?P<ext>\.[^.]*)?$")
+
+
+class Keep(enum.Enum):
+    OFF = "off"
+    DELETED = "deleted"  # files another replica's change removed from the tree (the default)
+    ALL = "all"  # those, and the old content of files another replica's change rewrote
+
+
+class VersionError(ReplError):
+    pass
+
+
+@dataclass(frozen=True)
+class Version:
+    path: str  # the path the file had in the tree
+    kept: float  # when it was kept (local time, from its name), seconds since the epoch
+    size: int
+    file: Path  # where it is
+
+
+def version_name(name: str, when: float) -> str:
+    stem, ext = os.path.splitext(name)
+    return f"{stem}~{time.strftime(STAMP, time.localtime(when))}{ext}"
+
+
+class Keeper:
+    """Keeps the files an apply removes or rewrites, as ``keep`` says, under ``where``."""
+
+    def __init__(self, root: Path, where: Path, keep: Keep, clock: Callable[[], float] = time.time):
+        self.root = str(root)
+        self.where = where
+        self.keep = keep
+        self.clock = clock
+        self.kept = 0
+
+    def removing(self, path: str, st: os.stat_result) -> None:
+        """``path`` (a regular file of the tree, ``st`` its lstat) is about to leave the tree."""
+        if self.keep is not Keep.OFF and stat.S_ISREG(st.st_mode):
+            self._keep(path)
+
+    def rewriting(self, path: str) -> None:
+        """``path`` is about to get new content (the old is the file there now, if any)."""
+        if self.keep is Keep.ALL:
+            try:
+                st = os.lstat(os.path.join(self.root, path))
+            except FileNotFoundError:
+                return
+            if stat.S_ISREG(st.st_mode):
+                self._keep(path)
+
+    def _keep(self, path: str) -> None:
+        source = os.path.join(self.root, path)
+        parent, _, name = path.rpartition("/")
+        folder = self.where / parent if parent else self.where
+        base = version_name(name, self.clock())
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for n in range(1000):
+                target = folder / (base if not n else _numbered(base, n))
+                try:
+                    os.link(source, target, follow_symlinks=False)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    if target.exists():
+                        continue
+                    shutil.copy2(source, target, follow_symlinks=False)  # another file system
+                    break
+            else:
+                raise OSError(errno.EEXIST, f"too many versions of it kept this second in {folder}")
+        except OSError as e:
+            raise VersionError(
+                f"{path}: its current content could not be kept in {self.where} before the "
+                f"change ({e.strerror or e}); left as it is. Make room there, or set "
+                "keep_versions = \"off\" in the config"
+            ) from None
+        self.kept += 1
+
+
+def keeper_for(root: Path, where: Path, keep: Keep) -> Keeper | None:
+    return None if keep is Keep.OFF else Keeper(root, where, keep)
+
+
+def _numbered(base: str, n: int) -> str:
+    stem, ext = os.path.splitext(base)
+    return f"{stem}-{n}{ext}"
+
+
+def versions(where: Path, under: str = "") -> Iterator[Version]:
+    """The versions kept in ``where`` of paths at or under ``under`` (every one for "")."""
+    # A file's versions lie beside where it was, and a directory's files under it: the walk
+    # starts at the parent of ``under``, and the paths found are filtered.
+    top = (where / under).parent if under else where
+    for dirpath, _dirs, files in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, where)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for f in files:
+            m = _NAME_RE.match(f)
+            if m is None:
+                continue
+            path = f"{rel_dir}/{m['stem']}{m['ext'] or ''}" if rel_dir else f"{m['stem']}{m['ext'] or ''}"
+            if under and path != under and not path.startswith(under.rstrip("/") + "/"):
+                continue
+            try:
+                kept = time.mktime(time.strptime(m["stamp"], STAMP))
+                size = os.lstat(os.path.join(dirpath, f)).st_size
+            except (ValueError, OSError):
+                continue
+            yield Version(path, kept, size, Path(dirpath) / f)
+
+
+def expire(where: Path, days: int, now: float | None = None) -> int:
+    """Delete the versions older than ``days``, and the folders that leaves empty; how many."""
+    if not where.is_dir():
+        return 0
+    limit = (time.time() if now is None else now) - days * 86400
+    gone = 0
+    for v in list(versions(where)):
+        if v.kept < limit:
+            try:
+                v.file.unlink()
+                gone += 1
+            except OSError as e:
+                log.warning("%s: an old version could not be deleted (%s)", v.file, e.strerror)
+    for dirpath, _dirs, _files in os.walk(where, topdown=False):
+        if dirpath != str(where):
+            try:
+                os.rmdir(dirpath)  # only if empty
+            except OSError:
+                pass
+    if gone:
+        log.info("%d version(s) older than %d days deleted from %s", gone, days, where)
+    return gone

@@ -1,0 +1,124 @@
+"""Versions: what another replica's change deletes or rewrites here is kept for a while."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from helpers import Rep, make_replicas, snapshot
+from repld.daemon.versions import STAMP
+
+
+def versions(rep: Rep, *paths: str) -> list[dict]:
+    return json.loads(rep("versions", "--json", *paths).stdout)
+
+
+def set_option(rep: Rep, line: str) -> None:
+    text = rep.config.read_text()
+    key = line.split("=")[0].strip()
+    lines = [ln for ln in text.splitlines() if not ln.startswith(f"{key} ")]
+    rep.config.write_text("\n".join([line, *lines]) + "\n")
+
+
+def test_a_file_a_peer_deletes_is_kept_and_can_be_restored(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "docs").mkdir()
+    (a.root / "docs" / "report.odt").write_text("the report\n")
+    (a.root / "docs" / "report.odt").chmod(0o640)
+    (a.root / ".bashrc").write_text("alias l=ls\n")
+    (a.root / "stays.txt").write_text("stays\n")
+    a.sync(b)
+    (a.root / "docs" / "report.odt").unlink()
+    (a.root / ".bashrc").unlink()
+    a.sync(b)
+    assert not (b.root / "docs" / "report.odt").exists()
+
+    kept = {v["path"]: v for v in versions(b)}
+    assert sorted(kept) == [".bashrc", "docs/report.odt"]
+    report = Path(kept["docs/report.odt"]["file"])
+    assert report.parent == b.state / "versions" / "docs"
+    assert report.name.startswith("report~") and report.name.endswith(".odt")
+    assert report.read_text() == "the report\n" and kept["docs/report.odt"]["size"] == 11
+    assert versions(a) == []  # a deleted them itself: its own changes are not versions
+    assert [v["path"] for v in versions(b, "docs")] == ["docs/report.odt"]
+    text = b("versions").stdout
+    assert "docs/report.odt" in text and "cp -p" in text
+
+    # Restoring is a copy back into the tree; the next sync takes it everywhere.
+    shutil.copy2(report, b.root / "docs" / "report.odt")  # what `repld versions` suggests
+    b.sync(a)
+    assert (a.root / "docs" / "report.odt").read_text() == "the report\n"
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_keep_versions_all_keeps_what_a_peer_rewrote_and_off_keeps_nothing(tmp_path):
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "notes.txt").write_text("first\n")
+    (a.root / "gone.txt").write_text("gone\n")
+    a.sync(b)
+    a.sync(c)
+    set_option(b, 'keep_versions = "all"')
+    set_option(c, 'keep_versions = "off"')
+    (a.root / "notes.txt").write_text("second, longer\n")
+    (a.root / "gone.txt").unlink()
+    a.sync(b)
+    a.sync(c)
+    assert (b.root / "notes.txt").read_text() == "second, longer\n"
+    kept = {v["path"]: Path(v["file"]).read_text() for v in versions(b)}
+    assert kept == {"notes.txt": "first\n", "gone.txt": "gone\n"}
+    assert versions(c) == [] and not (c.state / "versions").exists()
+    assert (c.root / "notes.txt").read_text() == "second, longer\n"
+    # With the default ("deleted"), a rewrite is not kept.
+    (a.root / "notes.txt").write_text("third\n")
+    set_option(b, 'keep_versions = "deleted"')
+    a.sync(b)
+    assert {v["path"] for v in versions(b)} == {"notes.txt", "gone.txt"}  # no new one
+
+
+def test_versions_older_than_the_configured_days_are_deleted(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "x.txt").write_text("x\n")
+    a.sync(b)
+    old = b.state / "versions" / "sub" / f"old~{time.strftime(STAMP, time.localtime(time.time() - 3 * 86400))}.txt"
+    recent = b.state / "versions" / f"recent~{time.strftime(STAMP)}.txt"
+    old.parent.mkdir(parents=True)
+    old.write_text("old\n")
+    recent.write_text("recent\n")
+    set_option(b, "keep_versions_days = 2")
+    (a.root / "x.txt").unlink()
+    a.sync(b)
+    assert not old.exists() and not old.parent.exists()  # and its folder, left empty
+    assert recent.exists()
+    assert sorted(v["path"] for v in versions(b)) == ["recent.txt", "x.txt"]
+
+
+def test_a_deletion_whose_file_cannot_be_kept_is_not_made(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "precious.txt").write_text("precious\n")
+    a.sync(b)
+    (b.state / "versions").write_text("a file where the versions folder goes\n")
+    (a.root / "precious.txt").unlink()
+    proc = a.sync(b, check=False)
+    assert proc.returncode == 1
+    assert "precious.txt: its current content could not be kept in" in proc.stderr
+    assert 'keep_versions = "off"' in proc.stderr
+    assert (b.root / "precious.txt").read_text() == "precious\n"
+    # Once the way is clear, the next sync makes the deletion, and keeps the file.
+    (b.state / "versions").unlink()
+    a.sync(b)
+    assert not (b.root / "precious.txt").exists()
+    assert [v["path"] for v in versions(b)] == ["precious.txt"]
+
+
+def test_bad_keep_versions_settings_are_config_errors(tmp_path):
+    (a,) = make_replicas(tmp_path, "a")
+    set_option(a, 'keep_versions = "some"')
+    proc = a("versions", check=False)
+    assert proc.returncode == 2 and "keep_versions" in proc.stderr and "deleted" in proc.stderr
+    set_option(a, 'keep_versions = "all"')
+    set_option(a, "keep_versions_days = 0")
+    proc = a("versions", check=False)
+    assert proc.returncode == 2 and "keep_versions_days" in proc.stderr
