@@ -568,7 +568,9 @@ class Scanner:
         return None
 
     def _gone(self, rec: Record) -> None:
-        if self.skip_deletes:
+        if self.skip_deletes or rec.path in self._later:
+            # (Found gone already in this scan: a path scan of `rm -rf d` gets every file of
+            # d, and each one finds d gone; its subtree is read once, not once a file.)
             return
         if rec.kind is Kind.DIR:
             self._gone_subtree(rec.path)
