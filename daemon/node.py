@@ -1485,9 +1485,14 @@ class Node:
         peers = self._peer_status()
         # Counting the tree is a pass over every record. While records are still coming in
         # (every batch commits), that is at most once a COUNTS_EVERY, and the loop wakes up for
-        # the next count; once every connected peer is in sync, every change is counted.
+        # the next count; once nothing more is on its way here (a peer may still be taking
+        # what this replica relays), every change is counted.
         now = self.clock()
-        settled = all(p["in_sync"] or not p["connected"] for p in peers) and not self._inbox
+        settled = (
+            all(p["need_files"] == 0 or not p["connected"] for p in peers)
+            and not self._inbox
+            and self.state == "idle"
+        )
         stale = self._counts_seq != self.store.committed_seq
         if stale and (settled or now - self._counts_at >= COUNTS_EVERY):
             self._counts = (*self.store.counts(), len(list_conflicts(self.store)))

@@ -36,3 +36,32 @@ def test_the_sender_does_not_say_in_sync_while_the_peer_still_fetches(tmp_path):
         early = [s for s in samples if s[0] and not s[1]]
         assert not early, f"a said b was in sync before b had the file: {samples}"
         assert any(need for _, there, need in samples if not there) or samples[0][1]
+
+
+def test_counts_are_exact_as_soon_as_nothing_more_is_on_its_way(tmp_path):
+    """b relays a's new files to c, which is paused and takes nothing: b is in sync with a,
+    not with c. Its counts were refreshed at most once a second then, and `status` said
+    "in sync with a" with an old file count (found by a new-user trial)."""
+    with Cluster(tmp_path) as cluster:
+        a, b, c = cluster.make("a", "b", "c", links=[("a", "b"), ("b", "c")])
+        cluster.start()
+        cluster.wait_converged(what="three empty replicas")
+        c("pause")
+        (a.root / "d").mkdir()
+        n = 1500
+        for i in range(n):
+            (a.root / "d" / f"f{i:04}").write_text(f"{i}\n")
+        snapshots = []
+
+        def b_in_sync_with_a() -> bool:
+            st = b.status()
+            peer = st and next(p for p in st["peers"] if p["name"] == "a")
+            on_disk = len(os.listdir(b.root / "d")) if (b.root / "d").is_dir() else 0
+            if peer and peer["in_sync"] and st["state"] == "idle" and on_disk == n:
+                snapshots.append(st)
+                return True
+            return False
+
+        cluster.wait_until(b_in_sync_with_a, what="b to take a's files", timeout=60)
+        assert snapshots[0]["local"]["files"] == n, snapshots[0]["local"]
+        assert not next(p for p in snapshots[0]["peers"] if p["name"] == "c")["in_sync"]
