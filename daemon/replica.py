@@ -264,8 +264,9 @@ class Replica:
             fsid = os.statvfs(root).f_fsid
         except OSError as e:
             raise RootChanged(
-                f"the root {root} is not there ({e.strerror}): an unmounted disk, or a moved "
-                "directory? Nothing is recorded or synced until it is back."
+                f"the root {root} is not there ({e.strerror}): an unmounted disk, a moved "
+                f"directory, or a mistake in `root` in {self.cfg.path}? Nothing is recorded or "
+                "synced until it is back."
             ) from None
         if not stat.S_ISDIR(st.st_mode):
             raise RootChanged(f"the root {root} is not a directory any more; nothing is synced")
@@ -319,7 +320,9 @@ def open_replica(
     """The replica of a config. Opened to write (and not for a dry run, which writes no file),
     its root is checked to be on a file system that keeps modes and case (see
     ``check_file_system``) the first time it is seen there."""
-    cfg = configmod.load(config_path, need_root=write and not dry_run)
+    # (A missing root is no config error for a replica that exists: check_root says what it
+    # likely is, an unmounted disk, and the daemon waits for it.)
+    cfg = configmod.load(config_path, need_root=False)
     if not cfg.db_path.exists():
         raise ConfigError(
             f"no database at {cfg.db_path}; was `repld init` run with this config?",

@@ -39,11 +39,35 @@ def test_a_missing_root_is_said_by_every_command_that_touches_it(tmp_path):
     populate(a.root)
     a.sync(b)
     os.rename(a.root, tmp_path / "elsewhere")
-    proc = a.sync(b, "--dry-run", check=False)
-    assert proc.returncode == 1 and "is not there" in proc.stderr
+    for args in (("sync", b.config, "--dry-run"), ("sync", b.config), ("scan",)):
+        # The same answer from each (it was a config error, exit 2, from some): an unmounted
+        # disk is no mistake in the config.
+        proc = a(*args, check=False)
+        assert proc.returncode == 1 and "is not there" in proc.stderr, (args, proc)
+        assert "unmounted disk" in proc.stderr and "config error" not in proc.stderr, (args, proc)
     # What only reads the database still works, to tell the user about the replica.
     assert json.loads(a("id", "--json").stdout)["name"] == "a"
     assert "docs/a.txt" in a("dump").stdout
+
+
+def test_a_daemon_started_while_its_root_is_missing_waits_for_it(tmp_path):
+    """A USB disk mounted after the daemon starts: it must wait, not exit with a config error."""
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        populate(a.root)
+        aside = tmp_path / "a-unmounted"
+        os.rename(a.root, aside)
+        cluster.start(b)
+        a.start(wait=False)
+        status = cluster.wait_until(
+            lambda: (s := a.status()) and s["state"] == "error" and s, what="a to start, waiting"
+        )
+        assert any("is not there" in e["error"] for e in status["errors"])
+        os.rename(aside, a.root)  # mounted
+        cluster.wait_converged(what="a's tree reaching b once its root is there", timeout=40)
+        assert snapshot(b.root) == snapshot(a.root)
+        (a.root / "later.txt").write_text("watched\n")
+        cluster.wait_until(lambda: (b.root / "later.txt").exists(), what="a live change")
 
 
 def test_the_daemon_stops_syncing_while_its_root_is_replaced_and_resumes_when_it_is_back(tmp_path):
