@@ -534,8 +534,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return service.run(args.config, debug=args.debug)
 
 
+def _daemon_config(args: argparse.Namespace) -> configmod.Config:
+    """The config, to reach the daemon: a mistake in it made since the daemon read it is a
+    warning here (the daemon goes on with what it read), not a wall between user and daemon."""
+    cfg, error = configmod.where_the_daemon_is(args.config)
+    if error is not None:
+        print(f"repld: warning: {error}; the running daemon keeps the config it read before "
+              "(fix the file, then `kill -HUP` the daemon or restart it)", file=sys.stderr)  # fmt: skip
+    return cfg
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config, need_root=False)
+    cfg = _daemon_config(args)
     status = control.request(cfg, "status")["status"]
     if args.json:
         _print_json(status)
@@ -591,7 +601,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config, need_root=False)
+    cfg = _daemon_config(args)
     if args.command == "rescan" and _paused(cfg):
         raise ReplError("the daemon is paused: it records nothing until `repld resume`, which "
                         "scans the tree first")  # fmt: skip

@@ -194,6 +194,32 @@ def _choice(data: dict[str, object], key: str, default: E, path: Path, what: str
                           key=key) from None  # fmt: skip
 
 
+def where_the_daemon_is(path: Path | None = None) -> tuple[Config, ConfigError | None]:
+    """The config, for finding a running daemon's control socket: a mistake in the file (made
+    after the daemon read it: it keeps the config it has) does not cut the user off from the
+    daemon as long as the file still says where the state directory is. Returns the config and
+    the error it had, if any; raises that error when even that cannot be read."""
+    try:
+        return load(path, need_root=False), None
+    except ConfigError as e:
+        error = e
+    path = path or default_config_path()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        state = Path(str(data["state"])).expanduser()
+        control = data.get("control_socket")
+        control = Path(str(control)).expanduser() if isinstance(control, str) else None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError):
+        raise error from None
+    if not state.is_absolute() or (control is not None and not control.is_absolute()):
+        raise error
+    root = data.get("root")
+    cfg = Config(path=path, root=Path(str(root)) if isinstance(root, str) else Path("/"),
+                 state=state, name=str(data.get("name", "?")), listen="",
+                 control_socket=control)  # fmt: skip
+    return cfg, error
+
+
 def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Config:
     for key in data:
         if key not in TOP_KEYS:

@@ -702,3 +702,25 @@ def test_a_second_daemon_or_a_taken_port_is_refused_clearly(cluster):
     proc = b("run", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "cannot listen" in proc.stderr and "'listen'" in proc.stderr and str(b.config) in proc.stderr
+
+
+def test_a_mistake_in_the_config_does_not_cut_the_user_off_from_the_running_daemon(cluster):
+    (a,) = cluster.make("a")
+    cluster.start()
+    text = a.config.read_text()
+    a.config.write_text(text.replace('conflict_policy = "keep-both"', 'conflict_policy = "keepboth"'))
+    proc = a("status")
+    assert "idle" in proc.stdout
+    assert "warning:" in proc.stderr and "conflict_policy" in proc.stderr and "keepboth" in proc.stderr
+    assert "keeps the config it read before" in proc.stderr
+    a("pause")
+    assert json.loads(a("status", "--json").stdout)["state"] == "paused"
+    a("resume")
+    # Commands that need the config itself still refuse it, with the file and key.
+    proc = a("scan", check=False)
+    assert proc.returncode == 2 and "conflict_policy" in proc.stderr
+    # Even the state directory unreadable: the error, as before.
+    a.config.write_text("this is [not toml\n")
+    proc = a("status", check=False)
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+    a.config.write_text(text)
