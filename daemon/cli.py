@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.errors import ReplError
-from ..protocol.record import check_path, escape
+from ..protocol.record import check_path, escape, unescape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
@@ -819,6 +819,12 @@ def _tree_paths(root: Path, given: list[str]) -> list[str] | None:
     base = cwd if cwd == real or real in cwd.parents else root
     out = []
     for g in given:
+        if "\\" in g and not os.path.lexists(base / g):
+            # As repld prints names (`conflicts`, `log`, `dump`: a space is \s), pasted back.
+            try:
+                g = unescape(g)
+            except ValueError:
+                pass
         full = Path(os.path.normpath(base / g))  # (an absolute g replaces base)
         if base is root and not os.path.isabs(g):
             # Outside the tree, a PATH that names something inside it from here (the tree's

@@ -783,6 +783,26 @@ def test_resolve_keeps_this_replicas_version_or_the_others_or_both(tmp_path):
     assert a("resolve", "nothing-here.txt", "--keep", "local", check=False).returncode == 2
 
 
+def test_names_as_repld_prints_them_can_be_pasted_back(tmp_path):
+    """`repld conflicts` and `log` print a space as \\s (one token per name); that form,
+    pasted into `resolve` or `log`, names the file (it said "not in this replica")."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "my notes.txt").write_text("base\n")
+    a.sync(b)
+    (a.root / "my notes.txt").write_text("a's\n")
+    (b.root / "my notes.txt").write_text("b's\n")
+    newer(b.root / "my notes.txt", than=a.root / "my notes.txt")
+    a.sync(b)
+    listed = a("conflicts").stdout
+    assert "my\\snotes.txt" in listed
+    printed = listed.split()[0]
+    assert "my\\snotes.txt" in a("log", printed).stdout
+    a("resolve", printed, "--keep", "remote")
+    a.sync(b)
+    assert conflict_copies(a.root) == conflict_copies(b.root) == []
+    assert (a.root / "my notes.txt").read_text() == (b.root / "my notes.txt").read_text() == "b's\n"
+
+
 def test_resolve_keep_local_keeps_an_edit_made_here_after_the_conflict(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "x.txt").write_text("base\n")
