@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.errors import ReplError
+from ..protocol.plan import Op
 from ..protocol.record import check_path, escape, unescape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
@@ -752,12 +753,18 @@ def _print_sync(report: SyncReport, verbose: bool) -> None:
         for name, st in report.scans.items():
             for change in st.changes:
                 print(f"scan {name}: {_change(change)}")
+    quiet = 0  # a dry run's records that change nothing on disk, listed with -v only
     for p in report.passes:
         for step in p.steps:
+            if report.dry_run and not verbose and step.op is Op.RECORD:
+                quiet += 1
+                continue
             print(f"{p.into} <- {step.describe().replace(step.path, escape(step.path), 1)}")
     if report.dry_run:
-        n = sum(len(p.steps) for p in report.passes)
-        print(f"dry run: {n} actions planned, nothing changed")
+        n = sum(len(p.steps) for p in report.passes) - quiet
+        also = (f" (and {quiet} records to take that change no file, such as deletions of "
+                "paths neither side has: -v lists them)") if quiet else ""  # fmt: skip
+        print(f"dry run: {n} actions planned{also}, nothing changed")
     else:
         for p in report.passes:
             print(f"{p.into}: {_applied(p.stats)}")
@@ -1203,10 +1210,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         assert report.scan is not None
         for change in report.scan.changes:
             print(f"scan: {_change(change)}")
+    quiet = 0
     for step in report.steps:
+        if report.dry_run and not args.verbose and step.op is Op.RECORD:
+            quiet += 1
+            continue
         print(f"{rep.cfg.name} <- {step.describe().replace(step.path, escape(step.path), 1)}")
     if report.dry_run:
-        print(f"dry run: {len(report.steps)} actions planned, nothing changed")
+        also = f" (and {quiet} records to take that change no file: -v lists them)" if quiet else ""
+        print(f"dry run: {len(report.steps) - quiet} actions planned{also}, nothing changed")
     else:
         print(f"{rep.cfg.name}: from {report.name}'s bundle, {_applied(report.stats)}")
     for path, err in report.errors:

@@ -981,3 +981,24 @@ def test_a_replica_restored_from_an_old_backup_is_refused_until_it_rejoins(tmp_p
     assert (a.root / "h.txt").read_text() == "made on b after the restore\n"
     assert (a.root / "f.txt").read_text() == "v2, edited on b after the backup\n"
     assert conflict_copies(a.root) == []
+
+
+def test_a_dry_run_lists_what_changes_files_and_counts_the_rest(tmp_path):
+    """A new replica's dry run against one with many deletions printed one `record ... [new]`
+    line per tombstone, burying the few files it would write (found by a new-user trial)."""
+    a, c = make_replicas(tmp_path, "a", "c")
+    for i in range(30):
+        (a.root / f"old{i:02}").write_text("old\n")
+    a("scan")
+    for i in range(30):
+        (a.root / f"old{i:02}").unlink()
+    (a.root / "kept.txt").write_text("kept\n")
+    a("scan")
+    out = c.sync(a, "-n").stdout
+    lines = [ln for ln in out.splitlines() if " <- " in ln]
+    assert [ln.split() for ln in lines] == [["c", "<-", "write", "kept.txt", "[new]"]], out
+    assert "dry run: 1 actions planned (and 30 records to take that change no file" in out
+    verbose = c.sync(a, "-n", "-v").stdout
+    assert sum(ln.split()[2:3] == ["record"] for ln in verbose.splitlines()) == 30
+    c.sync(a)
+    assert sorted(p.name for p in c.root.iterdir()) == ["kept.txt"]
