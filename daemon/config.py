@@ -21,7 +21,9 @@ from .versions import Keep
 
 ENDPOINT_RE = re.compile(r"^tcp://(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-KEY_RE = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")  # Z85, 32 bytes
+Z85_CHARS = r"0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#"
+KEY_RE = re.compile(rf"^[{Z85_CHARS}]{{40}}$")  # Z85, 32 bytes
+Z85_CHAR_RE = re.compile(rf"[{Z85_CHARS}]")
 DEFAULT_PORT = 7437
 
 TOP_KEYS = {
@@ -70,10 +72,13 @@ def check_name(name: str, *, file: Path | None = None, key: str = "name") -> str
 
 def check_public_key(key_text: str, *, file: Path | None = None, key: str = "public_key") -> str:
     if not KEY_RE.match(key_text):
+        bad = sorted({c for c in key_text if not Z85_CHAR_RE.match(c)})
+        what = (f"{', '.join(repr(c) for c in bad)} cannot be in a key" if bad
+                else f"{len(key_text)} characters, not 40")  # fmt: skip
         raise ConfigError(
-            f"bad public key {key_text!r} ({len(key_text)} characters): expected the "
-            "40-character Z85 key that `repld id` prints; on a command line put it in single "
-            "quotes, as the shell would take some of its characters ($, !, &, ...) for its own",
+            f"bad public key {key_text!r} ({what}): expected the 40-character Z85 key that "
+            "`repld id` prints; on a command line put it in single quotes, as the shell would "
+            "take some of its characters ($, !, &, ...) for its own",
             file=file,
             key=key,
         )

@@ -53,7 +53,8 @@ def test_id_prints_a_peer_add_command_that_survives_the_shell(tmp_path):
 @pytest.mark.parametrize("args,expect", [
     (["peer", "add", "x", "http://host:1", KEY], "bad endpoint"),
     (["peer", "add", "x", "tcp://host:99999", KEY], "bad endpoint"),
-    (["peer", "add", "x", "tcp://host:7437", "short"], "bad public key"),
+    (["peer", "add", "x", "tcp://host:7437", "short"], "(5 characters, not 40)"),
+    (["peer", "add", "x", "tcp://host:7437", KEY[:39] + '"'], """('"' cannot be in a key)"""),
     (["peer", "add", "bad name", "tcp://host:7437", KEY], "bad name"),
 ])
 def test_bad_peer_arguments_exit_2(tmp_path, args, expect):
