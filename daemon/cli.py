@@ -56,6 +56,7 @@ examples:
   repld sync /media/usb/repld.toml -n    show what a sync would do, change nothing
   repld sync /media/usb/repld.toml       bring both replicas in sync
   repld sync desktop -n                  what one exchange with peer desktop would bring
+                                         (with this replica's daemon stopped)
   repld log Documents/report.odt         where each version of a file came from
   repld conflicts                        conflicting edits kept side by side
   repld versions Documents               files a peer's change deleted or replaced here, kept 30 days
@@ -201,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         "TARGET is either a configured peer's name (one exchange over the network; the peer's "
         "daemon must be running) or the config file of another replica on this machine (for "
         "instance on a USB disk). PATHs limit the sync to those subtrees. If this replica's "
-        "daemon is running, `repld sync PEER` asks it to sync now and waits until it is in sync.",
+        "daemon is running, `repld sync PEER` asks it to sync now and waits until it is in "
+        "sync; the options (--dry-run, --pull-only, --push-only, --prefer, PATHs) are for an "
+        "exchange of the command's own, and a sync with a replica on this machine always is: "
+        "those need this replica's daemon stopped (`repld status` shows what the daemon does).",
     )
     c.add_argument("target", metavar="TARGET")
     c.add_argument("-n", "--dry-run", action="store_true", help="print the plan, change nothing")
@@ -634,6 +638,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if status["state"] == "error" and whole and not args.accept_root:
             raise ReplError(whole) from None  # not the replica's root: nothing is scanned
         print("asked the running daemon to scan the tree; `repld status` shows when it is done")
+        if args.verbose:
+            print("(-v lists changes only when this command scans; the daemon's journal lists "
+                  "what it records: `journalctl --user -u repld`, or its log)")  # fmt: skip
         return 0
     with rep:
         paths = _tree_paths(rep.root, args.paths)

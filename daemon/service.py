@@ -142,15 +142,21 @@ def sync_with_peer(
     if cfg.peer(peer_name) is None:
         raise UsageError(f"no peer named {peer_name!r} in {cfg.path} (see `repld peer list`)")
     try:
-        control_request(cfg, "sync-now", timeout=2.0)
+        running = control_request(cfg, "status", timeout=2.0)["status"]
     except DaemonNotRunning:
         pass
     else:
         if dry_run or pull_only or push_only or prefer or paths:
+            pid = running.get("pid")
             raise UsageError(
-                "the daemon is running and syncs continuously; options such as --dry-run, "
-                "--pull-only or PATHs need it stopped first (`systemctl --user stop repld`)"
+                f"the daemon{f' (pid {pid})' if pid else ''} is running and syncs "
+                "continuously, with the peers it can reach; --dry-run, --pull-only, "
+                "--push-only, --prefer and PATHs are for one exchange of its own, which needs "
+                "the daemon stopped first (`systemctl --user stop repld` if systemd runs it"
+                f"{f', else `kill {pid}`' if pid else ''}). `repld status` shows what the "
+                "daemon is doing, and what each peer still needs"
             )
+        control_request(cfg, "sync-now", timeout=2.0)
         return _wait_daemon(cfg, peer_name, timeout)
     policy = None
     if prefer:

@@ -662,6 +662,13 @@ def test_sync_with_a_peer_through_the_running_daemon(cluster):
     out = a("sync", "b").stdout
     assert "0 files written" in out, out  # b fetched second.txt; a wrote nothing this time
     assert (b.root / "second.txt").read_text() == "second\n"
+    # A dry run needs an exchange of its own: refused, saying which daemon to stop and how.
+    seq = a.status()["local"]["sequence"]
+    proc = a("sync", "b", "-n", check=False)
+    pid = a.status()["pid"]
+    assert proc.returncode == 2 and f"the daemon (pid {pid}) is running" in proc.stderr
+    assert f"kill {pid}" in proc.stderr and "systemctl --user stop repld" in proc.stderr
+    assert a.status()["local"]["sequence"] == seq
 
 
 def test_one_shot_dry_run_changes_nothing(cluster):
