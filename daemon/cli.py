@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         "how many of the tombstones here it has seen: a replica it synced with (as a daemon "
         "peer, by `repld sync` or by a bundle) has acknowledged them up to a point; of one it "
         "knows only from its edits (they came through another replica), or a peer it has not "
-        "met yet, it cannot tell. This version drops none (a replica that never changed "
-        "anything and never synced with this one would be unknown here), and exits 1 to say so.",
+        "met yet, it cannot tell. This version drops none: a replica that never changed "
+        "anything and never synced with this one would be unknown here.",
     )
     c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
@@ -920,7 +920,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         every = [r["copy"] for r in rows if r["path"] == original]
         copies = [path] if path != original else every  # (--keep both renames these)
         if not copies:
-            raise ReplError(f"{path}: no conflict to resolve (see `repld conflicts`)")
+            raise UsageError(f"{path}: no conflict to resolve (see `repld conflicts`)")
         # "local" is this replica's version, "remote" the other one's; each is either the file
         # at the name (whoever changed it last) or a conflict copy (who made the losing edit).
         # Either settles the whole conflict: the version kept takes the name, every copy goes.
@@ -1126,7 +1126,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = prune_report(rep)
     if args.json:
         _print_json(report.to_json())
-        return 1
+        return 0
     n = report.tombstones
     print(f"{n or 'no'} tombstone{'' if n == 1 else 's'} kept (about "
           f"{_human(report.tombstone_bytes)} of database); this version drops none")  # fmt: skip
@@ -1146,7 +1146,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             print(f"  {who}: known from its edits only, never synced with this replica: "
                   "cannot tell what it has seen")  # fmt: skip
-    return 1
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -801,6 +801,8 @@ def test_names_as_repld_prints_them_can_be_pasted_back(tmp_path):
     a.sync(b)
     assert conflict_copies(a.root) == conflict_copies(b.root) == []
     assert (a.root / "my notes.txt").read_text() == (b.root / "my notes.txt").read_text() == "b's\n"
+    proc = a("resolve", printed, "--keep", "local", check=False)  # settled already: a mistake
+    assert proc.returncode == 2 and "no conflict to resolve" in proc.stderr
 
 
 def test_resolve_keep_local_keeps_an_edit_made_here_after_the_conflict(tmp_path):
