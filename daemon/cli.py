@@ -541,9 +541,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _daemon_config(args: argparse.Namespace) -> configmod.Config:
     """The config, to reach the daemon: a mistake in it made since the daemon read it is a
-    warning here (the daemon goes on with what it read), not a wall between user and daemon."""
+    warning here (the daemon goes on with what it read), not a wall between user and daemon.
+    With no daemon answering, the mistake is the error (exit 2), as for any command."""
     cfg, error = configmod.where_the_daemon_is(args.config)
     if error is not None:
+        try:
+            control.request(cfg, "status", timeout=2.0)
+        except DaemonNotRunning:
+            raise error from None
         print(f"repld: warning: {error}; the running daemon keeps the config it read before "
               "(fix the file, then `kill -HUP` the daemon or restart it)", file=sys.stderr)  # fmt: skip
     return cfg

@@ -76,7 +76,6 @@ GOOD = 'root = "{root}"\nstate = "{state}"\nname = "a"\nlisten = "tcp://0.0.0.0:
     ("root = \n", "not valid TOML"),
     (GOOD + "colour = 'blue'\n", "'colour'"),
     (GOOD.replace("tcp://0.0.0.0:7437", "tcp//nope"), "bad endpoint"),
-    (GOOD.replace('root = "{root}"', 'root = "/does/not/exist"'), "does not exist"),
     (GOOD.replace('name = "a"\n', ""), "'name'"),
     (GOOD + "conflict_policy = 'coin-toss'\n", "conflict_policy"),
     (GOOD + "[[peer]]\nname = 'x'\nendpoint = 'tcp://h:1'\n", "public_key"),
@@ -88,6 +87,16 @@ def test_config_mistakes_exit_2_naming_file_and_key(tmp_path, text, expect):
     assert proc.returncode == 2, proc.stderr
     assert str(a.config) in proc.stderr and expect in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_root_that_is_not_there_is_no_config_error_but_names_the_key(tmp_path):
+    """Of a replica that exists, a missing root is most likely a disk not mounted (the daemon
+    waits for it): exit 1 as for a sync, naming the config's `root` as the other suspect."""
+    a = _broken(tmp_path, GOOD.replace('root = "{root}"', 'root = "/does/not/exist"'))
+    proc = a("scan", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "/does/not/exist is not there" in proc.stderr and "unmounted disk" in proc.stderr
+    assert f"`root` in {a.config}" in proc.stderr
 
 
 def test_missing_config_and_unreadable_key(tmp_path):

@@ -131,7 +131,7 @@ def test_unwatched_directories_are_rescanned_every_minute(tmp_path: Path) -> Non
 # -- counts for status: a pass over every record, so at most once a COUNTS_EVERY -----------------
 
 
-def test_status_counts_every_change_once_in_sync_and_once_a_second_before(
+def test_status_counts_every_change_once_nothing_is_coming_and_once_a_second_before(
     make_node, monkeypatch
 ) -> None:
     node, clock, _ = make_node(0)
@@ -144,7 +144,7 @@ def test_status_counts_every_change_once_in_sync_and_once_a_second_before(
     idle = node._timeout()
     # While a peer's records are still coming in, commits (one a batch) are counted at most
     # once a second...
-    peer = {"name": "b", "connected": True, "in_sync": False}
+    peer = {"name": "b", "connected": True, "in_sync": False, "need_files": 5}
     monkeypatch.setattr(node, "_peer_status", lambda: [peer])
     clock.now += COUNTS_EVERY
     (root / "two").write_text("2\n")
@@ -162,12 +162,13 @@ def test_status_counts_every_change_once_in_sync_and_once_a_second_before(
     node.step(0)
     assert node.snapshot["local"]["files"] == 3
     assert node._timeout() == idle  # nothing left to count: idle polls are as long as before
-    # ...and once in sync, the last change is counted at once.
+    # ...and once nothing more is on its way here, the last change is counted at once (the
+    # peer need not be in sync: it may still be taking what this replica relays).
     (root / "four").write_text("4\n")
     node.full_scan()
     node.publish()
     assert node.snapshot["local"]["files"] == 3
-    peer["in_sync"] = True
+    peer["need_files"] = 0
     node.publish()
     assert node.snapshot["local"]["files"] == 4
 
