@@ -341,7 +341,7 @@ def test_a_refused_uid_is_told_why_every_time(reachable_by_nobody):
 
 
 # -- 5. config mistakes, as `repld run` and `repld status` meet them -------------------------------
-# test_cli.py covers unknown keys, a bad listen endpoint, a missing root, a bad conflict_policy and
+# test_cli.py covers unknown keys, a bad listen endpoint, a bad conflict_policy and
 # a missing key (through `repld id`, which loads the config the same way); what it does not cover:
 
 PEER = "\n[[peer]]\nname = 'b'\nendpoint = '{endpoint}'\npublic_key = '{key}'\n"
