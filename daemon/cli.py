@@ -251,12 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
         "by a directory; with keep_versions = \"all\" also a newer version written over it), "
         "the file is kept in STATE/versions/ under its path, with the time in its name, for "
         "keep_versions_days (30 by default). This lists them, newest first, with where each "
-        "is. To restore one, copy it back into the tree: the next scan records it as an edit "
-        "and every replica gets it. Nothing of this replica's own changes is kept: those were "
+        "is. --restore copies the newest version of each PATH back to its place (never over "
+        "anything there), or copy one by hand: the next scan records it as an edit and every "
+        "replica gets it. Nothing of this replica's own changes is kept: those were "
         "yours to make here.",
     )
     c.add_argument("paths", nargs="*", metavar="PATH",
                    help="only versions of this file, or of files under this directory")  # fmt: skip
+    c.add_argument("--restore", action="store_true",
+                   help="copy the newest version of each PATH (of each file under a "
+                        "directory PATH) back to its place, where nothing is now")  # fmt: skip
     c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     cmd("dump", "print the database as text, one escaped line per record")
@@ -1074,7 +1078,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
     cfg = configmod.load(args.config, need_root=False)
     unders = _tree_paths(cfg.root, args.paths) or [""]
     found = {v.file: v for u in unders for v in versions(cfg.versions_dir, u)}
-    rows = sorted(found.values(), key=lambda v: (-v.kept, v.path))
+    rows = sorted(found.values(), key=lambda v: (-v.kept, -v.n, v.path))
+    if args.restore:
+        return _restore_versions(cfg, args, rows)
     if args.json:
         _print_json([{"path": v.path, "kept": iso_time(int(v.kept * 1e9)), "size": v.size,
                       "file": str(v.file)} for v in rows])  # fmt: skip
@@ -1087,9 +1093,36 @@ def cmd_versions(args: argparse.Namespace) -> int:
     for v in rows:
         print(f"{iso_time(int(v.kept * 1e9))}  {_human(v.size):>10}  {escape(v.path)}\n"
               f"    {escape(str(v.file))}")  # fmt: skip
-    print(f"{len(rows)} version(s); restore one by copying it back into the tree, e.g. "
-          f"cp -p {shlex.quote(str(rows[0].file))} {shlex.quote(str(cfg.root / rows[0].path))}")  # fmt: skip
+    print(f"{len(rows)} version(s); `repld versions PATH --restore` puts the newest of PATH "
+          f"back, or copy one: cp -p {shlex.quote(str(rows[0].file))} "
+          f"{shlex.quote(str(cfg.root / rows[0].path))}")  # fmt: skip
     return 0
+
+
+def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list[Any]) -> int:
+    from .versions import restore
+
+    if not args.paths:
+        raise UsageError("--restore needs the PATH of a file or directory to restore (every "
+                         "version at once is rarely what is meant)")  # fmt: skip
+    if not rows:
+        raise UsageError(f"no versions of {', '.join(args.paths)} kept in {cfg.versions_dir}")
+    if not cfg.root.is_dir():
+        raise ReplError(f"the root {cfg.root} is not there; nothing restored")
+    done, skipped = restore(cfg.root, rows)
+    for v in done:
+        print(f"restored {escape(v.path)} (kept {iso_time(int(v.kept * 1e9))})")
+    for path, why in skipped:
+        print(f"not restored: {escape(path)}: {why}", file=sys.stderr)
+    if done:
+        try:
+            control.request(cfg, "status", timeout=2.0)
+            print(f"{len(done)} file(s) back in the tree; the running daemon records them and "
+                  "sends them to its peers")  # fmt: skip
+        except DaemonNotRunning:
+            print(f"{len(done)} file(s) back in the tree; `repld scan` records them (or the next "
+                  "sync)")  # fmt: skip
+    return 1 if skipped else 0
 
 
 def cmd_dump(args: argparse.Namespace) -> int:

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import ReplError
+from ..protocol.record import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
 
 STAMP = "%Y%m%d-%H%M%S"
 # NAME~STAMP[-N]EXT, from the name NAME + EXT a file had in the tree.
-_NAME_RE = re.compile(r"^(?P<stem>.+)~(?P<stamp>\d{8}-\d{6})(?:-\d+)?(?P<ext>\.[^.]*)?$")
+_NAME_RE = re.compile(r"^(?P<stem>.+)~(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?(?P<ext>\.[^.]*)?$")
 
 
 class Keep(enum.Enum):
@@ -53,6 +54,11 @@ class Version:
     kept: float  # when it was kept (local time, from its name), seconds since the epoch
     size: int
     file: Path  # where it is
+    n: int = 0  # of the versions of one path kept in the same second, which (0 first)
+
+    @property
+    def order(self) -> tuple[float, int]:
+        return self.kept, self.n
 
 
 def version_name(name: str, when: float) -> str:
@@ -146,7 +152,57 @@ def versions(where: Path, under: str = "") -> Iterator[Version]:
                 size = os.lstat(os.path.join(dirpath, f)).st_size
             except (ValueError, OSError):
                 continue
-            yield Version(path, kept, size, Path(dirpath) / f)
+            yield Version(path, kept, size, Path(dirpath) / f, int(m["n"] or 0))
+
+
+def restore(root: Path, kept: list[Version]) -> tuple[list[Version], list[tuple[str, str]]]:
+    """Copy the newest of ``kept`` for each path back to that path in the tree (content, mode
+    and mtime; a copy, so that an edit of it leaves the version as it was), where nothing is
+    now. Returns what was restored, and (path, why) for each path that was not."""
+    newest: dict[str, Version] = {}
+    for v in kept:
+        if v.path not in newest or v.order > newest[v.path].order:
+            newest[v.path] = v
+    done: list[Version] = []
+    skipped: list[tuple[str, str]] = []
+    for path in sorted(newest):
+        v = newest[path]
+        target = root / path
+        try:
+            if os.path.lexists(target):
+                skipped.append((path, "something is there now; copy the version elsewhere "
+                                      f"if you want it: {v.file}"))  # fmt: skip
+                continue
+            _real_dirs(root, path)
+            tmp = target.parent / f"{TEMP_PREFIX}restore-{os.urandom(4).hex()}"
+            shutil.copy2(v.file, tmp, follow_symlinks=False)
+            try:
+                os.link(tmp, target, follow_symlinks=False)  # fails if anything came meanwhile
+            finally:
+                tmp.unlink()
+        except FileExistsError:
+            skipped.append((path, "something is there now"))
+            continue
+        except (OSError, VersionError) as e:
+            skipped.append((path, str(e) if isinstance(e, VersionError) else e.strerror or str(e)))
+            continue
+        done.append(v)
+    return done, skipped
+
+
+def _real_dirs(root: Path, path: str) -> None:
+    """Make the directories above ``path`` in the tree; none of them may be a symlink (a restore
+    must not write outside the tree)."""
+    cur = root
+    for part in path.split("/")[:-1]:
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            os.mkdir(cur)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise VersionError(f"{cur} is not a directory now")
 
 
 def expire(where: Path, days: int, now: float | None = None) -> int:

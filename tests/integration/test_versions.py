@@ -121,3 +121,47 @@ def test_bad_keep_versions_settings_are_config_errors(tmp_path):
     set_option(a, "keep_versions_days = 0")
     proc = a("versions", check=False)
     assert proc.returncode == 2 and "keep_versions_days" in proc.stderr
+
+
+def test_restore_puts_the_newest_version_back_where_nothing_is(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "docs" / "old").mkdir(parents=True)
+    (a.root / "docs" / "plan.txt").write_text("plan v1\n")
+    (a.root / "docs" / "old" / "draft.txt").write_text("draft\n")
+    (a.root / "docs" / "old" / "draft.txt").chmod(0o600)
+    (a.root / "top.txt").write_text("top\n")
+    a.sync(b)
+    (a.root / "docs" / "plan.txt").unlink()
+    a.sync(b)
+    (a.root / "docs" / "plan.txt").write_text("plan v2\n")
+    a.sync(b)
+    (a.root / "docs" / "plan.txt").unlink()
+    shutil.rmtree(a.root / "docs" / "old")
+    (a.root / "top.txt").unlink()
+    a.sync(b)
+    assert not (b.root / "docs" / "old").exists()
+    assert sorted(v["path"] for v in versions(b)) == [
+        "docs/old/draft.txt", "docs/plan.txt", "docs/plan.txt", "top.txt"]
+
+    # Something at the name is never replaced: that path is skipped, and said.
+    (b.root / "top.txt").write_text("new top\n")
+    proc = b("versions", "top.txt", "--restore", check=False)
+    assert proc.returncode == 1 and "not restored: top.txt: something is there now" in proc.stderr
+    assert (b.root / "top.txt").read_text() == "new top\n"
+
+    out = b("versions", "docs", "--restore").stdout
+    assert "restored docs/plan.txt" in out and "restored docs/old/draft.txt" in out
+    assert "`repld scan` records them" in out
+    assert (b.root / "docs" / "plan.txt").read_text() == "plan v2\n"  # the newest
+    draft = b.root / "docs" / "old" / "draft.txt"
+    assert draft.read_text() == "draft\n" and draft.stat().st_mode & 0o777 == 0o600
+    draft.write_text("edited after the restore\n")  # a copy: the version stays as it was
+    kept = [v for v in versions(b, "docs/old") if v["path"] == "docs/old/draft.txt"]
+    assert Path(kept[0]["file"]).read_text() == "draft\n"
+    assert not [p for p in (b.root / "docs").rglob("*") if p.name.startswith(".repld-tmp")]
+    b.sync(a)
+    assert (a.root / "docs" / "plan.txt").read_text() == "plan v2\n"
+    assert (a.root / "docs" / "old" / "draft.txt").read_text() == "edited after the restore\n"
+
+    assert b("versions", "--restore", check=False).returncode == 2  # which PATH?
+    assert b("versions", "nothing", "--restore", check=False).returncode == 2
