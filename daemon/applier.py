@@ -1039,7 +1039,7 @@ class Applier:
         if step.expected is not None and not step.expected.deleted:
             self._check(step.path, step.expected)
             if self._keeper is not None:
-                self._keeper.rewriting(step.path)
+                self._keeper.replacing(step.path, step.record.kind is Kind.FILE)
             os.rename(tmp, target)
             return
         try:
@@ -1052,7 +1052,7 @@ class Applier:
             # A file system without hard links: look, then rename (a rename replaces).
             self._check(step.path, step.expected)
             if self._keeper is not None:
-                self._keeper.rewriting(step.path)
+                self._keeper.replacing(step.path, step.record.kind is Kind.FILE)
             os.rename(tmp, target)
             return
         os.unlink(tmp)
@@ -1150,6 +1150,15 @@ class Applier:
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
+                below = f"{path}/"
+                failed = [(p, why) for p, why in self.stats.errors if p.startswith(below)]
+                if failed:
+                    # Not files the deleter did not know: files whose removal failed here (the
+                    # next try removes them, then the directory). Kept as new, the directory
+                    # would come back on every replica.
+                    raise ReplError(f"left as it is: {len(failed)} path(s) in it could not be "
+                                    f"removed (the first: {failed[0][0]}: {failed[0][1]})"
+                                    ) from None  # fmt: skip
                 self._keep_dir(step, st)
                 return
         elif st is not None:

@@ -452,9 +452,11 @@ class Node:
         os.close(self._wake_w)
 
     def reload(self, cfg: configmod.Config) -> None:
-        """Take new peers and ignore rules from a reloaded config without a restart."""
+        """Take new peers, ignore rules and versioning from a reloaded config without a
+        restart."""
         self.cfg = cfg
         self.rep.cfg = cfg
+        self._keeper = keeper_for(cfg.root, cfg.versions_dir, cfg.keep_versions)
         self.keycheck.keys = frozenset(p.public_key.encode() for p in cfg.peers)
         wanted = {p.name: p for p in cfg.peers}
         for link in list(self.links):

@@ -1,7 +1,8 @@
 """`repld run` and the network side of `repld sync PEER`: starting, running and stopping a Node.
 
 ``run`` is the daemon: it takes the replica's lock, opens the control socket, scans, then loops
-until SIGTERM or SIGINT; SIGHUP reloads the config (peers, ignore rules) without a restart.
+until SIGTERM or SIGINT; SIGHUP reloads the config (peers, ignore rules, versioning) without a
+restart.
 ``sync_with_peer`` is one exchange with one configured peer, then exit: the same engine, with
 no listener and no watcher, stopping once both sides hold each other's records.
 """

@@ -16,6 +16,7 @@ back into the tree, which the next scan records as any edit.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -35,7 +36,12 @@ log = logging.getLogger(__name__)
 
 STAMP = "%Y%m%d-%H%M%S"
 # NAME~STAMP[-N]EXT, from the name NAME + EXT a file had in the tree.
-_NAME_RE = re.compile(r"^(?P<stem>.+)~(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?(?P<ext>\.[^.]*)?$")
+# An extension is kept last (report~STAMP.odt opens as the .odt it is) only when it looks like
+# one: a name such as settings.conf~20240101-120000 keeps its whole name before the stamp.
+_EXT_RE = re.compile(r"^\.[A-Za-z0-9_+]{1,16}$")
+_NAME_RE = re.compile(
+    r"^(?P<stem>.+)~(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?(?P<ext>\.[A-Za-z0-9_+]{1,16})?$"
+)
 
 
 class Keep(enum.Enum):
@@ -63,6 +69,8 @@ class Version:
 
 def version_name(name: str, when: float) -> str:
     stem, ext = os.path.splitext(name)
+    if not _EXT_RE.match(ext):
+        stem, ext = name, ""
     return f"{stem}~{time.strftime(STAMP, time.localtime(when))}{ext}"
 
 
@@ -81,15 +89,18 @@ class Keeper:
         if self.keep is not Keep.OFF and stat.S_ISREG(st.st_mode):
             self._keep(path)
 
-    def rewriting(self, path: str) -> None:
-        """``path`` is about to get new content (the old is the file there now, if any)."""
-        if self.keep is Keep.ALL:
-            try:
-                st = os.lstat(os.path.join(self.root, path))
-            except FileNotFoundError:
-                return
-            if stat.S_ISREG(st.st_mode):
-                self._keep(path)
+    def replacing(self, path: str, new_is_file: bool) -> None:
+        """What is at ``path`` is about to be replaced: by a file's new content (kept with
+        "all"), or by a symlink (the file's content then leaves the tree: kept with "deleted"
+        too, as `ln -sf` over a dotfile by a dotfile manager on another machine)."""
+        if self.keep is Keep.OFF or (new_is_file and self.keep is not Keep.ALL):
+            return
+        try:
+            st = os.lstat(os.path.join(self.root, path))
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(st.st_mode):
+            self._keep(path)
 
     def _keep(self, path: str) -> None:
         source = os.path.join(self.root, path)
@@ -108,17 +119,28 @@ class Keeper:
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    if target.exists():
+                    if os.path.lexists(target):
                         continue
-                    shutil.copy2(source, target, follow_symlinks=False)  # another file system
+                    try:
+                        shutil.copy2(source, target, follow_symlinks=False)  # another file system
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.unlink(target)  # no half copy passes for a version
+                        raise
                     break
             else:
                 raise OSError(errno.EEXIST, f"too many versions of it kept this second in {folder}")
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix = "make room there"
+            elif e.errno in (errno.ENOTDIR, errno.EEXIST) and not self.where.is_dir():
+                fix = f"{self.where} must be a directory (something else is there)"
+            else:
+                fix = "check that this replica's user can write there"
             raise VersionError(
-                f"{path}: its current content could not be kept in {self.where} before the "
-                f"change ({e.strerror or e}); left as it is. Make room there, or set "
-                "keep_versions = \"off\" in the config"
+                f"its current content could not be kept in {self.where} before the change "
+                f"({e.strerror or e}); left as it is: {fix}, or set keep_versions = \"off\" in "
+                "the config"
             ) from None
         self.kept += 1
 
@@ -128,8 +150,9 @@ def keeper_for(root: Path, where: Path, keep: Keep) -> Keeper | None:
 
 
 def _numbered(base: str, n: int) -> str:
-    stem, ext = os.path.splitext(base)
-    return f"{stem}-{n}{ext}"
+    m = _NAME_RE.match(base)
+    assert m is not None
+    return f"{m['stem']}~{m['stamp']}-{n}{m['ext'] or ''}"
 
 
 def versions(where: Path, under: str = "") -> Iterator[Version]:
@@ -149,10 +172,10 @@ def versions(where: Path, under: str = "") -> Iterator[Version]:
                 continue
             try:
                 kept = time.mktime(time.strptime(m["stamp"], STAMP))
-                size = os.lstat(os.path.join(dirpath, f)).st_size
+                st = os.lstat(os.path.join(dirpath, f))
             except (ValueError, OSError):
                 continue
-            yield Version(path, kept, size, Path(dirpath) / f, int(m["n"] or 0))
+            yield Version(path, kept, st.st_size, Path(dirpath) / f, int(m["n"] or 0))
 
 
 def restore(root: Path, kept: list[Version]) -> tuple[list[Version], list[tuple[str, str]]]:

@@ -1,9 +1,11 @@
 """Shared test configuration: hypothesis profiles (REPLD_HYPOTHESIS_PROFILE=nightly for long runs)."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent / "integration"))
@@ -38,3 +40,19 @@ def pytest_configure(config):  # type: ignore[no-untyped-def]
         "markers",
         "property: hypothesis stateful property tests (REPLD_HYPOTHESIS_PROFILE=nightly: long run)",
     )
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs (root only), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    at = tmp_path / "small"
+    at.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(at)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=False)

@@ -120,3 +120,4 @@ def files_bytes(root: Path) -> dict[str, bytes]:
 
 def conflict_copies(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.conflict-*"))
+

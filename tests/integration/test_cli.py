@@ -332,23 +332,6 @@ def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
     assert proc.stderr == ""
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 4 MiB tmpfs (root only), unmounted at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    at = tmp_path / "small"
-    at.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(at)],
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield at
-    finally:
-        subprocess.run(["umount", "-l", str(at)], check=False)
-
-
 def test_a_full_state_directory_is_an_error_that_the_next_sync_repairs(tmp_path, small_tmpfs):
     (h,) = make_replicas(tmp_path, "h")
     # u2's state (its database) on the small file system, its tree elsewhere.

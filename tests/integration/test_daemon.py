@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -731,3 +732,25 @@ def test_a_mistake_in_the_config_does_not_cut_the_user_off_from_the_running_daem
     proc = a("status", check=False)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr
     a.config.write_text(text)
+
+
+def test_versioning_follows_a_reloaded_config(cluster):
+    """keep_versions changed and SIGHUP: the next deletion follows the new setting (the old
+    one stayed until a restart)."""
+    a, b = cluster.make("a", "b")
+    text = b.config.read_text()
+    b.config.write_text(text.replace('keep_versions = "deleted"', 'keep_versions = "off"'))
+    for name in ("one.txt", "two.txt"):
+        (a.root / name).write_text(f"{name}\n")
+    cluster.start()
+    cluster.wait_converged(what="two files")
+    (a.root / "one.txt").unlink()
+    cluster.wait_converged(what="one deletion")
+    assert json.loads(b("versions", "--json").stdout) == []
+    b.config.write_text(text)  # keep_versions = "deleted" again
+    mark = b.log.stat().st_size
+    b.proc.send_signal(signal.SIGHUP)
+    cluster.wait_until(lambda: "config reloaded" in b.log.read_text()[mark:], what="b to reload")
+    (a.root / "two.txt").unlink()
+    cluster.wait_converged(what="another deletion")
+    assert [v["path"] for v in json.loads(b("versions", "--json").stdout)] == ["two.txt"]

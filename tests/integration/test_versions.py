@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+import pytest
 from helpers import Rep, make_replicas, snapshot
-from repld.daemon.versions import STAMP
+from repld.daemon.versions import _NAME_RE, STAMP, _numbered, version_name
 
 
 def versions(rep: Rep, *paths: str) -> list[dict]:
@@ -97,19 +99,91 @@ def test_versions_older_than_the_configured_days_are_deleted(tmp_path):
 def test_a_deletion_whose_file_cannot_be_kept_is_not_made(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "precious.txt").write_text("precious\n")
+    (a.root / "pd" / "sub").mkdir(parents=True)
+    (a.root / "pd" / "sub" / "p1").write_text("p1\n")
+    (a.root / "pd" / "p2").write_text("p2\n")
     a.sync(b)
     (b.state / "versions").write_text("a file where the versions folder goes\n")
     (a.root / "precious.txt").unlink()
+    shutil.rmtree(a.root / "pd")
     proc = a.sync(b, check=False)
     assert proc.returncode == 1
     assert "precious.txt: its current content could not be kept in" in proc.stderr
+    assert "must be a directory (something else is there)" in proc.stderr
     assert 'keep_versions = "off"' in proc.stderr
     assert (b.root / "precious.txt").read_text() == "precious\n"
-    # Once the way is clear, the next sync makes the deletion, and keeps the file.
+    assert (b.root / "pd" / "sub" / "p1").read_text() == "p1\n"
+    # The directories that still hold those files are not "kept as new": they would come
+    # back on the replica that deleted them.
+    assert "kept, it still holds files" not in proc.stderr
+    a.sync(b, check=False)
+    assert not (a.root / "pd").exists()
+    # Once the way is clear, the next sync makes the deletions, and keeps the files.
     (b.state / "versions").unlink()
     a.sync(b)
-    assert not (b.root / "precious.txt").exists()
-    assert [v["path"] for v in versions(b)] == ["precious.txt"]
+    assert not (b.root / "precious.txt").exists() and not (b.root / "pd").exists()
+    assert not (a.root / "pd").exists()
+    assert sorted(v["path"] for v in versions(b)) == ["pd/p2", "pd/sub/p1", "precious.txt"]
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_a_file_replaced_by_a_symlink_is_kept(tmp_path):
+    """A dotfile manager on another machine makes ~/.bashrc a symlink: its content leaves
+    the tree here, as with a deletion."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / ".bashrc").write_text("my settings\n")
+    a.sync(b)
+    (a.root / ".bashrc").unlink()
+    (a.root / ".bashrc").symlink_to("dotfiles/bashrc")
+    a.sync(b)
+    assert os.readlink(b.root / ".bashrc") == "dotfiles/bashrc"
+    (kept,) = versions(b)
+    assert kept["path"] == ".bashrc" and Path(kept["file"]).read_text() == "my settings\n"
+
+
+def test_a_name_that_looks_like_a_version_keeps_its_own_time(tmp_path):
+    """settings.conf~20240101-120000 (a rotated file): its version must read back as that
+    path, kept now, and outlive the next expiry (it read as kept in 2024, and was deleted)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    name = "settings.conf~20240101-120000"
+    (a.root / name).write_text("only copy\n")
+    a.sync(b)
+    (a.root / name).unlink()
+    set_option(b, "keep_versions_days = 2")
+    a.sync(b)
+    b.sync(a)  # expires what is older than 2 days
+    (kept,) = versions(b)
+    assert kept["path"] == name and kept["kept"].startswith(time.strftime("%Y-%m-%d"))
+    assert Path(kept["file"]).read_text() == "only copy\n"
+
+
+@pytest.mark.parametrize("name", [
+    "report.odt", ".bashrc", "Makefile", "archive.tar.gz", "a b.txt", "settings.conf~20240101-120000",
+    "v~20261122-150003.txt", "x~20261122-150003-1", "notes.txt-1", "weird.ext~", "dots...",
+])
+def test_version_names_read_back_as_the_path_and_time_they_were_kept_at(name):
+    when = time.mktime(time.strptime("20261122-150003", STAMP))
+    (v,) = [m for m in [_NAME_RE.match(version_name(name, when))] if m]
+    assert f"{v['stem']}{v['ext'] or ''}" == name
+    assert v["stamp"] == "20261122-150003" and v["n"] is None
+    assert _NAME_RE.match(_numbered(version_name(name, when), 2))["n"] == "2"
+
+
+def test_a_version_copied_to_a_full_disk_leaves_no_half_copy(tmp_path, small_tmpfs):
+    """State on another (small) file system: versions are copies there, and one that does not
+    fit is no version at all; the deletion waits, saying to make room."""
+    (a,) = make_replicas(tmp_path, "a")
+    u = Rep("u", tmp_path / "u", tmp_path / "u.toml")
+    u.root.mkdir()
+    u("init", u.root, "--name", "u", "--state", small_tmpfs / "u.state", "--tree-id", a.tree_id())
+    (a.root / "big.bin").write_bytes(os.urandom(6 << 20))  # more than the 4 MiB there
+    a.sync(u)
+    (a.root / "big.bin").unlink()
+    proc = a.sync(u, check=False)
+    assert proc.returncode == 1 and "make room there" in proc.stderr
+    assert (u.root / "big.bin").stat().st_size == 6 << 20
+    assert versions(u) == []
+    assert not [p for p in (small_tmpfs / "u.state" / "versions").rglob("*") if p.is_file()]
 
 
 def test_bad_keep_versions_settings_are_config_errors(tmp_path):
