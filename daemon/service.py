@@ -232,12 +232,17 @@ def sync_with_peer(
 CONNECT_WAIT = 10.0  # seconds a running daemon is given to reach the peer for `repld sync PEER`
 
 
+ERROR_WAIT = 10.0  # seconds of failing paths and no progress before `sync PEER` reports them
+
+
 def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerSyncReport:
     """The daemon does the exchange; wait until it says it is in sync with the peer. The
     report's transfer counts are what this exchange moved (the daemon's counters run on)."""
     start = time.monotonic()
     deadline = start + timeout
     before = control_request(cfg, "status")["status"].get("transfer", {})
+    stuck: tuple[object, ...] | None = None  # what was still needed, with errors listed, and since
+    stuck_since = start
     while True:
         status = control_request(cfg, "status")["status"]
         if status["state"] == "paused":
@@ -253,6 +258,14 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
             }
             return PeerSyncReport(status=status, errors=status["errors"])
         now = time.monotonic()
+        errors = [e for e in status["errors"] if e["path"]]
+        state = (peer["need_files"], peer["need_bytes"], tuple(e["path"] for e in errors))
+        if not errors or state != stuck:
+            stuck, stuck_since = state, now
+        elif peer["connected"] and now - stuck_since > ERROR_WAIT:
+            # Paths that fail every try, and nothing else moving: say so rather than wait on.
+            # (The daemon tries them again every 10 s; `repld status` shows them meanwhile.)
+            return PeerSyncReport(status=status, errors=errors)
         if not peer["connected"] and now - start > CONNECT_WAIT:
             if peer.get("error"):
                 # It answered, and refused or was refused: the reason, not a network guess.

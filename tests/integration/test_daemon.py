@@ -754,3 +754,20 @@ def test_versioning_follows_a_reloaded_config(cluster):
     (a.root / "two.txt").unlink()
     cluster.wait_converged(what="another deletion")
     assert [v["path"] for v in json.loads(b("versions", "--json").stdout)] == ["two.txt"]
+
+
+def test_sync_through_the_daemon_reports_a_path_that_keeps_failing(cluster):
+    """`repld sync PEER` beside a running daemon waited for in_sync (up to an hour), silently,
+    while a path failed at every try: it reports the failure and exits 1."""
+    a, b = cluster.make("a", "b")
+    (a.root / "precious.txt").write_text("precious\n")
+    cluster.start()
+    cluster.wait_converged(what="one file")
+    (b.state / "versions").write_text("not a folder\n")  # b cannot keep what it would delete
+    (a.root / "precious.txt").unlink()
+    proc = run("--config", b.config, "sync", "a", check=False, timeout=60)
+    assert proc.returncode == 1, proc
+    assert "error: precious.txt: its current content could not be kept" in proc.stderr
+    assert (b.root / "precious.txt").exists()
+    (b.state / "versions").unlink()
+    cluster.wait_converged(what="the deletion, once b can keep the file")
