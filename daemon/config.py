@@ -210,12 +210,23 @@ def where_the_daemon_is(path: Path | None = None) -> tuple[Config, ConfigError |
         error = e
     path = path or default_config_path()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        state = Path(str(data["state"])).expanduser()
-        control = data.get("control_socket")
-        control = Path(str(control)).expanduser() if isinstance(control, str) else None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError):
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         raise error from None
+    try:
+        data: dict[str, object] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        # A syntax error elsewhere in the file: the lines that say where the state is.
+        data = {}
+        for key in ("state", "control_socket", "root", "name"):
+            m = re.search(rf'^\s*{key}\s*=\s*"([^"\\]*)"\s*(#.*)?$', text, re.MULTILINE)
+            if m:
+                data[key] = m.group(1)
+    if not isinstance(data.get("state"), str):
+        raise error
+    state = Path(str(data["state"])).expanduser()
+    control = data.get("control_socket")
+    control = Path(str(control)).expanduser() if isinstance(control, str) else None
     if not state.is_absolute() or (control is not None and not control.is_absolute()):
         raise error
     root = data.get("root")

@@ -727,7 +727,11 @@ def test_a_mistake_in_the_config_does_not_cut_the_user_off_from_the_running_daem
     # Commands that need the config itself still refuse it, with the file and key.
     proc = a("scan", check=False)
     assert proc.returncode == 2 and "conflict_policy" in proc.stderr
-    # Even the state directory unreadable: the error, as before.
+    # A syntax error elsewhere in the file: the state directory is still found.
+    a.config.write_text(text.replace("scan_interval = 3600", "scan_interval = 36OO"))
+    proc = a("status")
+    assert "idle" in proc.stdout and "not valid TOML" in proc.stderr
+    # No state directory to be found: the error, as before.
     a.config.write_text("this is [not toml\n")
     proc = a("status", check=False)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr
