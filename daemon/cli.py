@@ -580,7 +580,9 @@ def format_status(st: dict[str, Any]) -> str:
         f"  local: {loc['files']} files, {loc['dirs']} directories, {_human(loc['bytes'])}, "
         f"sequence {loc['sequence']}",
     ]
-    if not st.get("watching", True):
+    if not st.get("watching", True) and st["state"] == "error" and control.replica_error(st):
+        lines.append("  watching: off until the root is back (see the error below)")
+    elif not st.get("watching", True):
         lines.append("  watching: off (inotify unavailable or its limit reached): periodic full scans")
     elif st.get("unwatched_dirs"):
         lines.append(
@@ -736,8 +738,8 @@ def _sync_peer(args: argparse.Namespace) -> int:
         if not args.push_only:
             print(
                 f"{me}: {t['files_written']} files written ({_human(t['bytes_written'])}, "
-                f"{_human(t['fetched_bytes'])} fetched), {t['conflicts_resolved']} conflicts "
-                "resolved"
+                f"{_human(t['fetched_bytes'])} fetched), {t.get('deleted', 0)} deleted, "
+                f"{t['conflicts_resolved']} conflicts resolved"
             )
         if report.sent is not None:
             print(f"{peer}: {report.sent} changes of ours sent and acknowledged (its daemon "
@@ -1087,12 +1089,16 @@ def cmd_versions(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         what = ", ".join(args.paths) if args.paths else "any file"
-        print(f"no versions of {what} kept in {cfg.versions_dir} (keep_versions = "
-              f"\"{cfg.keep_versions.value}\", for {cfg.keep_versions_days} days)")  # fmt: skip
+        how = ("off: none are kept" if cfg.keep_versions.value == "off"
+               else f"\"{cfg.keep_versions.value}\", for {cfg.keep_versions_days} days")  # fmt: skip
+        print(f"no versions of {what} kept in {cfg.versions_dir} (keep_versions {how})")
+        if cfg.versions_dir.exists() and not cfg.versions_dir.is_dir():
+            print(f"repld: warning: {cfg.versions_dir} is not a directory: no file can be kept "
+                  "there, and deletions from other replicas wait until it is", file=sys.stderr)  # fmt: skip
         return 0
     for v in rows:
         print(f"{iso_time(int(v.kept * 1e9))}  {_human(v.size):>10}  {escape(v.path)}\n"
-              f"    {escape(str(v.file))}")  # fmt: skip
+              f"    {shlex.quote(str(v.file))}")  # fmt: skip
     print(f"{len(rows)} version(s); `repld versions PATH --restore` puts the newest of PATH "
           f"back, or copy one: cp -p {shlex.quote(str(rows[0].file))} "
           f"{shlex.quote(str(cfg.root / rows[0].path))}")  # fmt: skip

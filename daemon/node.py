@@ -1534,6 +1534,7 @@ class Node:
             "unwatched_dirs": len(self.watcher.unwatched) if self.watcher is not None else 0,
             "transfer": {
                 "files_written": a.written,
+                "deleted": a.deleted,
                 "bytes_written": a.written_bytes,
                 "fetched_bytes": t.fetched_bytes,
                 "reused_bytes": t.reused_bytes,

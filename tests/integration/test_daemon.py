@@ -641,7 +641,7 @@ def test_one_shot_sync_with_a_running_peer(cluster):
     assert (b.root / "shared.txt").read_text() == "edited on a\n"
     assert (a.root / "new-on-b.txt").read_text() == "b\n"
     # Both directions reported, each under the replica that changed.
-    assert "a: 1 files written" in proc.stdout, proc.stdout
+    assert "a: 1 files written" in proc.stdout and "1 deleted" in proc.stdout, proc.stdout
     assert "b: 2 changes of ours sent and acknowledged" in proc.stdout, proc.stdout
     cluster.wait_converged(what="after the one-shot sync")
     again = a("sync", "b", "-n").stdout
