@@ -28,7 +28,6 @@ from .applier import ApplyStats
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
-from .prune import iso_time
 from .replica import (
     Replica,
     init,
@@ -39,7 +38,7 @@ from .replica import (
     rejoin,
 )
 from .scanner import ScanStats
-from .versions import expire
+from .versions import Version, expire
 
 log = logging.getLogger("repld")
 
@@ -248,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         "versions",
         "list the files another replica's change deleted or replaced here, kept for a while",
         "Before a change from another replica removes a file here (a deletion, a file replaced "
-        "by a directory; with keep_versions = \"all\" also a newer version written over it), "
+        "by a directory or a symlink; with keep_versions = \"all\" also a newer version written "
+        "over it), "
         "the file is kept in STATE/versions/ under its path, with the time in its name, for "
         "keep_versions_days (30 by default). This lists them, newest first, with where each "
         "is. --restore copies the newest version of each PATH back to its place (never over "
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt_time(ns: int) -> str:
-    return iso_time(ns) if ns else "-"
+    return control.iso_time(ns / 1e9) if ns else "-"
 
 
 def _human(n: float) -> str:
@@ -1084,7 +1084,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     if args.restore:
         return _restore_versions(cfg, args, rows)
     if args.json:
-        _print_json([{"path": v.path, "kept": iso_time(int(v.kept * 1e9)), "size": v.size,
+        _print_json([{"path": v.path, "kept": control.iso_time(v.kept), "size": v.size,
                       "file": str(v.file)} for v in rows])  # fmt: skip
         return 0
     if not rows:
@@ -1097,7 +1097,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                   "there, and deletions from other replicas wait until it is", file=sys.stderr)  # fmt: skip
         return 0
     for v in rows:
-        print(f"{iso_time(int(v.kept * 1e9))}  {_human(v.size):>10}  {escape(v.path)}\n"
+        print(f"{control.iso_time(v.kept)}  {_human(v.size):>10}  {escape(v.path)}\n"
               f"    {shlex.quote(str(v.file))}")  # fmt: skip
     print(f"{len(rows)} version(s); `repld versions PATH --restore` puts the newest of PATH "
           f"back, or copy one: cp -p {shlex.quote(str(rows[0].file))} "
@@ -1105,7 +1105,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list[Any]) -> int:
+def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list[Version]) -> int:
     from .versions import restore
 
     if not args.paths:
@@ -1117,7 +1117,7 @@ def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: lis
         raise ReplError(f"the root {cfg.root} is not there; nothing restored")
     done, skipped = restore(cfg.root, rows)
     for v in done:
-        print(f"restored {escape(v.path)} (kept {iso_time(int(v.kept * 1e9))})")
+        print(f"restored {escape(v.path)} (kept {control.iso_time(v.kept)})")
     for path, why in skipped:
         print(f"not restored: {escape(path)}: {why}", file=sys.stderr)
     if done:

@@ -11,6 +11,7 @@ command to the engine's queue, so it never touches the database.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import hashlib
 import json
@@ -167,6 +168,12 @@ class ControlServer:
 
 def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj).encode() + b"\n"
+
+
+def iso_time(wall: float) -> str:
+    """A time (seconds since the epoch) as status and reports show it: local ISO 8601 with its
+    offset, to the second."""
+    return dt.datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
 
 
 def replica_error(status: dict[str, Any]) -> str | None:

@@ -13,7 +13,6 @@ pages of records into applied steps, and keeps the status that ``repld status`` 
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import logging
 import os
@@ -50,6 +49,7 @@ from ..protocol.session import (
 )
 from . import config as configmod
 from .applier import Applier, ApplyStats
+from .control import iso_time
 from .errors import (
     ConfigError,
     DeletesDeferred,
@@ -169,11 +169,6 @@ class NodeStats:
     dry_steps: list[Step] = field(default_factory=list)
 
 
-def _iso(wall: float) -> str:
-    """A ``time.time()`` as local ISO 8601 with its offset, to the second."""
-    return dt.datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
-
-
 REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent ones)
 
 
@@ -212,7 +207,7 @@ class _KeyCheck:
         """The keys refused lately that are still no peer's key, most recent last."""
         with self._lock:
             items = list(self._refused.items())
-        return [{"key": k, "count": r.count, "last": _iso(r.last)} for k, r in items
+        return [{"key": k, "count": r.count, "last": iso_time(r.last)} for k, r in items
                 if k.encode() not in self.keys]  # fmt: skip
 
 
@@ -1572,7 +1567,7 @@ class Node:
                     "replica_id": rid,
                     "endpoint": p.endpoint,
                     "connected": s is not None,
-                    "last_seen": _iso(seen) if seen else None,
+                    "last_seen": iso_time(seen) if seen else None,
                     "need_files": need_files,
                     "need_bytes": need_bytes,
                     "peer_need_files": s.peer_need_files if s is not None else 0,

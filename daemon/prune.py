@@ -15,10 +15,10 @@ takes the replicas of a tree telling each other who they know, which is for a la
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import asdict, dataclass
 
 from ..protocol.version import VersionVector
+from .control import iso_time
 from .replica import Replica
 
 HOW_SYNCED = "synced"  # a daemon peer, a one-shot sync or a bundle: it acknowledged our records
@@ -55,15 +55,10 @@ class PruneReport:
             "tombstone_bytes": self.tombstone_bytes,
             "droppable": self.droppable,
             "replicas": [
-                asdict(h) | {"last_sync": iso_time(h.last_sync) if h.last_sync else None}
+                asdict(h) | {"last_sync": iso_time(h.last_sync / 1e9) if h.last_sync else None}
                 for h in self.holders
             ],
         }
-
-
-def iso_time(ns: int) -> str:
-    """A time in nanoseconds as local ISO 8601 with its offset, to the second."""
-    return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
 
 
 def prune_report(rep: Replica) -> PruneReport:

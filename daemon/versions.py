@@ -2,7 +2,8 @@
 
 A deletion made on one machine reaches every other within a second; so does a save over the
 wrong file. Before the applier removes a file for another replica's change (a deletion, a file
-replaced by a directory, or with ``keep_versions = "all"`` a newer version written over it), it
+replaced by a directory or a symlink, or with ``keep_versions = "all"`` a newer version written
+over it), it
 links the file into ``STATE/versions/`` under its path in the tree, with the time in its name:
 ``Documents/report~20261122-150003.odt``. A hard link costs no copy and no space until the tree's
 own name is gone (a state directory on another file system gets a copy instead). Changes made
@@ -10,8 +11,9 @@ on this machine are not versions: the file was this user's to change here.
 
 Versions are never replicated (the state directory never is) and are deleted once they are
 older than ``keep_versions_days``: by the daemon at its start and at each periodic scan, and by
-the one-shot commands that apply changes. ``repld versions`` lists them; restoring one is a copy
-back into the tree, which the next scan records as any edit.
+the one-shot commands that apply changes. ``repld versions`` lists them; restoring one
+(``restore``, ``repld versions PATH --restore``) is a copy back into the tree, which the next
+scan records as any edit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,12 +79,10 @@ def version_name(name: str, when: float) -> str:
 class Keeper:
     """Keeps the files an apply removes or rewrites, as ``keep`` says, under ``where``."""
 
-    def __init__(self, root: Path, where: Path, keep: Keep, clock: Callable[[], float] = time.time):
+    def __init__(self, root: Path, where: Path, keep: Keep):
         self.root = str(root)
         self.where = where
         self.keep = keep
-        self.clock = clock
-        self.kept = 0
 
     def removing(self, path: str, st: os.stat_result) -> None:
         """``path`` (a regular file of the tree, ``st`` its lstat) is about to leave the tree."""
@@ -106,7 +106,7 @@ class Keeper:
         source = os.path.join(self.root, path)
         parent, _, name = path.rpartition("/")
         folder = self.where / parent if parent else self.where
-        base = version_name(name, self.clock())
+        base = version_name(name, time.time())
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             for n in range(1000):
@@ -142,7 +142,6 @@ class Keeper:
                 f"({e.strerror or e}); left as it is: {fix}, or set keep_versions = \"off\" in "
                 "the config"
             ) from None
-        self.kept += 1
 
 
 def keeper_for(root: Path, where: Path, keep: Keep) -> Keeper | None:
@@ -206,8 +205,11 @@ def restore(root: Path, kept: list[Version]) -> tuple[list[Version], list[tuple[
         except FileExistsError:
             skipped.append((path, "something is there now"))
             continue
-        except (OSError, VersionError) as e:
-            skipped.append((path, str(e) if isinstance(e, VersionError) else e.strerror or str(e)))
+        except VersionError as e:
+            skipped.append((path, str(e)))
+            continue
+        except OSError as e:
+            skipped.append((path, e.strerror or str(e)))
             continue
         done.append(v)
     return done, skipped
