@@ -63,6 +63,11 @@ def test_a_daemon_started_while_its_root_is_missing_waits_for_it(tmp_path):
             lambda: (s := a.status()) and s["state"] == "error" and s, what="a to start, waiting"
         )
         assert any("is not there" in e["error"] for e in status["errors"])
+        assert status["watching"] is False
+        # The human view says why nothing is watched, and that it is not inotify's fault.
+        text = a("status").stdout
+        assert "watching: off until the root is back" in text and "is not there" in text
+        assert "inotify" not in text
         os.rename(aside, a.root)  # mounted
         cluster.wait_converged(what="a's tree reaching b once its root is there", timeout=40)
         assert snapshot(b.root) == snapshot(a.root)

@@ -116,6 +116,11 @@ def test_a_deletion_whose_file_cannot_be_kept_is_not_made(tmp_path):
     # The directories that still hold those files are not "kept as new": they would come
     # back on the replica that deleted them.
     assert "kept, it still holds files" not in proc.stderr
+    # Asked, `repld versions` says why there are none, and what waits on it.
+    listed = b("versions")
+    assert "no versions of any file kept" in listed.stdout
+    assert "is not a directory" in listed.stderr and "deletions from other replicas wait" \
+        in listed.stderr
     a.sync(b, check=False)
     assert not (a.root / "pd").exists()
     # Once the way is clear, the next sync makes the deletions, and keeps the files.
