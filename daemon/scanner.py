@@ -185,6 +185,8 @@ class Scanner:
         self._known_inos: set[int] | None = None  # None: not loaded (see _inodes)
         # Paths found gone, their tombstones not recorded yet (see _tombstone), in order.
         self._later: dict[str, Record] = {}
+        # Old paths of files found moved, tombstoned already in this scan (see _tombstone_now).
+        self._moved_away: set[str] = set()
         self._first_version = VersionVector().bump(self.me).encode()
         # What a path never recorded here is: new, or found at a join (see Action.ADOPT).
         self._create = Action.ADOPT if adopt else Action.CREATE
@@ -195,11 +197,12 @@ class Scanner:
         """Scan the whole tree, or only ``paths`` (and what is below them); one transaction."""
         self.stats = ScanStats()
         self._start_seq = self.store.seq
-        self._later = {}
+        self._later, self._moved_away = {}, set()
         try:
             self._scan(paths)
         finally:
             self._whole_walk, self._known_inos, self._later = False, None, {}
+            self._moved_away = set()
         return self.stats
 
     def _scan(self, paths: Iterable[str] | None) -> None:
@@ -568,9 +571,10 @@ class Scanner:
         return None
 
     def _gone(self, rec: Record) -> None:
-        if self.skip_deletes or rec.path in self._later:
+        if self.skip_deletes or rec.path in self._later or rec.path in self._moved_away:
             # (Found gone already in this scan: a path scan of `rm -rf d` gets every file of
-            # d, and each one finds d gone; its subtree is read once, not once a file.)
+            # d, and each one finds d gone; its subtree is read once, not once a file. Or the
+            # old path of a file moved to a name the walk met first: tombstoned then.)
             return
         if rec.kind is Kind.DIR:
             self._gone_subtree(rec.path)
@@ -606,6 +610,7 @@ class Scanner:
         if self.skip_deletes:
             return
         self._later.pop(path, None)
+        self._moved_away.add(path)
         rec = self.store.get(path)
         if rec is not None and not rec.deleted:
             self._deleted(rec)

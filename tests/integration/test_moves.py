@@ -121,6 +121,42 @@ def test_a_scan_records_each_old_path_right_after_its_move(tmp_path):
     ]
 
 
+def test_a_file_renamed_to_a_name_the_walk_meets_first_is_deleted_once(tmp_path):
+    """The walk finds the new name first, tombstones the old path then, and must not find the
+    old path gone a second time (two deletions: a wrong count, a spurious event in the log)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "zebra.txt").write_text("stripes\n")
+    (a.root / "yak.txt").write_text("wool\n")
+    a.sync(b)
+    (a.root / "zebra.txt").rename(a.root / "antelope.txt")  # before the old name
+    (a.root / "yak.txt").rename(a.root / "zz.txt")  # after it
+    out = a("scan", "-v").stdout
+    assert "a: 2 created, 0 updated, 2 deleted" in out
+    assert out.count("delete  zebra.txt") == 1 and out.count("delete  yak.txt") == 1
+    for old in ("zebra.txt", "yak.txt"):
+        log = a("log", old).stdout
+        assert log.count(" delete ") == 1, log
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert sorted(p.name for p in b.root.iterdir()) == ["antelope.txt", "zz.txt"]
+
+
+def test_notes_that_name_odd_paths_stay_on_one_line(tmp_path):
+    """`sync -v` and `log` print one line a step or event: the paths in their notes (moved
+    from, moved to) are escaped as the paths themselves are."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "two\nlines.txt").write_text("odd name\n")
+    a.sync(b)
+    (a.root / "two\nlines.txt").rename(a.root / "back\\slash.txt")
+    out = a.sync(b, "-v").stdout
+    assert "b <- write   back\\\\slash.txt  [moved from two\\nlines.txt]" in out, out
+    assert "b <- delete  two\\nlines.txt  [moved to back\\\\slash.txt]" in out, out
+    assert all(line.startswith(("scan a: ", "b <- ", "a: ", "b: ")) for line in out.splitlines())
+    log = b("log", "back\\slash.txt").stdout
+    assert "[moved from two\\nlines.txt]" in log and len(log.splitlines()) == 2, log
+    assert snapshot(a.root) == snapshot(b.root)
+
+
 def test_a_big_tree_moved_in_a_running_tree_is_renamed_on_the_peer(tmp_path):
     """More records than one page holds, and old paths that sort before the new ones: the
     peer still renames (at most a file per page boundary is copied, from its own disk)."""
