@@ -20,7 +20,7 @@ from typing import Any
 
 from ..protocol.errors import ReplError
 from ..protocol.plan import Op
-from ..protocol.record import check_path, escape, unescape
+from ..protocol.record import check_path, escape, escape_note, unescape
 from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
@@ -726,7 +726,7 @@ def _sync_peer(args: argparse.Namespace) -> int:
     me = report.status.get("name") or "this replica"
     peer = args.target
     for step in report.steps:
-        print(f"{me} <- {step.describe().replace(step.path, escape(step.path), 1)}")
+        print(f"{me} <- {step.describe()}")
     if args.dry_run:
         print(f"dry run: {len(report.steps)} actions planned here, nothing changed")
         if report.offered is not None:
@@ -777,7 +777,7 @@ def _print_sync(report: SyncReport, verbose: bool) -> None:
             if report.dry_run and not verbose and step.op is Op.RECORD:
                 quiet += 1
                 continue
-            print(f"{p.into} <- {step.describe().replace(step.path, escape(step.path), 1)}")
+            print(f"{p.into} <- {step.describe()}")
     if report.dry_run:
         n = sum(len(p.steps) for p in report.passes) - quiet
         also = (f" (and {quiet} records to take that change no file, such as deletions of "
@@ -823,7 +823,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     for r in rows:
         who = f"{short_id(r['origin'])}" + (f" ({r['origin_name']})" if r["origin_name"] else "")
         via = f" via {r['via']}" if r["via"] else ""
-        note = f"  [{r['note']}]" if r["note"] else ""
+        note = f"  [{escape_note(r['note'])}]" if r["note"] else ""
         content = f" {r['size']} B {r['sha256'][:8]}" if r["kind"] == "file" and r["action"] != "delete" else ""
         print(f"  #{r['seq']:<6} {r['time']}  {r['action']:6} by {who}#{r['origin_seq']}{via}"
               f"  {short_version(r['version'])}{content}{note}")  # fmt: skip
@@ -1266,7 +1266,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if report.dry_run and not args.verbose and step.op is Op.RECORD:
             quiet += 1
             continue
-        print(f"{rep.cfg.name} <- {step.describe().replace(step.path, escape(step.path), 1)}")
+        print(f"{rep.cfg.name} <- {step.describe()}")
     if report.dry_run:
         also = f" (and {quiet} records to take that change no file: -v lists them)" if quiet else ""
         print(f"dry run: {len(report.steps) - quiet} actions planned{also}, nothing changed")

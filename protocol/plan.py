@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .reconcile import Conflict, Policy, reconcile
-from .record import Kind, Record, conflict_original
+from .record import Kind, Record, conflict_original, escape, escape_note
 from .version import Order
 
 
@@ -48,13 +48,14 @@ class Step:
     source: str = ""  # where the peer holds the content, when not at ``path`` (conflict copies)
 
     def describe(self) -> str:
-        text = f"{self.op.value:7} {self.path}"
+        """One line: paths escaped (a name may hold a newline)."""
+        text = f"{self.op.value:7} {escape(self.path)}"
         if self.conflict is not None:
             c = self.conflict
-            kept = f", loser kept as {c.copy.path}" if c.copy else ", loser dropped"
+            kept = f", loser kept as {escape(c.copy.path)}" if c.copy else ", loser dropped"
             text += f"  [conflict: {c.winner.value} wins ({c.reason}){kept}]"
         elif self.note:
-            text += f"  [{self.note}]"
+            text += f"  [{escape_note(self.note)}]"
         return text
 
 

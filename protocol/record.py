@@ -262,6 +262,12 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
+def escape_note(text: str) -> str:
+    """One-line form of a sentence that names paths (a history note): escaped as names are,
+    but with its spaces left as spaces."""
+    return " ".join(map(escape, text.split(" ")))
+
+
 def unescape(token: str) -> str:
     out: list[str] = []
     i = 0
