@@ -50,8 +50,23 @@ from ..protocol.record import (
 )
 from ..protocol.version import Order, VersionVector
 from .copyproc import CopyProcess
-from .diskio import COPY_CHUNK, copy_hashed, open_regular, rename_noreplace, syncfs
-from .errors import ApplyStopped, ChangedOnDisk, FsError, ParentNotDir, ReplError, StoreError
+from .diskio import (
+    COPY_CHUNK,
+    copy_hashed,
+    open_regular,
+    rename_noreplace,
+    special_kind,
+    syncfs,
+)
+from .errors import (
+    ApplyStopped,
+    ChangedOnDisk,
+    FsError,
+    InTheWay,
+    ParentNotDir,
+    ReplError,
+    StoreError,
+)
 from .scanner import hash_file_stat
 from .store import Store
 from .versions import Keeper, VersionError
@@ -237,6 +252,7 @@ class Applier:
         self._moves_open = True
         self._moved: list[tuple[Step, Step, int]] = []  # (the new file, the removal, its inode)
         self._not_moved: list[Step] = []
+        self._replanned: set[str] = set()  # paths _changed planned again (once each)
         # ``fetch`` reads the files of a replica on this machine, at this root: new files are
         # copied by a second process once a few have been (see _copy_elsewhere).
         self._source_root = source_root
@@ -363,6 +379,12 @@ class Applier:
         if self.replan is None:
             self._error(step.path, str(e))
             return
+        if step.path in self._replanned:
+            # Planned again once in this apply, and changed under it again: the next apply
+            # tries again (each try here flushes, and would come back here: no end).
+            self._error(step.path, f"{e}; it will be synced next time")
+            return
+        self._replanned.add(step.path)
         self._flush()
         again_steps = self.replan(step)
         if not again_steps and step.source:
@@ -424,6 +446,8 @@ class Applier:
             st = os.lstat(self._p(path))
         except (FileNotFoundError, NotADirectoryError):
             st = None
+        if st is not None and (what := special_kind(st.st_mode)) is not None:
+            raise InTheWay(path, what)
         if expected is None or expected.deleted:
             if st is not None:
                 raise ChangedOnDisk(path, "something new is there")
@@ -988,6 +1012,9 @@ class Applier:
                 except ChangedOnDisk as e:
                     changed.append((p.step, e))
                     continue
+                except InTheWay as e:
+                    self._error(p.step.path, str(e))
+                    continue
                 except OSError as e:
                     self._error(p.step.path, str(FsError(p.step.path, e)))
                     continue
@@ -1007,7 +1034,7 @@ class Applier:
                     _unlink_quiet(p.tmp)
                     self._error(p.step.path, str(FsError(p.step.path, e)))
                     continue
-                except VersionError as e:
+                except (InTheWay, VersionError) as e:
                     _unlink_quiet(p.tmp)
                     self._error(p.step.path, str(e))
                     continue
@@ -1030,7 +1057,7 @@ class Applier:
             os.link(f"/proc/self/fd/{fd}", self._p(step.path), src_dir_fd=fd,
                     follow_symlinks=True)  # fmt: skip
         except FileExistsError:
-            raise ChangedOnDisk(step.path, "something new is there") from None
+            raise self._new_there(step.path) from None
 
     def _install(self, tmp: Path, step: Step) -> None:
         """Put the temp file in place. A file new here is linked to its name, which fails if
@@ -1045,7 +1072,7 @@ class Applier:
         try:
             os.link(tmp, target, follow_symlinks=False)
         except FileExistsError:
-            raise ChangedOnDisk(step.path, "something new is there") from None
+            raise self._new_there(step.path) from None
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
@@ -1056,6 +1083,17 @@ class Applier:
             os.rename(tmp, target)
             return
         os.unlink(tmp)
+
+    def _new_there(self, path: str) -> ReplError:
+        """What to raise when a name is taken by something new: a change to scan and plan
+        for again, or (a FIFO, a socket, a device) something to tell the user about."""
+        try:
+            what = special_kind(os.lstat(self._p(path)).st_mode)
+        except OSError:
+            what = None
+        if what is not None:
+            return InTheWay(path, what)
+        return ChangedOnDisk(path, "something new is there")
 
     def _discard_batches(self) -> None:
         """Let go of what was staged and not installed (after an exception)."""

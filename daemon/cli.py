@@ -763,6 +763,7 @@ def _applied(s: ApplyStats) -> str:
         "copies), " + (f"{s.moved} moved, " if s.moved else "")
         + f"{s.deleted} deleted, {s.recorded} other updates, {s.conflicts} conflicts"
         + (f", {s.kept_dirs} directories kept" if s.kept_dirs else "")
+        + (f", {len(s.errors)} failed (below)" if s.errors else "")
     )
 
 
@@ -786,8 +787,8 @@ def _print_sync(report: SyncReport, verbose: bool) -> None:
     else:
         for p in report.passes:
             print(f"{p.into}: {_applied(p.stats)}")
-    for path, err in report.errors:
-        print(f"error: {escape(path)}: {err}", file=sys.stderr)
+    for name, path, err in report.named_errors:
+        print(f"error: {name}: {escape(path)}: {err}", file=sys.stderr)
     _print_skipped([s for st in report.scans.values() for s in st.skipped])
 
 

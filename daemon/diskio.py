@@ -40,6 +40,13 @@ _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a de
           stat.S_IFBLK: "a device", stat.S_IFDIR: "a directory"}  # fmt: skip
 
 
+def special_kind(mode: int) -> str | None:
+    """What a FIFO, a socket or a device is called in a message; None for anything else."""
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return _KINDS[stat.S_IFMT(mode)]
+    return None
+
+
 def open_regular(path: str | os.PathLike[str] | bytes) -> int:
     """A descriptor to read the regular file at ``path``, opened without following a symlink
     and without blocking: a FIFO put where a file was would block a plain open for reading

@@ -119,6 +119,18 @@ class ChangedOnDisk(ReplError):
         super().__init__(f"{path}: changed on disk since the last scan ({detail})")
 
 
+class InTheWay(ReplError):
+    """Something repld does not replicate (a FIFO, a socket, a device) is where a file goes:
+    trying again changes nothing until the user moves it away."""
+
+    def __init__(self, path: str, what: str):
+        self.path = path
+        super().__init__(
+            f"{path}: {what} is there, which repld does not replicate (nor replace): move it "
+            "away, and the next sync puts the file there"
+        )
+
+
 class ParentNotDir(ChangedOnDisk):
     """A directory on the way to the path is something else on disk (perhaps only until a
     later step of the same apply makes it a directory: a file replaced by a directory)."""

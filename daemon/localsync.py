@@ -56,8 +56,13 @@ class SyncReport:
 
     @property
     def errors(self) -> list[tuple[str, str]]:
-        out = [e for s in self.scans.values() for e in s.errors]
-        return out + [e for p in self.passes for e in p.stats.errors]
+        return [(path, why) for _, path, why in self.named_errors]
+
+    @property
+    def named_errors(self) -> list[tuple[str, str, str]]:
+        """(the replica it happened on, path, why) of each error."""
+        out = [(name, *e) for name, s in self.scans.items() for e in s.errors]
+        return out + [(p.into, *e) for p in self.passes for e in p.stats.errors]
 
 
 def _opener(replica: Replica) -> Callable[[Record], BinaryIO]:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -14,6 +15,10 @@ from pathlib import Path
 
 import pytest
 from helpers import REPLD, Rep, conflict_copies, files_bytes, make_replicas, snapshot
+from repld.daemon import applier as applier_mod
+from repld.daemon.errors import ChangedOnDisk
+from repld.daemon.localsync import sync
+from repld.daemon.replica import open_replica
 
 NAMES = ["with space.txt", "new\nline.txt", "ünïcødé €.md", "tab\there", "back\\slash"]
 
@@ -93,6 +98,65 @@ def test_a_fifo_where_a_recorded_file_was_fails_that_file_without_hanging(tmp_pa
     assert (b.root / "again.txt").read_text() == "same\n"  # from a, not from the FIFO
     assert (b.root / "other.txt").read_text() == "other\n"
     assert not (b.root / "f.txt").exists()
+
+
+def test_a_fifo_or_socket_where_a_file_goes_is_reported_and_left_alone(tmp_path):
+    """Where a new file or a new version goes, the target has something repld does not
+    replicate: an error that says what and what to do (it looped until RecursionError: each
+    try planned the file again and tried again), the rest synced, the thing left as it is."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "replaced.txt").write_text("v1\n")
+    a.sync(b)
+    (a.root / "incoming.txt").write_text("new here\n")
+    (a.root / "replaced.txt").write_text("v2\n")
+    (a.root / "stays.txt").write_text("stays\n")
+    os.mkfifo(b.root / "incoming.txt")
+    (b.root / "replaced.txt").unlink()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(b.root / "replaced.txt"))
+        proc = subprocess.run([*REPLD, "--config", str(a.config), "sync", str(b.config)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: b: incoming.txt: a FIFO is there, which repld does not replicate" \
+        in proc.stderr, proc.stderr  # fmt: skip
+    assert "error: b: replaced.txt: a socket is there" in proc.stderr, proc.stderr
+    assert "b: 1 files written" in proc.stdout and "2 failed (below)" in proc.stdout
+    assert (b.root / "stays.txt").read_text() == "stays\n"
+    assert stat.S_ISFIFO(os.lstat(b.root / "incoming.txt").st_mode)
+    assert stat.S_ISSOCK(os.lstat(b.root / "replaced.txt").st_mode)
+    # Moved away, they are written at the next sync.
+    (b.root / "incoming.txt").unlink()
+    (b.root / "replaced.txt").unlink()
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_a_path_that_keeps_changing_under_the_apply_fails_instead_of_looping(tmp_path, monkeypatch):
+    """Planned again once after a change under it, then an error until the next apply."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "busy.txt").write_text("busy\n")
+    (a.root / "calm.txt").write_text("calm\n")
+
+    def always_taken(self, fd, step):
+        if step.path == "busy.txt":
+            raise ChangedOnDisk(step.path, "something new is there")
+        real(self, fd, step)
+
+    real = applier_mod.Applier._link_unnamed
+    monkeypatch.setattr(applier_mod.Applier, "_link_unnamed", always_taken)
+    left, right = open_replica(a.config), open_replica(b.config)
+    try:
+        report = sync(left, right)
+    finally:
+        left.close()
+        right.close()
+    assert [p for p, _ in report.errors] == ["busy.txt"], report.errors
+    assert "it will be synced next time" in report.errors[0][1]
+    assert (b.root / "calm.txt").read_text() == "calm\n"
+    monkeypatch.undo()
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
 
 
 def test_every_kind_of_change_propagates(tmp_path):
