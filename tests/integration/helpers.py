@@ -82,6 +82,19 @@ def make_replicas(tmp: Path, *names: str) -> list[Rep]:
     return reps
 
 
+def sync_in_process(a: Rep, b: Rep) -> Any:
+    """``a.sync(b)`` in this process (where a test's monkeypatch reaches): the SyncReport."""
+    from repld.daemon.localsync import sync
+    from repld.daemon.replica import open_replica
+
+    left, right = open_replica(a.config), open_replica(b.config)
+    try:
+        return sync(left, right)
+    finally:
+        left.close()
+        right.close()
+
+
 def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]]:
     """Everything a user would compare: paths, kinds, content, permissions, links (and mtimes)."""
     out: dict[str, tuple[object, ...]] = {}

@@ -13,10 +13,8 @@ import os
 from pathlib import Path
 
 from daemons import Cluster
-from helpers import make_replicas, snapshot
+from helpers import make_replicas, snapshot, sync_in_process
 from repld.daemon import applier as applier_mod
-from repld.daemon.localsync import sync
-from repld.daemon.replica import open_replica
 
 
 def inodes(root: Path) -> dict[str, int]:
@@ -85,12 +83,7 @@ def test_something_new_at_the_destination_is_never_replaced(tmp_path, monkeypatc
         real(self)
 
     monkeypatch.setattr(applier_mod.Applier, "_apply_moves", appears_first)
-    left, right = open_replica(a.config), open_replica(b.config)
-    try:
-        report = sync(left, right)
-    finally:
-        left.close()
-        right.close()
+    report = sync_in_process(a, b)
     assert not report.errors, report.errors
     contents = sorted(p.read_bytes() for p in b.root.iterdir() if p.is_file())
     assert b"written on b just now\n" in contents

@@ -14,11 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPLD, Rep, conflict_copies, files_bytes, make_replicas, snapshot
+from helpers import (
+    REPLD,
+    Rep,
+    conflict_copies,
+    files_bytes,
+    make_replicas,
+    snapshot,
+    sync_in_process,
+)
 from repld.daemon import applier as applier_mod
 from repld.daemon.errors import ChangedOnDisk
-from repld.daemon.localsync import sync
-from repld.daemon.replica import open_replica
 
 NAMES = ["with space.txt", "new\nline.txt", "ünïcødé €.md", "tab\there", "back\\slash"]
 
@@ -145,12 +151,7 @@ def test_a_path_that_keeps_changing_under_the_apply_fails_instead_of_looping(tmp
 
     real = applier_mod.Applier._link_unnamed
     monkeypatch.setattr(applier_mod.Applier, "_link_unnamed", always_taken)
-    left, right = open_replica(a.config), open_replica(b.config)
-    try:
-        report = sync(left, right)
-    finally:
-        left.close()
-        right.close()
+    report = sync_in_process(a, b)
     assert [p for p, _ in report.errors] == ["busy.txt"], report.errors
     assert "it will be synced next time" in report.errors[0][1]
     assert (b.root / "calm.txt").read_text() == "calm\n"
