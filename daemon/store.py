@@ -250,6 +250,40 @@ def _out_of_room(e: sqlite3.OperationalError) -> bool:
     return "full" in text or "disk I/O error" in text
 
 
+# Free space the file system of the database must have for it to be opened (see _room_to_open).
+OPEN_ROOM = 256 << 10
+SHM_PAGE = 32 << 10
+
+
+def _room_to_open(db_path: Path) -> None:
+    """Refuse to open a database whose file system is all but full, with a message.
+
+    SQLite maps the WAL index (the -shm file beside the database) into memory, and makes its
+    pages by writing their last byte: on a full disk the rest of a page is a hole, and the first
+    touch of it kills the process with SIGBUS ("Bus error") rather than fail, at every command
+    until room is made. An index whose first page has all its blocks is safe to open."""
+    try:
+        vfs = os.statvfs(db_path.parent)
+    except OSError:
+        return
+    blocks = vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail
+    free = blocks * vfs.f_frsize
+    if free >= OPEN_ROOM:
+        return
+    try:
+        st = os.stat(f"{db_path}-shm")
+        if st.st_size >= SHM_PAGE and st.st_blocks * 512 >= st.st_size:
+            return
+    except OSError:
+        pass
+    raise StoreError(
+        f"{db_path}: the file system of {db_path.parent} is full ({free >> 10} KiB free): "
+        "SQLite needs some room to open the database. Make room there (repld's own versions "
+        "of deleted files are kept in its versions folder, see `repld versions`) and run again; "
+        "nothing was changed"
+    )
+
+
 class Store:
     def __init__(self, db_path: Path, *, write: bool = True, clock: object = time.time_ns):
         self.db_path = db_path
@@ -257,6 +291,7 @@ class Store:
         self._lock_fd: int | None = None
         if not db_path.exists():
             raise StoreError(f"{db_path}: no database; run `repld init ROOT` first")
+        _room_to_open(db_path)
         if write:
             self._lock()
         try:

@@ -56,3 +56,26 @@ def small_tmpfs(tmp_path):
         yield at
     finally:
         subprocess.run(["umount", "-l", str(at)], check=False)
+
+
+@pytest.fixture
+def small_ext4(tmp_path):
+    """An 8 MiB ext4 file system on a loop device (root only), unmounted at the end: a disk
+    that fills up as a USB stick's does (a tmpfs fails differently)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop device needs root")
+    image, at = tmp_path / "small.img", tmp_path / "small-ext4"
+    at.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    for cmd in (["mkfs.ext4", "-q", "-F", str(image)], ["mount", "-o", "loop", str(image), str(at)]):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip(f"{cmd[0]} is not installed")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot make a small ext4 here: {proc.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", str(at)], check=False)

@@ -160,6 +160,37 @@ def test_a_path_that_keeps_changing_under_the_apply_fails_instead_of_looping(tmp
     assert snapshot(a.root) == snapshot(b.root)
 
 
+def fill(where: Path, leave: int) -> Path:
+    """Fill ``where``'s file system but for about ``leave`` bytes (as root sees it)."""
+    filler = where / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def test_a_full_state_disk_is_said_and_is_no_bus_error(tmp_path, small_ext4):
+    """SQLite maps its WAL index; on a disk with a few KiB left its pages are holes, and the
+    first touch killed every command with SIGBUS ("Bus error"), until room was made."""
+    (a,) = make_replicas(tmp_path, "a")
+    b = Rep("b", tmp_path / "b", tmp_path / "b.toml")
+    b.root.mkdir()
+    b("init", b.root, "--name", "b", "--tree-id", a.tree_id(), "--state", small_ext4 / "b.state")
+    (a.root / "f.txt").write_text("waits for room\n")
+    filler = fill(small_ext4, 9 << 10)
+    for proc in (a.sync(b, check=False), b("dump", check=False)):
+        assert proc.returncode == 1, (proc.returncode, proc.stderr)
+        assert "is full" in proc.stderr and "Make room there" in proc.stderr, proc.stderr
+    filler.unlink()
+    a.sync(b)
+    assert (b.root / "f.txt").read_text() == "waits for room\n"
+
+
 def test_every_kind_of_change_propagates(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)
