@@ -674,6 +674,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 1 if stats.errors else 0
 
 
+def _not_the_same_replica(mine: Path, other: Path) -> None:
+    """Two config files of one replica (a copy of the config): said as such, not as the
+    database being in use by another process."""
+    try:
+        a = configmod.load(mine, need_root=False).state.resolve()
+        b = configmod.load(other, need_root=False).state.resolve()
+    except ConfigError:
+        return  # said when each is opened, with its own message
+    if a == b:
+        raise UsageError(f"{other} and {mine} are configs of the same replica (state {a}); "
+                         "give another replica's config")  # fmt: skip
+
+
 def _print_skipped(skipped: list[tuple[str, str]]) -> None:
     """Paths no sync can replicate: said on every run (they are not errors: the exit code
     does not change), with the way to stop hearing about them."""
@@ -689,6 +702,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
         cfg = configmod.load(args.config)
         if cfg.peer(args.target):
             return _sync_peer(args)
+        if target.is_dir():
+            found = sorted(str(p) for p in target.glob("*.toml") if p.is_file())
+            hint = f" (there: {', '.join(found)})" if found else ""
+            raise UsageError(
+                f"{args.target} is a directory: sync takes the other replica's config file, "
+                f"the one `repld init` wrote{hint}, or the name of a peer"
+            )
         raise UsageError(
             f"{args.target}: no such config file, and no peer of that name in {cfg.path}"
         )
@@ -697,6 +717,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     dry = args.dry_run
     if target.resolve() == _config_path(args).resolve():
         raise UsageError(f"{args.target} is this replica's own config; give another replica's")
+    _not_the_same_replica(_config_path(args), target)
     with open_replica(args.config, dry_run=dry) as left, open_replica(target, dry_run=dry) as right:
         paths = _tree_paths(left.root, args.paths)
         for given, path in zip(args.paths, paths or [], strict=False):

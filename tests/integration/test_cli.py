@@ -218,10 +218,16 @@ def test_paths_are_taken_as_a_user_means_them_and_mistakes_exit_2(tmp_path):
     proc = subprocess.run([*REPLD, "--config", a.config, "sync", b.config, "-n", "a/docs"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0 and "docs/x.txt" in proc.stdout and "other" not in proc.stdout
+    copy = a.config.with_name("a-copy.conf")
+    copy.write_bytes(a.config.read_bytes())
     for args, expect in [
         (["sync", b.config, "nosuch"], "in neither replica"),
         (["sync", b.config, "/etc"], "not inside the replicated tree"),
         (["sync", a.config], "this replica's own config"),
+        (["sync", copy], "are configs of the same replica"),  # not "in use by another repld"
+        (["sync", tmp_path], f"is a directory: sync takes the other replica's config file, the "
+                             f"one `repld init` wrote (there: {a.config}, {b.config}"),
+        (["sync", b.root], "is a directory"),
         (["scan", "nosuch"], "not in the tree"),
         (["sync"], "required: TARGET\n"),
     ]:
