@@ -224,13 +224,11 @@ def where_the_daemon_is(path: Path | None = None) -> tuple[Config, ConfigError |
                 data[key] = m.group(1)
     if not isinstance(data.get("state"), str):
         raise error
-    state = Path(str(data["state"])).expanduser()
+    state = beside(path, str(data["state"]))
     control = data.get("control_socket")
-    control = Path(str(control)).expanduser() if isinstance(control, str) else None
-    if not state.is_absolute() or (control is not None and not control.is_absolute()):
-        raise error
+    control = beside(path, str(control)) if isinstance(control, str) else None
     root = data.get("root")
-    cfg = Config(path=path, root=Path(str(root)) if isinstance(root, str) else Path("/"),
+    cfg = Config(path=path, root=beside(path, str(root)) if isinstance(root, str) else Path("/"),
                  state=state, name=str(data.get("name", "?")), listen="",
                  control_socket=control)  # fmt: skip
     return cfg, error
@@ -246,14 +244,10 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
         if key not in data:
             raise ConfigError("missing required key", file=path, key=key)
         _type(data[key], str, "a string", path, key)
-    root = Path(str(data["root"])).expanduser()
-    state = Path(str(data["state"])).expanduser()
-    if not root.is_absolute():
-        raise ConfigError(f"root must be an absolute path, not {root}", file=path, key="root")
+    root = beside(path, str(data["root"]))
+    state = beside(path, str(data["state"]))
     if need_root and not root.is_dir():
         raise ConfigError(f"root {root} does not exist or is not a directory", file=path, key="root")
-    if not state.is_absolute():
-        raise ConfigError(f"state must be an absolute path, not {state}", file=path, key="state")
     name = check_name(str(data["name"]), file=path)
     listen = check_endpoint(str(data["listen"]), file=path)
     policy = _choice(data, "conflict_policy", Policy.KEEP_BOTH, path, "policy")
@@ -275,9 +269,7 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
     control = data.get("control_socket")
     if control is not None:
         _type(control, str, "a path", path, "control_socket")
-        control = Path(str(control)).expanduser()
-        if not control.is_absolute():
-            raise ConfigError(f"must be an absolute path, not {control}", file=path, key="control_socket")
+        control = beside(path, str(control))
     peers_raw = data.get("peer", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("expected [[peer]] tables", file=path, key="peer")
@@ -321,6 +313,25 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
     )
 
 
+def beside(config: Path, value: str) -> Path:
+    """A path the config gives: absolute (``~`` expanded), or relative to the config file's
+    directory (a replica on a USB disk, its config beside its root: mounted anywhere)."""
+    given = Path(value).expanduser()
+    if given.is_absolute():
+        return given
+    return Path(os.path.normpath(config.resolve().parent / given))
+
+
+def portable(config: Path, where: Path) -> str:
+    """How the config written at ``config`` says ``where``: relative to the config file's
+    directory when it lies below it (the config on a removable disk with the replica: the disk
+    may be mounted elsewhere next time), else absolute."""
+    base = config.resolve().parent
+    if where.is_relative_to(base) and base != Path(base.anchor):
+        return str(where.relative_to(base)) or "."
+    return str(where)
+
+
 def _q(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
@@ -336,11 +347,13 @@ def render(cfg: Config) -> str:
 # repld configuration, written by `repld init`. Every option is explained here; `repld --help`
 # explains the commands. Edit freely: comments survive `repld peer add/remove`.
 
-# The replicated tree. Absolute path; must exist.
-root = {_q(str(cfg.root))}
+# The replicated tree; must exist. An absolute path, or one relative to this file's directory
+# (written so when the tree lies below it: a replica on a USB disk, mounted anywhere).
+root = {_q(portable(cfg.path, cfg.root))}
 
-# Where the database and the key pair live; never replicated, even inside root.
-state = {_q(str(cfg.state))}
+# Where the database and the key pair live; never replicated, even inside root (absolute, or
+# relative to this file's directory).
+state = {_q(portable(cfg.path, cfg.state))}
 
 # This replica's name, shown to peers and in logs (letters, digits, '.', '_', '-').
 name = {_q(cfg.name)}

@@ -9,7 +9,7 @@ import socket
 import subprocess
 
 import pytest
-from helpers import REPLD, Rep, make_replicas, run
+from helpers import REPLD, Rep, make_replicas, run, snapshot
 from repld.daemon.applier import Applier
 from repld.daemon.localsync import _opener
 from repld.daemon.replica import open_replica
@@ -234,6 +234,46 @@ def test_paths_are_taken_as_a_user_means_them_and_mistakes_exit_2(tmp_path):
         proc = a(*args, check=False)
         assert proc.returncode == 2 and expect in proc.stderr, (args, proc.stderr)
     assert not (b.root / "docs").exists()
+
+
+def test_a_usb_replica_mounted_elsewhere_still_syncs(tmp_path):
+    """A replica made on a removable disk, its config beside its tree: init writes root and
+    state relative to the config, so the disk mounted at another path is the same replica
+    (it was a config error naming the old mount point). A relative path typed by hand is
+    taken from the config's directory too, and a path outside it stays absolute."""
+    (home,) = make_replicas(tmp_path, "home")
+    (home.root / "docs").mkdir()
+    (home.root / "docs" / "a.txt").write_text("a\n")
+    stick = tmp_path / "media" / "stick"
+    (stick / "tree").mkdir(parents=True)
+    usb = Rep("usb", stick / "tree", stick / "repld.toml")
+    usb("init", usb.root, "--name", "usb", "--tree-id", home.tree_id())
+    text = usb.config.read_text()
+    assert 'root = "tree"' in text and 'state = "repld.state"' in text, text
+    home.sync(usb)
+
+    moved = tmp_path / "run" / "media" / "STICK"  # the next time it is plugged in
+    moved.parent.mkdir(parents=True)
+    stick.rename(moved)
+    usb = Rep("usb", moved / "tree", moved / "repld.toml")
+    (home.root / "docs" / "b.txt").write_text("b\n")
+    home.sync(usb)
+    assert snapshot(home.root) == snapshot(usb.root)
+    assert json.loads(usb("id", "--json").stdout)["name"] == "usb"
+
+    # By hand: relative to the config's directory, not to where the command runs.
+    (moved / "tree2").mkdir()
+    text = usb.config.read_text().replace('root = "tree"', 'root = "./tree2/../tree"')
+    usb.config.write_text(text)
+    proc = subprocess.run([*REPLD, "--config", usb.config, "scan"], cwd="/", capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "0 created, 0 updated, 0 deleted" in proc.stdout, proc
+    # A state directory outside the config's directory is written as the absolute path.
+    other = Rep("other", moved / "tree3", moved / "other.toml")
+    other.root.mkdir()
+    other("init", other.root, "--name", "other", "--state", tmp_path / "other-state")
+    text = other.config.read_text()
+    assert 'root = "tree3"' in text and f'state = "{tmp_path / "other-state"}"' in text, text
 
 
 def test_a_replica_inside_another_is_refused(tmp_path):
