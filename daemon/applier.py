@@ -167,6 +167,13 @@ MAX_UNNAMED = 2 * BATCH_FILES
 FDS_SPARE = 256  # descriptors left for everything else (sockets, the database, inotify)
 
 
+def _drops_local_edit(step: Step) -> bool:
+    """Whether ``step`` settles a conflict against this replica's version with no conflict
+    copy (--prefer remote, conflict_policy newest): that edit is then kept as a version."""
+    c = step.conflict
+    return c is not None and c.copy is None and c.winner is Side.REMOTE
+
+
 def _unnamed_budget() -> int:
     """How many unnamed temp files may be open at once: two whole batches, once the soft limit
     on open files is raised (toward the hard limit) to allow it, else what the limit leaves."""
@@ -1066,7 +1073,8 @@ class Applier:
         if step.expected is not None and not step.expected.deleted:
             self._check(step.path, step.expected)
             if self._keeper is not None:
-                self._keeper.replacing(step.path, step.record.kind is Kind.FILE)
+                self._keeper.replacing(step.path, step.record.kind is Kind.FILE,
+                                       lost_edit=_drops_local_edit(step))
             os.rename(tmp, target)
             return
         try:
@@ -1079,7 +1087,8 @@ class Applier:
             # A file system without hard links: look, then rename (a rename replaces).
             self._check(step.path, step.expected)
             if self._keeper is not None:
-                self._keeper.replacing(step.path, step.record.kind is Kind.FILE)
+                self._keeper.replacing(step.path, step.record.kind is Kind.FILE,
+                                       lost_edit=_drops_local_edit(step))
             os.rename(tmp, target)
             return
         os.unlink(tmp)

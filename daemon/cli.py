@@ -253,14 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
         "keep_versions_days (30 by default). This lists them, newest first, with where each "
         "is. --restore copies the newest version of each PATH back to its place (never over "
         "anything there), or copy one by hand: the next scan records it as an edit and every "
-        "replica gets it. Nothing of this replica's own changes is kept: those were "
-        "yours to make here.",
+        "replica gets it. --delete deletes them (room on a full disk). Nothing of this "
+        "replica's own changes is kept (those were yours to make here), but for an edit that "
+        "loses a conflict with no conflict copy (--prefer, conflict_policy newest).",
     )
     c.add_argument("paths", nargs="*", metavar="PATH",
                    help="only versions of this file, or of files under this directory")  # fmt: skip
     c.add_argument("--restore", action="store_true",
                    help="copy the newest version of each PATH (of each file under a "
                         "directory PATH) back to its place, where nothing is now")  # fmt: skip
+    c.add_argument("--delete", action="store_true",
+                   help="delete the versions listed (of each PATH, or every one): room on a full "
+                        "disk, before keep_versions_days would")  # fmt: skip
     c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     cmd("dump", "print the database as text, one escaped line per record")
@@ -1103,8 +1107,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
     unders = _tree_paths(cfg.root, args.paths) or [""]
     found = {v.file: v for u in unders for v in versions(cfg.versions_dir, u)}
     rows = sorted(found.values(), key=lambda v: (-v.kept, -v.n, v.path))
+    if args.restore and args.delete:
+        raise UsageError("--restore or --delete, not both")
     if args.restore:
         return _restore_versions(cfg, args, rows)
+    if args.delete:
+        return _delete_versions(cfg, args, rows)
     if args.json:
         _print_json([{"path": v.path, "kept": control.iso_time(v.kept), "size": v.size,
                       "file": str(v.file)} for v in rows])  # fmt: skip
@@ -1125,6 +1133,19 @@ def cmd_versions(args: argparse.Namespace) -> int:
           f"back, or copy one: cp -p {shlex.quote(str(rows[0].file))} "
           f"{shlex.quote(str(cfg.root / rows[0].path))}")  # fmt: skip
     return 0
+
+
+def _delete_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list[Version]) -> int:
+    from .versions import drop
+
+    gone, freed, errors = drop(cfg.versions_dir, rows)
+    for v, why in errors:
+        print(f"not deleted: {v.file}: {why}", file=sys.stderr)
+    what = f" of {', '.join(args.paths)}" if args.paths else ""
+    print(f"deleted {gone} version(s){what} from {cfg.versions_dir}: {_human(freed)} freed"
+          + (" (a version whose file is in the tree under another name frees nothing)"
+             if gone and not freed else ""))  # fmt: skip
+    return 1 if errors else 0
 
 
 def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list[Version]) -> int:

@@ -373,9 +373,10 @@ scan_interval = {cfg.scan_interval}
 # replicated, so every replica ignores the same things).
 ignore = [{", ".join(_q(i) for i in cfg.ignore)}]
 
-# Files that another replica's change deletes here are kept for a while in STATE/versions/
-# (`repld versions` lists them): "deleted" (default), "all" (also the old content of files
-# another replica's change rewrites), or "off".
+# Files that another replica's change deletes here (and edits made here that lose a conflict
+# with no conflict copy) are kept for a while in STATE/versions/ (`repld versions` lists them):
+# "deleted" (default), "all" (also the old content of files another replica's change
+# rewrites), or "off".
 keep_versions = {_q(cfg.keep_versions.value)}
 keep_versions_days = {cfg.keep_versions_days}
 

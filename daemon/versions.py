@@ -89,11 +89,13 @@ class Keeper:
         if self.keep is not Keep.OFF and stat.S_ISREG(st.st_mode):
             self._keep(path)
 
-    def replacing(self, path: str, new_is_file: bool) -> None:
+    def replacing(self, path: str, new_is_file: bool, *, lost_edit: bool = False) -> None:
         """What is at ``path`` is about to be replaced: by a file's new content (kept with
         "all"), or by a symlink (the file's content then leaves the tree: kept with "deleted"
-        too, as `ln -sf` over a dotfile by a dotfile manager on another machine)."""
-        if self.keep is Keep.OFF or (new_is_file and self.keep is not Keep.ALL):
+        too, as `ln -sf` over a dotfile by a dotfile manager on another machine). An edit made
+        here that loses a conflict with no conflict copy (``lost_edit``: --prefer, the newest
+        policy) leaves the tree too: kept with "deleted"."""
+        if self.keep is Keep.OFF or (new_is_file and self.keep is not Keep.ALL and not lost_edit):
             return
         try:
             st = os.lstat(os.path.join(self.root, path))
@@ -230,25 +232,39 @@ def _real_dirs(root: Path, path: str) -> None:
             raise VersionError(f"{cur} is not a directory now")
 
 
-def expire(where: Path, days: int, now: float | None = None) -> int:
-    """Delete the versions older than ``days``, and the folders that leaves empty; how many."""
-    if not where.is_dir():
-        return 0
-    limit = (time.time() if now is None else now) - days * 86400
-    gone = 0
-    for v in list(versions(where)):
-        if v.kept < limit:
-            try:
-                v.file.unlink()
-                gone += 1
-            except OSError as e:
-                log.warning("%s: an old version could not be deleted (%s)", v.file, e.strerror)
+def drop(where: Path, kept: list[Version]) -> tuple[int, int, list[tuple[Version, str]]]:
+    """Delete these versions, and the folders of ``where`` that leaves empty: how many were
+    deleted, the bytes that freed (a version still linked from the tree frees none), and the
+    ones that could not be, with why."""
+    gone = freed = 0
+    errors: list[tuple[Version, str]] = []
+    for v in kept:
+        try:
+            st = os.lstat(v.file)
+            v.file.unlink()
+        except OSError as e:
+            errors.append((v, e.strerror or str(e)))
+            continue
+        gone += 1
+        if st.st_nlink == 1:
+            freed += st.st_blocks * 512
     for dirpath, _dirs, _files in os.walk(where, topdown=False):
         if dirpath != str(where):
             try:
                 os.rmdir(dirpath)  # only if empty
             except OSError:
                 pass
+    return gone, freed, errors
+
+
+def expire(where: Path, days: int, now: float | None = None) -> int:
+    """Delete the versions older than ``days``, and the folders that leaves empty; how many."""
+    if not where.is_dir():
+        return 0
+    limit = (time.time() if now is None else now) - days * 86400
+    gone, _, errors = drop(where, [v for v in versions(where) if v.kept < limit])
+    for v, why in errors:
+        log.warning("%s: an old version could not be deleted (%s)", v.file, why)
     if gone:
         log.info("%d version(s) older than %d days deleted from %s", gone, days, where)
     return gone

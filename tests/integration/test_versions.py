@@ -244,3 +244,40 @@ def test_restore_puts_the_newest_version_back_where_nothing_is(tmp_path):
 
     assert b("versions", "--restore", check=False).returncode == 2  # which PATH?
     assert b("versions", "nothing", "--restore", check=False).returncode == 2
+
+
+def test_an_edit_that_loses_a_conflict_with_no_copy_is_kept(tmp_path):
+    """--prefer remote (or conflict_policy newest) drops this replica's edit with no conflict
+    copy: its content leaves the tree as a deletion's would, and is kept the same way."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "notes.txt").write_text("v1\n")
+    a.sync(b)
+    (a.root / "notes.txt").write_text("a's edit, about to lose\n")
+    (b.root / "notes.txt").write_text("b's edit wins\n")
+    out = a.sync(b, "--prefer", "remote", "-v").stdout
+    assert "loser dropped" in out
+    assert (a.root / "notes.txt").read_text() == "b's edit wins\n"
+    kept = versions(a)
+    assert [v["path"] for v in kept] == ["notes.txt"]
+    assert Path(kept[0]["file"]).read_text() == "a's edit, about to lose\n"
+    assert versions(b) == []  # b's own edit won: nothing of b's left its tree
+
+
+def test_delete_frees_the_room_versions_take(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "big.bin").write_bytes(os.urandom(300_000))
+    (a.root / "keep.txt").write_text("keep\n")
+    (a.root / "gone.txt").write_text("gone\n")
+    a.sync(b)
+    (a.root / "big.bin").unlink()
+    (a.root / "gone.txt").unlink()
+    a.sync(b)
+    assert sorted(v["path"] for v in versions(b)) == ["big.bin", "gone.txt"]
+    out = b("versions", "big.bin", "--delete").stdout
+    assert "deleted 1 version(s) of big.bin" in out and "KiB freed" in out, out
+    assert [v["path"] for v in versions(b)] == ["gone.txt"]
+    assert "deleted 1 version(s) from" in b("versions", "--delete").stdout
+    assert versions(b) == [] and not list((b.state / "versions").iterdir())
+    proc = b("versions", "--delete", "--restore", check=False)
+    assert proc.returncode == 2 and "not both" in proc.stderr
+    assert (b.root / "keep.txt").read_text() == "keep\n"
