@@ -1277,7 +1277,7 @@ class Applier:
         existing = self.store.get(copy.path)
         if existing is not None and existing.version.compare(copy.version) is not Order.DOMINATED:
             return  # this replica has that copy already (or a later state of it)
-        reason = "a directory that holds files beats a file"
+        reason = f"a directory that holds files beats a {step.record.kind.value}"
         conflict = Conflict(step.path, Side.LOCAL, kept, step.record, copy, reason)
         op = Op.WRITE if copy.kind is Kind.FILE else Op.SYMLINK
         note = f"conflict copy of {step.path}"

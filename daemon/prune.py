@@ -76,7 +76,7 @@ def prune_report(rep: Replica) -> PruneReport:
             continue
         met.add(m.replica_id)
         names.add(m.name)
-        unseen, newest = _unseen_after(rep, m.acked_seq)
+        unseen, newest = _unseen_after(rep, m.acked_seq, m.replica_id)
         holders.append(Holder(m.name, m.replica_id, HOW_SYNCED, m.last_sync_ns, m.acked_seq,
                               unseen, newest))  # fmt: skip
     for p in rep.cfg.peers:
@@ -87,10 +87,13 @@ def prune_report(rep: Replica) -> PruneReport:
     return PruneReport(int(count), int(size), holders)
 
 
-def _unseen_after(rep: Replica, acked: int) -> tuple[int, str | None]:
-    """Tombstones recorded here after sequence ``acked``, and the path of the newest."""
+def _unseen_after(rep: Replica, acked: int, rid: str) -> tuple[int, str | None]:
+    """Tombstones recorded here after sequence ``acked``, and the path of the newest, but for
+    the deletions replica ``rid`` made itself (it has those, acknowledged or not)."""
     n, top = rep.store.execute(
-        "SELECT COUNT(*), MAX(seq) FROM records WHERE deleted = 1 AND seq > ?", (acked,)
+        "SELECT COUNT(*), MAX(seq) FROM records WHERE deleted = 1 AND seq > ? "
+        "AND modified_by != ?",
+        (acked, rid),
     ).fetchone()
     if not n:
         return 0, None

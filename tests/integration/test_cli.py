@@ -355,6 +355,9 @@ def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
     assert "b (" in text and "has seen them all" in text
     assert f"{c_id[:8]}: known from its edits only" in text
     assert "d: a peer not met yet" in text
+    # On b, a's own deletions are not "unseen by a", whatever b's mark for a says.
+    on_b = {r["name"]: r for r in json.loads(b("prune", "--json").stdout)["replicas"]}
+    assert on_b["a"]["unseen"] == 0, on_b["a"]
 
 
 def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
