@@ -14,6 +14,7 @@ import sqlite3
 import stat
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -876,6 +877,14 @@ def _tree_paths(root: Path, given: list[str]) -> list[str] | None:
                 g = unescape(g)
             except ValueError:
                 pass
+        if not g.isascii() and not any(os.path.lexists(b / g) for b in (base, cwd)):
+            # Typed in the other Unicode form than the name on disk (é as one code point or
+            # as e plus an accent: two names to Linux, alike to the eye).
+            for form in ("NFC", "NFD"):
+                alt = unicodedata.normalize(form, g)
+                if alt != g and any(os.path.lexists(b / alt) for b in (base, cwd)):
+                    g = alt
+                    break
         full = Path(os.path.normpath(base / g))  # (an absolute g replaces base)
         if base is root and not os.path.isabs(g):
             # Outside the tree, a PATH that names something inside it from here (the tree's

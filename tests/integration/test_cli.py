@@ -7,6 +7,7 @@ import os
 import shlex
 import socket
 import subprocess
+import unicodedata
 
 import pytest
 from helpers import REPLD, Rep, make_replicas, run, snapshot
@@ -274,6 +275,20 @@ def test_a_usb_replica_mounted_elsewhere_still_syncs(tmp_path):
     other("init", other.root, "--name", "other", "--state", tmp_path / "other-state")
     text = other.config.read_text()
     assert 'root = "tree3"' in text and f'state = "{tmp_path / "other-state"}"' in text, text
+
+
+def test_a_path_typed_in_the_other_unicode_form_finds_the_file(tmp_path):
+    """Linux names are bytes: café in NFD (e + accent, as some tools and macOS write it) and
+    café in NFC are two names, and both replicate as they are; a PATH typed in the form the
+    keyboard gives finds the file the disk has."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    nfd, nfc = unicodedata.normalize("NFD", "café.txt"), unicodedata.normalize("NFC", "café.txt")
+    (a.root / nfd).write_text("decomposed\n")
+    a.sync(b)
+    assert (b.root / nfd).read_text() == "decomposed\n" and not (b.root / nfc).exists()
+    out = b("log", nfc).stdout
+    assert "create by" in out and out.splitlines()[0] == f"history of {nfd}:"
+    assert a.sync(b, "-n", nfc).returncode == 0
 
 
 def test_a_replica_inside_another_is_refused(tmp_path):
