@@ -318,7 +318,7 @@ class Bundle:
             raise BundleError(f"{path}: not a repld bundle, or a damaged one ({e})") from None
         if meta.get("format") != FORMAT:
             self.close()
-            raise BundleError(f"{path}: not a repld bundle")
+            raise UsageError(f"{path}: not a repld bundle")
         if meta.get("version") != str(VERSION):
             self.close()
             raise BundleError(
@@ -453,7 +453,7 @@ def import_bundle(
             f"{rep.cfg.path} is a replica of {store.tree_id}"
         )
     if bundle.replica_id == store.replica_id:
-        raise BundleError(f"{bundle.path} was exported by this replica; import it on another")
+        raise UsageError(f"{bundle.path} was exported by this replica; import it on another")
     report = ImportReport(bundle.name, bundle.since, bundle.upto, dry_run=dry_run)
     had = store.peer_mark(bundle.replica_id).seen_seq
     if bundle.since > had:

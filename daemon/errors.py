@@ -94,7 +94,10 @@ class DeletesDeferred(ReplError):
 
 
 class TreeMismatchError(ReplError):
-    """Two replicas of different trees were asked to sync."""
+    """Two replicas of different trees were asked to sync: a mistake in what was given (exit
+    2, as for the same replica given twice)."""
+
+    exit_code = 2
 
 
 class DaemonNotRunning(ReplError):

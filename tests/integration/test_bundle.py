@@ -181,11 +181,12 @@ def test_bundles_that_do_not_belong_are_refused(tmp_path):
     bundle = tmp_path / "a.bundle"
     a("export", bundle)
 
+    # The wrong file given: usage errors (2), as a missing one is.
     proc = stranger("import", bundle, check=False)
-    assert proc.returncode == 1 and "another tree" in proc.stderr
+    assert proc.returncode == 2 and "another tree" in proc.stderr
     proc = a("import", bundle, check=False)
-    assert proc.returncode == 1 and "exported by this replica" in proc.stderr
-    proc = b("import", tmp_path / "a.toml", check=False)
+    assert proc.returncode == 2 and "exported by this replica" in proc.stderr
+    proc = b("import", tmp_path / "a.toml", check=False)  # not even SQLite: maybe damaged
     assert proc.returncode == 1 and "not a repld bundle" in proc.stderr
     proc = b("import", tmp_path / "missing.bundle", check=False)
     assert proc.returncode == 2 and "no such file" in proc.stderr

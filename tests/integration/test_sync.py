@@ -827,7 +827,7 @@ def test_different_trees_refuse(tmp_path):
     (b,) = make_replicas(tmp_path / "y", "b")
     (a.root / "f").write_text("f")
     proc = a.sync(b, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # what was given is the mistake
     assert "different trees" in proc.stderr
     assert not (b.root / "f").exists()
 
