@@ -285,17 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = cmd(
         "prune",
-        "say how many tombstones are kept, and which replicas have seen them "
-        "(dropping them is not available yet)",
+        "drop the tombstones every replica has seen; say which replicas hold the rest back",
         "Tombstones (the records of deleted paths) are what keeps a deletion from coming back "
-        "from a replica that has not seen it. Dropping one is safe only once every replica of "
-        "the tree has provably seen it. This lists, for each other replica this one knows of, "
-        "how many of the tombstones here it has seen: a replica it synced with (as a daemon "
+        "from a replica that has not seen it. This drops those every other replica this one "
+        "knows of has provably seen (with the history of their paths), and lists, for each "
+        "replica, how many of the rest it has seen: a replica this one synced with (as a daemon "
         "peer, by `repld sync` or by a bundle) has acknowledged them up to a point; of one it "
         "knows only from its edits (they came through another replica), or a peer it has not "
-        "met yet, it cannot tell. This version drops none: a replica that never changed "
-        "anything and never synced with this one would be unknown here.",
+        "met yet, it cannot tell, and then none is dropped. A replica never heard of here (one "
+        "that never changed anything and never synced with this one) could at worst bring a "
+        "deleted file back, never lose one. With the daemon running, it asks the daemon to "
+        "drop them.",
     )
+    c.add_argument("-n", "--dry-run", action="store_true",
+                   help="say what would be dropped, drop nothing")  # fmt: skip
     c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     c = cmd(
@@ -1216,16 +1219,37 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import HOW_CONFIGURED, HOW_SYNCED, prune_report
+    from .prune import HOW_CONFIGURED, HOW_SYNCED, prune, prune_report
 
-    with open_replica(args.config, write=False) as rep:
-        report = prune_report(rep)
+    asked = False
+    try:
+        with open_replica(args.config, write=not args.dry_run) as rep:
+            report = prune(rep, dry_run=args.dry_run)
+    except StoreBusy as busy:
+        # The daemon holds the database: it drops them, in its own loop.
+        cfg = _daemon_holds(args.config, busy)
+        with open_replica(args.config, write=False) as rep:
+            report = prune_report(rep)
+        if not args.dry_run and report.droppable:
+            control.request(cfg, "prune")
+            asked = True
     if args.json:
-        _print_json(report.to_json())
+        _print_json(report.to_json() | {"asked_daemon": asked})
         return 0
-    n = report.tombstones
+    n, d = report.tombstones, report.dropped
+    if d:
+        print(f"dropped {d} tombstone{'' if d == 1 else 's'} every replica has seen, with the "
+              "history of their paths")  # fmt: skip
+    elif asked:
+        print(f"asked the running daemon to drop {report.droppable} tombstone"
+              f"{'' if report.droppable == 1 else 's'} every replica has seen")  # fmt: skip
+    elif report.droppable:
+        print(f"would drop {report.droppable} tombstone{'' if report.droppable == 1 else 's'} "
+              "every replica has seen (dry run)")  # fmt: skip
     print(f"{n or 'no'} tombstone{'' if n == 1 else 's'} kept (about "
-          f"{_human(report.tombstone_bytes)} of database); this version drops none")  # fmt: skip
+          f"{_human(report.tombstone_bytes)} of database)"
+          + (": none can be dropped while a replica below cannot tell what it has seen"
+             if report.blocked_by and n else ""))  # fmt: skip
     for h in report.holders:
         who = f"{h.name} ({short_id(h.replica_id)})" if h.name and h.replica_id \
             else h.name or short_id(h.replica_id)  # fmt: skip

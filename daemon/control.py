@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("status", "peers", "conflicts", "rescan", "rescan-full", "accept-root",
             "accept-deletes", "pause",
-            "resume", "sync-now", "reload")
+            "resume", "sync-now", "reload", "prune")
 MAX_REQUEST = 64 * 1024
 _UNIX_PATH_MAX = 107
 

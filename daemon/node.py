@@ -1471,6 +1471,12 @@ class Node:
                 for link in self.links:
                     if link.session is not None:
                         self._send_out(link, link.session.retry())
+            elif name == "prune":  # `repld prune` while the daemon holds the database
+                from .prune import prune
+
+                pruned = prune(self.rep)
+                log.info("prune: %d tombstone(s) every replica has seen dropped, %d kept",
+                         pruned.dropped, pruned.tombstones)  # fmt: skip
             elif name == "reload":
                 cb = args.get("callback")
                 if callable(cb):

@@ -1,20 +1,26 @@
-"""What keeps tombstones: for each replica of the tree this one knows of, how many of the
-tombstones here it has provably seen.
+"""Dropping tombstones every replica this one knows of has seen, and saying who holds the
+others back.
 
 A tombstone (the record of a deleted path) is what keeps the deletion from being undone by a
 replica that still has the file: its live record is older than the tombstone, so it loses. A
-tombstone may be dropped only once every replica of the tree holds it (or something newer) for
-that path. What this replica can prove is narrow: a replica it synced with directly (a daemon
-peer, a one-shot sync, a bundle) has acknowledged this replica's records up to a sequence
-number, so it holds every tombstone recorded here up to that number; of a replica it knows only
-from the version vectors of its records (its edits came through another replica), or from the
-config (a peer not met yet), it can prove nothing. A replica it has never heard of at all (one
-that has changed nothing and never synced with it) is the reason nothing is dropped yet: that
-takes the replicas of a tree telling each other who they know, which is for a later version.
+tombstone may be dropped once every replica of the tree holds it (or something newer) for that
+path. What this replica can prove is narrow: a replica it synced with directly (a daemon peer,
+a one-shot sync, a bundle) has acknowledged this replica's records up to a sequence number, so
+it holds every tombstone recorded here up to that number (and the deletions it made itself); of
+a replica it knows only from the version vectors of its records (its edits came through
+another replica), or from the config (a peer not met yet), it can prove nothing, and while
+there is one, nothing is dropped.
+
+What it cannot know is a replica it has never heard of (one that has changed nothing and never
+synced with it). Dropping a tombstone is still safe for the user's data: the worst such a
+replica can do is bring a deleted file back (its live record is then new here), never lose
+one; and the replicas that keep the tombstone delete it again. The daemon does not prune by
+itself: `repld prune` does, when asked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from ..protocol.version import VersionVector
@@ -44,16 +50,24 @@ class PruneReport:
     tombstones: int
     tombstone_bytes: int  # about: what their rows take in the database
     holders: list[Holder]
+    droppable_rows: list[tuple[str, int]]  # (path, seq) of the tombstones every holder has seen
+    dropped: int = 0
 
     @property
     def droppable(self) -> int:
-        return 0  # see the module's docstring
+        return len(self.droppable_rows)
+
+    @property
+    def blocked_by(self) -> list[Holder]:
+        """The replicas whose knowledge this replica cannot tell: while any, none is dropped."""
+        return [h for h in self.holders if h.how != HOW_SYNCED]
 
     def to_json(self) -> dict[str, object]:
         return {
             "tombstones": self.tombstones,
             "tombstone_bytes": self.tombstone_bytes,
             "droppable": self.droppable,
+            "dropped": self.dropped,
             "replicas": [
                 asdict(h) | {"last_sync": iso_time(h.last_sync / 1e9) if h.last_sync else None}
                 for h in self.holders
@@ -84,7 +98,38 @@ def prune_report(rep: Replica) -> PruneReport:
             holders.append(Holder(p.name, "", HOW_CONFIGURED, 0, 0, None, None))
     for rid in sorted(_heard_of(rep) - met):
         holders.append(Holder("", rid, HOW_HEARD_OF, 0, 0, None, None))
-    return PruneReport(int(count), int(size), holders)
+    return PruneReport(int(count), int(size), holders, _seen_by_all(rep, holders))
+
+
+def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int]]:
+    """The tombstones every replica in ``holders`` has provably seen (none while one of them
+    is a replica this one cannot tell about)."""
+    if any(h.how != HOW_SYNCED for h in holders):
+        return []
+    rows = rep.store.execute("SELECT path, seq, modified_by FROM records WHERE deleted = 1")
+    return [
+        (str(path), int(seq))
+        for path, seq, by in rows
+        if all(seq <= h.acked_seq or by == h.replica_id for h in holders)
+    ]
+
+
+def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
+    """Drop the tombstones every replica this one knows of has seen, with the history of
+    their paths (nothing is at those paths anywhere any more); the report says what was."""
+    report = prune_report(rep)
+    if dry_run or not report.droppable_rows:
+        return report
+    store = rep.store
+    dropped = 0
+    with store.transaction():
+        for path, seq in report.droppable_rows:
+            # (Still that tombstone: nothing recorded since the report was made.)
+            if store.execute("DELETE FROM records WHERE path = ? AND seq = ? AND deleted = 1",
+                             (path, seq)).rowcount:  # fmt: skip
+                store.execute("DELETE FROM history WHERE path = ?", (path,))
+                dropped += 1
+    return dataclasses.replace(report, dropped=dropped, tombstones=report.tombstones - dropped)
 
 
 def _unseen_after(rep: Replica, acked: int, rid: str) -> tuple[int, str | None]:

@@ -320,7 +320,8 @@ def test_resolve_between_a_directory_and_a_symlink_says_what_to_do(tmp_path):
     assert not (a.root / copy).exists()
 
 
-def test_prune_says_how_many_tombstones_are_kept_and_that_it_drops_none(tmp_path):
+def test_prune_drops_the_tombstones_no_other_replica_needs(tmp_path):
+    """A lone replica: no other replica to have seen them, so they all go (with -n: none)."""
     (a,) = make_replicas(tmp_path, "a")
     for n in range(3):
         (a.root / f"f{n}").write_text("x\n")
@@ -328,11 +329,19 @@ def test_prune_says_how_many_tombstones_are_kept_and_that_it_drops_none(tmp_path
     (a.root / "f0").unlink()
     (a.root / "f1").unlink()
     a("scan")
-    proc = a("prune", check=False)
-    assert proc.returncode == 0 and proc.stdout.startswith("2 tombstones kept")
-    assert "drops none" in proc.stdout
-    kept = [ln.split()[0] for ln in a("dump").stdout.splitlines() if not ln.startswith("#")]
-    assert sorted(kept) == ["f0", "f1", "f2"]  # the tombstones are still there
+
+    def recorded() -> list[str]:
+        return sorted(ln.split()[0] for ln in a("dump").stdout.splitlines()
+                      if not ln.startswith("#"))  # fmt: skip
+
+    out = a("prune", "-n").stdout
+    assert "would drop 2 tombstones every replica has seen (dry run)" in out, out
+    assert recorded() == ["f0", "f1", "f2"]
+    out = a("prune").stdout
+    assert "dropped 2 tombstones every replica has seen" in out and "no tombstones kept" in out
+    assert recorded() == ["f2"]
+    assert a("log", "f0", check=False).returncode == 2  # its history went with it
+    assert json.loads(a("prune", "--json").stdout)["tombstones"] == 0
 
 
 def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
@@ -370,9 +379,28 @@ def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
     assert "b (" in text and "has seen them all" in text
     assert f"{c_id[:8]}: known from its edits only" in text
     assert "d: a peer not met yet" in text
+    assert "none can be dropped while a replica below cannot tell what it has seen" in text
     # On b, a's own deletions are not "unseen by a", whatever b's mark for a says.
     on_b = {r["name"]: r for r in json.loads(b("prune", "--json").stdout)["replicas"]}
     assert on_b["a"]["unseen"] == 0, on_b["a"]
+
+    # Once a has met every replica it knows of, and each has the deletions: dropped.
+    a("peer", "remove", "d")
+    a("sync", c.config)
+    out = a("prune").stdout
+    assert "dropped 2 tombstones" in out and "no tombstones kept" in out, out
+    # Nothing comes back from the replicas that keep them, nor when they drop theirs.
+    for other in (b, c):
+        a("sync", other.config)
+    assert not (a.root / "f0").exists() and not (b.root / "f0").exists()
+    assert "has not acknowledged 2" in b("prune").stdout  # c: not from b yet
+    c("sync", b.config)
+    assert "dropped 2 tombstones" in b("prune").stdout
+    assert "dropped 2 tombstones" in c("prune").stdout
+    for other in (b, c):
+        a("sync", other.config)
+    assert sorted(p.name for p in b.root.iterdir()) == ["f2", "from-c"]
+    assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
 
 
 def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):

@@ -775,3 +775,27 @@ def test_sync_through_the_daemon_reports_a_path_that_keeps_failing(cluster):
     assert (b.root / "precious.txt").exists()
     (b.state / "versions").unlink()
     cluster.wait_converged(what="the deletion, once b can keep the file")
+
+
+def test_prune_with_the_daemon_running_asks_it_to_drop_what_both_have_seen(cluster):
+    a, b = cluster.make("a", "b")
+    (a.root / "old.txt").write_text("to be deleted\n")
+    (a.root / "stays.txt").write_text("stays\n")
+    cluster.start()
+    cluster.wait_converged(what="the files on both")
+    (a.root / "old.txt").unlink()
+    cluster.wait_converged(what="the deletion on both")
+
+    def tombstones(rep) -> list[str]:
+        rows = [ln.split(" ") for ln in rep("dump").stdout.splitlines() if not ln.startswith("#")]
+        return [r[0] for r in rows if r[3] == "D"]
+
+    assert tombstones(a) == ["old.txt"]
+    # Both daemons acknowledge what they got: once each has the other's records, a can drop it.
+    out = cluster.wait_until(lambda: (o := a("prune").stdout) and "asked the running daemon" in o
+                             and o, what="a's prune to find the tombstone seen by b")  # fmt: skip
+    assert "asked the running daemon to drop 1 tombstone every replica has seen" in out
+    cluster.wait_until(lambda: tombstones(a) == [], what="a's daemon to drop it")
+    (b.root / "new.txt").write_text("still syncing\n")
+    cluster.wait_converged(what="a new file after the prune")
+    assert not (a.root / "old.txt").exists() and not (b.root / "old.txt").exists()
