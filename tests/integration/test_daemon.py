@@ -304,12 +304,13 @@ def test_a_full_state_disk_stops_recording_not_the_daemon(cluster):
     """b's database on a small file system that fills up: the scans that cannot be recorded
     are errors in status, the daemon stays up, and once there is room the changes go out."""
     import subprocess
-    import tomllib
+
+    from repld.daemon import config as configmod
 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     a, b = cluster.make("a", "b")
-    state = Path(tomllib.loads(b.config.read_text())["state"])
+    state = configmod.load(b.config).state
     saved = cluster.tmp / "b.state.saved"
     shutil.copytree(state, saved)
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(state)],
