@@ -52,6 +52,7 @@ from ..protocol.version import Order, VersionVector
 from .copyproc import CopyProcess
 from .diskio import (
     COPY_CHUNK,
+    OpenFiles,
     copy_hashed,
     open_regular,
     rename_noreplace,
@@ -63,6 +64,7 @@ from .errors import (
     ChangedOnDisk,
     FsError,
     InTheWay,
+    InUse,
     ParentNotDir,
     ReplError,
     StoreError,
@@ -260,6 +262,10 @@ class Applier:
         self._moved: list[tuple[Step, Step, int]] = []  # (the new file, the removal, its inode)
         self._not_moved: list[Step] = []
         self._replanned: set[str] = set()  # paths _changed planned again (once each)
+        # Which files programs here have open (see diskio.OpenFiles): looked at once per batch
+        # that replaces files, and once per apply, at its first removal of a file.
+        self._open_files: OpenFiles | None = None
+        self._open_at_removals: OpenFiles | None = None
         # ``fetch`` reads the files of a replica on this machine, at this root: new files are
         # copied by a second process once a few have been (see _copy_elsewhere).
         self._source_root = source_root
@@ -1010,6 +1016,9 @@ class Applier:
         ready: list[tuple[_Pending, int]],
         changed: list[tuple[Step, ChangedOnDisk]],
     ) -> None:
+        replacing = [p for p in batch if p.tmp is not None and p.step.expected is not None
+                     and not p.step.expected.deleted and p.step.expected.kind is Kind.FILE]  # fmt: skip
+        self._open_files = OpenFiles() if replacing else None
         for p in batch:
             ino = 0
             if p.fd is not None:
@@ -1041,7 +1050,7 @@ class Applier:
                     _unlink_quiet(p.tmp)
                     self._error(p.step.path, str(FsError(p.step.path, e)))
                     continue
-                except (InTheWay, VersionError) as e:
+                except (InTheWay, InUse, VersionError) as e:
                     _unlink_quiet(p.tmp)
                     self._error(p.step.path, str(e))
                     continue
@@ -1071,7 +1080,8 @@ class Applier:
         anything is there: nothing is replaced that was not planned for."""
         target = self._parents_ok(step.path)  # again: a parent may have become a symlink
         if step.expected is not None and not step.expected.deleted:
-            self._check(step.path, step.expected)
+            st = self._check(step.path, step.expected)
+            self._not_being_written(step.path, st, "replaced by the new version", self._open_files)
             if self._keeper is not None:
                 self._keeper.replacing(step.path, step.record.kind is Kind.FILE,
                                        lost_edit=_drops_local_edit(step))
@@ -1092,6 +1102,17 @@ class Applier:
             os.rename(tmp, target)
             return
         os.unlink(tmp)
+
+    @staticmethod
+    def _not_being_written(
+        path: str, st: os.stat_result | None, what: str, open_files: OpenFiles | None
+    ) -> None:
+        """Raise InUse if a program here has ``path`` (``st``: its lstat) open for writing."""
+        if open_files is None or st is None or not stat.S_ISREG(st.st_mode):
+            return
+        writer = open_files.writer(st)
+        if writer is not None:
+            raise InUse(path, writer, what)
 
     def _new_there(self, path: str) -> ReplError:
         """What to raise when a name is taken by something new: a change to scan and plan
@@ -1209,6 +1230,9 @@ class Applier:
                 self._keep_dir(step, st)
                 return
         elif st is not None:
+            if self._open_at_removals is None:
+                self._open_at_removals = OpenFiles()  # once, at the first removal of a file
+            self._not_being_written(path, st, "removed", self._open_at_removals)
             if self._keeper is not None:
                 self._keeper.removing(path, st)
             os.unlink(self._p(path))

@@ -26,6 +26,49 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+class OpenFiles:
+    """The regular files the processes this user may look at (its own; every one for root)
+    have open, as /proc showed them when this was made: to see whether a file about to be
+    replaced or removed is still being written by a program here (a log, a download, `tee
+    -a`). Replaced by rename, its writer would go on writing into the old file, unlinked: every
+    later write lost. One pass over every descriptor, then a lookup per file."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, int], list[tuple[str, str]]] = {}
+        me = str(os.getpid())
+        try:
+            pids = [e.name for e in os.scandir("/proc") if e.name.isdigit() and e.name != me]
+        except OSError:
+            return
+        for pid in pids:
+            try:
+                with os.scandir(f"/proc/{pid}/fd") as it:
+                    fds = [e.name for e in it]
+            except OSError:
+                continue  # gone, or another user's
+            for fd in fds:
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    self._open.setdefault((st.st_dev, st.st_ino), []).append((pid, fd))
+
+    def writer(self, st: os.stat_result) -> str | None:
+        """Who has the file ``st`` is the lstat of open for writing ("PID (COMMAND)"), if any."""
+        for pid, fd in self._open.get((st.st_dev, st.st_ino), ()):
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    flags = next((int(ln.split()[1], 8) for ln in f if ln.startswith("flags:")), 0)
+                if flags & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
+                    continue
+                with open(f"/proc/{pid}/comm") as f:
+                    return f"{pid} ({f.read().strip()})"
+            except (OSError, ValueError):
+                continue
+        return None
+
+
 def syncfs(path: Path | str) -> None:
     """Flush the file system holding ``path`` (falls back to a global sync)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -134,6 +134,18 @@ class InTheWay(ReplError):
         )
 
 
+class InUse(ReplError):
+    """The file a change from another replica would replace or remove is open for writing by
+    a program here: done once it is closed (the next try), or its later writes would be lost."""
+
+    def __init__(self, path: str, writer: str, what: str):
+        self.path = path
+        super().__init__(
+            f"{path}: open for writing by process {writer} here: {what} once it is closed (else "
+            "what it writes next would be lost); the next try does it"
+        )
+
+
 class ParentNotDir(ChangedOnDisk):
     """A directory on the way to the path is something else on disk (perhaps only until a
     later step of the same apply makes it a directory: a file replaced by a directory)."""

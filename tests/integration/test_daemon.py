@@ -800,3 +800,51 @@ def test_prune_with_the_daemon_running_asks_it_to_drop_what_both_have_seen(clust
     (b.root / "new.txt").write_text("still syncing\n")
     cluster.wait_converged(what="a new file after the prune")
     assert not (a.root / "old.txt").exists() and not (b.root / "old.txt").exists()
+
+
+def test_a_log_still_being_appended_here_loses_no_line_to_a_peers_edit(cluster):
+    """A program appends to a file on b, line by line, while a edits the same file: b must
+    not replace the file under the open descriptor (the lines written after would go to an
+    unlinked file). Every line ends up in the file or its conflict copy, on both."""
+    import subprocess
+    import sys
+
+    a, b = cluster.make("a", "b")
+    (a.root / "app.log").write_text("")
+    cluster.start()
+    cluster.wait_until(lambda: (b.root / "app.log").exists(), what="app.log on b")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys\n"
+         "log = open(sys.argv[1], 'a')\n"
+         "for line in sys.stdin:\n    log.write(line); log.flush()\n", str(b.root / "app.log")],
+        stdin=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for i in range(10):
+            writer.stdin.write(f"b line {i}\n")
+            writer.stdin.flush()
+        cluster.wait_until(lambda: "b line 9" in (a.root / "app.log").read_text(),
+                           what="b's first lines on a")  # fmt: skip
+        with open(a.root / "app.log", "a") as f:
+            f.write("a note\n")
+        cluster.wait_until(lambda: any("open for writing" in e["error"]
+                                       for e in b.status()["errors"]),
+                           what="b to hold a's version back")  # fmt: skip
+        for i in range(10, 20):
+            writer.stdin.write(f"b line {i}\n")
+            writer.stdin.flush()
+        writer.stdin.close()
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+    def every_line_kept() -> bool:
+        for rep in (a, b):
+            text = "".join(p.read_text() for p in rep.root.iterdir() if p.name.startswith("app"))
+            if "a note" not in text or any(f"b line {i}\n" not in text for i in range(20)):
+                return False
+        return cluster.converged()
+
+    cluster.wait_until(every_line_kept, 60, "every line on both, once the writer is done")

@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from helpers import (
     make_replicas,
     snapshot,
     sync_in_process,
+    wait_for,
 )
 from repld.daemon import applier as applier_mod
 from repld.daemon.errors import ChangedOnDisk
@@ -1100,3 +1102,49 @@ def test_a_dry_run_lists_what_changes_files_and_counts_the_rest(tmp_path):
     assert sum(ln.split()[2:3] == ["record"] for ln in verbose.splitlines()) == 30
     c.sync(a)
     assert sorted(p.name for p in c.root.iterdir()) == ["kept.txt"]
+
+
+def test_a_file_a_program_here_is_writing_is_neither_replaced_nor_removed_under_it(tmp_path):
+    """Replaced by rename (or unlinked) while a program here has it open for writing, the file
+    would take that program's next writes with it: a log, `tee -a`, a download. The change
+    waits until the program closes it; then nothing written is lost (a conflict keeps both)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "app.log").write_text("start\n")
+    (a.root / "scratch.txt").write_text("deleted on a\n")
+    a.sync(b)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys\n"
+         "log = open(sys.argv[1], 'a'); tmp = open(sys.argv[2], 'a')\n"
+         "for line in sys.stdin:\n    log.write(line); log.flush()\n",
+         str(b.root / "app.log"), str(b.root / "scratch.txt")],
+        stdin=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        writer.stdin.write("b line 1\n")
+        writer.stdin.flush()
+        wait_for(lambda: "b line 1" in (b.root / "app.log").read_text(), "the first line")
+        b("scan")
+        (a.root / "app.log").write_text("start\nedited on a\n")
+        (a.root / "scratch.txt").unlink()
+        proc = a.sync(b, check=False)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert re.search(r"error: b: app\.log: open for writing by process \d+ \(python", proc.stderr)
+        assert "replaced by the new version once it is closed" in proc.stderr
+        assert "error: b: scratch.txt: open for writing" in proc.stderr and "removed once" \
+            in proc.stderr  # fmt: skip
+        assert (b.root / "scratch.txt").exists()
+        writer.stdin.write("b line 2\n")
+        writer.stdin.close()
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert (b.root / "app.log").read_text() == "start\nb line 1\nb line 2\n"
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    texts = {p.read_text() for p in b.root.iterdir() if p.name.startswith("app")}
+    # Both kept: all the program wrote, and a's edit (and, as the sync met them, b's version
+    # of the moment, a conflict copy made while the program still had the file open).
+    assert {"start\nb line 1\nb line 2\n", "start\nedited on a\n"} <= texts, texts
+    assert not (b.root / "scratch.txt").exists()
