@@ -95,6 +95,38 @@ def sync_in_process(a: Rep, b: Rep) -> Any:
         right.close()
 
 
+class Appender:
+    """A program that holds files open for appending (as a log writer does) and writes each
+    line given to the first: ``with Appender(path, ...) as w: w.line("x")``; it closes them
+    at ``close()`` or at the end of the block."""
+
+    SCRIPT = ("import sys\n"
+              "files = [open(p, 'a') for p in sys.argv[1:]]\n"
+              "for line in sys.stdin:\n    files[0].write(line); files[0].flush()\n")  # fmt: skip
+
+    def __init__(self, *paths: Path):
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, *map(str, paths)],
+                                     stdin=subprocess.PIPE, text=True)  # fmt: skip
+
+    def line(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+    def __enter__(self) -> Appender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None and exc[0] is not None:
+            self.proc.kill()
+        self.close()
+
+
 def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]]:
     """Everything a user would compare: paths, kinds, content, permissions, links (and mtimes)."""
     out: dict[str, tuple[object, ...]] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 from daemons import Cluster, Replica, free_port
-from helpers import REPLD, conflict_copies, run
+from helpers import REPLD, Appender, conflict_copies, run
 
 UNICODE = "ünïcødé € name.txt"
 SPACES = "two  words and more.txt"
@@ -806,23 +806,13 @@ def test_a_log_still_being_appended_here_loses_no_line_to_a_peers_edit(cluster):
     """A program appends to a file on b, line by line, while a edits the same file: b must
     not replace the file under the open descriptor (the lines written after would go to an
     unlinked file). Every line ends up in the file or its conflict copy, on both."""
-    import subprocess
-    import sys
-
     a, b = cluster.make("a", "b")
     (a.root / "app.log").write_text("")
     cluster.start()
     cluster.wait_until(lambda: (b.root / "app.log").exists(), what="app.log on b")
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys\n"
-         "log = open(sys.argv[1], 'a')\n"
-         "for line in sys.stdin:\n    log.write(line); log.flush()\n", str(b.root / "app.log")],
-        stdin=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
+    with Appender(b.root / "app.log") as writer:
         for i in range(10):
-            writer.stdin.write(f"b line {i}\n")
-            writer.stdin.flush()
+            writer.line(f"b line {i}")
         cluster.wait_until(lambda: "b line 9" in (a.root / "app.log").read_text(),
                            what="b's first lines on a")  # fmt: skip
         with open(a.root / "app.log", "a") as f:
@@ -831,14 +821,7 @@ def test_a_log_still_being_appended_here_loses_no_line_to_a_peers_edit(cluster):
                                        for e in b.status()["errors"]),
                            what="b to hold a's version back")  # fmt: skip
         for i in range(10, 20):
-            writer.stdin.write(f"b line {i}\n")
-            writer.stdin.flush()
-        writer.stdin.close()
-        writer.wait(timeout=30)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+            writer.line(f"b line {i}")
 
     def every_line_kept() -> bool:
         for rep in (a, b):

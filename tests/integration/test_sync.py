@@ -10,13 +10,13 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from helpers import (
     REPLD,
+    Appender,
     Rep,
     conflict_copies,
     files_bytes,
@@ -1112,16 +1112,8 @@ def test_a_file_a_program_here_is_writing_is_neither_replaced_nor_removed_under_
     (a.root / "app.log").write_text("start\n")
     (a.root / "scratch.txt").write_text("deleted on a\n")
     a.sync(b)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys\n"
-         "log = open(sys.argv[1], 'a'); tmp = open(sys.argv[2], 'a')\n"
-         "for line in sys.stdin:\n    log.write(line); log.flush()\n",
-         str(b.root / "app.log"), str(b.root / "scratch.txt")],
-        stdin=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        writer.stdin.write("b line 1\n")
-        writer.stdin.flush()
+    with Appender(b.root / "app.log", b.root / "scratch.txt") as writer:
+        writer.line("b line 1")
         wait_for(lambda: "b line 1" in (b.root / "app.log").read_text(), "the first line")
         b("scan")
         (a.root / "app.log").write_text("start\nedited on a\n")
@@ -1133,13 +1125,7 @@ def test_a_file_a_program_here_is_writing_is_neither_replaced_nor_removed_under_
         assert "error: b: scratch.txt: open for writing" in proc.stderr and "removed once" \
             in proc.stderr  # fmt: skip
         assert (b.root / "scratch.txt").exists()
-        writer.stdin.write("b line 2\n")
-        writer.stdin.close()
-        writer.wait(timeout=30)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        writer.line("b line 2")
     assert (b.root / "app.log").read_text() == "start\nb line 1\nb line 2\n"
     a.sync(b)
     assert snapshot(a.root) == snapshot(b.root)
