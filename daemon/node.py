@@ -130,6 +130,9 @@ class PeerLink:
     records_at: float = 0.0  # when a page of records last arrived on this link
     last_hello: float = -10.0  # when we last started a session on this link
     error: str = ""  # the last error that ended a session, for status
+    # The peer took us off its list (error NOT_ADMITTED): said in status, and hellos go on
+    # (HELLO_AGAIN_EVERY), for it may list us again.
+    error_passes: bool = False
     # The last page's count of what the peer still lacks: (when counted, the page's upto,
     # records, bytes); see Node._still_to_send.
     still_to_send: tuple[float, int, int, int] | None = None
@@ -170,6 +173,9 @@ class NodeStats:
 
 
 REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent ones)
+
+
+NOT_ADMITTED = "not-admitted"  # the error code of a peer that took our key off its list
 
 
 @dataclass
@@ -244,6 +250,8 @@ class Node:
         self.keycheck = _KeyCheck(set())
         self.poller = zmq.Poller()
         self._inbox: deque[tuple[PeerLink, list[bytes], wire.Message | None]] = deque()
+        # Connections told their key is no longer admitted here (see _no_longer_admitted).
+        self._told_not_admitted: set[bytes] = set()
         self._pumping = False
         self._pump_published = 0.0
         self._page_in: tuple[PeerLink, int] | None = None  # link of the page applied, bytes then
@@ -453,6 +461,7 @@ class Node:
         self.rep.cfg = cfg
         self._keeper = keeper_for(cfg.root, cfg.versions_dir, cfg.keep_versions)
         self.keycheck.keys = frozenset(p.public_key.encode() for p in cfg.peers)
+        self._told_not_admitted.clear()
         wanted = {p.name: p for p in cfg.peers}
         for link in list(self.links):
             if wanted.get(link.peer.name) != link.peer:
@@ -633,11 +642,31 @@ class Node:
             if link is None:
                 peer = next((p for p in self.cfg.peers if p.public_key == user), None)
                 if peer is None:
-                    continue  # ZAP admitted it, but the config changed since: ignore
+                    self._no_longer_admitted(rid, user)
+                    continue
                 link = PeerLink(peer, rid=rid, connected=True)
                 self.by_rid[rid] = link
                 self.links.append(link)
             self._incoming(link, frames, defer)
+
+    def _no_longer_admitted(self, rid: bytes, key: str | None) -> None:
+        """A replica ZAP admitted on a connection made before this config dropped its key
+        (`repld peer remove`, a key changed): that connection lives on, and ZAP is not asked
+        again. Told once, as a refusal at connection time would be (its status says so), and
+        its key noted as refused here (status prints the `peer add` line that admits it)."""
+        if rid in self._told_not_admitted:
+            return
+        self._told_not_admitted.add(rid)
+        if key:
+            self.keycheck.callback("", key.encode())
+        msg = wire.Error(NOT_ADMITTED, f"{self.cfg.name} no longer admits this replica's key "
+                         f"(its config changed): to sync again, add this replica there with "
+                         "`repld peer add`", fatal=True)  # fmt: skip
+        if self.router is not None:
+            try:
+                self.router.send_multipart([rid, *wire.encode(msg)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
 
     def _recv_dealer(self, link: PeerLink, defer: bool) -> None:
         assert link.dealer is not None
@@ -920,6 +949,8 @@ class Node:
                      "our connection to it" if link.dealer is not None else "its connection to us",
                      h.seq, h.seen)  # fmt: skip
             link.established_at = self.clock()
+            if link.error_passes:
+                link.error, link.error_passes = "", False
             # How far it has our records (from its hello), for `repld export --since` it.
             acked = link.session.confirmed_upto if link.session else 0
             with self.store.transaction():
@@ -950,6 +981,7 @@ class Node:
             )
             if action.error.fatal:
                 link.error = action.error.message
+                link.error_passes = action.error.code == NOT_ADMITTED
         elif isinstance(action, Closed):
             if action.fatal:
                 link.error = action.reason
@@ -1374,7 +1406,8 @@ class Node:
             s = link.session
             if (
                 (s is None or s.state is State.HELLO_SENT)
-                and link.dealer is not None and link.connected and not link.error and not quick
+                and link.dealer is not None and link.connected and not quick
+                and (not link.error or link.error_passes)
                 and now - link.last_hello >= HELLO_AGAIN_EVERY
             ):  # fmt: skip
                 # Connected, but no session: the peer ended ours (it took us off its peers, and

@@ -251,6 +251,12 @@ def test_a_peer_that_lists_us_again_is_greeted_again_without_a_restart(cluster):
     cluster.wait_until(lambda: (d.root / "first.txt").exists(), 30, "first.txt to reach d")
     a("peer", "remove", "d")
     cluster.wait_until(lambda: not d.peer_status("a")["connected"], 30, "d's session to end")
+    # d's connection to a outlives the removal, and ZAP is not asked again on it: a says so,
+    # rather than drop what d sends in silence (d: "not connected", no reason, for ever).
+    cluster.wait_until(lambda: "no longer admits this replica's key"
+                       in (d.peer_status("a")["error"] or ""), 30, "d to be told why")  # fmt: skip
+    assert d.public_key in [r["key"] for r in a.status()["refused"]]
+    assert "no longer admits" in d("status").stdout
     a("peer", "add", "d", unreachable, d.public_key)
     (a.root / "second.txt").write_text("2\n")
     cluster.wait_until(lambda: (d.root / "second.txt").exists(), 45,
