@@ -239,8 +239,10 @@ class Replica:
             + (" (while earlier deletions are held)" if strict and gone * 2 <= before else
                ": more than half of the tree at once")
             + ", so it was not recorded and no peer hears of it. If you meant it, run `repld "
-            "scan --accept-deletes`; if not, put the files back (from a backup, or copied from "
-            "another replica's tree)"
+            "scan --accept-deletes`; if not, put the files back (moved back, from a backup, or "
+            "copied from another replica's tree) without writing over any file there now: "
+            "peers' changes still arrive meanwhile, and a file put over a newer one would win "
+            "over it everywhere (`cp -an SAVED/. DIR/`: -n, never over a file)"
         )  # fmt: skip
 
     def check_root(self, *, accept: bool = False) -> None:
