@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         "drop the tombstones every replica has seen; say which replicas hold the rest back",
         "Tombstones (the records of deleted paths) are what keeps a deletion from coming back "
         "from a replica that has not seen it. This drops those every other replica this one "
-        "knows of has provably seen (with the history of their paths), and lists, for each "
+        "knows of has provably seen (with the history of their paths), and the events of "
+        "files' histories every one of them has seen a later event of, and lists, for each "
         "replica, how many of the rest it has seen: a replica this one synced with (as a daemon "
         "peer, by `repld sync` or by a bundle) has acknowledged them up to a point; of one it "
         "knows only from its edits (they came through another replica), or a peer it has not "
@@ -1246,6 +1247,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif report.droppable:
         print(f"would drop {report.droppable} tombstone{'' if report.droppable == 1 else 's'} "
               "every replica has seen (dry run)")  # fmt: skip
+    if report.history_dropped:
+        print(f"dropped {report.history_dropped} older event(s) of files' histories, every "
+              "replica having seen a later one (`repld log` keeps each path's newest)")  # fmt: skip
     print(f"{n or 'no'} tombstone{'' if n == 1 else 's'} kept (about "
           f"{_human(report.tombstone_bytes)} of database)"
           + (": none can be dropped while a replica below cannot tell what it has seen"

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from ..protocol.version import VersionVector
 from .control import iso_time
 from .replica import Replica
+from .store import Store
 
 HOW_SYNCED = "synced"  # a daemon peer, a one-shot sync or a bundle: it acknowledged our records
 HOW_CONFIGURED = "configured"  # a peer in the config this replica has not exchanged records with
@@ -52,6 +53,7 @@ class PruneReport:
     holders: list[Holder]
     droppable_rows: list[tuple[str, int]]  # (path, seq) of the tombstones every holder has seen
     dropped: int = 0
+    history_dropped: int = 0  # events of live paths, older than one every replica has seen
 
     @property
     def droppable(self) -> int:
@@ -68,6 +70,7 @@ class PruneReport:
             "tombstone_bytes": self.tombstone_bytes,
             "droppable": self.droppable,
             "dropped": self.dropped,
+            "history_dropped": self.history_dropped,
             "replicas": [
                 asdict(h) | {"last_sync": iso_time(h.last_sync / 1e9) if h.last_sync else None}
                 for h in self.holders
@@ -78,10 +81,7 @@ class PruneReport:
 def prune_report(rep: Replica) -> PruneReport:
     store = rep.store
     me = store.replica_id
-    count, size = store.execute(
-        "SELECT COUNT(*), COALESCE(SUM(LENGTH(path) + LENGTH(version) + 150), 0) "
-        "FROM records WHERE deleted = 1"
-    ).fetchone()
+    count, size = _tombstones(store)
     holders: list[Holder] = []
     met: set[str] = {me}
     names: set[str] = set()
@@ -116,9 +116,11 @@ def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int]]:
 
 def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
     """Drop the tombstones every replica this one knows of has seen, with the history of
-    their paths (nothing is at those paths anywhere any more); the report says what was."""
+    their paths (nothing is at those paths anywhere any more), and of the other paths' history
+    the events every one of them has seen a later event of (a file's history would otherwise
+    grow with every save); the report says what was."""
     report = prune_report(rep)
-    if dry_run or not report.droppable_rows:
+    if dry_run or report.blocked_by:
         return report
     store = rep.store
     dropped = 0
@@ -129,7 +131,27 @@ def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
                              (path, seq)).rowcount:  # fmt: skip
                 store.execute("DELETE FROM history WHERE path = ?", (path,))
                 dropped += 1
-    return dataclasses.replace(report, dropped=dropped, tombstones=report.tombstones - dropped)
+        seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)
+        history = store.execute(
+            # An event goes once every replica has seen a later one of its path: the newest
+            # of a path stays (what `repld log` says of its current state), and so does the
+            # newest every replica has seen while a later one is on its way.
+            "DELETE FROM history WHERE seq < (SELECT MAX(h.seq) FROM history AS h "
+            "WHERE h.path = history.path AND h.seq <= ?)",
+            (seen_by_all,),
+        ).rowcount
+    count, size = _tombstones(store)
+    return dataclasses.replace(report, dropped=dropped, tombstones=count, tombstone_bytes=size,
+                               history_dropped=history)  # fmt: skip
+
+
+def _tombstones(store: Store) -> tuple[int, int]:
+    """How many tombstones, and about how many bytes of database their rows take."""
+    count, size = store.execute(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(path) + LENGTH(version) + 150), 0) "
+        "FROM records WHERE deleted = 1"
+    ).fetchone()
+    return int(count), int(size)
 
 
 def _unseen_after(rep: Replica, acked: int, rid: str) -> tuple[int, str | None]:

@@ -344,6 +344,37 @@ def test_prune_drops_the_tombstones_no_other_replica_needs(tmp_path):
     assert json.loads(a("prune", "--json").stdout)["tombstones"] == 0
 
 
+def test_prune_keeps_a_files_history_from_growing_with_every_save(tmp_path):
+    """DESIGN: no unbounded histories. Events every replica has seen a later one of go; the
+    newest stays, and events a replica has not acknowledged yet stay too."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    log = a.root / "app.log"
+    for i in range(6):
+        with open(log, "a") as f:
+            f.write(f"line {i}\n")
+        a("scan")
+    a.sync(b)
+    with open(log, "a") as f:
+        f.write("not synced yet\n")
+    a("scan")
+
+    def events() -> list[dict]:
+        return json.loads(a("log", "app.log", "--json").stdout)["events"]
+
+    assert len(events()) == 7  # 6 saves b has, and the last one
+    out = a("prune").stdout
+    assert "older event(s) of files' histories" in out, out
+    kept = events()
+    # b acknowledged a's records up to the sync: what came before it goes, save the newest of
+    # those; the save b has not seen stays.
+    assert len(kept) == 2 and kept[-1]["size"] == log.stat().st_size, kept
+    a.sync(b)
+    a("prune")
+    assert len(events()) == 1
+    assert json.loads(a("prune", "--json").stdout)["history_dropped"] == 0
+    assert b("log", "app.log").returncode == 0
+
+
 def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
     a, b, c = make_replicas(tmp_path, "a", "b", "c")
     for n in range(3):
