@@ -133,6 +133,7 @@ class PeerLink:
     # The peer took us off its list (error NOT_ADMITTED): said in status, and hellos go on
     # (HELLO_AGAIN_EVERY), for it may list us again.
     error_passes: bool = False
+    unanswered: str = ""  # the dial finds nothing listening there (see _monitor); for status
     # The last page's count of what the peer still lacks: (when counted, the page's upto,
     # records, bytes); see Node._still_to_send.
     still_to_send: tuple[float, int, int, int] | None = None
@@ -175,6 +176,7 @@ class NodeStats:
 REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent ones)
 
 
+SERVING_FOR = 2.0  # s after a peer last fetched from us that status still says "syncing"
 NOT_ADMITTED = "not-admitted"  # the error code of a peer that took our key off its list
 
 
@@ -250,6 +252,7 @@ class Node:
         self.keycheck = _KeyCheck(set())
         self.poller = zmq.Poller()
         self._inbox: deque[tuple[PeerLink, list[bytes], wire.Message | None]] = deque()
+        self._served_at = -SERVING_FOR  # when a peer last fetched blocks from this replica
         # Connections told their key is no longer admitted here (see _no_longer_admitted).
         self._told_not_admitted: set[bytes] = set()
         self._pumping = False
@@ -428,6 +431,7 @@ class Node:
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_CONNECT_RETRIED
         )
         s.connect(peer.endpoint)
         link = PeerLink(peer, dealer=s, monitor=mon)
@@ -743,8 +747,19 @@ class Node:
             except zmq.Again:
                 return
             kind = ev["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if kind == zmq.EVENT_CONNECT_RETRIED:
+                # Nothing accepts the connection there (refused, or no route): said in the
+                # peer's status, which would else say only "not connected" (a wrong port looks
+                # the same as a machine that is off). Not an error that ends anything.
+                if not link.unanswered:
+                    link.unanswered = (
+                        f"nothing answers at {link.peer.endpoint} (since "
+                        f"{iso_time(time.time())}): the machine off or asleep, its daemon "
+                        "stopped, or a wrong address or port"
+                    )
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 link.connected = True
+                link.unanswered = ""
                 link.error = ""
                 log.info(
                     "%s: connected to %s%s",
@@ -969,6 +984,7 @@ class Node:
             self._apply_page(link, action)
             link.records_at = self.clock()  # (a long page is not a silence)
         elif isinstance(action, ServeBlocks):
+            self._served_at = self.clock()
             self._send(link, serve(self.store, self.cfg.root, action.request))
         elif isinstance(action, BlocksArrived):
             self.transfers.arrived(action.reply)
@@ -1549,6 +1565,13 @@ class Node:
             # (A burst of deletions waits for a whole scan once the tree is quiet.)
             else "scanning"
             if self._settle_at is not None and self.state == "idle"
+            # Files on their way here, or a peer fetching from this one lately (sending is
+            # syncing too; a peer that needs files and fetches none, paused, is not).
+            else "syncing"
+            if self.state == "idle" and (
+                now - self._served_at < SERVING_FOR
+                or any(p["connected"] and p["need_files"] for p in peers)
+            )
             else self.state,
             "pid": os.getpid(),
             "local": {
@@ -1600,6 +1623,7 @@ class Node:
                 need_bytes = max(0, need_bytes - got)
             seen = max((lk.last_seen_wall for lk in links), default=0.0)
             errs = [lk.error for lk in links if lk.error]
+            errs += [lk.unanswered for lk in links if lk.unanswered and s is None]
             peers.append(
                 {
                     "name": p.name,

@@ -831,3 +831,22 @@ def test_a_log_still_being_appended_here_loses_no_line_to_a_peers_edit(cluster):
         return cluster.converged()
 
     cluster.wait_until(every_line_kept, 60, "every line on both, once the writer is done")
+
+
+def test_a_peer_at_an_address_where_nothing_answers_is_said_so(cluster):
+    """A wrong port (or a machine that is off) showed only "not connected, last seen never"."""
+    a, b = cluster.make("a", "b", links=[])
+    wrong = f"tcp://127.0.0.1:{free_port()}"
+    a.add_peer_key("b", wrong, b.public_key)
+    a.start()
+    peer = cluster.wait_until(lambda: (p := a.peer_status("b")) and p["error"] and p,
+                              what="a to say nothing answers")  # fmt: skip
+    assert f"nothing answers at {wrong}" in peer["error"] and not peer["connected"], peer
+    assert "wrong address or port" in a("status").stdout
+    # The right address: connected, and the note goes.
+    a("peer", "remove", "b")
+    a.add_peer(b)
+    b.add_peer(a)
+    b.start()
+    cluster.wait_until(lambda: (p := a.peer_status("b")) and p["connected"] and not p["error"],
+                       what="a connected to b, the note gone")  # fmt: skip

@@ -24,18 +24,26 @@ def test_the_sender_does_not_say_in_sync_while_the_peer_still_fetches(tmp_path):
         )
         samples = []
 
+        states = []
+
         def arrived() -> bool:
-            peer = a.peer_status("b")
+            st = a.status()
+            peer = st and next(p for p in st["peers"] if p["name"] == "b")
             there = (b.root / "big.bin").exists() and (b.root / "big.bin").stat().st_size == want
             samples.append(
                 (bool(peer and peer["in_sync"]), there, peer and peer["peer_need_files"])
             )
+            if st and not there:
+                states.append(st["state"])
             return there and samples[-1][0]
 
         cluster.wait_until(arrived, what="b to have the file and a to know it", timeout=60)
         early = [s for s in samples if s[0] and not s[1]]
         assert not early, f"a said b was in sync before b had the file: {samples}"
         assert any(need for _, there, need in samples if not there) or samples[0][1]
+        # Sending is syncing: a said "idle" while b fetched the file from it (a trial's note).
+        assert not states or "syncing" in states, states
+        cluster.wait_until(lambda: a.status()["state"] == "idle", what="a idle once b has it")
 
 
 def test_counts_are_exact_as_soon_as_nothing_more_is_on_its_way(tmp_path):
