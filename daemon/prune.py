@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from ..protocol.version import VersionVector
 from .control import iso_time
 from .replica import Replica
-from .store import Store
+from .store import PRUNED_FLOOR, Store
 
 HOW_SYNCED = "synced"  # a daemon peer, a one-shot sync or a bundle: it acknowledged our records
 HOW_CONFIGURED = "configured"  # a peer in the config this replica has not exchanged records with
@@ -123,14 +123,26 @@ def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
     if dry_run or report.blocked_by:
         return report
     store = rep.store
+    me = store.replica_id
     dropped = 0
+    floor = store.pruned_floor
     with store.transaction():
         for path, seq in report.droppable_rows:
             # (Still that tombstone: nothing recorded since the report was made.)
-            if store.execute("DELETE FROM records WHERE path = ? AND seq = ? AND deleted = 1",
-                             (path, seq)).rowcount:  # fmt: skip
-                store.execute("DELETE FROM history WHERE path = ?", (path,))
-                dropped += 1
+            rows = store.execute(
+                "SELECT version FROM records WHERE path = ? AND seq = ? AND deleted = 1",
+                (path, seq),
+            ).fetchall()
+            if not rows:
+                continue
+            # Another replica may keep this tombstone a while: a file made at this path here
+            # later must count higher for this replica, or the tombstone would delete it.
+            floor = max(floor, dict(VersionVector.decode(str(rows[0][0])).entries).get(me, 0))
+            store.execute("DELETE FROM records WHERE path = ? AND seq = ?", (path, seq))
+            store.execute("DELETE FROM history WHERE path = ?", (path,))
+            dropped += 1
+        if floor > store.pruned_floor:
+            store.set_meta(PRUNED_FLOOR, str(floor))
         seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)
         history = store.execute(
             # An event goes once every replica has seen a later one of its path: the newest

@@ -187,6 +187,7 @@ class Scanner:
         self._later: dict[str, Record] = {}
         # Old paths of files found moved, tombstoned already in this scan (see _tombstone_now).
         self._moved_away: set[str] = set()
+        self._fresh = VersionVector()  # what a path with no record starts from (see scan)
         self._first_version = VersionVector().bump(self.me).encode()
         # What a path never recorded here is: new, or found at a join (see Action.ADOPT).
         self._create = Action.ADOPT if adopt else Action.CREATE
@@ -198,6 +199,12 @@ class Scanner:
         self.stats = ScanStats()
         self._start_seq = self.store.seq
         self._later, self._moved_away = {}, set()
+        # A path with no record may have had one that prune dropped, a tombstone other
+        # replicas may still hold: this replica's first event on it must count higher than any
+        # of its events on the paths pruned, or that tombstone would win over it.
+        floor = self.store.pruned_floor
+        self._fresh = VersionVector(((self.me, floor),)) if floor else VersionVector()
+        self._first_version = self._fresh.bump(self.me).encode()
         try:
             self._scan(paths)
         finally:
@@ -442,7 +449,7 @@ class Scanner:
     # -- one entry ----------------------------------------------------------------------------
 
     def _event(self, rec: Record | None, new: Record, action: Action) -> None:
-        base = rec.version if rec is not None else VersionVector()
+        base = rec.version if rec is not None else self._fresh
         guid = rec.guid if rec is not None and not rec.deleted else new.guid
         self.store.put(new.with_(version=base.bump(self.me), action=action, guid=guid), local=True)
         if action in (Action.CREATE, Action.ADOPT):
@@ -508,10 +515,10 @@ class Scanner:
         elif moved is not None:
             # The destination may have a history here (a tombstone, another kind): continue it,
             # or other replicas' newer record of the path would win over the moved file.
-            base = rec.version if rec is not None else VersionVector()
+            base = rec.version if rec is not None else self._fresh
             version, guid, action = base.bump(self.me), moved.guid, Action.CREATE
         else:
-            base = rec.version if rec is not None else VersionVector()
+            base = rec.version if rec is not None else self._fresh
             version, guid, action = base.bump(self.me), new_guid(), self._create
             if rec is not None and rec.kind is not Kind.DIR and not rec.deleted:
                 action = Action.UPDATE  # a symlink became a file

@@ -38,6 +38,7 @@ from .errors import StoreBusy, StoreError
 
 SCHEMA_VERSION = 1
 PAGE = 1000
+PRUNED_FLOOR = "pruned_floor"  # meta key: see Store.pruned_floor
 # Parents of the rows an open transaction wrote that the store keeps track of, at the most (one
 # path per directory written to); past it, reads no longer go around the writer thread.
 MAX_TX_PARENTS = 100_000
@@ -830,6 +831,12 @@ class Store:
         """A value of the meta table (tree id, replica id, and notes such as ``fs_checked``)."""
         row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
+
+    @property
+    def pruned_floor(self) -> int:
+        """The highest count of this replica's own events in the version of a tombstone prune
+        dropped: its next first event on a path counts from there (see Scanner.scan)."""
+        return int(self.meta(PRUNED_FLOOR) or 0)
 
     def set_meta(self, key: str, value: str) -> None:
         """Set a note in the meta table, in its own transaction (or the caller's)."""

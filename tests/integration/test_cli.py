@@ -344,6 +344,34 @@ def test_prune_drops_the_tombstones_no_other_replica_needs(tmp_path):
     assert json.loads(a("prune", "--json").stdout)["tombstones"] == 0
 
 
+def test_a_file_made_again_where_a_tombstone_was_pruned_beats_the_tombstone_elsewhere(tmp_path):
+    """After a prune here, another replica may keep the tombstone a while: the file made here
+    again at that path (new, or renamed there) must win over it, not be deleted everywhere
+    (a new-user trial lost both files that way: the version count started again at 1)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    for name in ("f1", "x", "y", "stays"):
+        (a.root / name).write_text(f"{name} v1\n")
+    for n in range(3):  # a few events on f1 and x: their tombstones count higher than 1
+        (a.root / "f1").write_text(f"f1 v{n + 2}\n")
+        (a.root / "x").write_text(f"x v{n + 2}\n")
+        a("scan")
+    a.sync(b)
+    (a.root / "f1").unlink()
+    (a.root / "x").unlink()
+    a.sync(b)
+    assert "dropped 2 tombstones" in a("prune").stdout  # b keeps its own
+    (a.root / "f1").write_text("brand new content\n")
+    (a.root / "y").rename(a.root / "x")
+    out = a.sync(b, "-v").stdout
+    assert "a: 0 files written (0 B, 0 from local copies), 0 deleted" in out, out
+    assert "delete  f1" not in out and "delete  x" not in out, out
+    assert (b.root / "f1").read_text() == "brand new content\n"
+    assert (b.root / "x").read_text() == "y v1\n" and not (b.root / "y").exists()
+    assert snapshot(a.root) == snapshot(b.root)
+    # And on a daemon-less rescan, nothing changes its mind.
+    assert "0 created, 0 updated, 0 deleted" in a("scan").stdout
+
+
 def test_prune_keeps_a_files_history_from_growing_with_every_save(tmp_path):
     """DESIGN: no unbounded histories. Events every replica has seen a later one of go; the
     newest stays, and events a replica has not acknowledged yet stay too."""
