@@ -49,6 +49,7 @@ from .errors import ReplError, TreeMismatchError, UsageError
 from .localsync import prefer_policy, pull_applier, pull_steps, rules_widened
 from .replica import Replica
 from .scanner import ScanStats
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +437,15 @@ class _ContentReader:
 # -- import ---------------------------------------------------------------------------------------
 
 
+def _unseen(bundle: Bundle, store: Store) -> Iterator[Record]:
+    """The bundle's records this replica has not had from the exporter already: those up to
+    the mark it keeps for the exporter were applied (a sync, a bundle), and may be older than
+    what is here now, or than what a prune dropped (an old bundle would bring deleted files
+    back)."""
+    had = store.peer_mark(bundle.replica_id).seen_seq
+    return (r for r in bundle.records() if r.seq > had)
+
+
 def import_bundle(
     rep: Replica,
     bundle: Bundle,
@@ -464,7 +474,7 @@ def import_bundle(
     with store.transaction(commit=False) if dry_run else nullcontext():
         report.scan = rep.scan(clean_temp=not dry_run)
         rep.rules_widened = False  # (the scan forgot the marks already)
-        steps = pull_steps(rep, bundle.records(), policy=policy)
+        steps = pull_steps(rep, _unseen(bundle, store), policy=policy)
         if dry_run:
             report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
             return report
@@ -476,7 +486,7 @@ def import_bundle(
         # under the old ones: once more (what is here already merges as equal).
         applier = pull_applier(rep, bundle.open, bundle.get, via=f"bundle from {bundle.name}",
                                policy=policy, verbose=verbose, progress=progress)  # fmt: skip
-        report.stats.merge(applier.apply(pull_steps(rep, bundle.records(), policy=policy)))
+        report.stats.merge(applier.apply(pull_steps(rep, _unseen(bundle, store), policy=policy)))
     report.steps = report.stats.done
     report.stats.errors = [
         # (The applier's words are for a file that changed since its scan: here it is the bundle.)

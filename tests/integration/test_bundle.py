@@ -313,3 +313,25 @@ def test_a_bundle_that_starts_after_what_the_importer_has_says_so(tmp_path):
     a("export", full)
     c("import", full)
     assert (c.root / "one.txt").exists()
+
+
+def test_an_old_bundle_brings_nothing_back_that_the_importer_had_already(tmp_path):
+    """A bundle older than what the importer has of its exporter (a stick found in a drawer):
+    its records up to the importer's mark were applied already, and may be older than what is
+    there now, or than tombstones pruned since: taken again, deleted files came back."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "x.txt").write_text("to be deleted\n")
+    (a.root / "kept.txt").write_text("v1\n")
+    old = tmp_path / "old.bundle"
+    a("export", old)
+    a.sync(b)
+    (a.root / "x.txt").unlink()
+    (a.root / "kept.txt").write_text("v2\n")
+    a.sync(b)
+    for rep in (a, b):
+        assert "dropped 1 tombstone" in rep("prune").stdout
+    out = b("import", old, "-v").stdout
+    assert "write" not in out, out
+    assert not (b.root / "x.txt").exists() and (b.root / "kept.txt").read_text() == "v2\n"
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root) and not (a.root / "x.txt").exists()
