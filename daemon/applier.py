@@ -207,10 +207,15 @@ class Applier:
         check_root: Callable[[], None] | None = None,
         source_root: str | None = None,
         keeper: Keeper | None = None,
+        source_keeper: Keeper | None = None,
     ):
         self.store = store
         # Keeps what a removal or a rewrite takes out of the tree, as the config says (versions).
         self._keeper = keeper
+        # The source's, when it is a replica on this machine (a one-shot sync): an edit there
+        # that loses a conflict here with no copy is kept there, before the other pass of the
+        # sync writes over it (its daemon, were it the one applying, would keep it itself).
+        self._source_keeper = source_keeper
         # Raises RootChanged if the root is no longer the replica's own directory: asked before
         # each batch is installed and before each removal, so that a disk unmounted (or a root
         # moved aside) in the middle of an apply stops it, rather than fill the stranger.
@@ -1168,6 +1173,12 @@ class Applier:
             c = step.conflict
             note = f"conflict resolved: {c.winner.value} wins ({c.reason})"
             self.stats.conflicts += 1
+            if c.copy is None and c.winner is Side.LOCAL and self._source_keeper is not None:
+                try:
+                    self._source_keeper.replacing(step.path, True, lost_edit=True)
+                except VersionError as e:
+                    log.warning("%s: the losing edit on the other replica is not kept: %s",
+                                step.path, e)  # fmt: skip
         self.store.put(rec, local=local, via=self.via, note=note, ino=ino)
         if moved:
             self.stats.moved += step.op is Op.WRITE

@@ -30,7 +30,7 @@ from .errors import ReplError, RolledBack, TreeMismatchError
 from .replica import Replica
 from .scanner import ScanStats
 from .store import PAGE
-from .versions import keeper_for
+from .versions import Keeper, keeper_for
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +233,12 @@ def pull_applier(
     verbose: bool,
     progress: Callable[[ApplyStats], None] | None,
     source_root: str | None = None,
+    source_keeper: Keeper | None = None,
 ) -> Applier:
     """The applier for ``pull_steps`` from a source whose records ``source`` looks up by path:
     a local file that changed under it is scanned, and the source's record planned again.
-    ``source_root``: ``fetch`` reads the files of a replica on this machine there."""
+    ``source_root``: ``fetch`` reads the files of a replica on this machine there, and
+    ``source_keeper`` keeps its versions (of an edit there that loses a conflict here)."""
     me = into.store.replica_id
 
     def replan(step: Step) -> list[Step]:
@@ -260,6 +262,7 @@ def pull_applier(
         check_root=into.check_root,
         source_root=source_root,
         keeper=keeper_for(into.root, into.cfg.versions_dir, into.cfg.keep_versions),
+        source_keeper=source_keeper,
     )
 
 
@@ -289,7 +292,9 @@ def _pass(
         report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
         return report
     applier = pull_applier(into, _opener(src), src.store.get, via=src.cfg.name, policy=policy,
-                           verbose=verbose, progress=progress, source_root=str(src.root))  # fmt: skip
+                           verbose=verbose, progress=progress, source_root=str(src.root),
+                           source_keeper=keeper_for(src.root, src.cfg.versions_dir,
+                                                    src.cfg.keep_versions))  # fmt: skip
     report.stats = applier.apply(steps)
     report.steps = report.stats.done
     if report.stats.stale_sources:

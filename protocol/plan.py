@@ -52,7 +52,8 @@ class Step:
         text = f"{self.op.value:7} {escape(self.path)}"
         if self.conflict is not None:
             c = self.conflict
-            kept = f", loser kept as {escape(c.copy.path)}" if c.copy else ", loser dropped"
+            kept = (f", loser kept as {escape(c.copy.path)}" if c.copy
+                    else ", no conflict copy: the loser is in its replica's `repld versions`")
             text += f"  [conflict: {c.winner.value} wins ({c.reason}){kept}]"
         elif self.note:
             text += f"  [{escape_note(self.note)}]"

@@ -255,12 +255,22 @@ def test_an_edit_that_loses_a_conflict_with_no_copy_is_kept(tmp_path):
     (a.root / "notes.txt").write_text("a's edit, about to lose\n")
     (b.root / "notes.txt").write_text("b's edit wins\n")
     out = a.sync(b, "--prefer", "remote", "-v").stdout
-    assert "loser dropped" in out
+    assert "no conflict copy: the loser is in its replica's `repld versions`" in out
     assert (a.root / "notes.txt").read_text() == "b's edit wins\n"
     kept = versions(a)
     assert [v["path"] for v in kept] == ["notes.txt"]
     assert Path(kept[0]["file"]).read_text() == "a's edit, about to lose\n"
     assert versions(b) == []  # b's own edit won: nothing of b's left its tree
+
+    # The other way round: --prefer local from a drops b's edit, which the sync's other pass
+    # then writes over on b. Kept on b, where it was made (a trial found it in neither).
+    (a.root / "notes.txt").write_text("a's edit wins this time\n")
+    (b.root / "notes.txt").write_text("b's edit, about to lose\n")
+    a.sync(b, "--prefer", "local")
+    assert (b.root / "notes.txt").read_text() == "a's edit wins this time\n"
+    kept = versions(b)
+    assert [v["path"] for v in kept] == ["notes.txt"], kept
+    assert Path(kept[0]["file"]).read_text() == "b's edit, about to lose\n"
 
 
 def test_delete_frees_the_room_versions_take(tmp_path):
