@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -1220,36 +1221,40 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import HOW_CONFIGURED, HOW_SYNCED, prune, prune_report
+    from .prune import HOW_CONFIGURED, HOW_SYNCED, prune
 
     asked = False
     try:
         with open_replica(args.config, write=not args.dry_run) as rep:
             report = prune(rep, dry_run=args.dry_run)
     except StoreBusy as busy:
-        # The daemon holds the database: it drops them, in its own loop.
+        # The daemon holds the database: it drops them, in its own loop; what it did is read
+        # back once it has (the figures of before, else: a dry run's).
         cfg = _daemon_holds(args.config, busy)
         with open_replica(args.config, write=False) as rep:
-            report = prune_report(rep)
-        if not args.dry_run and report.droppable:
+            report = prune(rep, dry_run=True)
+        if not args.dry_run and (report.droppable or report.history_dropped):
             control.request(cfg, "prune")
             asked = True
+            report = _pruned_by_daemon(args.config, report)
+    dry = args.dry_run or (asked and not report.dropped and not report.history_dropped)
     if args.json:
-        _print_json(report.to_json() | {"asked_daemon": asked})
+        _print_json(report.to_json() | {"asked_daemon": asked, "dry_run": args.dry_run})
         return 0
-    n, d = report.tombstones, report.dropped
+    n, d, h = report.tombstones, report.dropped, report.history_dropped
+    by = " (by the running daemon)" if asked else ""
     if d:
         print(f"dropped {d} tombstone{'' if d == 1 else 's'} every replica has seen, with the "
-              "history of their paths")  # fmt: skip
-    elif asked:
-        print(f"asked the running daemon to drop {report.droppable} tombstone"
-              f"{'' if report.droppable == 1 else 's'} every replica has seen")  # fmt: skip
-    elif report.droppable:
+              f"history of their paths{by}")  # fmt: skip
+    elif report.droppable and dry:
         print(f"would drop {report.droppable} tombstone{'' if report.droppable == 1 else 's'} "
-              "every replica has seen (dry run)")  # fmt: skip
-    if report.history_dropped:
-        print(f"dropped {report.history_dropped} older event(s) of files' histories, every "
-              "replica having seen a later one (`repld log` keeps each path's newest)")  # fmt: skip
+              "every replica has seen" + (" (dry run)" if args.dry_run else ""))  # fmt: skip
+    if h:
+        print(f"{'would drop' if dry else 'dropped'} {h} older event(s) of files' histories, "
+              "every replica having seen a later one (`repld log` keeps each path's newest)"
+              + by)  # fmt: skip
+    if asked and dry:
+        print("asked the running daemon to do it; it has not yet (its journal says when)")
     print(f"{n or 'no'} tombstone{'' if n == 1 else 's'} kept (about "
           f"{_human(report.tombstone_bytes)} of database)"
           + (": none can be dropped while a replica below cannot tell what it has seen"
@@ -1271,6 +1276,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"  {who}: known from its edits only, never synced with this replica: "
                   "cannot tell what it has seen")  # fmt: skip
     return 0
+
+
+PRUNE_WAIT = 10.0  # s that `repld prune` waits for a running daemon to have pruned
+
+
+def _pruned_by_daemon(config: Path | None, before: Any) -> Any:
+    """What the daemon asked to prune did, read back from the database once it has done it
+    (PRUNE_WAIT at most: then ``before``, a dry run's figures)."""
+    from .prune import prune
+
+    deadline = time.monotonic() + PRUNE_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        with open_replica(config, write=False) as rep:
+            after = prune(rep, dry_run=True)
+        if after.tombstones < before.tombstones or (
+            not before.droppable and after.history_dropped < before.history_dropped
+        ):
+            return dataclasses.replace(
+                after,
+                dropped=before.tombstones - after.tombstones,
+                history_dropped=before.history_dropped - after.history_dropped,
+            )
+    return before
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -114,15 +114,28 @@ def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int]]:
     ]
 
 
+# The history events every replica has seen a later event of (the parameter: the sequence
+# number every one has acknowledged): the newest of a path stays (what `repld log` says of its
+# current state), and so does the newest every replica has seen while a later one is on its way.
+_OLD_EVENTS = (
+    "seq < (SELECT MAX(h.seq) FROM history AS h WHERE h.path = history.path AND h.seq <= ?)"
+)
+
+
 def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
     """Drop the tombstones every replica this one knows of has seen, with the history of
     their paths (nothing is at those paths anywhere any more), and of the other paths' history
     the events every one of them has seen a later event of (a file's history would otherwise
     grow with every save); the report says what was."""
     report = prune_report(rep)
-    if dry_run or report.blocked_by:
+    if report.blocked_by:
         return report
     store = rep.store
+    seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)
+    if dry_run:
+        (history,) = store.execute(f"SELECT COUNT(*) FROM history WHERE {_OLD_EVENTS}",
+                                   (seen_by_all,)).fetchone()  # fmt: skip
+        return dataclasses.replace(report, history_dropped=int(history))
     me = store.replica_id
     dropped = 0
     floor = store.pruned_floor
@@ -143,15 +156,8 @@ def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
             dropped += 1
         if floor > store.pruned_floor:
             store.set_meta(PRUNED_FLOOR, str(floor))
-        seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)
-        history = store.execute(
-            # An event goes once every replica has seen a later one of its path: the newest
-            # of a path stays (what `repld log` says of its current state), and so does the
-            # newest every replica has seen while a later one is on its way.
-            "DELETE FROM history WHERE seq < (SELECT MAX(h.seq) FROM history AS h "
-            "WHERE h.path = history.path AND h.seq <= ?)",
-            (seen_by_all,),
-        ).rowcount
+        history = store.execute(f"DELETE FROM history WHERE {_OLD_EVENTS}",
+                                (seen_by_all,)).rowcount  # fmt: skip
     count, size = _tombstones(store)
     return dataclasses.replace(report, dropped=dropped, tombstones=count, tombstone_bytes=size,
                                history_dropped=history)  # fmt: skip

@@ -390,6 +390,8 @@ def test_prune_keeps_a_files_history_from_growing_with_every_save(tmp_path):
         return json.loads(a("log", "app.log", "--json").stdout)["events"]
 
     assert len(events()) == 7  # 6 saves b has, and the last one
+    assert "would drop 5 older event(s)" in a("prune", "-n").stdout
+    assert len(events()) == 7
     out = a("prune").stdout
     assert "older event(s) of files' histories" in out, out
     kept = events()
