@@ -712,6 +712,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         cfg = configmod.load(args.config)
         if cfg.peer(args.target):
             return _sync_peer(args)
+        if target.exists() and not target.is_dir():
+            raise UsageError(f"{args.target} is not a regular file: sync takes the other "
+                             "replica's config file, or the name of a peer")  # fmt: skip
         if target.is_dir():
             found = sorted(str(p) for p in target.glob("*.toml") if p.is_file())
             hint = f" (there: {', '.join(found)})" if found else ""

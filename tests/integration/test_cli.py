@@ -229,6 +229,7 @@ def test_paths_are_taken_as_a_user_means_them_and_mistakes_exit_2(tmp_path):
         (["sync", tmp_path], f"is a directory: sync takes the other replica's config file, the "
                              f"one `repld init` wrote (there: {a.config}, {b.config}"),
         (["sync", b.root], "is a directory"),
+        (["sync", "/dev/null"], "/dev/null is not a regular file"),
         (["scan", "nosuch"], "not in the tree"),
         (["sync"], "required: TARGET\n"),
     ]:
