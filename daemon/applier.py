@@ -58,6 +58,7 @@ from .diskio import (
     rename_noreplace,
     special_kind,
     syncfs,
+    written_elsewhere,
 )
 from .errors import (
     ApplyStopped,
@@ -1021,9 +1022,7 @@ class Applier:
         ready: list[tuple[_Pending, int]],
         changed: list[tuple[Step, ChangedOnDisk]],
     ) -> None:
-        replacing = [p for p in batch if p.tmp is not None and p.step.expected is not None
-                     and not p.step.expected.deleted and p.step.expected.kind is Kind.FILE]  # fmt: skip
-        self._open_files = OpenFiles() if replacing else None
+        self._open_files = None  # looked at when first needed, once per batch
         for p in batch:
             ino = 0
             if p.fd is not None:
@@ -1086,7 +1085,7 @@ class Applier:
         target = self._parents_ok(step.path)  # again: a parent may have become a symlink
         if step.expected is not None and not step.expected.deleted:
             st = self._check(step.path, step.expected)
-            self._not_being_written(step.path, st, "replaced by the new version", self._open_files)
+            self._not_being_written(step.path, st, "replaced by the new version")
             if self._keeper is not None:
                 self._keeper.replacing(step.path, step.record.kind is Kind.FILE,
                                        lost_edit=_drops_local_edit(step))
@@ -1108,14 +1107,28 @@ class Applier:
             return
         os.unlink(tmp)
 
-    @staticmethod
     def _not_being_written(
-        path: str, st: os.stat_result | None, what: str, open_files: OpenFiles | None
+        self, path: str, st: os.stat_result | None, what: str, *, removing: bool = False
     ) -> None:
-        """Raise InUse if a program here has ``path`` (``st``: its lstat) open for writing."""
-        if open_files is None or st is None or not stat.S_ISREG(st.st_mode):
+        """Raise InUse if a program here has ``path`` (``st``: its lstat) open for writing:
+        asked of the kernel (a lease), and of /proc (OpenFiles: which program, or whether at all
+        when the kernel cannot say), looked through once a batch (``removing``: once an apply)."""
+        if st is None or not stat.S_ISREG(st.st_mode):
             return
+        kernel = written_elsewhere(self._p(path))
+        if kernel is False:
+            return
+        if removing:
+            if self._open_at_removals is None:
+                self._open_at_removals = OpenFiles()
+            open_files = self._open_at_removals
+        else:
+            if self._open_files is None:
+                self._open_files = OpenFiles()
+            open_files = self._open_files
         writer = open_files.writer(st)
+        if writer is None and kernel:
+            writer = "a program (not one of this user's)"
         if writer is not None:
             raise InUse(path, writer, what)
 
@@ -1241,9 +1254,7 @@ class Applier:
                 self._keep_dir(step, st)
                 return
         elif st is not None:
-            if self._open_at_removals is None:
-                self._open_at_removals = OpenFiles()  # once, at the first removal of a file
-            self._not_being_written(path, st, "removed", self._open_at_removals)
+            self._not_being_written(path, st, "removed", removing=True)
             if self._keeper is not None:
                 self._keeper.removing(path, st)
             os.unlink(self._p(path))

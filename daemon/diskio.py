@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import hashlib
 import mmap
 import os
+import signal
 import stat
 import threading
 from collections.abc import Callable
@@ -24,6 +26,47 @@ def _libc() -> ctypes.CDLL:
         libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_uint]  # fmt: skip
     return libc
+
+
+def _leases_usable() -> bool:
+    """Whether this process may take a lease to ask the kernel about a file's writers: a lease
+    that another process breaks sends the holder SIGIO, whose default action ends the process;
+    ignored here once (only the main thread may set a handler)."""
+    global _LEASES
+    if _LEASES is None:
+        try:
+            if signal.getsignal(signal.SIGIO) not in (signal.SIG_IGN,):
+                signal.signal(signal.SIGIO, signal.SIG_IGN)
+            _LEASES = True
+        except (ValueError, OSError):  # not the main thread
+            _LEASES = signal.getsignal(signal.SIGIO) == signal.SIG_IGN
+    return _LEASES
+
+
+_LEASES: bool | None = None
+
+
+def written_elsewhere(path: str) -> bool | None:
+    """Whether some process has the regular file ``path`` open for writing, as the kernel
+    tells it (a read lease cannot be taken on a file open for writing), in a few system calls:
+    True or False; None when it cannot tell (not the file's owner and no CAP_LEASE, a file
+    system without leases, no main thread to ignore SIGIO): then look through /proc
+    (OpenFiles). The lease is let go at once."""
+    if not _leases_usable():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return True if e.errno == errno.EAGAIN else None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 class OpenFiles:
@@ -55,7 +98,8 @@ class OpenFiles:
                     self._open.setdefault((st.st_dev, st.st_ino), []).append((pid, fd))
 
     def writer(self, st: os.stat_result) -> str | None:
-        """Who has the file ``st`` is the lstat of open for writing ("PID (COMMAND)"), if any."""
+        """Who has the file ``st`` is the lstat of open for writing ("process PID (COMMAND)"),
+        if any."""
         for pid, fd in self._open.get((st.st_dev, st.st_ino), ()):
             try:
                 with open(f"/proc/{pid}/fdinfo/{fd}") as f:
@@ -63,7 +107,7 @@ class OpenFiles:
                 if flags & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
                     continue
                 with open(f"/proc/{pid}/comm") as f:
-                    return f"{pid} ({f.read().strip()})"
+                    return f"process {pid} ({f.read().strip()})"
             except (OSError, ValueError):
                 continue
         return None

@@ -141,7 +141,7 @@ class InUse(ReplError):
     def __init__(self, path: str, writer: str, what: str):
         self.path = path
         super().__init__(
-            f"{path}: open for writing by process {writer} here: {what} once it is closed (else "
+            f"{path}: open for writing by {writer} here: {what} once it is closed (else "
             "what it writes next would be lost); the next try does it"
         )
 

@@ -1134,3 +1134,35 @@ def test_a_file_a_program_here_is_writing_is_neither_replaced_nor_removed_under_
     # of the moment, a conflict copy made while the program still had the file open).
     assert {"start\nb line 1\nb line 2\n", "start\nedited on a\n"} <= texts, texts
     assert not (b.root / "scratch.txt").exists()
+
+
+def test_the_kernel_answers_whether_a_file_is_being_written_before_proc_is_read(
+    tmp_path, monkeypatch
+):
+    """Looking through /proc costs a stat per descriptor of every process (76 ms with 20,000
+    open): a lease answers "nobody writes it" in a few system calls, and /proc is read only
+    to name the program that does."""
+    from repld.daemon.diskio import written_elsewhere
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f.txt").write_text("v1\n")
+    (a.root / "g.txt").write_text("v1\n")
+    a.sync(b)
+    assert written_elsewhere(str(b.root / "f.txt")) is False
+    with Appender(b.root / "g.txt"):
+        wait_for(lambda: written_elsewhere(str(b.root / "g.txt")), "the writer to open g.txt")
+    assert written_elsewhere(str(b.root / "g.txt")) is False  # closed
+
+    looked: list[int] = []
+    real = applier_mod.OpenFiles
+
+    def counted() -> object:
+        looked.append(1)
+        return real()
+
+    monkeypatch.setattr(applier_mod, "OpenFiles", counted)
+    (a.root / "f.txt").write_text("v2\n")
+    (a.root / "g.txt").unlink()
+    report = sync_in_process(a, b)
+    assert not report.errors and looked == [], (report.errors, looked)
+    assert (b.root / "f.txt").read_text() == "v2\n" and not (b.root / "g.txt").exists()
