@@ -862,6 +862,10 @@ def cmd_log(args: argparse.Namespace) -> int:
         content = f" {r['size']} B {r['sha256'][:8]}" if r["kind"] == "file" and r["action"] != "delete" else ""
         print(f"  #{r['seq']:<6} {r['time']}  {r['action']:6} by {who}#{r['origin_seq']}{via}"
               f"  {short_version(r['version'])}{content}{note}")  # fmt: skip
+    first = rows[0]["note"] or ""
+    if first.startswith("moved from "):
+        old = first.removeprefix("moved from ")
+        print(f"(its events before the move: repld log {shlex.quote(escape(old))})")
     return 0
 
 

@@ -46,6 +46,9 @@ def test_a_moved_tree_is_renamed_on_the_other_side_not_copied(tmp_path):
     assert "[moved from Photos/2020/p 0.jpg]" in out
     log = b("log", "Pictures/2020/p 0.jpg").stdout
     assert "moved from Photos/2020/p 0.jpg" in log
+    # It points to the old path's events, in a form that can be pasted back.
+    assert "(its events before the move: repld log 'Photos/2020/p\\s0.jpg')" in log, log
+    assert "history of Photos/2020/p\\s0.jpg:" in b("log", "Photos/2020/p\\s0.jpg").stdout
     # Recorded as any file written there: the next sync (and scan) has nothing to do.
     assert "0 actions planned" in a.sync(b, "-n").stdout
     assert "0 created, 0 updated, 0 deleted" in b("scan").stdout
