@@ -149,7 +149,8 @@ def test_notes_that_name_odd_paths_stay_on_one_line(tmp_path):
     assert "b <- delete  two\\nlines.txt  [moved to back\\\\slash.txt]" in out, out
     assert all(line.startswith(("scan a: ", "b <- ", "a: ", "b: ")) for line in out.splitlines())
     log = b("log", "back\\slash.txt").stdout
-    assert "[moved from two\\nlines.txt]" in log and len(log.splitlines()) == 2, log
+    assert "[moved from two\\nlines.txt]" in log and len(log.splitlines()) == 3, log
+    assert log.splitlines()[2] == "(its events before the move: repld log 'two\\nlines.txt')"
     assert snapshot(a.root) == snapshot(b.root)
 
 
