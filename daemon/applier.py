@@ -268,10 +268,9 @@ class Applier:
         self._moved: list[tuple[Step, Step, int]] = []  # (the new file, the removal, its inode)
         self._not_moved: list[Step] = []
         self._replanned: set[str] = set()  # paths _changed planned again (once each)
-        # Which files programs here have open (see diskio.OpenFiles): looked at once per batch
-        # that replaces files, and once per apply, at its first removal of a file.
+        # Which files programs here have open (see diskio.OpenFiles and _not_being_written):
+        # looked at when first needed, again for each batch installed.
         self._open_files: OpenFiles | None = None
-        self._open_at_removals: OpenFiles | None = None
         # ``fetch`` reads the files of a replica on this machine, at this root: new files are
         # copied by a second process once a few have been (see _copy_elsewhere).
         self._source_root = source_root
@@ -1022,7 +1021,7 @@ class Applier:
         ready: list[tuple[_Pending, int]],
         changed: list[tuple[Step, ChangedOnDisk]],
     ) -> None:
-        self._open_files = None  # looked at when first needed, once per batch
+        self._open_files = None  # what /proc said of an earlier batch is out of date
         for p in batch:
             ino = 0
             if p.fd is not None:
@@ -1077,7 +1076,8 @@ class Applier:
             os.link(f"/proc/self/fd/{fd}", self._p(step.path), src_dir_fd=fd,
                     follow_symlinks=True)  # fmt: skip
         except FileExistsError:
-            raise self._new_there(step.path) from None
+            self._check(step.path, None)  # says what is there: something new, or in the way
+            raise ChangedOnDisk(step.path, "something new is there") from None  # (gone since)
 
     def _install(self, tmp: Path, step: Step) -> None:
         """Put the temp file in place. A file new here is linked to its name, which fails if
@@ -1094,7 +1094,8 @@ class Applier:
         try:
             os.link(tmp, target, follow_symlinks=False)
         except FileExistsError:
-            raise self._new_there(step.path) from None
+            self._check(step.path, None)  # says what is there: something new, or in the way
+            raise ChangedOnDisk(step.path, "something new is there") from None  # (gone since)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
@@ -1107,41 +1108,22 @@ class Applier:
             return
         os.unlink(tmp)
 
-    def _not_being_written(
-        self, path: str, st: os.stat_result | None, what: str, *, removing: bool = False
-    ) -> None:
+    def _not_being_written(self, path: str, st: os.stat_result | None, what: str) -> None:
         """Raise InUse if a program here has ``path`` (``st``: its lstat) open for writing:
         asked of the kernel (a lease), and of /proc (OpenFiles: which program, or whether at all
-        when the kernel cannot say), looked through once a batch (``removing``: once an apply)."""
+        when the kernel cannot say), looked through at most once a batch."""
         if st is None or not stat.S_ISREG(st.st_mode):
             return
         kernel = written_elsewhere(self._p(path))
         if kernel is False:
             return
-        if removing:
-            if self._open_at_removals is None:
-                self._open_at_removals = OpenFiles()
-            open_files = self._open_at_removals
-        else:
-            if self._open_files is None:
-                self._open_files = OpenFiles()
-            open_files = self._open_files
-        writer = open_files.writer(st)
+        if self._open_files is None:
+            self._open_files = OpenFiles()
+        writer = self._open_files.writer(st)
         if writer is None and kernel:
             writer = "a program (not one of this user's)"
         if writer is not None:
             raise InUse(path, writer, what)
-
-    def _new_there(self, path: str) -> ReplError:
-        """What to raise when a name is taken by something new: a change to scan and plan
-        for again, or (a FIFO, a socket, a device) something to tell the user about."""
-        try:
-            what = special_kind(os.lstat(self._p(path)).st_mode)
-        except OSError:
-            what = None
-        if what is not None:
-            return InTheWay(path, what)
-        return ChangedOnDisk(path, "something new is there")
 
     def _discard_batches(self) -> None:
         """Let go of what was staged and not installed (after an exception)."""
@@ -1254,7 +1236,7 @@ class Applier:
                 self._keep_dir(step, st)
                 return
         elif st is not None:
-            self._not_being_written(path, st, "removed", removing=True)
+            self._not_being_written(path, st, "removed")
             if self._keeper is not None:
                 self._keeper.removing(path, st)
             os.unlink(self._p(path))

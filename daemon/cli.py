@@ -18,7 +18,7 @@ import time
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.errors import ReplError
 from ..protocol.plan import Op
@@ -41,6 +41,9 @@ from .replica import (
 )
 from .scanner import ScanStats
 from .versions import Version, expire
+
+if TYPE_CHECKING:
+    from .prune import PruneReport
 
 log = logging.getLogger("repld")
 
@@ -1248,7 +1251,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_json() | {"asked_daemon": asked, "dry_run": args.dry_run})
         return 0
-    n, d, h = report.tombstones, report.dropped, report.history_dropped
+    n, d, events = report.tombstones, report.dropped, report.history_dropped
     by = " (by the running daemon)" if asked else ""
     if d:
         print(f"dropped {d} tombstone{'' if d == 1 else 's'} every replica has seen, with the "
@@ -1256,8 +1259,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif report.droppable and dry:
         print(f"would drop {report.droppable} tombstone{'' if report.droppable == 1 else 's'} "
               "every replica has seen" + (" (dry run)" if args.dry_run else ""))  # fmt: skip
-    if h:
-        print(f"{'would drop' if dry else 'dropped'} {h} older event(s) of files' histories, "
+    if events:
+        print(f"{'would drop' if dry else 'dropped'} {events} older event(s) of files' histories, "
               "every replica having seen a later one (`repld log` keeps each path's newest)"
               + by)  # fmt: skip
     if asked and dry:
@@ -1288,7 +1291,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 PRUNE_WAIT = 10.0  # s that `repld prune` waits for a running daemon to have pruned
 
 
-def _pruned_by_daemon(config: Path | None, before: Any) -> Any:
+def _pruned_by_daemon(config: Path | None, before: PruneReport) -> PruneReport:
     """What the daemon asked to prune did, read back from the database once it has done it
     (PRUNE_WAIT at most: then ``before``, a dry run's figures)."""
     from .prune import prune

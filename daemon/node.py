@@ -178,6 +178,8 @@ REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent one
 
 SERVING_FOR = 2.0  # s after a peer last fetched from us that status still says "syncing"
 NOT_ADMITTED = "not-admitted"  # the error code of a peer that took our key off its list
+# How a peer's status note starts when its address does not answer (a note, not a refusal).
+UNANSWERED = "nothing answers at"
 
 
 @dataclass
@@ -753,7 +755,7 @@ class Node:
                 # the same as a machine that is off). Not an error that ends anything.
                 if not link.unanswered:
                     link.unanswered = (
-                        f"nothing answers at {link.peer.endpoint} (since "
+                        f"{UNANSWERED} {link.peer.endpoint} (since "
                         f"{iso_time(time.time())}): the machine off or asleep, its daemon "
                         "stopped, or a wrong address or port"
                     )

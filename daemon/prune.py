@@ -51,7 +51,8 @@ class PruneReport:
     tombstones: int
     tombstone_bytes: int  # about: what their rows take in the database
     holders: list[Holder]
-    droppable_rows: list[tuple[str, int]]  # (path, seq) of the tombstones every holder has seen
+    # (path, seq, version) of the tombstones every holder has seen
+    droppable_rows: list[tuple[str, int, str]]
     dropped: int = 0
     history_dropped: int = 0  # events of live paths, older than one every replica has seen
 
@@ -101,15 +102,17 @@ def prune_report(rep: Replica) -> PruneReport:
     return PruneReport(int(count), int(size), holders, _seen_by_all(rep, holders))
 
 
-def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int]]:
+def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int, str]]:
     """The tombstones every replica in ``holders`` has provably seen (none while one of them
     is a replica this one cannot tell about)."""
     if any(h.how != HOW_SYNCED for h in holders):
         return []
-    rows = rep.store.execute("SELECT path, seq, modified_by FROM records WHERE deleted = 1")
+    rows = rep.store.execute(
+        "SELECT path, seq, version, modified_by FROM records WHERE deleted = 1"
+    )
     return [
-        (str(path), int(seq))
-        for path, seq, by in rows
+        (str(path), int(seq), str(version))
+        for path, seq, version, by in rows
         if all(seq <= h.acked_seq or by == h.replica_id for h in holders)
     ]
 
@@ -140,18 +143,14 @@ def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
     dropped = 0
     floor = store.pruned_floor
     with store.transaction():
-        for path, seq in report.droppable_rows:
+        for path, seq, version in report.droppable_rows:
             # (Still that tombstone: nothing recorded since the report was made.)
-            rows = store.execute(
-                "SELECT version FROM records WHERE path = ? AND seq = ? AND deleted = 1",
-                (path, seq),
-            ).fetchall()
-            if not rows:
+            if not store.execute("DELETE FROM records WHERE path = ? AND seq = ? AND deleted = 1",
+                                 (path, seq)).rowcount:  # fmt: skip
                 continue
             # Another replica may keep this tombstone a while: a file made at this path here
             # later must count higher for this replica, or the tombstone would delete it.
-            floor = max(floor, dict(VersionVector.decode(str(rows[0][0])).entries).get(me, 0))
-            store.execute("DELETE FROM records WHERE path = ? AND seq = ?", (path, seq))
+            floor = max(floor, VersionVector.decode(version).get(me))
             store.execute("DELETE FROM history WHERE path = ?", (path,))
             dropped += 1
         if floor > store.pruned_floor:

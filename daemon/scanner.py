@@ -203,7 +203,7 @@ class Scanner:
         # replicas may still hold: this replica's first event on it must count higher than any
         # of its events on the paths pruned, or that tombstone would win over it.
         floor = self.store.pruned_floor
-        self._fresh = VersionVector(((self.me, floor),)) if floor else VersionVector()
+        self._fresh = VersionVector.of({self.me: floor})
         self._first_version = self._fresh.bump(self.me).encode()
         try:
             self._scan(paths)
