@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-n", "--dry-run", action="store_true",
                    help="say what would be dropped, drop nothing")  # fmt: skip
+    c.add_argument("--forget", action="append", default=[], metavar="REPLICA",
+                   help="stop waiting for REPLICA (a name or id as the list shows it), a replica "
+                   "gone for good (a machine sold or wiped): it holds no tombstone back from "
+                   "now on. Remove it as a peer first if it is one. Should it sync again, it "
+                   "counts again; at worst it brings back files deleted since. Repeatable")  # fmt: skip
     c.add_argument("--json", action="store_true", help="as JSON, for scripts")
 
     c = cmd(
@@ -1231,22 +1236,24 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import HOW_CONFIGURED, HOW_SYNCED, prune
+    from .prune import HOW_CONFIGURED, HOW_SYNCED, forget_ids, prune
 
     asked = False
     try:
         with open_replica(args.config, write=not args.dry_run) as rep:
-            report = prune(rep, dry_run=args.dry_run)
+            forget = forget_ids(rep, args.forget)
+            report = prune(rep, dry_run=args.dry_run, forget=forget)
     except StoreBusy as busy:
         # The daemon holds the database: it drops them, in its own loop; what it did is read
         # back once it has (the figures of before, else: a dry run's).
         cfg = _daemon_holds(args.config, busy)
         with open_replica(args.config, write=False) as rep:
-            report = prune(rep, dry_run=True)
-        if not args.dry_run and (report.droppable or report.history_dropped):
-            control.request(cfg, "prune")
+            forget = forget_ids(rep, args.forget)
+            report = prune(rep, dry_run=True, forget=forget)
+        if not args.dry_run and (report.droppable or report.history_dropped or forget):
+            control.request(cfg, "prune", forget=forget)
             asked = True
-            report = _pruned_by_daemon(args.config, report)
+            report = _pruned_by_daemon(args.config, report, forget)
     dry = args.dry_run or (asked and not report.dropped and not report.history_dropped)
     if args.json:
         _print_json(report.to_json() | {"asked_daemon": asked, "dry_run": args.dry_run})
@@ -1285,25 +1292,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             print(f"  {who}: known from its edits only, never synced with this replica: "
                   "cannot tell what it has seen")  # fmt: skip
+    for h in report.forgotten:
+        who = f"{h.name} ({short_id(h.replica_id)})" if h.name else short_id(h.replica_id)
+        print(f"  {who}: forgotten (`--forget`{', on this dry run' if args.dry_run else ''}): "
+              "not waited for; if it syncs again, it counts again")  # fmt: skip
     return 0
 
 
 PRUNE_WAIT = 10.0  # s that `repld prune` waits for a running daemon to have pruned
 
 
-def _pruned_by_daemon(config: Path | None, before: PruneReport) -> PruneReport:
+def _pruned_by_daemon(config: Path | None, before: PruneReport,
+                      forget: list[str]) -> PruneReport:  # fmt: skip
     """What the daemon asked to prune did, read back from the database once it has done it
     (PRUNE_WAIT at most: then ``before``, a dry run's figures)."""
-    from .prune import prune
+    from .prune import forgotten, prune
 
     deadline = time.monotonic() + PRUNE_WAIT
     while time.monotonic() < deadline:
         time.sleep(0.1)
         with open_replica(config, write=False) as rep:
             after = prune(rep, dry_run=True)
-        if after.tombstones < before.tombstones or (
+            noted = set(forget) <= set(forgotten(rep.store))
+        if forget and noted and not before.droppable and not before.history_dropped:
+            return after  # only forgetting was asked for, and it is done
+        if noted and (after.tombstones < before.tombstones or (
             not before.droppable and after.history_dropped < before.history_dropped
-        ):
+        )):
             return dataclasses.replace(
                 after,
                 dropped=before.tombstones - after.tombstones,

@@ -61,7 +61,7 @@ class ControlServer:
         self,
         path: Path,
         status: Callable[[], dict[str, Any]],
-        command: Callable[[str], None],
+        command: Callable[..., None],
         *,
         conflicts: Callable[[], list[dict[str, Any]]] | None = None,
         inherited: socket.socket | None = None,
@@ -159,6 +159,13 @@ class ControlServer:
             conn.sendall(_line({"ok": True, "peers": self.status().get("peers", [])}))
         elif cmd == "conflicts" and self.conflicts is not None:
             conn.sendall(_line({"ok": True, "conflicts": self.conflicts()}))
+        elif cmd == "prune":
+            forget = req.get("forget", [])
+            if not isinstance(forget, list) or not all(isinstance(f, str) for f in forget):
+                conn.sendall(_line({"ok": False, "error": "forget: expected a list of ids"}))
+                return
+            self.command(cmd, forget=forget)
+            conn.sendall(_line({"ok": True}))
         elif cmd in COMMANDS:
             self.command(cmd)
             conn.sendall(_line({"ok": True}))
@@ -182,8 +189,9 @@ def replica_error(status: dict[str, Any]) -> str | None:
     return next((e["error"] for e in status["errors"] if not e["path"]), None)
 
 
-def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
-    """Send one command to the daemon of ``cfg``'s replica; its reply."""
+def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+    """Send one command to the daemon of ``cfg``'s replica (with ``fields``, for the commands
+    that take some: ``prune``'s ``forget``); its reply."""
     path = control_path(cfg)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
@@ -206,7 +214,7 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0) -> dict[str, Any]:
                 raise not_running from None
             raise ReplError(f"cannot reach the daemon at {path}: {e.strerror}") from None
         try:
-            sock.sendall(_line({"cmd": cmd}))
+            sock.sendall(_line({"cmd": cmd, **fields}))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon answered and closed already (a refusal): read what it said
         data = b""

@@ -1526,7 +1526,10 @@ class Node:
             elif name == "prune":  # `repld prune` while the daemon holds the database
                 from .prune import prune
 
-                pruned = prune(self.rep)
+                forget = [str(f) for f in args.get("forget", ())]
+                pruned = prune(self.rep, forget=forget)
+                if forget:
+                    log.info("prune: no longer waiting for replica(s) %s", ", ".join(forget))
                 log.info("prune: %d tombstone(s) every replica has seen dropped, %d kept",
                          pruned.dropped, pruned.tombstones)  # fmt: skip
             elif name == "reload":

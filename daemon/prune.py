@@ -16,17 +16,30 @@ synced with it). Dropping a tombstone is still safe for the user's data: the wor
 replica can do is bring a deleted file back (its live record is then new here), never lose
 one; and the replicas that keep the tombstone delete it again. The daemon does not prune by
 itself: `repld prune` does, when asked.
+
+A replica that is gone for good (a machine sold, a disk wiped) would hold every later tombstone
+back forever: `repld prune --forget REPLICA` stops waiting for it. That is noted in the meta
+table (``forgotten``: replica id -> the sequence number and time it was forgotten at), and
+undone by itself when the replica turns up again: a sync with it after that time, or an edit of
+its recorded here after that sequence number. Were it to come back with an old copy of the
+tree, what it brings back is files deleted since, never a loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from ..protocol.version import VersionVector
+from ..protocol.version import VersionVector, short_id
 from .control import iso_time
+from .errors import ReplError, UsageError
 from .replica import Replica
 from .store import PRUNED_FLOOR, Store
+
+FORGOTTEN = "forgotten"  # meta key: {replica id: [sequence number, time ns, name]}
 
 HOW_SYNCED = "synced"  # a daemon peer, a one-shot sync or a bundle: it acknowledged our records
 HOW_CONFIGURED = "configured"  # a peer in the config this replica has not exchanged records with
@@ -55,6 +68,7 @@ class PruneReport:
     droppable_rows: list[tuple[str, int, str]]
     dropped: int = 0
     history_dropped: int = 0  # events of live paths, older than one every replica has seen
+    forgotten: list[Holder] = dataclasses.field(default_factory=list)  # not waited for
 
     @property
     def droppable(self) -> int:
@@ -72,14 +86,28 @@ class PruneReport:
             "droppable": self.droppable,
             "dropped": self.dropped,
             "history_dropped": self.history_dropped,
-            "replicas": [
-                asdict(h) | {"last_sync": iso_time(h.last_sync / 1e9) if h.last_sync else None}
-                for h in self.holders
-            ],
+            "replicas": [_holder_json(h) for h in self.holders],
+            "forgotten": [_holder_json(h) for h in self.forgotten],
         }
 
 
-def prune_report(rep: Replica) -> PruneReport:
+def _holder_json(h: Holder) -> dict[str, object]:
+    return asdict(h) | {"last_sync": iso_time(h.last_sync / 1e9) if h.last_sync else None}
+
+
+def forgotten(store: Store) -> dict[str, tuple[int, int, str]]:
+    """The replicas `prune --forget` stopped waiting for: id -> (sequence number here and
+    time when it was, name then)."""
+    try:
+        raw = json.loads(store.meta(FORGOTTEN) or "{}")
+        return {str(k): (int(v[0]), int(v[1]), str(v[2])) for k, v in raw.items()}
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return {}  # a note this version cannot read: wait for everyone, as without one
+
+
+def prune_report(rep: Replica, forget: Iterable[str] = ()) -> PruneReport:
+    """What prune would drop, and why not the rest; ``forget``: replica ids to stop waiting
+    for, as if already noted (see `forget_ids`)."""
     store = rep.store
     me = store.replica_id
     count, size = _tombstones(store)
@@ -99,7 +127,56 @@ def prune_report(rep: Replica) -> PruneReport:
             holders.append(Holder(p.name, "", HOW_CONFIGURED, 0, 0, None, None))
     for rid in sorted(_heard_of(rep) - met):
         holders.append(Holder("", rid, HOW_HEARD_OF, 0, 0, None, None))
-    return PruneReport(int(count), int(size), holders, _seen_by_all(rep, holders))
+    gone = _still_gone(rep, holders, set(forget))
+    waited = [h for h in holders if not h.replica_id or h.replica_id not in gone]
+    return PruneReport(int(count), int(size), waited, _seen_by_all(rep, waited),
+                       forgotten=[h for h in holders if h.replica_id and h.replica_id in gone])
+
+
+def _still_gone(rep: Replica, holders: list[Holder], forget: set[str]) -> set[str]:
+    """Of the replicas forgotten (before, or now: ``forget``), those that have not turned up
+    since: no sync with it, no edit of its recorded here after it was forgotten."""
+    gone = set(forget)
+    for rid, (seq, when, _name) in forgotten(rep.store).items():
+        h = next((h for h in holders if h.replica_id == rid), None)
+        if h is None or h.last_sync > when:
+            continue
+        (later,) = rep.store.execute("SELECT COUNT(*) FROM history WHERE origin = ? AND seq > ?",
+                                     (rid, seq)).fetchone()  # fmt: skip
+        if not later:
+            gone.add(rid)
+    return gone
+
+
+def forget_ids(rep: Replica, names: Iterable[str]) -> list[str]:
+    """The replica ids that the names or ids (8 hex digits will do) given to `--forget` stand
+    for; a ReplError naming the one that cannot be forgotten, and why."""
+    report = prune_report(rep)
+    known = report.holders + report.forgotten
+    ids: list[str] = []
+    for given in names:
+        want = given.strip().lower()
+        if want in (rep.cfg.name.lower(), rep.store.replica_id) or (
+            len(want) >= 8 and rep.store.replica_id.replace("-", "").startswith(want)
+        ):
+            raise ReplError(f"--forget {given}: that is this replica")
+        found = [h for h in known if h.name and h.name.lower() == want]
+        if not found and len(want.replace("-", "")) >= 8:
+            found = [h for h in known if h.replica_id
+                     and h.replica_id.replace("-", "").startswith(want.replace("-", ""))]  # fmt: skip
+        listed = ", ".join(sorted(h.name or short_id(h.replica_id) for h in known)) or "none"
+        if not found:
+            raise UsageError(f"--forget {given}: no replica of that name or id is known here "
+                             f"(known: {listed}); `repld prune` lists them")  # fmt: skip
+        if len(found) > 1:
+            raise UsageError(f"--forget {given}: more than one replica matches; give more of "
+                             "its id (`repld prune --json` shows them whole)")  # fmt: skip
+        h = found[0]
+        if h.how == HOW_CONFIGURED or any(p.name == h.name for p in rep.cfg.peers):
+            raise ReplError(f"--forget {given}: {h.name} is a configured peer; if it is gone "
+                            f"for good, first `repld peer remove {h.name}`")  # fmt: skip
+        ids.append(h.replica_id)
+    return ids
 
 
 def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int, str]]:
@@ -125,15 +202,24 @@ _OLD_EVENTS = (
 )
 
 
-def prune(rep: Replica, *, dry_run: bool = False) -> PruneReport:
+def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = ()) -> PruneReport:
     """Drop the tombstones every replica this one knows of has seen, with the history of
     their paths (nothing is at those paths anywhere any more), and of the other paths' history
     the events every one of them has seen a later event of (a file's history would otherwise
-    grow with every save); the report says what was."""
-    report = prune_report(rep)
+    grow with every save); the report says what was. ``forget``: replica ids (`forget_ids`)
+    not to wait for any more, from now on (not noted on a dry run)."""
+    forget = list(forget)
+    report = prune_report(rep, forget)
+    store = rep.store
+    if forget and not dry_run:
+        notes = forgotten(store)
+        now = time.time_ns()
+        for h in report.forgotten:
+            if h.replica_id in forget:
+                notes[h.replica_id] = (store.seq, now, h.name)
+        store.set_meta(FORGOTTEN, json.dumps(notes))
     if report.blocked_by:
         return report
-    store = rep.store
     seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)
     if dry_run:
         (history,) = store.execute(f"SELECT COUNT(*) FROM history WHERE {_OLD_EVENTS}",

@@ -57,11 +57,11 @@ def run(config_path: Path | None, *, debug: bool = False) -> int:
     def on_hup(signum: int, frame: object) -> None:
         node.command("reload", callback=lambda: _reload(node, notifier))
 
-    def on_control(name: str) -> None:
+    def on_control(name: str, **args: Any) -> None:
         if name == "reload":
             on_hup(signal.SIGHUP, None)
         else:
-            node.command(name)
+            node.command(name, **args)
 
     def tick() -> None:
         notifier.tick()

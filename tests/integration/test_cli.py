@@ -465,6 +465,53 @@ def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
     assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
 
 
+def test_prune_forget_stops_waiting_for_a_replica_gone_for_good(tmp_path):
+    """A machine sold or wiped would hold every later tombstone back forever: --forget it.
+    Should it sync again, it counts again."""
+    a, b, old = make_replicas(tmp_path, "a", "b", "old")
+    for n in range(3):
+        (a.root / f"f{n}").write_text("x\n")
+    a.sync(b)
+    a.sync(old)
+    (a.root / "f0").unlink()
+    a.sync(b)
+    assert json.loads(a("prune", "--json").stdout)["droppable"] == 0  # old has not seen it
+
+    proc = a("prune", "--forget", "nosuch", check=False)
+    assert proc.returncode == 2 and "no replica of that name or id" in proc.stderr
+    assert "known: b, old" in proc.stderr, proc.stderr
+    proc = a("prune", "--forget", "a", check=False)
+    assert proc.returncode == 1 and "that is this replica" in proc.stderr
+    a("peer", "add", "old", "tcp://127.0.0.1:18998", old.identity()["public_key"])
+    proc = a("prune", "--forget", "old", check=False)
+    assert proc.returncode == 1 and "repld peer remove old" in proc.stderr
+    a("peer", "remove", "old")
+
+    out = a("prune", "-n", "--forget", "old").stdout
+    assert "would drop 1 tombstone" in out and "forgotten (`--forget`, on this dry run)" in out
+    assert json.loads(a("prune", "--json").stdout)["droppable"] == 0  # a dry run notes nothing
+    old_id = old.identity()["replica_id"]
+    out = a("prune", "--forget", old_id[:8]).stdout  # an id does as well as a name
+    assert "dropped 1 tombstone" in out and "old (" in out and "not waited for" in out, out
+    # Forgotten stays forgotten: the next deletion is not held back by it either.
+    (a.root / "f1").unlink()
+    a.sync(b)
+    report = json.loads(a("prune", "--json").stdout)
+    # (f0's tombstone came back from b, which keeps it until it prunes too: both go.)
+    assert report["dropped"] >= 1 and report["tombstones"] == 0, report
+    assert [r["name"] for r in report["forgotten"]] == ["old"]
+
+    # It comes back after all: it counts again, and a's deletions it has not seen are its own
+    # to receive (nothing a user wrote is lost; here the files it still had come back).
+    (a.root / "f2").unlink()
+    a("scan")
+    a.sync(old)
+    report = json.loads(a("prune", "--json").stdout)
+    assert report["forgotten"] == [] and "old" in [r["name"] for r in report["replicas"]]
+    assert snapshot(a.root) == snapshot(old.root)
+    assert not (old.root / "f2").exists() and (a.root / "f0").exists()
+
+
 def test_output_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     (a.root / "f.txt").write_text("x\n")

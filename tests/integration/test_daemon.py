@@ -803,6 +803,26 @@ def test_prune_with_the_daemon_running_asks_it_to_drop_what_both_have_seen(clust
     assert not (a.root / "old.txt").exists() and not (b.root / "old.txt").exists()
 
 
+def test_prune_forget_with_the_daemon_running(cluster):
+    """A replica gone for good stops holding tombstones back once forgotten, with the daemon
+    holding the database: the command hands the forgetting to it, and waits to say so."""
+    a, b, old = cluster.make("a", "b", "old", links=[("a", "b"), ("a", "old")])
+    (a.root / "doomed.txt").write_text("to be deleted\n")
+    cluster.start()
+    cluster.wait_converged(what="the file on all three")
+    cluster.stop(old)
+    a("peer", "remove", "old")
+    (a.root / "doomed.txt").unlink()
+    cluster.wait_converged([a, b], what="the deletion on a and b")
+    cluster.wait_until(lambda: "b (" in (o := a("prune", "-n").stdout) and "has seen them all"
+                       in o, what="b to acknowledge the deletion")  # fmt: skip
+    assert "1 tombstone kept" in a("prune").stdout  # old has not seen it
+    out = a("prune", "--forget", "old").stdout
+    assert "dropped 1 tombstone" in out and "(by the running daemon)" in out, out
+    assert "old (" in out and "not waited for" in out, out
+    assert json.loads(a("prune", "--json").stdout)["forgotten"][0]["name"] == "old"
+
+
 def test_a_log_still_being_appended_here_loses_no_line_to_a_peers_edit(cluster):
     """A program appends to a file on b, line by line, while a edits the same file: b must
     not replace the file under the open descriptor (the lines written after would go to an
