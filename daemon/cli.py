@@ -1050,6 +1050,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                         raise ReplError(f"{fixed} exists already; rename {c} by hand")
                     os.rename(root / c, root / fixed)
                     touched.append(fixed)
+            if keep_copy is None:
+                _decided(root / original)
         except OSError as e:
             # A directory against a file or symlink: one cannot simply take the other's place.
             kinds = ", ".join(f"{p} is a {_kind_on_disk(root / p)}" for p in (original, copies[0]))
@@ -1072,6 +1074,23 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         print(f"resolved {escape(original)}: kept {args.keep}; the running daemon records the "
               "change and sends it to its peers (`repld status` shows when they have it)")  # fmt: skip
     return 0
+
+
+def _decided(path: Path) -> None:
+    """The file at the name keeps its content: move its mtime on by a microsecond, so that the
+    scan records an event on it. Without one, a decision made meanwhile on another replica
+    that replaced it (the opposite --keep) would win over this one silently and take that
+    content away everywhere; with one, the two decisions meet as a conflict, both kept."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return  # (a directory's content is its files: each keeps its own history)
+    for step in (1_000, 2_000_000_000):  # 1 µs; 2 s where timestamps are coarser (FAT)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + step), follow_symlinks=False)
+        if os.lstat(path).st_mtime_ns != st.st_mtime_ns:
+            return
 
 
 def _ask_daemon_to_scan(cfg: configmod.Config) -> bool:

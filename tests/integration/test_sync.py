@@ -881,6 +881,32 @@ def test_resolve_keeps_this_replicas_version_or_the_others_or_both(tmp_path):
     assert a("resolve", "nothing-here.txt", "--keep", "local", check=False).returncode == 2
 
 
+def test_opposite_resolves_on_two_replicas_meet_as_a_conflict_not_a_loss(tmp_path):
+    """a keeps its edit, b keeps its own (or both), before they sync again: a trial lost b's
+    edit everywhere, because keeping what is at the name recorded nothing there and a's
+    decision then won silently."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    for name in ("x.txt", "y.txt"):
+        (a.root / name).write_text("base\n")
+    a.sync(b)
+    for name in ("x.txt", "y.txt"):
+        (a.root / name).write_text(f"a's edit of {name}\n")
+        (b.root / name).write_text(f"b's edit of {name}\n")
+        newer(b.root / name, than=a.root / name)  # b's wins the name, a's is the copy
+    a.sync(b)
+    a("resolve", "x.txt", "--keep", "local")  # a's copy takes the name
+    b("resolve", "x.txt", "--keep", "local")  # b's stays at the name
+    a("resolve", "y.txt", "--keep", "local")
+    b("resolve", "y.txt", "--keep", "both")  # a's copy renamed, b's stays at the name
+    a.sync(b)
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    contents = sorted(p.read_text() for p in a.root.iterdir())
+    for name in ("x.txt", "y.txt"):
+        assert f"a's edit of {name}\n" in contents and f"b's edit of {name}\n" in contents
+    assert any(".conflict-" in p.name and p.name.startswith("x.") for p in a.root.iterdir())
+
+
 def test_names_as_repld_prints_them_can_be_pasted_back(tmp_path):
     """`repld conflicts` and `log` print a space as \\s (one token per name); that form,
     pasted into `resolve` or `log`, names the file (it said "not in this replica")."""
