@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, Record, subtree_filter
+from ..protocol.record import Kind, Record, escape, subtree_filter
 from .applier import Applier, ApplyStats, SourceChanged
 from .diskio import open_regular
 from .errors import ReplError, RolledBack, TreeMismatchError
@@ -212,15 +212,40 @@ def pull_steps(
     *,
     policy: Policy,
     within: Callable[[str], bool] | None = None,
+    behind: list[Record] | None = None,
 ) -> Iterator[Step]:
     """The steps that bring ``into`` up to date with another replica's ``records`` (from a
     replica here, a peer's page, a bundle): the shared planner, with what ``into`` ignores left
-    out."""
+    out. ``behind`` collects the local records newer than the other replica's (see
+    `resend_lost`)."""
     ignore = into.ignore()
     return plan_pull(
         into.store.get, records, replica=into.store.replica_id, policy=policy, within=within,
         ignored=lambda r: ignore.covers(r.path, r.kind is Kind.DIR),
+        behind=None if behind is None else lambda local, _remote: behind.append(local),
     )  # fmt: skip
+
+
+def resend_lost(into: Replica, behind: list[Record], acked: int) -> list[str]:
+    """The paths where the other replica sent an older record than this one's, although it
+    acknowledged this one's (its sequence number is at most ``acked``): it lost it since (it
+    pruned a tombstone, then took the file back from a replica that had never seen the
+    deletion). Each such record is given a new sequence number, so the next stream to every
+    replica carries it again; else the two would differ for good, each thinking the other up
+    to date."""
+    lost = {r.path: r.seq for r in behind if r.seq <= acked}
+    if not lost:
+        return []
+    sent: list[str] = []
+    with into.store.transaction():
+        for path, seq in lost.items():
+            now = into.store.get(path)
+            if now is not None and now.seq == seq and into.store.resend(path):
+                sent.append(path)
+    for path in sent:
+        log.info("%s: the other replica had this replica's version and has an older one now "
+                 "(a tombstone pruned there?): sent again", escape(path))  # fmt: skip
+    return sent
 
 
 def pull_applier(
@@ -287,7 +312,8 @@ def _pass(
             yield from page
             seq = page[-1].seq
 
-    steps = pull_steps(into, remote_records(), policy=policy, within=within)
+    behind: list[Record] = []
+    steps = pull_steps(into, remote_records(), policy=policy, within=within, behind=behind)
     if dry_run:
         report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
         return report
@@ -297,6 +323,7 @@ def _pass(
                                                     src.cfg.keep_versions))  # fmt: skip
     report.stats = applier.apply(steps)
     report.steps = report.stats.done
+    resend_lost(into, behind, into.store.peer_mark(src.store.replica_id).acked_seq)
     if report.stats.stale_sources:
         # Changed since their scan without a change of size or mtime: read them again next time.
         with src.store.transaction():

@@ -63,7 +63,7 @@ from .errors import (
 from .fetch import VERSION_GONE, Transfers, serve
 from .fetch import Link as FetchLink
 from .ignore import IGNORE_FILE
-from .localsync import pull_steps
+from .localsync import pull_steps, resend_lost
 from .replica import Replica, list_conflicts, load_keys
 from .scanner import kind_of
 from .versions import expire, keeper_for
@@ -1125,7 +1125,9 @@ class Node:
         # What planning and applying the page will ask of the store, in a few queries.
         self.store.read_ahead([r.path for r in page.records],
                               [r.sha256 for r in page.records if r.sha256])  # fmt: skip
-        steps = list(pull_steps(self.rep, page.records, policy=policy, within=self.opts.within))
+        behind: list[Record] = []
+        steps = list(pull_steps(self.rep, page.records, policy=policy, within=self.opts.within,
+                                behind=behind))  # fmt: skip
         ok = True
         if not self.opts.dry_run and steps and (self._root_error or self.paused):
             ok = False  # asked for again once the root is back, or the daemon resumed
@@ -1221,6 +1223,12 @@ class Node:
             ok = not stats.errors and not root_lost
             if not root_lost:
                 self.state = "idle"
+        if behind and not self.opts.dry_run:
+            try:
+                resend_lost(self.rep, behind,
+                            max(s.confirmed_upto, self.store.peer_mark(peer_id).acked_seq))  # fmt: skip
+            except (ReplError, sqlite3.Error) as e:
+                log.warning("%s: could not send records again: %s", link.label, e)
         if self.opts.within is not None or self.opts.dry_run:
             ok = False  # a subtree sync or a dry run must not move the mark past what it skipped
         seen_before = s.seen

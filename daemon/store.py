@@ -785,6 +785,12 @@ class Store:
         """The inode numbers the records of files remember (the stat cache's, for move checks)."""
         return {ino for (ino,) in self.execute("SELECT ino FROM records WHERE ino != 0")}
 
+    def resend(self, path: str) -> bool:
+        """Give ``path``'s record the next sequence number, unchanged otherwise (not an event:
+        no history row): the streams to every replica carry it again."""
+        seq = self._next_seq()
+        return self.execute("UPDATE records SET seq = ? WHERE path = ?", (seq, path)).rowcount > 0
+
     def set_ino(self, path: str, ino: int) -> None:
         """Refresh the local stat cache (not an event: no sequence number, nothing replicated)."""
         if (parents := self._tx_parents) is not None:

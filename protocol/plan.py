@@ -129,12 +129,15 @@ def plan_pull(
     policy: Policy = Policy.KEEP_BOTH,
     within: Callable[[str], bool] | None = None,
     ignored: Callable[[Record], bool] | None = None,
+    behind: Callable[[Record, Record], None] | None = None,
 ) -> Iterator[Step]:
     """Steps that bring the local replica up to date with ``remote_records``.
 
     ``within`` limits the plan to some paths (a subtree sync); records outside it are skipped.
     So are those ``ignored`` says this replica ignores (its own `ignore` rules): such a path is
     none of its business, and a file written there would never be scanned again.
+    ``behind(local, remote)`` is told of every remote record older than the local one (the
+    other replica has not got this one's newer version, or has lost it).
     """
     planned: dict[str, Record] = {}  # conflict-copy paths planned in this pass -> their record
 
@@ -147,9 +150,12 @@ def plan_pull(
             continue
         if ignored is not None and ignored(remote):
             continue
-        for step in plan_record(
-            lookup(remote.path), remote, replica=replica, policy=policy, local_lookup=lookup
-        ):
+        local = lookup(remote.path)
+        if (behind is not None and local is not None
+                and local.version.compare(remote.version) is Order.DOMINATES):  # fmt: skip
+            behind(local, remote)
+        for step in plan_record(local, remote, replica=replica, policy=policy,
+                                local_lookup=lookup):  # fmt: skip
             if step.path != remote.path or conflict_original(step.path) is not None:
                 planned[step.path] = step.record
             yield step

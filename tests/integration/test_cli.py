@@ -465,6 +465,25 @@ def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
     assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
 
 
+def test_a_file_brought_back_where_a_tombstone_was_pruned_is_deleted_again(tmp_path):
+    """q pruned z.txt's tombstone (it never heard of s), and s brought the file back to q:
+    p, which still has the tombstone and knows q acknowledged it, sends it again (a trial
+    found p and q apart for good, each taking the other as up to date)."""
+    p, q, s = make_replicas(tmp_path, "p", "q", "s")
+    (p.root / "z.txt").write_text("z\n")
+    p.sync(q)
+    s.sync(p)
+    (p.root / "z.txt").unlink()
+    p.sync(q)
+    assert "dropped 1 tombstone" in q("prune").stdout
+    assert "q <- write   z.txt" in s.sync(q, "-v").stdout  # back on q
+    p.sync(q)
+    assert not (q.root / "z.txt").exists() and not (p.root / "z.txt").exists()
+    s.sync(q)
+    assert not (s.root / "z.txt").exists()
+    assert snapshot(p.root) == snapshot(q.root) == snapshot(s.root)
+
+
 def test_prune_forget_stops_waiting_for_a_replica_gone_for_good(tmp_path):
     """A machine sold or wiped would hold every later tombstone back forever: --forget it.
     Should it sync again, it counts again."""

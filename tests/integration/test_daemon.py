@@ -803,6 +803,29 @@ def test_prune_with_the_daemon_running_asks_it_to_drop_what_both_have_seen(clust
     assert not (a.root / "old.txt").exists() and not (b.root / "old.txt").exists()
 
 
+def test_a_file_brought_back_where_a_tombstone_was_pruned_is_deleted_again(cluster):
+    """q pruned the tombstone of z.txt (it never heard of s), then s, which had never seen
+    the deletion, brought z.txt back to q. p still holds the tombstone, which q had
+    acknowledged: p must send it again, or q and s keep the file for good while p has none
+    (a trial found the one-shot sync doing just that)."""
+    p, q, s = cluster.make("p", "q", "s", links=[("p", "q"), ("p", "s")])
+    (p.root / "z.txt").write_text("deleted later\n")
+    (p.root / "stays.txt").write_text("stays\n")
+    cluster.start()
+    cluster.wait_converged(what="z.txt on all three")
+    cluster.stop(s)
+    (p.root / "z.txt").unlink()
+    cluster.wait_converged([p, q], what="the deletion on p and q")
+    cluster.wait_until(lambda: "dropped 1 tombstone" in q("prune").stdout,
+                       what="q to drop the tombstone p's records it acknowledged")  # fmt: skip
+    p("peer", "remove", "s")
+    s("peer", "remove", "p")
+    cluster.link(q, s)
+    cluster.start(s)
+    cluster.wait_converged(timeout=40, what="z.txt deleted again everywhere")
+    assert not any((r.root / "z.txt").exists() for r in (p, q, s))
+
+
 def test_prune_forget_with_the_daemon_running(cluster):
     """A replica gone for good stops holding tombstones back once forgotten, with the daemon
     holding the database: the command hands the forgetting to it, and waits to say so."""
