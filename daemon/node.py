@@ -280,10 +280,10 @@ class Node:
         self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
         # What we wrote, so its inotify echo is not rescanned: path -> (deleted, kind, size,
-        # mtime_ns, mode). An optimisation only (a missed echo costs one scan of the path), so it
+        # mtime_ns, mode, symlink target). An optimisation only (a missed echo costs one scan of the path), so it
         # is kept small: the oldest half goes when it grows past APPLIED_MAX (many echoes never
         # come, e.g. for files written into a directory before its watch was added).
-        self._applied: dict[str, tuple[bool, Kind, int, int, int]] = {}
+        self._applied: dict[str, tuple[bool, Kind, int, int, int, str]] = {}
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
@@ -1205,7 +1205,7 @@ class Node:
                 r = st.record
                 self.transfers.forget(st.path)
                 self._applied.pop(st.path, None)  # (re)inserted last: the newest
-                self._applied[st.path] = (r.deleted, r.kind, r.size, r.mtime_ns, r.mode)
+                self._applied[st.path] = (r.deleted, r.kind, r.size, r.mtime_ns, r.mode, r.target)
             for path, err in stats.errors:
                 prev = self.errors.get(path)
                 # (A page retried every 10 s fails the same way each time: said once. A file
@@ -1317,9 +1317,10 @@ class Node:
         wrote = self._applied.pop(path, None)
         if wrote is None:
             return False
-        deleted, kind, size, mtime_ns, mode = wrote
+        deleted, kind, size, mtime_ns, mode, target = wrote
+        full = os.path.join(self.cfg.root, path)
         try:
-            st = os.lstat(os.path.join(self.cfg.root, path))
+            st = os.lstat(full)
         except FileNotFoundError:
             return deleted
         except OSError:
@@ -1328,7 +1329,14 @@ class Node:
             return False
         if kind is Kind.FILE:
             return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (size, mtime_ns, mode)
-        return kind is Kind.SYMLINK or stat.S_IMODE(st.st_mode) == mode
+        if kind is Kind.SYMLINK:
+            # (A link made again with another target is an edit: `ln -sfn` right after the
+            # link arrived, in a directory whose watch did not exist yet when it did.)
+            try:
+                return os.fsencode(os.readlink(full)) == os.fsencode(target)
+            except (OSError, UnicodeError):
+                return False
+        return stat.S_IMODE(st.st_mode) == mode
 
     def full_scan(self, *, rehash: bool = False, accept_deletes: bool = False) -> None:
         if self._root_error:

@@ -120,6 +120,28 @@ def test_every_live_change_on_either_side(cluster):
     assert os.access(a.root / "run.sh", os.X_OK) == os.access(b.root / "run.sh", os.X_OK)
 
 
+def test_a_symlink_made_again_with_another_target_right_after_it_arrived_replicates(cluster):
+    """Links arriving in a directory the daemon had just made (a move on the other side) were
+    remembered as the daemon's own writes, and `ln -sfn` over one of them was then taken for
+    their echo: never recorded, both sides "in sync" with different targets (a trial)."""
+    a, b = cluster.make("a", "b")
+    cluster.start()
+    for i in range(12):
+        (a.root / f"g{i}").mkdir()
+        (a.root / f"g{i}" / "f").write_text(f"file {i}\n")
+        (a.root / f"g{i}" / "lnk").symlink_to("../nowhere/f")
+    cluster.wait_converged(what="the links on b")
+    for i in range(12):  # one at a time: a page of a few steps, done in a millisecond
+        os.rename(a.root / f"g{i}", a.root / f"h{i}")
+        cluster.wait_converged(what=f"g{i} moved on b")
+    for i in range(12):
+        tmp = b.root / f"h{i}" / ".lnk.new"
+        tmp.symlink_to("f")
+        os.replace(tmp, b.root / f"h{i}" / "lnk")  # what `ln -sfn f lnk` does
+    cluster.wait_converged(what="the new targets on a")
+    assert {os.readlink(a.root / f"h{i}" / "lnk") for i in range(12)} == {"f"}
+
+
 def test_concurrent_edits_while_apart_keep_both(cluster):
     a, b, c = cluster.make("a", "b", "c")
     (a.root / "f.txt").write_text("base\n")
