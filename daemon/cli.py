@@ -1291,8 +1291,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
               + by)  # fmt: skip
     if asked and dry:
         print("asked the running daemon to do it; it has not yet (its journal says when)")
-    print(f"{n or 'no'} tombstone{'' if n == 1 else 's'} kept (about "
-          f"{_human(report.tombstone_bytes)} of database)"
+    size = report.tombstone_bytes
+    if dry and not d and report.droppable:  # what would be kept
+        size = size * (n - report.droppable) // n
+        n -= report.droppable
+    print(f"{n or 'no'} tombstone{'' if n == 1 else 's'} "
+          f"{'would be ' if dry and not d else ''}kept (about {_human(size)} of database)"
           + (": none can be dropped while a replica below cannot tell what it has seen"
              if report.blocked_by and n else ""))  # fmt: skip
     for h in report.holders:

@@ -222,9 +222,12 @@ def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = ()) ->
         return report
     seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)
     if dry_run:
-        (history,) = store.execute(f"SELECT COUNT(*) FROM history WHERE {_OLD_EVENTS}",
-                                   (seen_by_all,)).fetchone()  # fmt: skip
-        return dataclasses.replace(report, history_dropped=int(history))
+        # As the real run counts them: the events of the paths whose tombstones go are not
+        # among those (they go with their tombstones).
+        gone = {path for path, _seq, _version in report.droppable_rows}
+        history = sum(path not in gone for (path,) in store.execute(
+            f"SELECT path FROM history WHERE {_OLD_EVENTS}", (seen_by_all,)))  # fmt: skip
+        return dataclasses.replace(report, history_dropped=history)
     me = store.replica_id
     dropped = 0
     floor = store.pruned_floor

@@ -327,6 +327,10 @@ def test_prune_drops_the_tombstones_no_other_replica_needs(tmp_path):
     for n in range(3):
         (a.root / f"f{n}").write_text("x\n")
     a("scan")
+    for n in range(3):  # events of f0's that go with its tombstone, and f2's that go as old
+        (a.root / "f0").write_text(f"f0 {n}\n")
+        (a.root / "f2").write_text(f"f2 {n}\n")
+        a("scan")
     (a.root / "f0").unlink()
     (a.root / "f1").unlink()
     a("scan")
@@ -337,10 +341,14 @@ def test_prune_drops_the_tombstones_no_other_replica_needs(tmp_path):
 
     out = a("prune", "-n").stdout
     assert "would drop 2 tombstones every replica has seen (dry run)" in out, out
+    assert "no tombstones would be kept" in out, out  # (it said "2 tombstones kept")
+    dry = json.loads(a("prune", "-n", "--json").stdout)
     assert recorded() == ["f0", "f1", "f2"]
     out = a("prune").stdout
     assert "dropped 2 tombstones every replica has seen" in out and "no tombstones kept" in out
     assert recorded() == ["f2"]
+    assert f"dropped {dry['history_dropped']} older event(s)" in out, (dry, out)
+    assert dry["history_dropped"] == 3  # f2's first three of four
     assert a("log", "f0", check=False).returncode == 2  # its history went with it
     assert json.loads(a("prune", "--json").stdout)["tombstones"] == 0
 
