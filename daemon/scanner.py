@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,22 @@ def _hash_fd(fd: int, bsize: int) -> tuple[str, bytes, int, int]:
     if in_block:
         blocks.append(block.digest())
     return whole.hexdigest(), b"".join(blocks), total, bsize
+
+
+MTIME_LIMIT = (1 << 63) - 1  # nanoseconds either side of 1970 that a record can hold
+
+
+def _clamped(ns: int) -> int:
+    """A directory's or symlink's mtime, within what a record holds (only a file's is compared
+    with the disk, and a file outside it is not replicated: see Scanner._check_file)."""
+    return max(-MTIME_LIMIT, min(MTIME_LIMIT, ns))
+
+
+def _year(ns: int) -> str:
+    try:
+        return str(time.gmtime(ns // 10**9).tm_year)
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def _unchanged_file(rec: Record, st: os.stat_result) -> bool:
@@ -402,8 +419,8 @@ class Scanner:
         except OSError:
             return False  # gone or unreadable: the usual way reports what is there now
         ino = st.st_ino
-        if ino in known or not stat.S_ISREG(st.st_mode):
-            return False  # replaced since the directory was read
+        if ino in known or not stat.S_ISREG(st.st_mode) or abs(st.st_mtime_ns) > MTIME_LIMIT:
+            return False  # replaced since the directory was read (or see _check_file)
         self.stats.files += 1
         self.stats.hashed_bytes += size
         self.store.put_local(path, new_guid(), "file", self._first_version, self._create.value,
@@ -465,10 +482,11 @@ class Scanner:
         mode = stat.S_IMODE(st.st_mode)
         if rec is not None and not rec.deleted and rec.kind is Kind.DIR:
             if rec.mode != mode:
-                self._event(rec, rec.with_(mode=mode, mtime_ns=st.st_mtime_ns), Action.UPDATE)
+                self._event(rec, rec.with_(mode=mode, mtime_ns=_clamped(st.st_mtime_ns)),
+                            Action.UPDATE)  # fmt: skip
             return
         new = Record(path, new_guid(), Kind.DIR, VersionVector(), mode=mode,
-                     mtime_ns=st.st_mtime_ns)  # fmt: skip
+                     mtime_ns=_clamped(st.st_mtime_ns))  # fmt: skip
         self._event(rec, new, self._create if rec is None or rec.deleted else Action.UPDATE)
 
     def _check_symlink(self, path: str, st: os.stat_result, rec: Record | None) -> None:
@@ -484,10 +502,15 @@ class Scanner:
         # decides a conflict by "newer modification" like a file's. (Only a new target is a
         # change; the mtime alone is not, as for directories.)
         new = Record(path, new_guid(), Kind.SYMLINK, VersionVector(), target=target,
-                     mtime_ns=st.st_mtime_ns)  # fmt: skip
+                     mtime_ns=_clamped(st.st_mtime_ns))  # fmt: skip
         self._event(rec, new, self._create if rec is None or rec.deleted else Action.UPDATE)
 
     def _check_file(self, path: str, st: os.stat_result, rec: Record | None) -> None:
+        if not -MTIME_LIMIT <= st.st_mtime_ns <= MTIME_LIMIT:
+            # (SQLite and the wire take 64-bit integers: nanoseconds from 1677 to 2262.)
+            self._skip(path, f"its modification time (the year {_year(st.st_mtime_ns)}) is "
+                       "outside what repld records (1678 to 2261): `touch` it to replicate it")  # fmt: skip
+            return
         self.stats.files += 1
         if rec is not None and not self.rehash and _unchanged_file(rec, st):
             return

@@ -142,6 +142,24 @@ def test_a_symlink_made_again_with_another_target_right_after_it_arrived_replica
     assert {os.readlink(a.root / f"h{i}" / "lnk") for i in range(12)} == {"f"}
 
 
+def test_a_file_dated_past_2262_is_not_replicated_and_the_daemon_runs_on(cluster):
+    """It killed the daemon at every start (SQLite's 64-bit integers, a trial)."""
+    a, b = cluster.make("a", "b")
+    far = a.root / "from-2300.txt"
+    far.write_text("far\n")
+    year_2300 = 10_413_792_000 * 10**9
+    os.utime(far, ns=(year_2300, year_2300))
+    cluster.start()
+    (a.root / "after.txt").write_text("after\n")
+    cluster.wait_until(lambda: (b.root / "after.txt").exists(), what="after.txt on b")
+    os.utime(far, ns=(year_2300 + 1, year_2300 + 1))  # an event on it: scanned again
+    (a.root / "later.txt").write_text("later\n")
+    cluster.wait_until(lambda: (b.root / "later.txt").exists(), what="later.txt on b")
+    assert a.status() is not None and not (b.root / "from-2300.txt").exists()
+    far.touch()
+    cluster.wait_converged(what="the file once touched")
+
+
 def test_concurrent_edits_while_apart_keep_both(cluster):
     a, b, c = cluster.make("a", "b", "c")
     (a.root / "f.txt").write_text("base\n")

@@ -470,17 +470,29 @@ def test_what_cannot_be_replicated_is_said_once_and_fails_nothing(tmp_path):
     bad = os.fsencode(a.root) + b"/caf\xe9.txt"  # a Latin-1 name: not UTF-8
     with open(bad, "wb") as f:
         f.write(b"latin-1 name\n")
+    # An mtime past 2262 (ext4 takes them up to 2446) is more nanoseconds than SQLite's 64
+    # bits: the scan died on it with a traceback, and the daemon at every start (a trial).
+    (a.root / "far-future").write_text("from 2300\n")
+    year_2300 = 10_413_792_000 * 10**9
+    os.utime(a.root / "far-future", ns=(year_2300, year_2300))
+    (a.root / "dir-2300").mkdir()
+    os.utime(a.root / "dir-2300", ns=(year_2300, year_2300))  # a directory's is clamped
     for proc in (a("scan"), a.sync(b)):  # exit 0 (run() checks it)
         notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("not replicated:")]
         assert sorted(notes) == [
             "not replicated: a-fifo: not a regular file, directory or symlink",
             "not replicated: caf\\xe9.txt: its name is not valid UTF-8; rename it to replicate it",
+            "not replicated: far-future: its modification time (the year 2300) is outside what "
+            "repld records (1678 to 2261): `touch` it to replicate it",
         ], proc.stderr
         assert ".repldignore" in proc.stderr and "WARNING" not in proc.stderr
     assert (b.root / "fine.txt").exists() and not (b.root / "a-fifo").exists()
+    assert (b.root / "dir-2300").is_dir() and not (b.root / "far-future").exists()
     (a.root / "a-fifo").unlink()
     os.unlink(bad)
+    (a.root / "far-future").touch()
     assert "not replicated" not in a.sync(b).stderr
+    assert (b.root / "far-future").read_text() == "from 2300\n"
 
 
 def test_independent_resolutions_agree(tmp_path):
