@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import ReplError
-from ..protocol.record import TEMP_PREFIX
+from ..protocol.record import NAME_MAX, TEMP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,16 @@ class Version:
 
 
 def version_name(name: str, when: float) -> str:
+    """NAME~STAMP.EXT, within a file name's 255 bytes: a long name loses the end of its stem
+    (room is left for a -N of several versions in one second)."""
     stem, ext = os.path.splitext(name)
     if not _EXT_RE.match(ext):
         stem, ext = name, ""
-    return f"{stem}~{time.strftime(STAMP, time.localtime(when))}{ext}"
+    tail = f"~{time.strftime(STAMP, time.localtime(when))}{ext}"
+    room = NAME_MAX - 4 - len(tail.encode())
+    if len(stem.encode()) > room:
+        stem = stem.encode()[:room].decode("utf-8", "ignore")  # (no character cut in two)
+    return stem + tail
 
 
 class Keeper:
@@ -133,6 +139,13 @@ class Keeper:
             else:
                 raise OSError(errno.EEXIST, f"too many versions of it kept this second in {folder}")
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                # The versions directory adds its own path to the file's, past the 4096 bytes
+                # of a path: it cannot be kept there, and refusing the change for that would
+                # keep this replica apart from the others for good.
+                log.warning("%s: its current content could not be kept in %s (the path would "
+                            "be too long); the change goes ahead", path, self.where)  # fmt: skip
+                return
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 fix = "make room there"
             elif e.errno in (errno.ENOTDIR, errno.EEXIST) and not self.where.is_dir():

@@ -291,3 +291,29 @@ def test_delete_frees_the_room_versions_take(tmp_path):
     proc = b("versions", "--delete", "--restore", check=False)
     assert proc.returncode == 2 and "not both" in proc.stderr
     assert (b.root / "keep.txt").read_text() == "keep\n"
+
+
+def test_a_deletion_of_a_long_name_or_deep_path_is_made_with_or_without_a_version(tmp_path):
+    """NAME~STAMP of a 255-byte name is past a file name's limit, and the versions directory's
+    path before a deep path past a path's: both deletions failed every 10 s for good, with
+    advice about permissions (a trial). The long name is kept, shortened; the deep path
+    cannot be, and its deletion goes ahead all the same."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    long_name = "€" * 83 + ".txt"  # 253 bytes
+    (a.root / long_name).write_text("long\n")
+    deep = a.root
+    while len(os.fsencode(deep)) < 3900:
+        deep = deep / ("d" * 200)
+    deep.mkdir(parents=True)
+    (deep / "deep.txt").write_text("deep\n")
+    a.sync(b)
+    rel_deep = (deep / "deep.txt").relative_to(a.root)
+    assert (b.root / rel_deep).read_text() == "deep\n"
+    (a.root / long_name).unlink()
+    (deep / "deep.txt").unlink()
+    a.sync(b)  # exit 0: nothing failed
+    assert not (b.root / long_name).exists() and not (b.root / rel_deep).exists()
+    (kept,) = versions(b)
+    assert kept["path"].startswith("€" * 50) and kept["path"].endswith(".txt")
+    assert Path(kept["file"]).read_text() == "long\n"
+    assert snapshot(a.root) == snapshot(b.root)
