@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -284,6 +285,8 @@ class Node:
         # is kept small: the oldest half goes when it grows past APPLIED_MAX (many echoes never
         # come, e.g. for files written into a directory before its watch was added).
         self._applied: dict[str, tuple[bool, Kind, int, int, int, str]] = {}
+        self._db_id: tuple[int, int] | None = None  # the database file's (device, inode)
+        self.fatal = ""  # why the daemon must stop (its loop ends)
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
@@ -296,6 +299,7 @@ class Node:
 
     def open(self) -> None:
         """Sockets, watches: everything but the first scan."""
+        self._db_id = _file_id(self.store.db_path)
         self._setup_auth()
         if self.opts.listen:
             self._bind()
@@ -541,7 +545,7 @@ class Node:
     def run(self, stop: threading.Event, *, until: Callable[[], bool] | None = None,
             deadline: float | None = None) -> None:  # fmt: skip
         """Loop until ``stop`` is set (or ``until()`` is true, or the monotonic ``deadline``)."""
-        while not stop.is_set():
+        while not stop.is_set() and not self.fatal:
             if until is not None and until():
                 return
             if deadline is not None and self.clock() > deadline:
@@ -1413,6 +1417,20 @@ class Node:
 
     # -- timers and commands --------------------------------------------------------------------
 
+    def _check_database(self) -> None:
+        """The database must still be the one opened: a state directory deleted (or replaced)
+        under the daemon takes everything recorded since with it, and syncing on would only
+        record more that is lost. The daemon stops, saying so."""
+        if self._db_id is None or _file_id(self.store.db_path) == self._db_id:
+            return
+        self.fatal = (
+            f"{self.store.db_path}: this replica's database was deleted or replaced while repld "
+            "ran; what it recorded since is lost with it. Stopping: restore the state directory "
+            "(then `repld rejoin`), or make the replica anew with `repld init ROOT --tree-id "
+            f"{self.store.tree_id}` (what is in the root is adopted, nothing is lost)"
+        )
+        log.error("%s", self.fatal)
+
     def _save_acks(self, links: list[PeerLink] | None = None) -> None:
         """Write down how far each peer has acknowledged our records: a few seconds late at
         most, and at the end of a session. It only saves `repld export --since PEER` from
@@ -1481,6 +1499,7 @@ class Node:
             return
         if now - self._root_checked >= ROOT_CHECK_EVERY:  # a stat; the loop wakes anyway
             self._root_checked = now
+            self._check_database()
             if self._root_ok() and self._watch_lost(now):
                 self._rewatched_at = now
                 log.warning("the watch on %s was lost; watching it again", self.cfg.root)
@@ -1685,3 +1704,11 @@ def _frames(parts: list[zmq.Frame]) -> list[bytes]:
     """A message's frames as the codec takes them: the head as bytes, a data frame (block
     content, up to a MiB) as a view of ZeroMQ's buffer, not copied once more."""
     return [p.bytes if i == 0 else p.buffer for i, p in enumerate(parts)]  # type: ignore[misc]
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -94,6 +94,8 @@ def run(config_path: Path | None, *, debug: bool = False) -> int:
         control.stop()
         node.close()
         rep.close()
+    if node.fatal:
+        raise ReplError(node.fatal)
     return 0
 
 

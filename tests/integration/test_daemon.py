@@ -160,6 +160,23 @@ def test_a_file_dated_past_2262_is_not_replicated_and_the_daemon_runs_on(cluster
     cluster.wait_converged(what="the file once touched")
 
 
+def test_a_state_directory_deleted_under_the_daemon_stops_it_saying_why(cluster):
+    """It went on syncing into a deleted database (all lost at the next start), and `status`
+    said it was not running (its socket went with the directory): a trial."""
+    a, b = cluster.make("a", "b")
+    cluster.start()
+    (a.root / "f.txt").write_text("f\n")
+    cluster.wait_converged(what="f.txt on b")
+    shutil.rmtree(a.state)
+    proc = a.proc
+    assert proc is not None
+    cluster.wait_until(lambda: proc.poll() is not None, what="a's daemon to stop")
+    assert proc.returncode == 1
+    text = a.log.read_text()
+    assert "database was deleted or replaced while repld ran" in text, text
+    assert "repld init ROOT --tree-id" in text and "Traceback" not in text
+
+
 def test_concurrent_edits_while_apart_keep_both(cluster):
     a, b, c = cluster.make("a", "b", "c")
     (a.root / "f.txt").write_text("base\n")
