@@ -1133,6 +1133,7 @@ class Node:
         steps = list(pull_steps(self.rep, page.records, policy=policy, within=self.opts.within,
                                 behind=behind))  # fmt: skip
         ok = True
+        stats_errors: list[tuple[str, str]] = []  # of an apply that went to the end
         if not self.opts.dry_run and steps and (self._root_error or self.paused):
             ok = False  # asked for again once the root is back, or the daemon resumed
         elif self.opts.dry_run:
@@ -1227,6 +1228,7 @@ class Node:
             ok = not stats.errors and not root_lost
             if not root_lost:
                 self.state = "idle"
+                stats_errors = stats.errors
         if behind and not self.opts.dry_run:
             try:
                 resend_lost(self.rep, behind,
@@ -1236,7 +1238,11 @@ class Node:
         if self.opts.within is not None or self.opts.dry_run:
             ok = False  # a subtree sync or a dry run must not move the mark past what it skipped
         seen_before = s.seen
-        out = s.applied(page.upto, ok)
+        still_needed = None  # (files, bytes) of the page not applied: None, all of it
+        if not ok and stats_errors:
+            sizes = {r.path: r.size for r in page.records if not r.deleted}
+            still_needed = (len(stats_errors), sum(sizes.get(p, 0) for p, _ in stats_errors))
+        out = s.applied(page.upto, ok, still_needed)
         if s.seen != seen_before:
             with self.store.transaction():
                 self.store.set_peer_mark(peer_id, name=link.peer.name, seen_seq=s.seen)

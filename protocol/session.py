@@ -328,13 +328,16 @@ class Session:
 
     # -- the receiving side --------------------------------------------------------------------
 
-    def applied(self, upto: int, ok: bool) -> Output:
-        """The daemon has applied the page up to ``upto``; ``ok`` if every record applied."""
+    def applied(self, upto: int, ok: bool, failed: tuple[int, int] | None = None) -> Output:
+        """The daemon has applied the page up to ``upto``; ``ok`` if every record applied, else
+        ``failed``: the files and bytes that did not (None: the whole page, say)."""
         out = Output()
         while self._pending and self._pending[0][0] <= upto:
             _, files, size = self._pending.popleft()
-            if not ok or self.failed_from is not None:  # (what comes again after a failure)
+            if not ok:  # still needed; a page applied after a failure needs nothing more
+                files, size = failed if failed is not None else (files, size)
                 self._failed_need = (self._failed_need[0] + files, self._failed_need[1] + size)
+                failed = (0, 0)  # (counted once, with the page's first part)
         if ok and self.failed_from is None:
             self.seen = max(self.seen, upto)
         elif not ok and self.failed_from is None:
