@@ -400,7 +400,7 @@ class Applier:
         if step.path in self._replanned:
             # Planned again once in this apply, and changed under it again: the next apply
             # tries again (each try here flushes, and would come back here: no end).
-            self._error(step.path, f"{e}; it will be synced next time")
+            self._error(step.path, self._still_changed(step.path, e))
             return
         self._replanned.add(step.path)
         self._flush()
@@ -419,10 +419,25 @@ class Applier:
             except (ApplyStopped, StoreError):
                 raise
             except ChangedOnDisk as e2:
-                self._error(again.path, f"{e2}; it will be synced next time")
+                self._error(again.path, self._still_changed(again.path, e2))
             except (ReplError, OSError) as e2:
                 self._error(again.path, str(e2))
         self._flush()
+
+    def _still_changed(self, path: str, e: ChangedOnDisk) -> str:
+        """Why a path that changed on disk is still not synced after a rescan: mostly a change
+        in the middle of the sync, but a file this replica's user cannot read cannot be scanned
+        (its change is never recorded), and the message must say so."""
+        full = self._abs(path)
+        try:
+            st = os.lstat(full)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and not os.access(full, os.R_OK):
+            return (f"{path}: cannot be read here (permission denied), so what changed in it "
+                    "cannot be recorded, and it is not replaced: make it readable by this "
+                    "replica's user (chmod u+r) and it syncs")  # fmt: skip
+        return f"{e}; it will be synced next time"
 
     def _error(self, path: str, message: str) -> None:
         # Errors travel as (path, why): a message that names its path already says it once.
