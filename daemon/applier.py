@@ -428,7 +428,7 @@ class Applier:
         """Why a path that changed on disk is still not synced after a rescan: mostly a change
         in the middle of the sync, but a file this replica's user cannot read cannot be scanned
         (its change is never recorded), and the message must say so."""
-        full = self._abs(path)
+        full = self._p(path)  # (no check of its parents: they may be anything now)
         try:
             st = os.lstat(full)
         except OSError:
