@@ -924,8 +924,26 @@ def _tree_paths(root: Path, given: list[str]) -> list[str] | None:
             check_path(rel)
         except ReplError as e:
             raise UsageError(f"{g}: {e}") from None
+        _no_link_above(root, g, rel)
         out.append(rel)
     return out or None
+
+
+def _no_link_above(root: Path, given: str, rel: str) -> None:
+    """A PATH through a symlink in the tree names nothing repld knows (it records the link,
+    never follows it): say so, with the path it means, rather than sync nothing."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        above = root / "/".join(parts[:i])
+        if not os.path.islink(above):
+            continue
+        real = Path(os.path.realpath(above)) / "/".join(parts[i:])
+        inside = root.resolve()
+        meant = (f"; give the path it points to: {real.relative_to(inside).as_posix()}"
+                 if real.is_relative_to(inside) else "")  # fmt: skip
+        raise UsageError(f"{given}: {'/'.join(parts[:i])} is a symlink in the tree (to "
+                         f"{os.readlink(above)}); repld records a symlink, it never follows "
+                         f"one{meant}")  # fmt: skip
 
 
 def _rel_path(rep: Replica, given: str) -> str:

@@ -26,7 +26,7 @@ from ..protocol.reconcile import Policy
 from ..protocol.record import Kind, Record, escape, subtree_filter
 from .applier import Applier, ApplyStats, SourceChanged
 from .diskio import open_regular
-from .errors import ReplError, RolledBack, TreeMismatchError
+from .errors import ReplError, RolledBack, TreeMismatchError, UsageError
 from .replica import Replica
 from .scanner import ScanStats
 from .store import PAGE
@@ -112,7 +112,12 @@ def sync(
             "A new replica joins a tree with `repld init ROOT --tree-id ID`."
         )
     if left.store.replica_id == right.store.replica_id:
-        raise ReplError(f"{left.cfg.path} and {right.cfg.path} are the same replica")
+        raise UsageError(
+            f"{left.cfg.path} and {right.cfg.path} are the same replica (replica id "
+            f"{left.store.replica_id}): one state directory copied to make the other? Two copies "
+            "of one replica must not both be used; make the copy a replica of its own with "
+            f"`repld --config {right.cfg.path} rejoin` (its files are adopted, nothing is lost)"
+        )
     for one, other in ((left, right), (right, left)):
         seen = other.store.peer_mark(one.store.replica_id).seen_seq
         if seen > one.store.seq:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import subprocess
 import unicodedata
@@ -221,7 +223,16 @@ def test_paths_are_taken_as_a_user_means_them_and_mistakes_exit_2(tmp_path):
     assert proc.returncode == 0 and "docs/x.txt" in proc.stdout and "other" not in proc.stdout
     copy = a.config.with_name("a-copy.conf")
     copy.write_bytes(a.config.read_bytes())
+    # A state directory copied whole: another database, the same replica id (exit 1 before).
+    (tmp_path / "clone").mkdir()
+    cloned = tmp_path / "clone" / "a.toml"
+    shutil.copytree(a.state, tmp_path / "clone" / "a.state")
+    cloned.write_text(re.sub(r"^(state|root) = .*$", lambda m: f'{m[1]} = "{getattr(a, m[1])}"',
+                             a.config.read_text(), flags=re.M).replace(
+                                 str(a.state), str(tmp_path / "clone" / "a.state")))  # fmt: skip
     for args, expect in [
+        (["sync", cloned], f"are the same replica (replica id {a.identity()['replica_id']}): "
+                           "one state directory copied"),
         (["sync", b.config, "nosuch"], "in neither replica"),
         (["sync", b.config, "/etc"], "not inside the replicated tree"),
         (["sync", a.config], "this replica's own config"),
@@ -290,6 +301,22 @@ def test_a_path_typed_in_the_other_unicode_form_finds_the_file(tmp_path):
     out = b("log", nfc).stdout
     assert "create by" in out and out.splitlines()[0] == f"history of {nfd}:"
     assert a.sync(b, "-n", nfc).returncode == 0
+
+
+def test_a_path_through_a_symlink_in_the_tree_is_a_usage_error_naming_the_real_one(tmp_path):
+    """repld records a symlink, never follows it: `sync ld/note.txt` through the link ld
+    synced nothing and exited 0 (a trial)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "docs").mkdir()
+    (a.root / "docs" / "note.txt").write_text("n\n")
+    (a.root / "ld").symlink_to("docs")
+    a.sync(b)
+    assert a.sync(b, "ld").returncode == 0  # the link itself is a path of the tree
+    for given in ("ld/note.txt", str(a.root / "ld" / "note.txt")):
+        proc = a.sync(b, given, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "ld is a symlink in the tree (to docs)" in proc.stderr
+        assert "give the path it points to: docs/note.txt" in proc.stderr
 
 
 def test_a_replica_inside_another_is_refused(tmp_path):
