@@ -70,6 +70,7 @@ from .errors import (
     ReplError,
     StoreError,
 )
+from .mounts import Mounts, not_mounted_message
 from .scanner import hash_file_stat
 from .store import Store
 from .versions import Keeper, VersionError
@@ -223,6 +224,7 @@ class Applier:
         self._check_root = check_root or (lambda: None)
         self.root = root
         self._root = str(root)
+        self._mounts: Mounts | None = None  # the tree's mount points (see mounts.py), once read
         self._dirs_ok: set[str] = set()  # parents checked to be real directories, this batch
         self.fetch = fetch
         self.via = via
@@ -367,6 +369,10 @@ class Applier:
 
     def _guarded(self, step: Step, fn: Callable[[Step], None]) -> None:
         try:
+            if self._mounts is None:
+                self._mounts = Mounts(self.store, self._root)
+            if self._mounts.known and (held := self._mounts.not_mounted_above(step.path)):
+                raise ReplError(not_mounted_message(held))
             self._unlock(parent_of(step.path))
             if step.source:
                 self._unlock(parent_of(step.source))

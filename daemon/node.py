@@ -65,6 +65,7 @@ from .fetch import VERSION_GONE, Transfers, serve
 from .fetch import Link as FetchLink
 from .ignore import IGNORE_FILE
 from .localsync import pull_steps, resend_lost
+from .mounts import Mounts, not_mounted_message
 from .replica import Replica, list_conflicts, load_keys
 from .scanner import kind_of
 from .versions import expire, keeper_for
@@ -287,6 +288,7 @@ class Node:
         self._applied: dict[str, tuple[bool, Kind, int, int, int, str]] = {}
         self._db_id: tuple[int, int] | None = None  # the database file's (device, inode)
         self.fatal = ""  # why the daemon must stop (its loop ends)
+        self._mounts_missing: set[str] = set()  # mount points of the tree not mounted now
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
@@ -1423,6 +1425,19 @@ class Node:
 
     # -- timers and commands --------------------------------------------------------------------
 
+    def _check_mounts(self) -> None:
+        """A disk mounted again at a mount point of the tree sends no inotify event: look (a
+        stat per mount point), and scan it and watch it again when it is back."""
+        mounts = Mounts(self.store, str(self.cfg.root))
+        missing = {m for m in mounts.known if mounts.missing(m)}
+        said = {p for p, e in self.errors.items() if e.error == not_mounted_message(p)}
+        back = sorted((self._mounts_missing | said) - missing)
+        self._mounts_missing = missing
+        if back and not self._root_error:
+            log.info("mounted again: %s; scanning it", ", ".join(back))
+            self._refresh_watches()
+            self.scan(back)
+
     def _check_database(self) -> None:
         """The database must still be the one opened: a state directory deleted (or replaced)
         under the daemon takes everything recorded since with it, and syncing on would only
@@ -1506,6 +1521,7 @@ class Node:
         if now - self._root_checked >= ROOT_CHECK_EVERY:  # a stat; the loop wakes anyway
             self._root_checked = now
             self._check_database()
+            self._check_mounts()
             if self._root_ok() and self._watch_lost(now):
                 self._rewatched_at = now
                 log.warning("the watch on %s was lost; watching it again", self.cfg.root)

@@ -211,7 +211,7 @@ class Replica:
         for a whole scan to judge later."""
         self.check_root()
         with self.store.transaction():
-            stats = self.scanner(**kwargs).scan(paths)
+            stats = self.scanner(forget_mounts=accept_deletes, **kwargs).scan(paths)
             # Again before the scan commits: a root that went away during the walk made every
             # path not walked yet look deleted.
             self.check_root()

@@ -37,6 +37,8 @@ from ..protocol.record import (
 )
 from ..protocol.version import VersionVector
 from .ignore import Ignore
+from .mounts import Mounts, not_mounted_message
+from .mounts import note as note_mounts
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -184,8 +186,11 @@ class Scanner:
         rehash: bool = False,
         adopt: bool = False,
         skip_deletes: bool = False,
+        forget_mounts: bool = False,
     ):
         self.store = store
+        # Mount points found not mounted are walked as they are now (see mounts.py).
+        self.forget_mounts = forget_mounts
         # Record everything but deletions (the circuit breaker holds those back, and the rest
         # of the scan must not wait with them).
         self.skip_deletes = skip_deletes
@@ -222,6 +227,13 @@ class Scanner:
         floor = self.store.pruned_floor
         self._fresh = VersionVector.of({self.me: floor})
         self._first_version = self._fresh.bump(self.me).encode()
+        self._mounts = Mounts(self.store, self._root_s)
+        self._found_mounts: set[str] = set()
+        self._held_mounts: set[str] = set()
+        try:
+            self._root_dev = os.stat(self._root_s).st_dev
+        except OSError:
+            self._root_dev = -1
         try:
             self._scan(paths)
         finally:
@@ -250,6 +262,35 @@ class Scanner:
                 for path in sorted(others - set(todo)):
                     self._scan_path(path, [])
                 self._emit_upto(None)
+            self._note_mounts(whole=paths is None)
+
+    def _note_mounts(self, *, whole: bool) -> None:
+        known = set(self._mounts.known)
+        if whole:  # every mount point walked into, and those held back
+            found = self._found_mounts | self._held_mounts
+        else:
+            found = known | self._found_mounts
+        if self.forget_mounts:
+            found -= {m for m in known if self._mounts.missing(m)}
+        if found != known:
+            note_mounts(self.store, found)
+
+    def _mount_held(self, path: str) -> bool:
+        """Whether ``path`` is a mount point noted earlier and not mounted now: then nothing
+        under it is walked, and nothing recorded as deleted (see mounts.py)."""
+        if path not in self._mounts.known or self.forget_mounts or not self._mounts.missing(path):
+            return False
+        if path not in self._held_mounts:
+            self._held_mounts.add(path)
+            self._error(path, not_mounted_message(path))
+        return True
+
+    def _walks_into(self, path: str, st: os.stat_result) -> None:
+        """``path`` (a directory) is walked: note it if a file system is mounted there."""
+        if st.st_dev != self._root_dev and not any(
+            path.startswith(m + "/") for m in self._found_mounts
+        ):
+            self._found_mounts.add(path)
 
     def _scan_path(self, path: str, linked: list[int]) -> None:
         if not path or path == ".":
@@ -272,6 +313,10 @@ class Scanner:
         for i in range(1, len(parts)):
             if self.ignore("/".join(parts[:i]), True):
                 return
+        held = None if self.forget_mounts else self._mounts.not_mounted_above(path)
+        if held is not None:
+            self._mount_held(held)
+            return
         # Parents first: a new file in a new directory needs the directory's record too.
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
@@ -346,7 +391,7 @@ class Scanner:
                 records = None
                 row = (*row[:2], 1, *row[3:]) if row is not None else None
             if entry is None:
-                if row is not None and not row[2]:
+                if row is not None and not row[2] and not self._mount_held(path):
                     if records is None:
                         records = self._records_of(rel)
                     self._gone(records[name])
@@ -387,12 +432,16 @@ class Scanner:
                         self.stats.files += 1
                         continue
                     if kind == "dir" and stat.S_ISDIR(st.st_mode) and row[3] == mode:
-                        subdirs.append(path)
+                        if not self._mount_held(path):
+                            self._walks_into(path, st)
+                            subdirs.append(path)
                         continue
                 if records is None:
                     records = self._records_of(rel)
                 rec = records[name]
-            if self._scan_entry(path, st, rec, descend=False):
+            if self._scan_entry(path, st, rec, descend=False) and not self._mount_held(path):
+                assert st is not None
+                self._walks_into(path, st)
                 subdirs.append(path)
         if self.progress is not None:
             self.progress(self.stats)

@@ -245,7 +245,15 @@ class Watcher:
             if not event.name:
                 # The directory itself (its metadata, its removal): the watch of its parent
                 # reports the same change with the name, and the root's own is not replicated.
-                return
+                # But a file system unmounted under it says so only here (and the scan of its
+                # mount point finds the mount missing: see mounts.py).
+                if not (event.mask & IN.IN_UNMOUNT and top):
+                    return
+                rel = top
+        if not event.name:
+            self._hint(rel, settled=True)
+            return
+        with self._wlock:
             name = os.fsdecode(event.name)
             if name.startswith(TEMP_PREFIX):
                 return  # our own temporary files; their link or rename names the real path
