@@ -18,8 +18,10 @@ from ..protocol.record import (
     NAME_MAX,
     TEMP_PREFIX,
     conflict_copy_path,
+    conflict_maker,
     conflict_original,
 )
+from ..protocol.version import short_id
 from . import config as configmod
 from .config import Config
 from .errors import ConfigError, DeletesDeferred, MassDelete, RootChanged, StoreError
@@ -516,10 +518,19 @@ def list_conflicts(store: Store) -> list[dict[str, Any]]:
             continue
         orig = store.get(original)
         when = dt.datetime.fromtimestamp(rec.mtime_ns / 1e9).astimezone()
+        # Whose version it is: the replica its name says (the one that made the losing edit),
+        # not whoever recorded it last (a move of its directory elsewhere).
+        maker, short = rec.modified_by, conflict_maker(copy_path)
+        if short and short_id(maker) != short:
+            # (The losing edit is in the original's version: it merged both.)
+            known = [store.replica_id, *(r for r, _ in rec.version),
+                     *(r for r, _ in (orig.version if orig is not None else ())),
+                     *(m.replica_id for m in store.peer_marks())]  # fmt: skip
+            maker = next((rid for rid in known if short_id(rid) == short), maker)
         out.append({
             "path": original,
             "copy": copy_path,
-            "copy_replica": rec.modified_by,
+            "copy_replica": maker,
             "copy_size": rec.size,
             "copy_mtime": when.isoformat(timespec="seconds") if rec.mtime_ns else None,
             "path_exists": orig is not None and not orig.deleted,

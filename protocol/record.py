@@ -245,6 +245,15 @@ def conflict_original(path: str) -> str | None:
     return posixpath.join(head, original) if head else original
 
 
+def conflict_maker(path: str) -> str | None:
+    """For a conflict copy's path, the short id of the replica whose losing version it holds
+    (its name says it; its record's modified_by may be another's: a move of its directory)."""
+    if conflict_original(path) is None:
+        return None
+    name = posixpath.basename(path)
+    return name[name.rfind(CONFLICT_MARK) + len(CONFLICT_MARK) :][:8]
+
+
 _ESCAPES = {"\\": "\\\\", " ": "\\s", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 

@@ -919,6 +919,34 @@ def test_opposite_resolves_on_two_replicas_meet_as_a_conflict_not_a_loss(tmp_pat
     assert any(".conflict-" in p.name and p.name.startswith("x.") for p in a.root.iterdir())
 
 
+def test_a_conflict_copy_moved_with_its_directory_stays_its_makers(tmp_path):
+    """c moved the directory: the copy's record is c's event now, but the version in it is
+    still the one its name says. `conflicts` credited it to c, and resolve --keep local on the
+    replica whose edit it holds refused (a trial)."""
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "proj").mkdir()
+    (a.root / "proj" / "index").write_text("base\n")
+    a.sync(b)
+    b.sync(c)
+    (a.root / "proj" / "index").write_text("a's edit\n")
+    (b.root / "proj" / "index").write_text("b's edit\n")
+    newer(a.root / "proj" / "index", than=b.root / "proj" / "index")  # a's wins: b's the copy
+    a.sync(b)
+    b.sync(c)
+    os.rename(c.root / "proj", c.root / "moved")
+    c.sync(b)
+    c.sync(a)
+    (copy,) = conflict_copies(b.root / "moved")
+    b_id = b.identity()["replica_id"]
+    assert copy.startswith(f"index.conflict-{b_id[:8]}")
+    for rep in (a, b, c):
+        (row,) = json.loads(rep("conflicts", "--json").stdout)
+        assert row["copy_replica"] == b_id, (rep.name, row)
+    assert "(this replica)" in b("conflicts").stdout
+    b("resolve", "moved/index", "--keep", "local")
+    assert (b.root / "moved" / "index").read_text() == "b's edit\n"
+
+
 def test_names_as_repld_prints_them_can_be_pasted_back(tmp_path):
     """`repld conflicts` and `log` print a space as \\s (one token per name); that form,
     pasted into `resolve` or `log`, names the file (it said "not in this replica")."""
