@@ -1327,6 +1327,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                         "replica brings them")  # fmt: skip
             else:
                 seen = "has seen them all"
+            again = next((o for o in report.holders if o.how == HOW_SYNCED and o.name == h.name
+                          and o.last_sync > h.last_sync), None)  # fmt: skip
+            if again is not None and h.unseen:
+                seen += (f"; but {h.name} has synced since as {short_id(again.replica_id)} (a "
+                         "rejoin, a reinstall?): if this one is gone for good, `repld prune "
+                         f"--forget {short_id(h.replica_id)}`")  # fmt: skip
             print(f"  {who}: last synced {_fmt_time(h.last_sync)}, {seen}")
         elif h.how == HOW_CONFIGURED:
             print(f"  {who}: a peer not met yet: cannot tell what it has seen")

@@ -21,7 +21,7 @@ A replica that is gone for good (a machine sold, a disk wiped) would hold every 
 back forever: `repld prune --forget REPLICA` stops waiting for it. That is noted in the meta
 table (``forgotten``: replica id -> the sequence number and time it was forgotten at), and
 undone by itself when the replica turns up again: a sync with it after that time, or an edit of
-its recorded here after that sequence number. Were it to come back with an old copy of the
+its made after that time. Were it to come back with an old copy of the
 tree, what it brings back is files deleted since, never a loss.
 """
 
@@ -135,14 +135,17 @@ def prune_report(rep: Replica, forget: Iterable[str] = ()) -> PruneReport:
 
 def _still_gone(rep: Replica, holders: list[Holder], forget: set[str]) -> set[str]:
     """Of the replicas forgotten (before, or now: ``forget``), those that have not turned up
-    since: no sync with it, no edit of its recorded here after it was forgotten."""
+    since: no sync with it, no edit it made after it was forgotten."""
     gone = set(forget)
-    for rid, (seq, when, _name) in forgotten(rep.store).items():
+    for rid, (_seq, when, _name) in forgotten(rep.store).items():
         h = next((h for h in holders if h.replica_id == rid), None)
         if h is None or h.last_sync > when:
             continue
-        (later,) = rep.store.execute("SELECT COUNT(*) FROM history WHERE origin = ? AND seq > ?",
-                                     (rid, seq)).fetchone()  # fmt: skip
+        # (Its events' times are its own clock's: an event it made since, relayed; not one of
+        # before, relayed only now.)
+        (later,) = rep.store.execute(
+            "SELECT COUNT(*) FROM history WHERE origin = ? AND time_ns > ?", (rid, when)
+        ).fetchone()
         if not later:
             gone.add(rid)
     return gone

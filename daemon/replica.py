@@ -435,10 +435,12 @@ def rejoin(config_path: Path | None, *, progress: object = None) -> tuple[Config
     and a first scan adopts every file in the root (see Action.ADOPT), so that at the next
     sync each is checked against the tree: nothing in the root is lost, nothing the tree
     deleted comes back."""
+    from .prune import FORGOTTEN
+
     rep = open_replica(config_path)  # the write lock: refused while the daemon runs
     try:
         rep.check_root()  # an empty mount point would join as an empty tree
-        cfg, tree_id = rep.cfg, rep.store.tree_id
+        cfg, tree_id, old_id = rep.cfg, rep.store.tree_id, rep.store.replica_id
         kept = {k: v for k in (FS_CHECKED, ROOT_ID) if (v := rep.store.meta(k)) is not None}
     finally:
         rep.close()
@@ -451,6 +453,8 @@ def rejoin(config_path: Path | None, *, progress: object = None) -> tuple[Config
     with Replica(cfg) as rep:
         for key, value in kept.items():
             rep.store.set_meta(key, value)
+        # Its old self will never sync again: `repld prune` here must not wait for it.
+        rep.store.set_meta(FORGOTTEN, json.dumps({old_id: [0, time.time_ns(), cfg.name]}))
         stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
     return cfg, stats, old
 

@@ -1148,6 +1148,18 @@ def test_a_replica_restored_from_an_old_backup_is_refused_until_it_rejoins(tmp_p
     assert (a.root / "f.txt").read_text() == "v2, edited on b after the backup\n"
     assert conflict_copies(a.root) == []
 
+    # b's old self never syncs again: b does not wait for it to prune, and a says how to
+    # stop waiting (a trial found both waiting forever, a with a promise that never comes).
+    (a.root / "g.txt").unlink()
+    a.sync(b)
+    assert "dropped 1 tombstone" in b("prune").stdout
+    text = a("prune").stdout
+    assert "1 tombstone kept" in text and "b has synced since as" in text, text
+    assert "repld prune --forget" in text
+    old_id = next(r["replica_id"] for r in json.loads(a("prune", "--json").stdout)["replicas"]
+                  if r["unseen"])  # fmt: skip
+    assert "dropped 1 tombstone" in a("prune", "--forget", old_id[:8]).stdout
+
 
 def test_a_dry_run_lists_what_changes_files_and_counts_the_rest(tmp_path):
     """A new replica's dry run against one with many deletions printed one `record ... [new]`
