@@ -72,7 +72,7 @@ from .errors import (
 )
 from .mounts import Mounts, not_mounted_message
 from .scanner import hash_file_stat
-from .store import Store
+from .store import Store, checked_at
 from .versions import Keeper, VersionError
 
 log = logging.getLogger(__name__)
@@ -506,6 +506,10 @@ class Applier:
             was = (expected.size, expected.mtime_ns, expected.mode)
             if now != was or (expected.ino and expected.ino != st.st_ino):
                 raise ChangedOnDisk(path, "modified")
+            if st.st_ctime_ns > checked_at(expected):
+                # Written since with its size and mtime kept, maybe: read again (the rescan
+                # finds it unchanged, or records the edit, which then meets this one).
+                raise ChangedOnDisk(path, "touched since it was last read")
         return st
 
     def _gone_here(self, path: str, expected: Record | None) -> bool:

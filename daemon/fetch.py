@@ -33,7 +33,7 @@ from ..protocol.messages import Blocks, Error, GetBlocks
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
 from .diskio import open_direct, open_regular, pwrite_direct, start_writeback
 from .errors import PeerLost, ReplError
-from .store import Store
+from .store import Store, checked_at
 
 log = logging.getLogger(__name__)
 
@@ -657,7 +657,9 @@ def _read_intact(root: Path, rec: Record, req: GetBlocks) -> bytes | None:
         return None
     try:
         st = os.fstat(fd)
-        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns) or (
+            st.st_ctime_ns > checked_at(rec)
+        ):
             return None  # changed since it was scanned: the scan will announce the new version
         data = os.pread(fd, req.length, req.offset)
     except OSError:

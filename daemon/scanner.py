@@ -39,7 +39,7 @@ from ..protocol.version import VersionVector
 from .ignore import Ignore
 from .mounts import Mounts, not_mounted_message
 from .mounts import note as note_mounts
-from .store import Store
+from .store import Store, checked_at
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def _unchanged_file(rec: Record, st: os.stat_result) -> bool:
         and rec.mtime_ns == st.st_mtime_ns
         and rec.ino == st.st_ino
         and rec.mode == stat.S_IMODE(st.st_mode)
+        and st.st_ctime_ns <= checked_at(rec)
     )
 
 
@@ -427,7 +428,8 @@ class Scanner:
                         kind == "file"
                         and not self.rehash
                         and stat.S_ISREG(st.st_mode)
-                        and row[3:] == (mode, st.st_mtime_ns, st.st_size, st.st_ino)
+                        and row[3:7] == (mode, st.st_mtime_ns, st.st_size, st.st_ino)
+                        and st.st_ctime_ns <= row[7]
                     ):
                         self.stats.files += 1
                         continue
@@ -598,7 +600,7 @@ class Scanner:
         if live and rec is not None and rec.sha256 == sha and (rec.mode, rec.mtime_ns) == (
             mode, mtime_ns
         ):
-            self.store.set_ino(path, ino)  # same file, new inode: cache only
+            self.store.set_ino(path, ino, st.st_ctime_ns)  # same file (new inode?): cache only
             return
         note = f"moved from {moved.path}" if moved is not None else ""
         if moved is not None:

@@ -101,8 +101,10 @@ _COLS = (
     "modified_by, origin_seq, action, changed_ns, seq, replicated_ns, ino"
 )
 
-_STAT_COLS = "path, kind, deleted, mode, mtime_ns, size, ino"
-StatRow = tuple[str, str, int, int, int, int, int]
+# The last: when this replica last checked the file against its record (see Store.checked).
+_STAT_COLS = ("path, kind, deleted, mode, mtime_ns, size, ino, "
+              "CASE WHEN replicated_ns != 0 THEN replicated_ns ELSE changed_ns END")  # fmt: skip
+StatRow = tuple[str, str, int, int, int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,7 +570,8 @@ class Store:
         return [_row_to_record(r) for r in self._children_rows(_COLS, parent)]
 
     def children_stat(self, parent: str) -> list[StatRow]:
-        """``(path, kind, deleted, mode, mtime_ns, size, ino)`` of each child: what a rescan
+        """``(path, kind, deleted, mode, mtime_ns, size, ino, checked)`` of each child (see
+        checked_at): what a rescan
         compares with the disk, read without building a record for each (an unchanged file
         needs no more)."""
         return self._children_rows(_STAT_COLS, parent)
@@ -791,12 +794,16 @@ class Store:
         seq = self._next_seq()
         return self.execute("UPDATE records SET seq = ? WHERE path = ?", (seq, path)).rowcount > 0
 
-    def set_ino(self, path: str, ino: int) -> None:
-        """Refresh the local stat cache (not an event: no sequence number, nothing replicated)."""
+    def set_ino(self, path: str, ino: int, ctime_ns: int = 0) -> None:
+        """Refresh the local stat cache (not an event: no sequence number, nothing replicated):
+        the file's inode, and when it was found to match its record (see checked_at: now, or
+        its ctime if that is later, a clock set back since it was written)."""
         if (parents := self._tx_parents) is not None:
             parents.add(parent_of(path))
         self._generation += 1
-        self._conn().execute("UPDATE records SET ino = ? WHERE path = ?", (ino, path))
+        now: int = self._clock()  # type: ignore[operator]
+        self._conn().execute("UPDATE records SET ino = ?, replicated_ns = ? WHERE path = ?",
+                             (ino, max(now, ctime_ns), path))  # fmt: skip
 
     def history(self, path: str) -> list[Event]:
         rows = self.execute(
@@ -874,3 +881,12 @@ class Store:
                 self._clock(),  # type: ignore[operator]
             ),
         )
+
+
+def checked_at(rec: Record) -> int:
+    """When this replica last found the file on disk to be what ``rec`` says (wrote it, scanned
+    it, or found it unchanged after a closer look): a file whose status changed after that
+    (its ctime, which no program can set back) may have been written to since, even with its
+    size and mtime as they were (`cp -p`, a tool that keeps the mtime): it is read again
+    before it is taken as unchanged or replaced."""
+    return rec.replicated_ns or rec.changed_ns

@@ -974,14 +974,11 @@ def test_fixed_bug_conflict_original_of_a_copy_of_a_copy():
         assert conflict_original(copy_of_copy) == copy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: change detection is (size, mtime, mode, inode) only; an in-place "
-    "edit that keeps size and mtime (same clock tick on kernels without fine-grained "
-    "timestamps, or mtime restored by a tool) is never seen, and a sync overwrites it. "
-    "The property test avoids it by giving every write a fresh mtime.",
-)
-def test_known_limitation_edit_keeping_size_and_mtime_is_overwritten(replicas):
+def test_an_edit_keeping_size_and_mtime_is_seen_by_its_ctime(replicas):
+    """Once a known limitation (strict xfail here): change detection was (size, mtime, mode,
+    inode) only, so an in-place edit that kept size and mtime (a tool that restores the
+    mtime, `cp -p` over the file) was never seen, and a sync overwrote it. The ctime, which
+    no program can set back, now says the file was touched since it was last read."""
     a, b = replicas(2)
     f = a.root / "f"
     f.write_bytes(b"version-1")
