@@ -1273,7 +1273,7 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import HOW_CONFIGURED, HOW_SYNCED, forget_ids, prune
+    from .prune import HOW_CONFIGURED, HOW_SYNCED, HOW_THROUGH, forget_ids, prune
 
     asked = False
     try:
@@ -1320,13 +1320,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for h in report.holders:
         who = f"{h.name} ({short_id(h.replica_id)})" if h.name and h.replica_id \
             else h.name or short_id(h.replica_id)  # fmt: skip
-        if h.how == HOW_SYNCED:
-            if h.unseen:
+        if h.how in (HOW_SYNCED, HOW_THROUGH):
+            if h.unseen and h.how == HOW_THROUGH:
+                seen = (f"has not got {h.unseen} of them yet, as far as {h.via} knows (the "
+                        f"newest: {escape(h.newest_unseen or '')}); they reach it through "
+                        "the replicas it syncs with")  # fmt: skip
+            elif h.unseen:
                 seen = (f"has not acknowledged {h.unseen} of them yet (the newest: "
                         f"{escape(h.newest_unseen or '')}); its next sync with this "
                         "replica brings them")  # fmt: skip
             else:
-                seen = "has seen them all"
+                seen = "has seen them all" + (f" (as {h.via} says)" if h.via else "")
+            if h.how == HOW_THROUGH:
+                print(f"  {who}: never synced with this replica; {h.via} says how far it holds "
+                      f"this replica's records: {seen}")  # fmt: skip
+                continue
             again = next((o for o in report.holders if o.how == HOW_SYNCED and o.name == h.name
                           and o.last_sync > h.last_sync), None)  # fmt: skip
             if again is not None and h.unseen:

@@ -165,6 +165,14 @@ def sync(
                 policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
                 _rerun(report.passes[0], _pass(into, src, policy, within, dry_run, verbose,
                                                progress))  # fmt: skip
+        if not dry_run:
+            # What a daemon's Acks carry: how far the replicas each one has met hold the
+            # other's records (see Store.held_for), for prune to count them.
+            for one, other in ((left, right), (right, left)):
+                held = other.store.held_for(one.store.replica_id)
+                if held:
+                    with one.store.transaction():
+                        one.store.note_held(other.store.replica_id, held)
     return report
 
 

@@ -140,6 +140,7 @@ class PeerLink:
     # records, bytes); see Node._still_to_send.
     still_to_send: tuple[float, int, int, int] | None = None
     acked_saved: int = -1  # the peer's acknowledgement of our records, as last written down
+    held_saved: tuple[Any, ...] = ()  # the peer's last `held`, as last written down
     complaints: deque[float] = field(default_factory=deque)  # times we answered with an error
     # Handshakes that keep failing (see Node._handshake_failed): the pause before the next
     # dial (0: the last handshake succeeded), when that dial is due (monotonic; None: dialled),
@@ -1456,22 +1457,45 @@ class Node:
         """Write down how far each peer has acknowledged our records: a few seconds late at
         most, and at the end of a session. It only saves `repld export --since PEER` from
         carrying what PEER has already, so a failure is logged, never raised."""
+        chosen = self.links if links is None else links
         moved = [
             (link, link.session)
-            for link in (self.links if links is None else links)
+            for link in chosen
             if link.session is not None and link.session.peer is not None
             and link.session.confirmed_upto != link.acked_saved
         ]  # fmt: skip
-        if not moved:
-            return
+        # What peers said of how far other replicas hold our records (see Store.held_for).
+        told = [
+            (link, link.session)
+            for link in chosen
+            if link.session is not None and link.session.peer is not None
+            and link.session.peer_held and link.session.peer_held is not link.held_saved
+        ]  # fmt: skip
         try:
-            with self.store.transaction():
-                for link, s in moved:
-                    assert s is not None and s.peer is not None
-                    self.store.set_peer_mark(s.peer.replica_id, acked_seq=s.confirmed_upto)
-                    link.acked_saved = s.confirmed_upto
+            if moved or told:
+                with self.store.transaction():
+                    for link, s in moved:
+                        assert s is not None and s.peer is not None
+                        self.store.set_peer_mark(s.peer.replica_id, acked_seq=s.confirmed_upto)
+                        link.acked_saved = s.confirmed_upto
+                    for link, s in told:
+                        assert s is not None and s.peer is not None
+                        self.store.note_held(s.peer.replica_id, s.peer_held)
+                        link.held_saved = s.peer_held
+            # And what our Acks say of it to each peer, of its records.
+            keys = self._peer_keys()
+            for link in chosen:
+                s = link.session
+                if s is not None and s.peer is not None and s.state is State.ESTABLISHED:
+                    s.held = self.store.held_for(s.peer.replica_id, keys)
         except (ReplError, sqlite3.Error) as e:
             log.warning("could not write down how far peers have our records: %s", e)
+
+    def _peer_keys(self) -> dict[str, str]:
+        """The public keys of the configured peers met, by replica id (said along in Acks, so
+        that a replica can tell a peer it has not met yet by its key)."""
+        by_name = {m.name: m.replica_id for m in self.store.peer_marks()}
+        return {by_name[p.name]: p.public_key for p in self.cfg.peers if p.name in by_name}
 
     def _timers(self, quick: bool = False) -> None:
         now = self.clock()

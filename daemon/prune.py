@@ -11,6 +11,15 @@ a replica it knows only from the version vectors of its records (its edits came 
 another replica), or from the config (a peer not met yet), it can prove nothing, and while
 there is one, nothing is dropped.
 
+Nor, directly, of a replica it never synced with (a chain A-B-C: A and C never meet). So each
+replica keeps, for each peer whose records it applies, checkpoints "having applied the peer's
+records up to its number N, my own number was M" (Store._checkpoint). A replica that holds
+B's records up to M holds A's up to N (or something newer on their paths): B says so to A,
+about every replica it knows (in its Acks to A, or at a one-shot sync), and A counts it
+(``HOW_THROUGH``). Along a chain the word passes hop by hop, each translating into its
+neighbour's numbers, so every replica of a connected tree can tell, in time, what every other
+one it has heard of holds.
+
 What it cannot know is a replica it has never heard of (one that has changed nothing and never
 synced with it). Dropping a tombstone is still safe for the user's data: the worst such a
 replica can do is bring a deleted file back (its live record is then new here), never lose
@@ -44,6 +53,7 @@ FORGOTTEN = "forgotten"  # meta key: {replica id: [sequence number, time ns, nam
 HOW_SYNCED = "synced"  # a daemon peer, a one-shot sync or a bundle: it acknowledged our records
 HOW_CONFIGURED = "configured"  # a peer in the config this replica has not exchanged records with
 HOW_HEARD_OF = "heard of"  # only in the version vectors or the history of records
+HOW_THROUGH = "through a peer"  # not synced with, but a peer said how far it holds our records
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class Holder:
     acked_seq: int  # the highest of this replica's sequence numbers it acknowledged
     unseen: int | None  # tombstones here it has not provably seen; None: cannot tell
     newest_unseen: str | None  # the path of the newest of those
+    via: str = ""  # the peer that said how far it holds this replica's records, if one did
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,7 @@ class PruneReport:
     @property
     def blocked_by(self) -> list[Holder]:
         """The replicas whose knowledge this replica cannot tell: while any, none is dropped."""
-        return [h for h in self.holders if h.how != HOW_SYNCED]
+        return [h for h in self.holders if h.how not in (HOW_SYNCED, HOW_THROUGH)]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -114,19 +125,40 @@ def prune_report(rep: Replica, forget: Iterable[str] = ()) -> PruneReport:
     holders: list[Holder] = []
     met: set[str] = {me}
     names: set[str] = set()
-    for m in store.peer_marks():
+    marks = store.peer_marks()
+    held = store.held()  # what peers said of replicas this one may not have met
+    name_of = {m.replica_id: m.name for m in marks}
+    for m in marks:
         if m.replica_id in met:
             continue
         met.add(m.replica_id)
         names.add(m.name)
-        unseen, newest = _unseen_after(rep, m.acked_seq, m.replica_id)
-        holders.append(Holder(m.name, m.replica_id, HOW_SYNCED, m.last_sync_ns, m.acked_seq,
-                              unseen, newest))  # fmt: skip
+        acked, via = m.acked_seq, ""
+        if m.replica_id in held and held[m.replica_id][0] > acked:
+            acked, via = held[m.replica_id][0], name_of.get(held[m.replica_id][1], "a peer")
+        unseen, newest = _unseen_after(rep, acked, m.replica_id)
+        holders.append(Holder(m.name, m.replica_id, HOW_SYNCED, m.last_sync_ns, acked,
+                              unseen, newest, via))  # fmt: skip
+
+    def through(rid: str, name: str) -> Holder | None:
+        """A replica not synced with, but that a peer says holds this one's records."""
+        if rid not in held:
+            return None
+        upto, by, _key = held[rid]
+        unseen, newest = _unseen_after(rep, upto, rid)
+        return Holder(name, rid, HOW_THROUGH, 0, upto, unseen, newest,
+                      name_of.get(by, short_id(by)))  # fmt: skip
+
+    by_key = {key: rid for rid, (_u, _v, key) in held.items() if key}
     for p in rep.cfg.peers:
         if p.name not in names:
-            holders.append(Holder(p.name, "", HOW_CONFIGURED, 0, 0, None, None))
+            rid = by_key.get(p.public_key, "")
+            h = through(rid, p.name) if rid and rid not in met else None
+            if h is not None:
+                met.add(rid)
+            holders.append(h or Holder(p.name, "", HOW_CONFIGURED, 0, 0, None, None))
     for rid in sorted(_heard_of(rep) - met):
-        holders.append(Holder("", rid, HOW_HEARD_OF, 0, 0, None, None))
+        holders.append(through(rid, "") or Holder("", rid, HOW_HEARD_OF, 0, 0, None, None))
     gone = _still_gone(rep, holders, set(forget))
     waited = [h for h in holders if not h.replica_id or h.replica_id not in gone]
     return PruneReport(int(count), int(size), waited, _seen_by_all(rep, waited),
@@ -185,7 +217,7 @@ def forget_ids(rep: Replica, names: Iterable[str]) -> list[str]:
 def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int, str]]:
     """The tombstones every replica in ``holders`` has provably seen (none while one of them
     is a replica this one cannot tell about)."""
-    if any(h.how != HOW_SYNCED for h in holders):
+    if any(h.how not in (HOW_SYNCED, HOW_THROUGH) for h in holders):
         return []
     rows = rep.store.execute(
         "SELECT path, seq, version, modified_by FROM records WHERE deleted = 1"
@@ -249,6 +281,7 @@ def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = ()) ->
             store.set_meta(PRUNED_FLOOR, str(floor))
         history = store.execute(f"DELETE FROM history WHERE {_OLD_EVENTS}",
                                 (seen_by_all,)).rowcount  # fmt: skip
+        store.trim_checkpoints()
     count, size = _tombstones(store)
     return dataclasses.replace(report, dropped=dropped, tombstones=count, tombstone_bytes=size,
                                history_dropped=history)  # fmt: skip

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.errors import ProtocolError
+from ..protocol.messages import Held
 from ..protocol.record import Action, Kind, Record, parent_of
 from ..protocol.version import VersionVector
 from .errors import StoreBusy, StoreError
@@ -39,6 +40,7 @@ from .errors import StoreBusy, StoreError
 SCHEMA_VERSION = 1
 PAGE = 1000
 PRUNED_FLOOR = "pruned_floor"  # meta key: see Store.pruned_floor
+CHECKPOINTS_KEPT = 2000  # per peer, at the most (see Store._checkpoint)
 # Parents of the rows an open transaction wrote that the store keeps track of, at the most (one
 # path per directory written to); past it, reads no longer go around the writer thread.
 MAX_TX_PARENTS = 100_000
@@ -93,6 +95,27 @@ CREATE TABLE IF NOT EXISTS peers (
     seen_seq INTEGER NOT NULL DEFAULT 0,
     acked_seq INTEGER NOT NULL DEFAULT 0,
     last_sync_ns INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+# Tables added since schema 1 was first written: made on every write open too (IF NOT EXISTS).
+# checkpoints: "having applied the records of replica peer_id up to peer_seq, this replica's
+# newest sequence number was my_seq" (see Store._checkpoint). held: "replica replica_id holds this
+# replica's records up to upto", as peer ``via`` said in its Acks (see Store.held_for).
+_ADDED = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    peer_id TEXT NOT NULL,
+    peer_seq INTEGER NOT NULL,
+    my_seq INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL,
+    PRIMARY KEY (peer_id, peer_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS held (
+    replica_id TEXT PRIMARY KEY,
+    upto INTEGER NOT NULL,
+    via TEXT NOT NULL,
+    key TEXT NOT NULL,
+    time_ns INTEGER NOT NULL
 );
 """
 
@@ -332,6 +355,12 @@ class Store:
         # generation is still what the database holds at the same one (see read_ahead).
         self._generation = 0
         self._ahead: _ReadAhead | None = None
+        if write:
+            try:
+                self._db.executescript(_ADDED)  # (a database made by an older version)
+            except sqlite3.Error as e:
+                self.close()
+                raise StoreError(f"{db_path}: cannot add this version's tables ({e})") from None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -344,7 +373,7 @@ class Store:
         db = sqlite3.connect(db_path, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+            db.executescript(_SCHEMA + _ADDED)
             db.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
                 [
@@ -881,6 +910,92 @@ class Store:
                 self._clock(),  # type: ignore[operator]
             ),
         )
+        if seen_seq is not None and seen_seq > old.seen_seq:
+            self._checkpoint(replica_id, seen_seq)
+
+    def _checkpoint(self, peer_id: str, peer_seq: int) -> None:
+        """This replica has applied ``peer_id``'s records up to ``peer_seq``: note where its own
+        sequence stands (see Store.held_for). Rows pile up, one per page applied; past
+        CHECKPOINTS_KEPT for a peer, every other one of the older half goes (an older point
+        gives a smaller answer, never a wrong one), and prune drops those no answer needs."""
+        conn = self._conn()
+        conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
+                     (peer_id, peer_seq, self._seq, self._clock()))  # type: ignore[operator]  # fmt: skip
+        (n,) = conn.execute("SELECT COUNT(*) FROM checkpoints WHERE peer_id = ?",
+                            (peer_id,)).fetchone()  # fmt: skip
+        if n > CHECKPOINTS_KEPT:
+            old = [s for (s,) in conn.execute(
+                "SELECT peer_seq FROM checkpoints WHERE peer_id = ? ORDER BY peer_seq LIMIT ?",
+                (peer_id, n // 2))]  # fmt: skip
+            conn.executemany("DELETE FROM checkpoints WHERE peer_id = ? AND peer_seq = ?",
+                             [(peer_id, s) for s in old[1::2]])  # fmt: skip
+
+    def held(self) -> dict[str, tuple[int, str, str]]:
+        """What peers said in their Acks: replica id -> (how far it holds this replica's
+        records, the id of the peer that said so, its public key if that peer knew it)."""
+        try:
+            rows = self._conn().execute("SELECT replica_id, upto, via, key FROM held").fetchall()
+        except sqlite3.OperationalError:
+            return {}  # (a database of an older version, opened read-only: none said yet)
+        return {str(r): (int(u), str(v), str(k)) for r, u, v, k in rows}
+
+    def note_held(self, via: str, held: Iterable[Held]) -> None:
+        """Peer ``via`` says how far other replicas hold this replica's records (its Ack)."""
+        now = self._clock()
+        for h in held:
+            if h.replica_id in (self.replica_id, via):
+                continue  # (what a peer holds of ours it says itself, in the Ack's upto)
+            self._conn().execute(
+                "INSERT INTO held VALUES (?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "
+                "upto = excluded.upto, via = excluded.via, time_ns = excluded.time_ns, "
+                "key = CASE WHEN excluded.key != '' THEN excluded.key ELSE held.key END "
+                "WHERE excluded.upto > held.upto",
+                (h.replica_id, min(h.upto, self._seq), via, h.key, now),
+            )
+
+    def known_holds(self) -> dict[str, int]:
+        """How far each other replica this one knows of holds its records: acknowledged by
+        it, or said by a peer."""
+        known = {str(r): int(a) for r, a in
+                 self._conn().execute("SELECT replica_id, acked_seq FROM peers")}  # fmt: skip
+        for rid, (upto, _via, _key) in self.held().items():
+            known[rid] = max(known.get(rid, 0), upto)
+        known.pop(self.replica_id, None)
+        return known
+
+    def held_for(self, peer_id: str, keys: dict[str, str] | None = None) -> tuple[Held, ...]:
+        """How far the other replicas this one knows of hold the records of peer ``peer_id``,
+        for the Acks to it: one that holds this replica's records up to P holds the peer's up
+        to the last point this replica had applied of them when its own sequence was at P
+        (that point's records were here then, or something newer on their paths, and all of
+        it went to that replica). ``keys``: public keys of replica ids, said along."""
+        keys = dict(keys or {})
+        for rid, (_upto, _via, key) in self.held().items():
+            if key:
+                keys.setdefault(rid, key)
+        out: list[Held] = []
+        for rid, mine in self.known_holds().items():
+            if rid == peer_id or mine <= 0:
+                continue
+            try:
+                (theirs,) = self._conn().execute(
+                    "SELECT MAX(peer_seq) FROM checkpoints WHERE peer_id = ? AND my_seq <= ?",
+                    (peer_id, mine),
+                ).fetchone()
+            except sqlite3.OperationalError:
+                return ()
+            if theirs:
+                out.append(Held(rid, int(theirs), keys.get(rid, "")))
+        return tuple(sorted(out))
+
+    def trim_checkpoints(self) -> int:
+        """Drop the checkpoints no answer of held_for can use any more: older than the newest
+        one at or below how far every known replica holds this one's records."""
+        floor = min(self.known_holds().values(), default=self._seq)
+        return self._conn().execute(
+            "DELETE FROM checkpoints WHERE my_seq < (SELECT MAX(c.my_seq) FROM checkpoints AS c "
+            "WHERE c.peer_id = checkpoints.peer_id AND c.my_seq <= ?)", (floor,)
+        ).rowcount
 
 
 def checked_at(rec: Record) -> int:

@@ -9,7 +9,7 @@ nothing a peer sends can raise anything else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import msgpack
@@ -18,11 +18,12 @@ from .errors import ProtocolError
 from .record import DIGEST_SIZE, Action, Kind, Record, check_path
 from .version import VersionVector
 
-WIRE_VERSION = 2  # 2: records may carry the action "adopt"
+WIRE_VERSION = 3  # 2: records may carry the action "adopt"; 3: acks may carry `held`
 PROTOCOL = "repld/1"
 MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
 MAX_BLOCK_REQUEST = 4 << 20  # bytes of file content one request may ask for
 MAX_RECORDS = 2000  # records in one page
+MAX_HELD = 1024  # replicas an Ack may vouch for
 _INT64 = (1 << 63) - 1
 
 
@@ -54,12 +55,25 @@ class Records:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """Replica ``replica_id`` (public key ``key``, if the sender of this knows it) holds the
+    records of the Ack's receiver up to its sequence number ``upto``: it synced with the sender
+    after the sender had them (see daemon/prune.py)."""
+
+    replica_id: str
+    upto: int
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
-    """The receiver has processed pages up to ``upto``; and what it still needs from the sender."""
+    """The receiver has processed pages up to ``upto``; and what it still needs from the sender;
+    and how far other replicas it synced with hold the sender's records (``held``)."""
 
     upto: int
     need_files: int = 0
     need_bytes: int = 0
+    held: tuple[Held, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +236,10 @@ def encode(msg: Message) -> list[bytes]:
         }
     elif isinstance(msg, Blocks):
         return [msgpack.packb([WIRE_VERSION, name, {"req": msg.req}]), msg.data]
+    elif isinstance(msg, Ack):
+        body = {"upto": msg.upto, "need_files": msg.need_files, "need_bytes": msg.need_bytes}
+        if msg.held:
+            body["held"] = [[h.replica_id, h.upto, h.key] for h in msg.held]
     else:
         body = {f: getattr(msg, f) for f in _FIELD_TYPES[type(msg)]}
     return [msgpack.packb([WIRE_VERSION, name, body])]
@@ -265,7 +283,24 @@ def decode(frames: list[bytes]) -> Message:
             _int(body.get("remaining_bytes", 0), "records.remaining_bytes"),
             _int(body.get("epoch", 0), "records.epoch"),
         )
+    if cls is Ack and "held" in body:
+        body = dict(body)
+        held = body.pop("held")
+        if type(held) is not list or len(held) > MAX_HELD:
+            raise ProtocolError(f"ack.held: expected a list of at most {MAX_HELD} entries")
+        ack = _plain(cls, name, body)
+        assert isinstance(ack, Ack)
+        return replace(ack, held=tuple(_held(h) for h in held))
     return _plain(cls, name, body)
+
+
+def _held(item: Any) -> Held:
+    if type(item) is not list or len(item) != 3:
+        raise ProtocolError("ack.held: expected [replica id, sequence number, key] entries")
+    rid = _str(item[0], "ack.held replica id", 64)
+    if not rid:
+        raise ProtocolError("ack.held: empty replica id")
+    return Held(rid, _int(item[1], "ack.held sequence number"), _str(item[2], "ack.held key", 64))
 
 
 def _plain(cls: type[Any], name: str, body: dict[str, Any]) -> Message:
@@ -303,6 +338,7 @@ __all__ = [
     "Bye",
     "Error",
     "GetBlocks",
+    "Held",
     "Hello",
     "Message",
     "Ping",

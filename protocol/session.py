@@ -26,6 +26,7 @@ from .messages import (
     Bye,
     Error,
     GetBlocks,
+    Held,
     Hello,
     Message,
     Ping,
@@ -142,7 +143,10 @@ class Session:
         self.peer_need_files = 0
         self.peer_need_bytes = 0
         self.peer_acked_all = False
+        # How far other replicas hold the peer's records, as the peer last said (see Held).
+        self.peer_held: tuple[Held, ...] = ()
         # Receiving side.
+        self.held: tuple[Held, ...] = ()  # said in every Ack: the daemon keeps it current
         self.received_upto = seen  # pages given to the daemon, applied or not
         self.peer_seq = 0  # the peer's newest sequence number, as far as we know
         self._pending: deque[tuple[int, int, int]] = deque()  # (upto, files, bytes) not yet applied
@@ -242,7 +246,7 @@ class Session:
             # (two hellos crossed, a session restarted on its side). Acknowledged, not applied
             # twice; dropping it as an error would be harmless, but a page that straddles
             # what we hold must not be: see below.
-            out.send.append(Ack(self.seen, *self.need()))
+            out.send.append(self._ack(self.seen))
             return
         # Of a page that starts before what we hold, only what is new to us: dropping it whole
         # would lose the records past our position, and the next page would move past them.
@@ -256,7 +260,7 @@ class Session:
         out.actions.append(ApplyPage(records, msg.upto))
         # What we need, said now rather than once the page is applied (a big file can take a
         # while): the sender's status must not count us as in sync meanwhile.
-        out.send.append(Ack(self.seen, *self.need()))
+        out.send.append(self._ack(self.seen))
 
     def _on_ack(self, msg: Ack, out: Output) -> None:
         while self._in_flight and self._in_flight[0] <= msg.upto:
@@ -266,6 +270,8 @@ class Session:
             self.confirmed_upto = max(self.confirmed_upto, msg.upto)
         self.peer_need_files = msg.need_files
         self.peer_need_bytes = msg.need_bytes
+        if msg.held:
+            self.peer_held = msg.held
         self.peer_acked_all = self.acked_upto >= self.local_seq and not msg.need_files
 
     def _on_resend(self, msg: Resend, out: Output) -> None:
@@ -295,7 +301,7 @@ class Session:
         if self.state is State.ESTABLISHED and self.receive_records and not self._pending:
             # Where we stand, again: an Ack lost in a session restart would otherwise leave
             # the peer waiting for it (and reporting us out of sync) until the next change.
-            out.send.append(Ack(self.received_upto, *self.need()))
+            out.send.append(self._ack(self.received_upto))
 
     def _on_bye(self, msg: Bye, out: Output) -> None:
         self._closed(out, msg.reason or "the peer said goodbye")
@@ -343,8 +349,11 @@ class Session:
         elif not ok and self.failed_from is None:
             self.failed_from = self.seen
         if self.state is State.ESTABLISHED:
-            out.send.append(Ack(upto, *self.need()))
+            out.send.append(self._ack(upto))
         return out
+
+    def _ack(self, upto: int) -> Ack:
+        return Ack(upto, *self.need(), held=self.held)
 
     def need(self) -> tuple[int, int]:
         """Files and bytes we still expect from the peer: an upper bound (some may be equal)."""

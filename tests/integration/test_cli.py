@@ -466,7 +466,9 @@ def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
     assert before["b"]["newest_unseen"] in ("f0", "f1")
     assert before["d"]["how"] == "configured" and before["d"]["unseen"] is None
     c_id = c.identity()["replica_id"]
-    assert before[c_id]["how"] == "heard of" and before[c_id]["unseen"] is None
+    # c never synced with a: b says how far c holds a's records (not the deletions yet).
+    assert before[c_id]["how"] == "through a peer" and before[c_id]["via"] == "b"
+    assert before[c_id]["unseen"] == 2
     assert a.identity()["replica_id"] not in before and "a" not in before  # not itself
 
     a("sync", b.config)
@@ -474,7 +476,7 @@ def test_prune_says_which_replicas_have_seen_the_tombstones(tmp_path):
     assert after["b"]["unseen"] == 0 and after["b"]["last_sync"].startswith("20")
     text = a("prune", check=False).stdout
     assert "b (" in text and "has seen them all" in text
-    assert f"{c_id[:8]}: known from its edits only" in text
+    assert f"{c_id[:8]}: never synced with this replica; b says how far" in text
     assert "d: a peer not met yet" in text
     assert "none can be dropped while a replica below cannot tell what it has seen" in text
     # On b, a's own deletions are not "unseen by a", whatever b's mark for a says.
@@ -517,6 +519,43 @@ def test_a_file_brought_back_where_a_tombstone_was_pruned_is_deleted_again(tmp_p
     s.sync(q)
     assert not (s.root / "z.txt").exists()
     assert snapshot(p.root) == snapshot(q.root) == snapshot(s.root)
+
+
+def test_prune_in_a_chain_counts_what_the_middle_replica_says_of_the_far_end(tmp_path):
+    """a and c never meet (a chain a-b-c): a used to wait for c forever ("known from its
+    edits only"). b tells a how far c holds a's records, as b's own numbers translate."""
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    for n in range(3):
+        (a.root / f"f{n}").write_text("x\n")
+    a.sync(b)
+    b.sync(c)
+    (c.root / "from-c").write_text("c was here\n")  # a hears of c
+    c.sync(b)
+    a.sync(b)
+    (a.root / "f0").unlink()
+    a.sync(b)  # b has the deletion, c not yet
+
+    def report(rep) -> dict[str, dict]:
+        out = json.loads(rep("prune", "-n", "--json").stdout)
+        return {r["name"] or r["replica_id"][:8]: r for r in out["replicas"]} | {"": out}
+
+    c_id = c.identity()["replica_id"][:8]
+    before = report(a)
+    assert before[c_id]["how"] == "through a peer" and before[c_id]["via"] == "b", before
+    assert before[c_id]["unseen"] == 1 and before[""]["droppable"] == 0
+    assert "b says how far it holds this replica's records" in a("prune", "-n").stdout
+    b.sync(c)  # c has it now; b hears so
+    assert not (c.root / "f0").exists()
+    a.sync(b)  # and tells a
+    assert report(a)[c_id]["unseen"] == 0
+    out = a("prune").stdout
+    assert "dropped 1 tombstone" in out, out
+    # c, at the other end, learns the same way of a, whose deletion it holds anyway.
+    for other in (b, c):
+        other.sync(b if other is c else a)
+    for rep in (a, b, c):
+        assert not (rep.root / "f0").exists(), rep.name
+    assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
 
 
 def test_prune_forget_stops_waiting_for_a_replica_gone_for_good(tmp_path):

@@ -883,6 +883,35 @@ def test_a_file_brought_back_where_a_tombstone_was_pruned_is_deleted_again(clust
     assert not any((r.root / "z.txt").exists() for r in (p, q, s))
 
 
+def test_prune_in_a_chain_of_daemons_drops_what_the_far_end_holds(cluster):
+    """a-b-c, a and c never connect: b's Acks tell a how far c holds a's records (and c how
+    far a holds c's), so each end can drop a tombstone the other end has."""
+    a, b, c = cluster.make("a", "b", "c", links=[("a", "b"), ("b", "c")])
+    (a.root / "doomed.txt").write_text("deleted later\n")
+    (c.root / "from-c.txt").write_text("c was here\n")  # a hears of c
+    cluster.start()
+    cluster.wait_converged(what="both files everywhere")
+    (a.root / "doomed.txt").unlink()
+    (c.root / "from-c.txt").unlink()
+    cluster.wait_converged(what="both deletions everywhere")
+
+    def droppable(rep) -> bool:
+        out = json.loads(rep("prune", "-n", "--json").stdout)
+        return out["tombstones"] == out["droppable"] == 2
+
+    # (Acks carry it every few seconds: the word takes two hops.)
+    cluster.wait_until(lambda: droppable(a), timeout=40, what="a to find both droppable")
+    text = a("prune", "-n").stdout
+    assert "b says how far it holds this replica's records: has seen them all" in text, text
+    assert "dropped 2 tombstones" in a("prune").stdout
+    cluster.wait_until(lambda: droppable(c), timeout=40, what="c to find both droppable")
+    assert "dropped 2 tombstones" in c("prune").stdout
+    (b.root / "after.txt").write_text("after the prunes\n")
+    cluster.wait_converged(what="a new file after the prunes")
+    assert not any((r.root / name).exists() for r in (a, b, c)
+                   for name in ("doomed.txt", "from-c.txt"))  # fmt: skip
+
+
 def test_prune_forget_with_the_daemon_running(cluster):
     """A replica gone for good stops holding tombstones back once forgotten, with the daemon
     holding the database: the command hands the forgetting to it, and waits to say so."""

@@ -249,6 +249,7 @@ def test_every_message_survives_the_codec() -> None:
         wire.Hello(TREE, A_ID, "a", 4, 2, send=False),
         wire.Records((rec,), 4, 10, 2000, 1),
         wire.Ack(4, 1, 2),
+        wire.Ack(4, held=(wire.Held(B_ID, 3, "k" * 40), wire.Held(A_ID, 1))),
         wire.Resend(3, 2),
         wire.GetBlocks(7, "ab" * 32, "d/ü x", 0, 3),
         wire.Blocks(7, b"abc"),
@@ -268,6 +269,13 @@ def test_every_message_survives_the_codec() -> None:
         ([msgpack.packb([wire.WIRE_VERSION, "launch", {}])], "unknown message type"),
         ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": -1}])], "ack.upto"),
         ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": 1, "evil": 2}])], "unknown fields"),
+        ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": 1, "held": [["r", -1, ""]]}])],
+         "held sequence"),
+        ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": 1, "held": [["", 1, ""]]}])],
+         "empty replica id"),
+        ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": 1, "held": {"r": 1}}])], "ack.held"),
+        ([msgpack.packb([wire.WIRE_VERSION, "ack", {"upto": 1, "held": [["r", 1, ""]] * 2000}])],
+         "at most"),
         ([msgpack.packb([wire.WIRE_VERSION, "hello", {"tree_id": "t"}])], "missing"),
         (
             [
