@@ -295,12 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         "knows of has provably seen (with the history of their paths), and the events of "
         "files' histories every one of them has seen a later event of, and lists, for each "
         "replica, how many of the rest it has seen: a replica this one synced with (as a daemon "
-        "peer, by `repld sync` or by a bundle) has acknowledged them up to a point; of one it "
-        "knows only from its edits (they came through another replica), or a peer it has not "
-        "met yet, it cannot tell, and then none is dropped. A replica never heard of here (one "
+        "peer, by `repld sync` or by a bundle) has acknowledged them up to a point; one never "
+        "synced with directly (the far end of a chain) is counted as the replicas between say; "
+        "of one it knows only from its edits, or a peer it has not met yet, that no one has "
+        "told of, it cannot tell, and then none is dropped. A replica never heard of here (one "
         "that never changed anything and never synced with this one) could at worst bring a "
-        "deleted file back, never lose one. With the daemon running, it asks the daemon to "
-        "drop them.",
+        "deleted file back, never lose one. With the daemon running, it asks "
+        "the daemon to drop them. The daemon also prunes by itself, after each periodic scan, "
+        "the tombstones of deletions older than prune_after_days (30) in the config.",
     )
     c.add_argument("-n", "--dry-run", action="store_true",
                    help="say what would be dropped, drop nothing")  # fmt: skip

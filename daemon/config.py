@@ -28,7 +28,7 @@ DEFAULT_PORT = 7437
 
 TOP_KEYS = {
     "root", "state", "name", "listen", "conflict_policy", "ignore", "scan_interval", "peer",
-    "control_socket", "keep_versions", "keep_versions_days",
+    "control_socket", "keep_versions", "keep_versions_days", "prune_after_days",
 }
 PEER_KEYS = {"name", "endpoint", "public_key"}
 
@@ -106,6 +106,7 @@ class Config:
     control_socket: Path | None = None  # None: control.sock in the state directory
     keep_versions: Keep = Keep.DELETED
     keep_versions_days: int = 30
+    prune_after_days: float = 30  # the daemon drops tombstones seen by all this old (0: never)
 
     @property
     def db_path(self) -> Path:
@@ -266,6 +267,10 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
     if days < 1:
         raise ConfigError("must be >= 1 (keep_versions = \"off\" keeps none)", file=path,
                           key="keep_versions_days")  # fmt: skip
+    prune_days = data.get("prune_after_days", 30)
+    if isinstance(prune_days, bool) or not isinstance(prune_days, int | float) or prune_days < 0:
+        raise ConfigError("expected a number of days >= 0 (0: the daemon never prunes by itself)",
+                          file=path, key="prune_after_days")  # fmt: skip
     control = data.get("control_socket")
     if control is not None:
         _type(control, str, "a path", path, "control_socket")
@@ -310,6 +315,7 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
         control_socket=control,  # type: ignore[arg-type]
         keep_versions=keep,
         keep_versions_days=days,
+        prune_after_days=prune_days,
     )
 
 
@@ -379,6 +385,10 @@ ignore = [{", ".join(_q(i) for i in cfg.ignore)}]
 # rewrites), or "off".
 keep_versions = {_q(cfg.keep_versions.value)}
 keep_versions_days = {cfg.keep_versions_days}
+
+# The daemon drops, after each periodic scan, the tombstones (records of deleted files) that
+# every replica has seen, of deletions older than this many days; 0: only `repld prune` does.
+prune_after_days = {cfg.prune_after_days:g}
 
 # The daemon's control socket, for `repld status` (default: control.sock in the state directory).
 {control}

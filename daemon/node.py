@@ -1385,6 +1385,21 @@ class Node:
         self._next_full_scan = None if every is None else self.clock() + every
         self._scan_done(stats)
         expire(self.cfg.versions_dir, self.cfg.keep_versions_days)
+        if self.opts.watch and not self.opts.dry_run:  # the daemon, not a one-shot sync
+            self._auto_prune()
+
+    def _auto_prune(self) -> None:
+        from .prune import auto_prune
+
+        try:
+            pruned = auto_prune(self.rep)
+        except (ReplError, sqlite3.Error) as e:
+            log.warning("prune: %s", e)
+            return
+        if pruned is not None and (pruned.dropped or pruned.history_dropped):
+            log.info("prune: %d tombstone(s) every replica has seen, older than %g days, "
+                     "dropped (%d kept); %d old history event(s)", pruned.dropped,
+                     self.cfg.prune_after_days, pruned.tombstones, pruned.history_dropped)  # fmt: skip
 
     def _full_scan_every(self) -> float | None:
         """Seconds between full scans: the config's (0: never), at most a minute while the

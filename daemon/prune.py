@@ -23,8 +23,9 @@ one it has heard of holds.
 What it cannot know is a replica it has never heard of (one that has changed nothing and never
 synced with it). Dropping a tombstone is still safe for the user's data: the worst such a
 replica can do is bring a deleted file back (its live record is then new here), never lose
-one; and the replicas that keep the tombstone delete it again. The daemon does not prune by
-itself: `repld prune` does, when asked.
+one; and the replicas that keep the tombstone delete it again. The daemon prunes by itself
+after each periodic scan, the tombstones of deletions older than ``prune_after_days`` (30 by
+default; see auto_prune); `repld prune` drops them all, whatever their age.
 
 A replica that is gone for good (a machine sold, a disk wiped) would hold every later tombstone
 back forever: `repld prune --forget REPLICA` stops waiting for it. That is noted in the meta
@@ -214,18 +215,21 @@ def forget_ids(rep: Replica, names: Iterable[str]) -> list[str]:
     return ids
 
 
-def _seen_by_all(rep: Replica, holders: list[Holder]) -> list[tuple[str, int, str]]:
+def _seen_by_all(rep: Replica, holders: list[Holder],
+                 before_ns: int | None = None) -> list[tuple[str, int, str]]:  # fmt: skip
     """The tombstones every replica in ``holders`` has provably seen (none while one of them
-    is a replica this one cannot tell about)."""
+    is a replica this one cannot tell about); only those of deletions made before
+    ``before_ns``, if given."""
     if any(h.how not in (HOW_SYNCED, HOW_THROUGH) for h in holders):
         return []
     rows = rep.store.execute(
-        "SELECT path, seq, version, modified_by FROM records WHERE deleted = 1"
+        "SELECT path, seq, version, modified_by, changed_ns FROM records WHERE deleted = 1"
     )
     return [
         (str(path), int(seq), str(version))
-        for path, seq, version, by in rows
-        if all(seq <= h.acked_seq or by == h.replica_id for h in holders)
+        for path, seq, version, by, when in rows
+        if (before_ns is None or when < before_ns)
+        and all(seq <= h.acked_seq or by == h.replica_id for h in holders)
     ]
 
 
@@ -237,14 +241,19 @@ _OLD_EVENTS = (
 )
 
 
-def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = ()) -> PruneReport:
+def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = (),
+          before_ns: int | None = None) -> PruneReport:  # fmt: skip
     """Drop the tombstones every replica this one knows of has seen, with the history of
     their paths (nothing is at those paths anywhere any more), and of the other paths' history
     the events every one of them has seen a later event of (a file's history would otherwise
     grow with every save); the report says what was. ``forget``: replica ids (`forget_ids`)
-    not to wait for any more, from now on (not noted on a dry run)."""
+    not to wait for any more, from now on (not noted on a dry run). ``before_ns``: only the
+    tombstones of deletions made before then (the daemon's own prunes: see auto_prune)."""
     forget = list(forget)
     report = prune_report(rep, forget)
+    if before_ns is not None:
+        report = dataclasses.replace(report,
+                                     droppable_rows=_seen_by_all(rep, report.holders, before_ns))  # fmt: skip
     store = rep.store
     if forget and not dry_run:
         notes = forgotten(store)
@@ -256,12 +265,15 @@ def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = ()) ->
     if report.blocked_by:
         return report
     seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)
+    # (The daemon's own prunes leave `repld log` its recent events too.)
+    old_events = _OLD_EVENTS + ("" if before_ns is None else " AND time_ns < ?")
+    params: tuple[int, ...] = (seen_by_all,) if before_ns is None else (seen_by_all, before_ns)
     if dry_run:
         # As the real run counts them: the events of the paths whose tombstones go are not
         # among those (they go with their tombstones).
         gone = {path for path, _seq, _version in report.droppable_rows}
         history = sum(path not in gone for (path,) in store.execute(
-            f"SELECT path FROM history WHERE {_OLD_EVENTS}", (seen_by_all,)))  # fmt: skip
+            f"SELECT path FROM history WHERE {old_events}", params))  # fmt: skip
         return dataclasses.replace(report, history_dropped=history)
     me = store.replica_id
     dropped = 0
@@ -279,8 +291,7 @@ def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = ()) ->
             dropped += 1
         if floor > store.pruned_floor:
             store.set_meta(PRUNED_FLOOR, str(floor))
-        history = store.execute(f"DELETE FROM history WHERE {_OLD_EVENTS}",
-                                (seen_by_all,)).rowcount  # fmt: skip
+        history = store.execute(f"DELETE FROM history WHERE {old_events}", params).rowcount
         store.trim_checkpoints()
     count, size = _tombstones(store)
     return dataclasses.replace(report, dropped=dropped, tombstones=count, tombstone_bytes=size,
@@ -317,3 +328,13 @@ def _heard_of(rep: Replica) -> set[str]:
         ids.update(r for r, _ in VersionVector.decode(str(v)))
     ids.discard("")
     return ids
+
+
+def auto_prune(rep: Replica) -> PruneReport | None:
+    """The daemon's own prune, after each periodic scan: the tombstones every replica has seen
+    of deletions older than ``prune_after_days`` (a replica offline longer, or a copy of the
+    tree joined later, still finds them), and the old history events. None when it is off."""
+    days = rep.cfg.prune_after_days
+    if not days:
+        return None
+    return prune(rep, before_ns=time.time_ns() - int(days * 86400 * 10**9))

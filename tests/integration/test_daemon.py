@@ -912,6 +912,33 @@ def test_prune_in_a_chain_of_daemons_drops_what_the_far_end_holds(cluster):
                    for name in ("doomed.txt", "from-c.txt"))  # fmt: skip
 
 
+def test_the_daemon_prunes_by_itself_the_tombstones_seen_by_all_once_old_enough(cluster):
+    a, b = cluster.make("a", "b")
+    for rep, days in ((a, "0.00002"), (b, "0")):  # a: after about 2 s; b: never by itself
+        text = rep.config.read_text()
+        assert "prune_after_days = 30\n" in text  # what init writes
+        rep.config.write_text(text.replace("prune_after_days = 30\n",
+                                           f"prune_after_days = {days}\n"))  # fmt: skip
+    (a.root / "old.txt").write_text("deleted soon\n")
+    cluster.start()
+    cluster.wait_converged(what="the file on b")
+    (a.root / "old.txt").unlink()
+    cluster.wait_converged(what="the deletion on b")
+
+    def tombstones(rep) -> int:
+        return int(json.loads(rep("prune", "-n", "--json").stdout)["tombstones"])
+
+    cluster.wait_until(lambda: json.loads(a("prune", "-n", "--json").stdout)["droppable"],
+                       what="b to acknowledge the deletion")  # fmt: skip
+    cluster.wait_until(lambda: a("scan") and tombstones(a) == 0, timeout=30,
+                       what="a's daemon to drop the tombstone after a scan")  # fmt: skip
+    assert "prune: 1 tombstone(s) every replica has seen" in a.log.read_text()
+    assert tombstones(b) == 1  # b's daemon keeps its own: prune_after_days = 0
+    (b.root / "new.txt").write_text("still syncing\n")
+    cluster.wait_converged(what="a new file after the prune")
+    assert not (a.root / "old.txt").exists() and not (b.root / "old.txt").exists()
+
+
 def test_prune_forget_with_the_daemon_running(cluster):
     """A replica gone for good stops holding tombstones back once forgotten, with the daemon
     holding the database: the command hands the forgetting to it, and waits to say so."""

@@ -200,6 +200,14 @@ def test_bad_keep_versions_settings_are_config_errors(tmp_path):
     set_option(a, "keep_versions_days = 0")
     proc = a("versions", check=False)
     assert proc.returncode == 2 and "keep_versions_days" in proc.stderr
+    set_option(a, "keep_versions_days = 30")
+    for bad in ("-1", '"30"', "true"):
+        set_option(a, f"prune_after_days = {bad}")
+        proc = a("prune", check=False)
+        assert proc.returncode == 2 and "prune_after_days" in proc.stderr, (bad, proc.stderr)
+        assert "0: the daemon never prunes by itself" in proc.stderr
+    set_option(a, "prune_after_days = 0.5")
+    assert a("prune").returncode == 0
 
 
 def test_restore_puts_the_newest_version_back_where_nothing_is(tmp_path):
