@@ -966,8 +966,9 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
             who = short_id(r["copy_replica"])
             if r["copy_replica"] == me:
                 who += " (this replica)"
+            what = _human(r["copy_size"]) if r["copy_kind"] == "file" else r["copy_kind"]
             print(f"{escape(r['path'])}\n    other version: {escape(r['copy'])} "
-                  f"({_human(r['copy_size'])}, modified {r['copy_mtime'] or '-'} on {who})")  # fmt: skip
+                  f"({what}, modified {r['copy_mtime'] or '-'} on {who})")  # fmt: skip
         print(f"{len(rows)} conflict(s); settle with: repld resolve PATH --keep local|remote|both")
     return 0
 

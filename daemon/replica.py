@@ -536,6 +536,7 @@ def list_conflicts(store: Store) -> list[dict[str, Any]]:
             "copy": copy_path,
             "copy_replica": maker,
             "copy_size": rec.size,
+            "copy_kind": rec.kind.value,
             "copy_mtime": when.isoformat(timespec="seconds") if rec.mtime_ns else None,
             "path_exists": orig is not None and not orig.deleted,
         })  # fmt: skip

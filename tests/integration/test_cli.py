@@ -340,6 +340,8 @@ def test_resolve_between_a_directory_and_a_symlink_says_what_to_do(tmp_path):
     a.sync(b)
     (copy,) = [p.name for p in a.root.iterdir() if ".conflict-" in p.name]
     assert (a.root / copy).is_symlink() and (a.root / "escape").is_dir()  # a directory wins
+    assert f"other version: {copy} (symlink, modified" in a("conflicts").stdout  # not "0 B"
+    assert json.loads(a("conflicts", "--json").stdout)[0]["copy_kind"] == "symlink"
     proc = a("resolve", "escape", "--keep", "remote", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "escape is a directory" in proc.stderr and "symlink" in proc.stderr
