@@ -986,7 +986,7 @@ class Store:
                 return ()
             if theirs:
                 out.append(Held(rid, int(theirs), keys.get(rid, "")))
-        return tuple(sorted(out))
+        return tuple(sorted(out, key=lambda h: h.replica_id))
 
     def trim_checkpoints(self) -> int:
         """Drop the checkpoints no answer of held_for can use any more: older than the newest
