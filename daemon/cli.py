@@ -95,6 +95,16 @@ the shell would otherwise take for its own, e.g.
 """
 
 
+def _global_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config and --debug after the command too (`repld status --config X`), as users type
+    them; given before it, they are kept (SUPPRESS: no default to override them with)."""
+    p.add_argument("--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
+                   help="the replica's config file (also before the command)")  # fmt: skip
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="log debugging detail to stderr")  # fmt: skip
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="repld",
@@ -108,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def cmd(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(
+        return _global_options(sub.add_parser(
             name, help=help, description=description or help,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     c = cmd(
         "init",
@@ -148,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", help="what to call the peer here (letters, digits, '.', '_', '-')")
     a.add_argument("endpoint", help="tcp://HOST:PORT")
     a.add_argument("public_key", help="the 40-character key that `repld id` prints on the peer")
-    a = psub.add_parser("list", help="list peers")
+    _global_options(a)
+    a = _global_options(psub.add_parser("list", help="list peers"))
     a.add_argument("--json", action="store_true", help="as JSON, for scripts")
-    a = psub.add_parser("remove", help="forget a peer (a running daemon drops it at once)")
+    a = _global_options(psub.add_parser("remove",
+                                        help="forget a peer (a running daemon drops it at once)"))  # fmt: skip
     a.add_argument("name", help="the peer's name, as `repld peer list` shows it")
 
     cmd(
@@ -274,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd("dump", "print the database as text, one escaped line per record")
 
-    cmd(
+    c = cmd(
         "rejoin",
         "give this replica a new database, as if it joined its tree anew (after a restore)",
         "For a replica whose state directory was restored from an older backup, or copied from "
@@ -284,8 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and a first scan adopts every file in the root as a joining replica does: at the next "
         "sync each one is checked against the tree, what the tree has newer comes in, what it "
         "deleted goes, and anything of this replica's that differs is kept as a conflict copy. "
-        "Run it with the daemon stopped.",
+        "Run it with the daemon stopped. A replica whose state directory was deleted (no "
+        "database at all) rejoins with --tree-id: the config and its peers stay, a new key "
+        "pair is made if the old one is gone (peers must then be given the new public key).",
     )
+    c.add_argument("--tree-id", metavar="ID",
+                   help="the tree's id (`repld id` on another replica), when the database is "
+                   "gone")  # fmt: skip
 
     c = cmd(
         "prune",
@@ -1261,14 +1278,22 @@ def cmd_dump(args: argparse.Namespace) -> int:
 def cmd_rejoin(args: argparse.Namespace) -> int:
     progress = Progress("first scan")
     try:
-        cfg, stats, old = rejoin(_config_path(args), progress=progress)
+        cfg, stats, old, new_keys = rejoin(_config_path(args), progress=progress,
+                                           tree_id=args.tree_id)  # fmt: skip
     except StoreBusy:
         raise UsageError("the daemon (or a sync) is using this replica: stop it first, e.g. "
                          "`systemctl --user stop repld`, then run `repld rejoin` again") from None  # fmt: skip
     progress.done()
     with Replica(cfg, write=False) as rep:
+        kept = (f"the old database is kept as {old}" if old is not None
+                else "a new database (there was none)")  # fmt: skip
         print(f"replica {cfg.name} ({short_id(rep.store.replica_id)}) joined tree "
-              f"{rep.store.tree_id} anew; the old database is kept as {old}")  # fmt: skip
+              f"{rep.store.tree_id} anew; {kept}")  # fmt: skip
+    if new_keys:
+        key = load_keys(cfg).public
+        print(f"new key pair (the old one was lost with the state directory): every peer must "
+              f"admit the new public key, on each: `repld peer remove {cfg.name}` then `repld "
+              f"peer add {cfg.name} ENDPOINT '{key}'`")  # fmt: skip
     print(f"adopted {stats.created} paths found in the root: at the next sync, each is checked "
           "against the tree (newer versions come in, what the tree deleted goes, what differs "
           "is kept beside it as a conflict copy)")  # fmt: skip

@@ -1462,9 +1462,10 @@ class Node:
             return
         self.fatal = (
             f"{self.store.db_path}: this replica's database was deleted or replaced while repld "
-            "ran; what it recorded since is lost with it. Stopping: restore the state directory "
-            "(then `repld rejoin`), or make the replica anew with `repld init ROOT --tree-id "
-            f"{self.store.tree_id}` (what is in the root is adopted, nothing is lost)"
+            "ran; what it recorded since is lost with it. Stopping: make it anew with `repld "
+            f"--config {self.cfg.path} rejoin --tree-id {self.store.tree_id}` (the config and "
+            "its peers stay; what is in the root is adopted, nothing is lost), or restore the "
+            "state directory and `repld rejoin`"
         )
         log.error("%s", self.fatal)
 

@@ -24,7 +24,7 @@ from ..protocol.record import (
 from ..protocol.version import short_id
 from . import config as configmod
 from .config import Config
-from .errors import ConfigError, DeletesDeferred, MassDelete, RootChanged, StoreError
+from .errors import ConfigError, DeletesDeferred, MassDelete, RootChanged, StoreError, UsageError
 from .ignore import IGNORE_FILE, Ignore
 from .scanner import Scanner, ScanStats
 from .store import Store
@@ -429,17 +429,26 @@ def init(
     return cfg, stats
 
 
-def rejoin(config_path: Path | None, *, progress: object = None) -> tuple[Config, ScanStats, Path]:
+def rejoin(config_path: Path | None, *, progress: object = None,
+           tree_id: str | None = None) -> tuple[Config, ScanStats, Path | None, bool]:  # fmt: skip
     """Give a replica a new database of the same tree, as a replica that joins it (see
     RolledBack): the old database is kept beside it (returned), the config and the keys stay,
     and a first scan adopts every file in the root (see Action.ADOPT), so that at the next
     sync each is checked against the tree: nothing in the root is lost, nothing the tree
-    deleted comes back."""
+    deleted comes back. With no database at all (a state directory deleted), ``tree_id`` says
+    which tree, and a key pair is made if there is none (True last: peers must be told)."""
     from .prune import FORGOTTEN
 
+    cfg = configmod.load(config_path, need_root=False)
+    if not cfg.db_path.exists():
+        return _rejoin_lost(cfg, tree_id, progress)
     rep = open_replica(config_path)  # the write lock: refused while the daemon runs
     try:
         rep.check_root()  # an empty mount point would join as an empty tree
+        if tree_id is not None and tree_id != rep.store.tree_id:
+            raise UsageError(f"--tree-id {tree_id}: this replica's database is of tree "
+                             f"{rep.store.tree_id}; --tree-id is for a replica whose database "
+                             "is gone")  # fmt: skip
         cfg, tree_id, old_id = rep.cfg, rep.store.tree_id, rep.store.replica_id
         kept = {k: v for k in (FS_CHECKED, ROOT_ID) if (v := rep.store.meta(k)) is not None}
     finally:
@@ -456,7 +465,37 @@ def rejoin(config_path: Path | None, *, progress: object = None) -> tuple[Config
         # Its old self will never sync again: `repld prune` here must not wait for it.
         rep.store.set_meta(FORGOTTEN, json.dumps({old_id: [0, time.time_ns(), cfg.name]}))
         stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
-    return cfg, stats, old
+    return cfg, stats, old, False
+
+
+def _rejoin_lost(cfg: Config, tree_id: str | None,
+                 progress: object) -> tuple[Config, ScanStats, None, bool]:  # fmt: skip
+    """rejoin for a replica whose database is gone (its state directory deleted): a new one of
+    tree ``tree_id``, the config (and its peers) kept, the files in the root adopted."""
+    import uuid
+
+    if tree_id is None:
+        raise UsageError(
+            f"no database at {cfg.db_path} (the state directory was lost?): `repld --config "
+            f"{cfg.path} rejoin --tree-id TREE_ID` makes a new one for this replica's tree (its "
+            "id: `repld id` on another replica), keeping this config and its peers, and adopts "
+            "the files in the root (nothing in it is lost)"
+        )
+    try:
+        tree_id = str(uuid.UUID(tree_id))
+    except ValueError:
+        raise UsageError(f"--tree-id {tree_id!r} is not a UUID (copy it from `repld id`)") from None
+    if not cfg.root.is_dir():
+        raise ConfigError(f"root {cfg.root} is not a directory (a disk not mounted?)",
+                          file=cfg.path, key="root")  # fmt: skip
+    cfg.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    new_keys = not any((cfg.key_dir / n).exists() for n in (PUBLIC_KEY_FILE, SECRET_KEY_FILE))
+    if new_keys:
+        make_keys(cfg.key_dir)
+    Store.create(cfg.db_path, tree_id=tree_id).close()
+    with Replica(cfg) as rep:
+        stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
+    return cfg, stats, None, new_keys
 
 
 # The example config and the default ignore rules: etc/ in the source tree, repld/etc/ installed.

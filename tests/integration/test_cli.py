@@ -319,6 +319,19 @@ def test_a_path_through_a_symlink_in_the_tree_is_a_usage_error_naming_the_real_o
         assert "give the path it points to: docs/note.txt" in proc.stderr
 
 
+def test_config_and_debug_are_taken_after_the_command_too(tmp_path):
+    """`repld status --config X` and `repld run --debug` were usage errors (a trial)."""
+    (a,) = make_replicas(tmp_path, "a")
+    proc = run("id", "--json", "--config", a.config)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["name"] == "a"
+    proc = run("status", "--config", a.config, check=False)
+    assert proc.returncode == 3 and "repld is not running" in proc.stderr, proc.stderr
+    proc = run("peer", "list", "--config", a.config, "--debug")
+    assert proc.returncode == 0
+    proc = run("--config", tmp_path / "nosuch.toml", "id", "--config", a.config)
+    assert proc.returncode == 0  # the one after the command wins
+
+
 def test_a_replica_inside_another_is_refused(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     (a.root / "f.txt").write_text("f\n")

@@ -174,7 +174,22 @@ def test_a_state_directory_deleted_under_the_daemon_stops_it_saying_why(cluster)
     assert proc.returncode == 1
     text = a.log.read_text()
     assert "database was deleted or replaced while repld ran" in text, text
-    assert "repld init ROOT --tree-id" in text and "Traceback" not in text
+    assert "Traceback" not in text
+    # What it says to do works (a trial found the advice of the day before refused).
+    tree = b.identity()["tree_id"]
+    advice = f"`repld --config {a.config} rejoin --tree-id {tree}`"
+    assert advice in text, text
+    proc = a("rejoin", check=False)
+    assert proc.returncode == 2 and "rejoin --tree-id TREE_ID" in proc.stderr
+    out = a("rejoin", "--tree-id", tree).stdout
+    assert "a new database (there was none)" in out and "new key pair" in out, out
+    key = a.identity()["public_key"]
+    b("peer", "remove", "a")
+    b.add_peer_key("a", a.endpoint, key)
+    (a.root / "after.txt").write_text("made after the loss\n")
+    a.start()
+    cluster.wait_converged(what="a back in the tree")
+    assert (b.root / "after.txt").exists() and (a.root / "f.txt").read_text() == "f\n"
 
 
 def test_concurrent_edits_while_apart_keep_both(cluster):
