@@ -310,9 +310,25 @@ class Bundle:
             raise UsageError(f"{path} is a directory; give a bundle file")
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
+        not_one = UsageError(f"{path}: not a repld bundle (a bundle is the file `repld export` "
+                             "writes)")  # fmt: skip
+        try:
+            with open(path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\0":
+                    raise not_one
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read it ({e.strerror})") from None
         try:
             self._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            try:
+                meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    raise not_one from None  # another program's SQLite database
+                raise
+            if meta.get("format") != FORMAT:
+                self.close()
+                raise not_one  # (a repld database, say)
             for table in ("records", "content", "seen"):  # all there, before anything is applied
                 self._db.execute(f"SELECT * FROM {table} LIMIT 0")
         except sqlite3.DatabaseError as e:

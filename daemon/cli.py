@@ -758,7 +758,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if target.resolve() == _config_path(args).resolve():
         raise UsageError(f"{args.target} is this replica's own config; give another replica's")
     _not_the_same_replica(_config_path(args), target)
-    with open_replica(args.config, dry_run=dry) as left, open_replica(target, dry_run=dry) as right:
+    with _open_stopped(args.config, "a sync with another replica's config", dry_run=dry) as left, \
+            _open_stopped(target, "a sync with its config", dry_run=dry) as right:  # fmt: skip
         paths = _tree_paths(left.root, args.paths)
         for given, path in zip(args.paths, paths or [], strict=False):
             if not any(os.path.lexists(r.root / path) or r.store.get(path) for r in (left, right)):
@@ -988,6 +989,25 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
                   f"({what}, modified {r['copy_mtime'] or '-'} on {who})")  # fmt: skip
         print(f"{len(rows)} conflict(s); settle with: repld resolve PATH --keep local|remote|both")
     return 0
+
+
+def _open_stopped(config: Path | None, what: str, **kwargs: Any) -> Replica:
+    """The replica of ``config``, for a command that needs its daemon stopped (``what``: a
+    sync with another replica's config, an import): with the daemon running, a usage error
+    that says which daemon and what to do, as `repld sync PEER` gives."""
+    try:
+        return open_replica(config, **kwargs)
+    except StoreBusy as busy:
+        cfg = _daemon_holds(config, busy)
+        try:
+            pid = control.request(cfg, "status")["status"].get("pid")
+        except (ReplError, OSError, KeyError):
+            pid = None
+        running = f"the daemon of {cfg.name} is running" + (f" (pid {pid})" if pid else "")
+        alt = ("; with it running, sync with a peer by name (`repld sync PEER`)"
+               if "sync" in what else "")  # fmt: skip
+        raise UsageError(f"{running}: {what} needs it stopped (`systemctl --user stop repld`, or "
+                         f"Ctrl-C where `repld run` runs){alt}") from None  # fmt: skip
 
 
 def _daemon_holds(config: Path | None, busy: StoreBusy) -> configmod.Config:
@@ -1466,7 +1486,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .bundle import Bundle, import_bundle
 
     progress = Progress("importing")
-    with open_replica(args.config, dry_run=args.dry_run) as rep, Bundle(args.file) as bundle:
+    with _open_stopped(args.config, "an import", dry_run=args.dry_run) as rep, \
+            Bundle(args.file) as bundle:  # fmt: skip
         report = import_bundle(
             rep, bundle, dry_run=args.dry_run, prefer=args.prefer,
             verbose=args.verbose or args.dry_run, progress=progress,

@@ -186,8 +186,14 @@ def test_bundles_that_do_not_belong_are_refused(tmp_path):
     assert proc.returncode == 2 and "another tree" in proc.stderr
     proc = a("import", bundle, check=False)
     assert proc.returncode == 2 and "exported by this replica" in proc.stderr
-    proc = b("import", tmp_path / "a.toml", check=False)  # not even SQLite: maybe damaged
-    assert proc.returncode == 1 and "not a repld bundle" in proc.stderr
+    proc = b("import", tmp_path / "a.toml", check=False)  # not even SQLite: the wrong file
+    assert proc.returncode == 2 and "not a repld bundle" in proc.stderr
+    assert "sqlite" not in proc.stderr.lower(), proc.stderr  # (it said "file is not a database")
+    (tmp_path / "empty").write_bytes(b"")
+    proc = b("import", tmp_path / "empty", check=False)
+    assert proc.returncode == 2 and "not a repld bundle" in proc.stderr
+    proc = b("import", b.state / "repld.db", check=False)  # another SQLite database
+    assert proc.returncode == 2 and "not a repld bundle" in proc.stderr
     proc = b("import", tmp_path / "missing.bundle", check=False)
     assert proc.returncode == 2 and "no such file" in proc.stderr
     proc = a("export", a.root / "inside.bundle", check=False)

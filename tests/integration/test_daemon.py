@@ -954,6 +954,22 @@ def test_the_daemon_prunes_by_itself_the_tombstones_seen_by_all_once_old_enough(
     assert not (a.root / "old.txt").exists() and not (b.root / "old.txt").exists()
 
 
+def test_commands_that_need_the_daemon_stopped_say_which_and_exit_2(cluster, tmp_path):
+    """A sync with another replica's config, or an import, beside a running daemon: exit 2
+    naming the daemon (they said "in use by another repld process", exit 1: a trial)."""
+    a, b = cluster.make("a", "b")
+    (a.root / "f.txt").write_text("f\n")
+    bundle = tmp_path / "b.bundle"
+    b("export", bundle)
+    cluster.start(a)
+    pid = a.status()["pid"]
+    for args, what in ((["sync", b.config, "-n"], "a sync with another replica's config"),
+                       (["import", bundle], "an import")):  # fmt: skip
+        proc = a(*args, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert f"the daemon of a is running (pid {pid}): {what} needs it stopped" in proc.stderr
+
+
 def test_prune_forget_with_the_daemon_running(cluster):
     """A replica gone for good stops holding tombstones back once forgotten, with the daemon
     holding the database: the command hands the forgetting to it, and waits to say so."""
