@@ -575,7 +575,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         pid = running.get("pid")
         raise ReplError(
             f"a daemon already runs for {cfg.path}" + (f" (pid {pid})" if pid else "")
-            + "; `repld status` asks it how it is doing"
+            + f"; `{configmod.command_for(cfg)} status` asks it how it is doing"
         )
     return service.run(args.config, debug=args.debug)
 
@@ -1301,8 +1301,9 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
         cfg, stats, old, new_keys = rejoin(_config_path(args), progress=progress,
                                            tree_id=args.tree_id)  # fmt: skip
     except StoreBusy:
+        again = configmod.command_for(configmod.load(_config_path(args), need_root=False))
         raise UsageError("the daemon (or a sync) is using this replica: stop it first, e.g. "
-                         "`systemctl --user stop repld`, then run `repld rejoin` again") from None  # fmt: skip
+                         f"`systemctl --user stop repld`, then run `{again} rejoin` again") from None  # fmt: skip
     progress.done()
     with Replica(cfg, write=False) as rep:
         kept = (f"the old database is kept as {old}" if old is not None
@@ -1387,8 +1388,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           and o.last_sync > h.last_sync), None)  # fmt: skip
             if again is not None and h.unseen:
                 seen += (f"; but {h.name} has synced since as {short_id(again.replica_id)} (a "
-                         "rejoin, a reinstall?): if this one is gone for good, `repld prune "
-                         f"--forget {short_id(h.replica_id)}`")  # fmt: skip
+                         "rejoin, a reinstall?): if this one is gone for good, "
+                         f"`{configmod.command_for(rep.cfg)} prune --forget "
+                         f"{short_id(h.replica_id)}`")  # fmt: skip
             print(f"  {who}: last synced {_fmt_time(h.last_sync)}, {seen}")
         elif h.how == HOW_CONFIGURED:
             print(f"  {who}: a peer not met yet: cannot tell what it has seen")

@@ -10,6 +10,7 @@ import enum
 import json
 import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,16 @@ def default_config_path() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "repld" / "config.toml"
+
+
+def command_for(cfg: Config) -> str:
+    """``repld``, with ``--config FILE`` when the config is not the default one: the start of
+    a command line a message suggests, so that copied as it is it acts on this replica."""
+    try:
+        default = cfg.path.absolute() == default_config_path().absolute()
+    except (OSError, RuntimeError):
+        default = False
+    return "repld" if default else f"repld --config {shlex.quote(str(cfg.path))}"
 
 
 def default_state_dir(config_path: Path) -> Path:

@@ -240,8 +240,8 @@ class Replica:
             f"{gone} of the {before} paths of {self.root} are gone since the last scan"
             + (" (while earlier deletions are held)" if strict and gone * 2 <= before else
                ": more than half of the tree at once")
-            + ", so it was not recorded and no peer hears of it. If you meant it, run `repld "
-            "scan --accept-deletes`; if not, put the files back (moved back, from a backup, or "
+            + ", so it was not recorded and no peer hears of it. If you meant it, run "
+            f"`{configmod.command_for(self.cfg)} scan --accept-deletes`; if not, put the files back (moved back, from a backup, or "
             "copied from another replica's tree) without writing over any file there now: "
             "peers' changes still arrive meanwhile, and a file put over a newer one would win "
             "over it everywhere (`cp -an SAVED/. DIR/`: -n, never over a file)"
@@ -287,7 +287,8 @@ class Replica:
                 "directory put in place of another? Scanning it would record every file missing "
                 "from it as deleted, on every replica, so nothing is recorded or synced. Mount "
                 "the disk or move the directory back; or, if this directory really is the tree "
-                "now (restored from a backup), run `repld scan --accept-root` (files missing "
+                f"now (restored from a backup), run `{configmod.command_for(self.cfg)} scan "
+                "--accept-root` (files missing "
                 "from it then count as deleted)."
             )
         if known is None and not accept and self._empty_but_recorded():

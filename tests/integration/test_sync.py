@@ -713,7 +713,10 @@ def test_most_of_the_tree_deleted_at_once_is_held_back_until_accepted(tmp_path):
     for d in range(3):
         shutil.rmtree(a.root / f"d{d}")  # an rm -rf in the wrong place
     proc = a.sync(b, check=False)
-    assert proc.returncode == 1 and "--accept-deletes" in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    # The command to run names this replica's config (copied as it is, it must not act on
+    # the default replica: a trial).
+    assert f"`repld --config {a.config} scan --accept-deletes`" in proc.stderr, proc.stderr
     assert len(list((b.root / "d1").iterdir())) == 50  # nothing deleted there
     proc = a("scan", check=False)
     assert proc.returncode == 1 and "more than half of the tree" in proc.stderr
@@ -1162,7 +1165,7 @@ def test_a_replica_restored_from_an_old_backup_is_refused_until_it_rejoins(tmp_p
     assert "dropped 1 tombstone" in b("prune").stdout
     text = a("prune").stdout
     assert "1 tombstone kept" in text and "b has synced since as" in text, text
-    assert "repld prune --forget" in text
+    assert f"`repld --config {a.config} prune --forget" in text, text
     old_id = next(r["replica_id"] for r in json.loads(a("prune", "--json").stdout)["replicas"]
                   if r["unseen"])  # fmt: skip
     assert "dropped 1 tombstone" in a("prune", "--forget", old_id[:8]).stdout
