@@ -498,6 +498,10 @@ class Node:
                                ignored=self.rep.ignore(),
                                rescan_every=DEGRADED_SCAN_EVERY)  # fmt: skip
         if not self.watcher.start():
+            if not self.cfg.root.is_dir():
+                # (Said by the root check, which looks for it every ROOT_CHECK_EVERY.)
+                log.info("%s: the root is not there; watched once it is", self.watcher.degraded)
+                return
             # (The watch limit was told already, with its fix.)
             log.warning("%s; falling back to a full scan every %g s",
                         self.watcher.degraded, DEGRADED_SCAN_EVERY)  # fmt: skip
