@@ -806,6 +806,10 @@ def _sync_peer(args: argparse.Namespace) -> int:
         if report.sent is not None:
             print(f"{peer}: {report.sent} changes of ours sent and acknowledged (its daemon "
                   "applies them)")  # fmt: skip
+        elif args.paths and not args.pull_only:
+            print(f"{peer}: nothing sent: with a peer, a PATH limits only what this replica "
+                  "takes; its own changes go with the next sync without PATH (or the "
+                  "daemons)")  # fmt: skip
     for e in report.errors:
         print(f"error: {escape(e['path'])}: {e['error']}", file=sys.stderr)
     return 1 if report.errors else 0

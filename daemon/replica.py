@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import time
@@ -392,7 +393,7 @@ def init(
     state = (state or configmod.default_state_dir(config_path)).expanduser().absolute()
     if (state / "repld.db").exists():
         raise StoreError(f"{state}/repld.db already exists; pass another --state or remove it")
-    name = configmod.check_name(name or socket.gethostname().split(".")[0] or "replica")
+    name = configmod.check_name(name or _default_name(config_path, root))
     listen = configmod.check_endpoint(listen or f"tcp://0.0.0.0:{configmod.DEFAULT_PORT}")
     if tree_id is not None:
         import uuid
@@ -467,6 +468,23 @@ def rejoin(config_path: Path | None, *, progress: object = None,
         rep.store.set_meta(FORGOTTEN, json.dumps({old_id: [0, time.time_ns(), cfg.name]}))
         stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
     return cfg, stats, old, False
+
+
+def _default_name(config_path: Path, root: Path) -> str:
+    """The host name; for a second replica on this machine (a config other than the default,
+    which names a replica already), the host name and the root's name (`vm-usb`): two
+    replicas of one name make reports and logs that cannot tell them apart."""
+    host = socket.gethostname().split(".")[0] or "replica"
+    default = configmod.default_config_path()
+    if config_path.absolute() != default.absolute() and default.is_file():
+        try:
+            taken = configmod.load(default, need_root=False).name
+        except ConfigError:
+            taken = host
+        if taken == host:
+            suffix = re.sub(r"[^A-Za-z0-9_.-]+", "-", root.name).strip("-.") or "replica"
+            return f"{host}-{suffix}"[:64]
+    return host
 
 
 def _rejoin_lost(cfg: Config, tree_id: str | None,

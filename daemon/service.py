@@ -144,6 +144,13 @@ def sync_with_peer(
     cfg = configmod.load(config_path)
     if cfg.peer(peer_name) is None:
         raise UsageError(f"no peer named {peer_name!r} in {cfg.path} (see `repld peer list`)")
+    if paths and push_only:
+        raise UsageError(
+            "with a peer, a PATH limits what this replica takes from it; what it sends cannot "
+            "be limited (the peer applies this replica's records whole): push without PATH, "
+            "or sync with the peer's config file (a replica on this machine), where PATHs "
+            "limit both ways"
+        )
     try:
         running = control_request(cfg, "status", timeout=2.0)["status"]
     except DaemonNotRunning:

@@ -721,6 +721,18 @@ def test_one_shot_sync_with_a_running_peer(cluster):
     assert "0 actions planned" in again, again
 
 
+def test_one_shot_sync_with_a_peer_and_a_path_says_it_only_pulls(cluster):
+    """`sync PEER PATH` sent nothing without a word, and `--push-only PATH` did nothing with
+    exit 0 (a trial): a PATH limits what this replica takes from a peer; it says so."""
+    a, b = _apart(cluster)
+    proc = a("sync", "b", "--push-only", "new-on-a.txt", check=False)
+    assert proc.returncode == 2 and "what it sends cannot be limited" in proc.stderr
+    out = a("sync", "b", "new-on-b.txt").stdout
+    assert (a.root / "new-on-b.txt").read_text() == "b\n"
+    assert "b: nothing sent: with a peer, a PATH limits only what this replica takes" in out
+    assert not (b.root / "new-on-a.txt").exists()  # as said
+
+
 def test_sync_with_a_peer_through_the_running_daemon(cluster):
     """With this replica's daemon running, `repld sync PEER` asks it and waits: it reports what
     this exchange moved, and says so when the peer cannot be reached instead of hanging."""
