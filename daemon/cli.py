@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("root", type=Path, metavar="ROOT",
                    help="the directory to replicate (it must exist), e.g. ~")  # fmt: skip
-    c.add_argument("--name", help="this replica's name (default: the host name)")
+    c.add_argument("--name", help="this replica's name (default: the host name; for a second "
+                   "replica on this machine, the host name and the root's name)")
     c.add_argument("--listen", metavar="ENDPOINT", help="default tcp://0.0.0.0:7437")
     c.add_argument("--tree-id", metavar="ID", help="join this existing tree")
     c.add_argument("--state", type=Path, metavar="DIR",

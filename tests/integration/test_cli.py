@@ -332,6 +332,20 @@ def test_config_and_debug_are_taken_after_the_command_too(tmp_path):
     assert proc.returncode == 0  # the one after the command wins
 
 
+def test_a_second_replica_on_this_machine_is_not_named_after_the_host_too(tmp_path):
+    """Both were the host name: `vm <- ...` for either side of a sync (a trial)."""
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"), REPLD_CONFIG="")
+    env.pop("REPLD_CONFIG")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "usb").mkdir()
+    run("init", tmp_path / "home", env=env)
+    host = socket.gethostname().split(".")[0]
+    assert json.loads(run("id", "--json", env=env).stdout)["name"] == host
+    run("--config", tmp_path / "usb.toml", "init", tmp_path / "usb", env=env)
+    usb = json.loads(run("--config", tmp_path / "usb.toml", "id", "--json", env=env).stdout)
+    assert usb["name"] == f"{host}-usb"
+
+
 def test_a_replica_inside_another_is_refused(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     (a.root / "f.txt").write_text("f\n")
