@@ -20,11 +20,15 @@ IGNORE_FILE = ".repldignore"
 
 
 class Ignore:
-    def __init__(self, root: Path, patterns: Iterable[str] = (), exclude: Iterable[Path] = ()):
+    def __init__(self, root: Path, patterns: Iterable[str] = (), exclude: Iterable[Path] = (),
+                 *, read_file: bool = True):  # fmt: skip
+        """``patterns`` and, with ``read_file``, the lines of ROOT/.repldignore (without it:
+        rules noted earlier, which hold that file's lines of then)."""
         self.root = root
         lines = list(patterns)
         try:
-            lines += (root / IGNORE_FILE).read_text(encoding="utf-8").splitlines()
+            if read_file:
+                lines += (root / IGNORE_FILE).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             pass
         except (OSError, UnicodeDecodeError) as e:

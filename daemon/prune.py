@@ -258,10 +258,16 @@ def prune(rep: Replica, *, dry_run: bool = False, forget: Iterable[str] = (),
     if forget and not dry_run:
         notes = forgotten(store)
         now = time.time_ns()
-        for h in report.forgotten:
-            if h.replica_id in forget:
-                notes[h.replica_id] = (store.seq, now, h.name)
-        store.set_meta(FORGOTTEN, json.dumps(notes))
+        with store.transaction():
+            for h in report.forgotten:
+                if h.replica_id in forget:
+                    notes[h.replica_id] = (store.seq, now, h.name)
+                    # Should it sync again after all, all of its records are asked for: what
+                    # it still has of files deleted since (their tombstones dropped here)
+                    # comes back, rather than staying there alone for good.
+                    store.execute("UPDATE peers SET seen_seq = 0 WHERE replica_id = ?",
+                                  (h.replica_id,))  # fmt: skip
+            store.set_meta(FORGOTTEN, json.dumps(notes))
     if report.blocked_by:
         return report
     seen_by_all = min((h.acked_seq for h in report.holders), default=store.seq)

@@ -176,6 +176,22 @@ class Replica:
                 self._note_rules(ignore)
         return self._ignore[1]
 
+    def _offer_again(self, before: Ignore, now: Ignore) -> None:
+        """Paths the old rules ignored and these do not: this replica skipped the other
+        replicas' changes to them, and its own records of them are as they were then. Each is
+        given a new sequence number, so that every peer is offered it again: one that pruned
+        the tombstone of a deletion this replica skipped takes the file back (else it would
+        stay here alone for good, each side taking the other as up to date), one with a newer
+        version sends that again (see localsync.resend_lost)."""
+        rows = self.store.execute("SELECT path, kind FROM records WHERE deleted = 0").fetchall()
+        again = [p for p, kind in rows
+                 if before.covers(p, kind == "dir") and not now.covers(p, kind == "dir")]  # fmt: skip
+        for path in again:
+            self.store.resend(path)
+        if again:
+            log.info("ignore rules changed: %d path(s) no longer ignored are offered to the "
+                     "peers again", len(again))  # fmt: skip
+
     def _note_rules(self, ignore: Ignore) -> None:
         """Remember the ignore rules; when they may let through what they ignored before, forget
         how far we have seen every peer's records, so that the next exchange with each brings
@@ -193,6 +209,8 @@ class Replica:
                     log.info("ignore rules changed: asking %d peer(s) for every record again",
                              forgot)  # fmt: skip
                 self.rules_widened = True
+                self._offer_again(Ignore(self.cfg.root, json.loads(text), read_file=False),
+                                  ignore)  # fmt: skip
             self.store.set_meta(IGNORE_RULES_KEY, json.dumps(ignore.rules))
 
     def scanner(self, **kwargs: object) -> Scanner:

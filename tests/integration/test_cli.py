@@ -587,6 +587,32 @@ def test_prune_in_a_chain_counts_what_the_middle_replica_says_of_the_far_end(tmp
     assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
 
 
+def test_a_path_ignored_on_one_replica_during_a_prune_converges_once_let_through(tmp_path):
+    """c ignored *.log when a deleted x.log, and acknowledged a's records all the same; a and b
+    pruned the tombstone. When c let *.log through again, x.log stayed on c alone for good,
+    every side in sync (a trial). c now offers its record again: the file comes back (what
+    prune accepts at worst), and the replicas are the same."""
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "x.log").write_text("log data\n")
+    (a.root / "keep.txt").write_text("kept\n")
+    a.sync(b)
+    a.sync(c)
+    text = c.config.read_text()
+    c.config.write_text(text.replace("ignore = []", 'ignore = ["*.log"]'))
+    (a.root / "x.log").unlink()
+    a.sync(b)
+    a.sync(c)
+    b.sync(c)
+    a.sync(b)
+    assert (c.root / "x.log").exists()  # ignored there: the deletion skipped
+    assert "dropped 1 tombstone" in a("prune").stdout
+    assert "dropped 1 tombstone" in b("prune").stdout
+    c.config.write_text(text)  # *.log let through again
+    for x, y in ((c, a), (c, b), (a, b), (c, a)):
+        x.sync(y)
+    assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
+
+
 def test_prune_forget_stops_waiting_for_a_replica_gone_for_good(tmp_path):
     """A machine sold or wiped would hold every later tombstone back forever: --forget it.
     Should it sync again, it counts again."""

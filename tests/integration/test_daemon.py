@@ -1000,6 +1000,13 @@ def test_prune_forget_with_the_daemon_running(cluster):
     assert "dropped 1 tombstone" in out and "(by the running daemon)" in out, out
     assert "old (" in out and "not waited for" in out, out
     assert json.loads(a("prune", "--json").stdout)["forgotten"][0]["name"] == "old"
+    # It was not gone after all: what it still has of what was deleted since is asked for
+    # again (it stayed there alone for good, every side "in sync": a trial); here b still
+    # holds the tombstone, which deletes it again everywhere.
+    a.add_peer(old)
+    cluster.start(old)
+    cluster.wait_converged(what="old back, the trees the same")
+    assert not any((r.root / "doomed.txt").exists() for r in (a, b, old))
 
 
 def test_a_log_still_being_appended_here_loses_no_line_to_a_peers_edit(cluster):
