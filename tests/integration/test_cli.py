@@ -334,8 +334,9 @@ def test_config_and_debug_are_taken_after_the_command_too(tmp_path):
 
 def test_a_second_replica_on_this_machine_is_not_named_after_the_host_too(tmp_path):
     """Both were the host name: `vm <- ...` for either side of a sync (a trial)."""
-    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"), REPLD_CONFIG="")
-    env.pop("REPLD_CONFIG")
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"),
+               XDG_STATE_HOME=str(tmp_path / "xdg-state"), HOME=str(tmp_path))  # fmt: skip
+    env.pop("REPLD_CONFIG", None)
     (tmp_path / "home").mkdir()
     (tmp_path / "usb").mkdir()
     run("init", tmp_path / "home", env=env)
