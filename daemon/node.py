@@ -181,6 +181,8 @@ REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent one
 
 SERVING_FOR = 2.0  # s after a peer last fetched from us that status still says "syncing"
 NOT_ADMITTED = "not-admitted"  # the error code of a peer that took our key off its list
+NOT_ADMITTED_TEXT = ("{} no longer admits this replica's key (its config changed): to sync "
+                     "again, add this replica there with `repld peer add`")  # fmt: skip
 # How a peer's status note starts when its address does not answer (a note, not a refusal).
 UNANSWERED = "nothing answers at"
 
@@ -479,6 +481,14 @@ class Node:
         for link in list(self.links):
             if wanted.get(link.peer.name) != link.peer:
                 why = "its entry changed in" if link.peer.name in wanted else "it was removed from"
+                if link.peer.name not in wanted and link.established:
+                    # Said as a refusal is (its status shows it until it is admitted again);
+                    # a plain goodbye left its status with no word of why, half the time.
+                    self._send(link, wire.Error(NOT_ADMITTED, NOT_ADMITTED_TEXT.format(cfg.name),
+                                                fatal=True))  # fmt: skip
+                    self.keycheck.callback("", link.peer.public_key.encode())  # noted refused
+                    if link.rid:
+                        self._told_not_admitted.add(link.rid)
                 self._drop_link(link, f"{why} {cfg.name}'s config")
         dialled = {link.peer.name for link in self.links if link.dealer is not None}
         for name, peer in wanted.items():
@@ -676,9 +686,7 @@ class Node:
         self._told_not_admitted.add(rid)
         if key:
             self.keycheck.callback("", key.encode())
-        msg = wire.Error(NOT_ADMITTED, f"{self.cfg.name} no longer admits this replica's key "
-                         f"(its config changed): to sync again, add this replica there with "
-                         "`repld peer add`", fatal=True)  # fmt: skip
+        msg = wire.Error(NOT_ADMITTED, NOT_ADMITTED_TEXT.format(self.cfg.name), fatal=True)
         if self.router is not None:
             try:
                 self.router.send_multipart([rid, *wire.encode(msg)], zmq.NOBLOCK)

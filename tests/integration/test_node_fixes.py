@@ -262,7 +262,23 @@ def test_a_peer_that_lists_us_again_is_greeted_again_without_a_restart(cluster):
     cluster.wait_until(lambda: (d.root / "second.txt").exists(), 45,
                        "second.txt to reach d once a lists it again")  # fmt: skip
     log = d.log.read_text(errors="replace")
-    assert "removed from a's config" in log, log[-2000:]
+    assert "a no longer admits this replica's key" in log, log[-2000:]
+
+
+def test_a_peer_that_removes_us_while_both_dial_says_why_every_time(cluster):
+    """Connected both ways, q takes p off its list: p's status said nothing half the time (a
+    goodbye on one link, no error on either: a trial)."""
+    p, q = cluster.make("p", "q")
+    cluster.start()
+    for n in range(3):
+        (p.root / f"f{n}").write_text(f"{n}\n")
+        cluster.wait_converged(what=f"f{n} on q")
+        q("peer", "remove", "p")
+        cluster.wait_until(lambda: "no longer admits this replica's key"
+                           in (p.peer_status("q")["error"] or ""), 30,
+                           "p's status to say why")  # fmt: skip
+        q.add_peer(p)
+        cluster.wait_converged(what="p admitted again")
 
 
 # -- 5. pause -----------------------------------------------------------------------------------
