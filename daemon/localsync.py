@@ -169,6 +169,8 @@ def sync(
             # What a daemon's Acks carry: how far the replicas each one has met hold the
             # other's records (see Store.held_for), for prune to count them.
             for one, other in ((left, right), (right, left)):
+                if other.cfg.ignore:
+                    continue  # (see Node._save_acks: not its to tell)
                 held = other.store.held_for(one.store.replica_id)
                 if held:
                     with one.store.transaction():

@@ -1510,12 +1510,15 @@ class Node:
                         assert s is not None and s.peer is not None
                         self.store.note_held(s.peer.replica_id, s.peer_held)
                         link.held_saved = s.peer_held
-            # And what our Acks say of it to each peer, of its records.
+            # And what our Acks say of it to each peer, of its records: nothing, with ignore
+            # rules of this replica's own (their paths' records never went on from here, so
+            # what the replicas past this one hold of them is not this one's to tell).
             keys = self._peer_keys()
             for link in chosen:
                 s = link.session
                 if s is not None and s.peer is not None and s.state is State.ESTABLISHED:
-                    s.held = self.store.held_for(s.peer.replica_id, keys)
+                    s.held = () if self.cfg.ignore else self.store.held_for(s.peer.replica_id,
+                                                                             keys)  # fmt: skip
         except (ReplError, sqlite3.Error) as e:
             log.warning("could not write down how far peers have our records: %s", e)
 

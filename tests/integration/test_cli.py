@@ -588,6 +588,28 @@ def test_prune_in_a_chain_counts_what_the_middle_replica_says_of_the_far_end(tmp
     assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
 
 
+def test_a_middle_replica_with_ignore_rules_of_its_own_does_not_speak_for_the_far_end(tmp_path):
+    """b ignores *.log: a's deletion of x.log never went on from b to c, so what b knows of
+    c says nothing of it, and a must not drop that tombstone on b's word."""
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "x.log").write_text("log\n")
+    (c.root / "from-c").write_text("c\n")  # a hears of c
+    a.sync(b)
+    b.sync(c)
+    a.sync(b)
+    text = b.config.read_text()
+    b.config.write_text(text.replace("ignore = []", 'ignore = ["*.log"]'))
+    (a.root / "x.log").unlink()
+    for x, y in ((a, b), (b, c), (a, b)):
+        x.sync(y)
+    assert (c.root / "x.log").exists()  # never heard of the deletion
+    out = json.loads(a("prune", "--json").stdout)
+    assert out["dropped"] == 0 and out["tombstones"] == 1, out
+    c_id = c.identity()["replica_id"]
+    (row,) = [r for r in out["replicas"] if r["replica_id"] == c_id]
+    assert row["unseen"] == 1, row  # (what b said before its rules changed stands)
+
+
 def test_a_path_ignored_on_one_replica_during_a_prune_converges_once_let_through(tmp_path):
     """c ignored *.log when a deleted x.log, and acknowledged a's records all the same; a and b
     pruned the tombstone. When c let *.log through again, x.log stayed on c alone for good,
