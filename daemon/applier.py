@@ -1199,7 +1199,10 @@ class Applier:
                 except VersionError as e:
                     log.warning("%s: the losing edit on the other replica is not kept: %s",
                                 step.path, e)  # fmt: skip
-        self.store.put(rec, local=local, via=self.via, note=note, ino=ino)
+        # (A file this apply wrote, renamed or chmod'ed: its status changed by this replica's
+        # own hand, which is what the record's time then covers: see store.checked_at.)
+        wrote = moved or step.op in (Op.WRITE, Op.SYMLINK, Op.META)
+        self.store.put(rec, local=local, via=self.via, note=note, ino=ino, written=wrote)
         if moved:
             self.stats.moved += step.op is Op.WRITE
         elif step.op is Op.WRITE:

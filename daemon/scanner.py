@@ -39,7 +39,7 @@ from ..protocol.version import VersionVector
 from .ignore import Ignore
 from .mounts import Mounts, not_mounted_message
 from .mounts import note as note_mounts
-from .store import Store, checked_at
+from .store import CTIME_SLACK_NS, Store, checked_at
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ class Scanner:
                         and not self.rehash
                         and stat.S_ISREG(st.st_mode)
                         and row[3:7] == (mode, st.st_mtime_ns, st.st_size, st.st_ino)
-                        and st.st_ctime_ns <= row[7]
+                        and st.st_ctime_ns <= row[7] - CTIME_SLACK_NS
                     ):
                         self.stats.files += 1
                         continue

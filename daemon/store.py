@@ -720,6 +720,7 @@ class Store:
         via: str = "",
         note: str = "",
         ino: int | None = None,
+        written: bool = False,
     ) -> None:
         """Store ``record`` with the next local sequence number and one history row.
 
@@ -731,7 +732,9 @@ class Store:
         now = self._clock()  # type: ignore[operator]
         # As a record: record.with_(seq=seq, ...) for each case, without building one.
         modified_by, origin_seq = record.modified_by, record.origin_seq
-        changed_ns, replicated_ns = record.changed_ns, now
+        # ``written``: the file was just written here, its ctime this replica's own doing: the
+        # whole of now counts as checked (see checked_at), and no scan reads it again.
+        changed_ns, replicated_ns = record.changed_ns, now + (CTIME_SLACK_NS if written else 0)
         if local or not modified_by:
             modified_by, origin_seq, changed_ns, replicated_ns = self.replica_id, seq, now, 0
         elif modified_by == self.replica_id and origin_seq == 0:
@@ -832,7 +835,7 @@ class Store:
         self._generation += 1
         now: int = self._clock()  # type: ignore[operator]
         self._conn().execute("UPDATE records SET ino = ?, replicated_ns = ? WHERE path = ?",
-                             (ino, max(now, ctime_ns), path))  # fmt: skip
+                             (ino, max(now, ctime_ns + CTIME_SLACK_NS), path))  # fmt: skip
 
     def history(self, path: str) -> list[Event]:
         rows = self.execute(
@@ -998,10 +1001,25 @@ class Store:
         ).rowcount
 
 
+def _ctime_slack() -> int:
+    try:
+        tick = int(time.clock_getres(time.CLOCK_REALTIME_COARSE) * 1e9)
+    except (AttributeError, OSError):
+        tick = 10_000_000
+    return 2 * max(tick, 1_000_000)
+
+
+# A file's ctime comes from the kernel's coarse clock, a tick behind the one records are stamped
+# with: a change made just after a stamp can carry a ctime just before it. So a ctime within
+# this much before the stamp counts as after it (the price: a file changed in the last few
+# milliseconds before it was recorded is read once more).
+CTIME_SLACK_NS = _ctime_slack()
+
+
 def checked_at(rec: Record) -> int:
     """When this replica last found the file on disk to be what ``rec`` says (wrote it, scanned
-    it, or found it unchanged after a closer look): a file whose status changed after that
-    (its ctime, which no program can set back) may have been written to since, even with its
-    size and mtime as they were (`cp -p`, a tool that keeps the mtime): it is read again
-    before it is taken as unchanged or replaced."""
-    return rec.replicated_ns or rec.changed_ns
+    it, or found it unchanged after a closer look), less CTIME_SLACK_NS: a file whose status
+    changed after that (its ctime, which no program can set back) may have been written to
+    since, even with its size and mtime as they were (`cp -p`, a tool that keeps the mtime):
+    it is read again before it is taken as unchanged or replaced."""
+    return (rec.replicated_ns or rec.changed_ns) - CTIME_SLACK_NS
