@@ -195,12 +195,8 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> d
     path = control_path(cfg)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
-    default = cfg.path.absolute() == configmod.default_config_path().absolute()
-    start = (
-        "`repld run` or `systemctl --user start repld`"
-        if default
-        else f"`repld --config {cfg.path} run`"
-    )
+    repld = configmod.command_for(cfg)
+    start = "`repld run` or `systemctl --user start repld`" if repld == "repld" else f"`{repld} run`"
     not_running = DaemonNotRunning(
         f"repld is not running for {cfg.root} (no daemon at {path}); start it with {start}"
     )

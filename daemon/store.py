@@ -956,12 +956,12 @@ class Store:
                 (h.replica_id, min(h.upto, self._seq), via, h.key, now),
             )
 
-    def known_holds(self) -> dict[str, int]:
+    def known_holds(self, held: dict[str, tuple[int, str, str]] | None = None) -> dict[str, int]:
         """How far each other replica this one knows of holds its records: acknowledged by
-        it, or said by a peer."""
+        it, or said by a peer (``held``: what self.held() gives, if read already)."""
         known = {str(r): int(a) for r, a in
                  self._conn().execute("SELECT replica_id, acked_seq FROM peers")}  # fmt: skip
-        for rid, (upto, _via, _key) in self.held().items():
+        for rid, (upto, _via, _key) in (self.held() if held is None else held).items():
             known[rid] = max(known.get(rid, 0), upto)
         known.pop(self.replica_id, None)
         return known
@@ -973,11 +973,12 @@ class Store:
         (that point's records were here then, or something newer on their paths, and all of
         it went to that replica). ``keys``: public keys of replica ids, said along."""
         keys = dict(keys or {})
-        for rid, (_upto, _via, key) in self.held().items():
+        held = self.held()
+        for rid, (_upto, _via, key) in held.items():
             if key:
                 keys.setdefault(rid, key)
         out: list[Held] = []
-        for rid, mine in self.known_holds().items():
+        for rid, mine in self.known_holds(held).items():
             if rid == peer_id or mine <= 0:
                 continue
             try:
