@@ -32,8 +32,13 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now, found by binding it.
+    """A TCP port on 127.0.0.1 that nothing listens on now, found by binding it, and never
+    handed out before in this test run (two replicas set up before either daemon starts would
+    otherwise both find the same port free).
 
     Below the kernel's ephemeral range when it can be: a daemon restarted on its old port must not
     find it taken by an outgoing connection (the peers keep dialling it while it is down)."""
@@ -43,12 +48,17 @@ def free_port() -> int:
         low = 0
     candidates = random.sample(range(low - 8000, low), 200) if low > 10000 else []
     for port in [*candidates, 0]:  # 0: the kernel picks one
+        if port in _HANDED_OUT:
+            continue  # free now, but another replica of this run was given it to listen on
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return int(s.getsockname()[1])
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
     raise AssertionError("no free TCP port on 127.0.0.1")
 
 

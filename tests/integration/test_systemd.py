@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemons import free_port
 from helpers import REPLD, Rep, wait_for
 
 UNITS = Path(__file__).resolve().parents[2] / "units"
@@ -38,12 +39,6 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 STATUS_LINE = re.compile(r"^(starting|scanning|paused|error|idle|syncing .+ from \S+)"
                          r"; \d+ of \d+ peers connected(; .+)?$")  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def repld(*args: str | os.PathLike[str], nobody: bool = False) -> subprocess.CompletedProcess[str]:
