@@ -788,8 +788,13 @@ def _sync_peer(args: argparse.Namespace) -> int:
     )  # fmt: skip
     me = report.status.get("name") or "this replica"
     peer = args.target
-    for step in report.steps:
-        print(f"{me} <- {step.describe()}")
+    if args.verbose or args.dry_run:
+        for step in report.steps:
+            print(f"{me} <- {step.describe()}")
+    if args.verbose and report.by_daemon:
+        print(f"{me}: the running daemon did this exchange, so its changes are not listed "
+              "here: its log has a line per change with --debug, `repld log PATH` has a "
+              "file's history")  # fmt: skip
     if args.dry_run:
         print(f"dry run: {len(report.steps)} actions planned here, nothing changed")
         if report.offered is not None:

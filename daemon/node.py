@@ -112,6 +112,7 @@ class Options:
     watch: bool = True
     only_peer: str | None = None
     hold_send: bool = False  # send ours only once we hold theirs (--prefer: resolve first)
+    keep_steps: bool = False  # list what was applied (NodeStats.done_steps: `sync PEER -v`)
 
 
 @dataclass
@@ -174,6 +175,7 @@ class PathError:
 class NodeStats:
     applied: ApplyStats = field(default_factory=ApplyStats)
     dry_steps: list[Step] = field(default_factory=list)
+    done_steps: list[Step] = field(default_factory=list)  # with Options.keep_steps
 
 
 REFUSED_KEPT = 8  # keys refused lately, for `repld status` (the most recent ones)
@@ -1221,6 +1223,8 @@ class Node:
             if len(self._applied) > APPLIED_MAX:
                 for path in list(itertools.islice(self._applied, APPLIED_MAX // 2)):
                     del self._applied[path]
+            if self.opts.keep_steps:
+                self.stats.done_steps.extend(st for st in stats.done if st.op is not Op.RECORD)
             for st in stats.done:
                 r = st.record
                 self.transfers.forget(st.path)

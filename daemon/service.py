@@ -128,6 +128,7 @@ class PeerSyncReport:
     # nothing was to be sent (--pull-only, a subtree) or the daemon did the exchange.
     sent: int | None = None
     offered: int | None = None
+    by_daemon: bool = False  # the running daemon did the exchange (no steps listed)
 
 
 def sync_with_peer(
@@ -181,6 +182,7 @@ def sync_with_peer(
         watch=False,
         only_peer=peer_name,
         hold_send=prefer is not None,
+        keep_steps=True,
     )
     report = PeerSyncReport()
     with open_replica(config_path, dry_run=dry_run) as rep, ExitStack() as stack:
@@ -218,7 +220,7 @@ def sync_with_peer(
                 raise ReplError(f"{peer_name}: {link.error}")
             if not finished():
                 raise ReplError(f"{peer_name}: not finished within {timeout:g} s")
-            report.steps = node.stats.dry_steps
+            report.steps = node.stats.dry_steps if dry_run else node.stats.done_steps
             report.status = node.status()
             report.errors = report.status["errors"]
             s = link.session
@@ -265,7 +267,7 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
             status["transfer"] = {
                 k: v - before.get(k, 0) if isinstance(v, int) else v for k, v in after.items()
             }
-            return PeerSyncReport(status=status, errors=status["errors"])
+            return PeerSyncReport(status=status, errors=status["errors"], by_daemon=True)
         now = time.monotonic()
         errors = [e for e in status["errors"] if e["path"]]
         state = (peer["need_files"], peer["need_bytes"], tuple(e["path"] for e in errors))
@@ -274,7 +276,7 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
         elif peer["connected"] and now - stuck_since > ERROR_WAIT:
             # Paths that fail every try, and nothing else moving: say so rather than wait on.
             # (The daemon tries them again every 10 s; `repld status` shows them meanwhile.)
-            return PeerSyncReport(status=status, errors=errors)
+            return PeerSyncReport(status=status, errors=errors, by_daemon=True)
         if not peer["connected"] and now - start > CONNECT_WAIT:
             if peer.get("error") and not peer["error"].startswith(UNANSWERED):
                 # It answered, and refused or was refused: the reason, not a network guess.

@@ -716,9 +716,16 @@ def test_one_shot_sync_with_a_running_peer(cluster):
     # Both directions reported, each under the replica that changed.
     assert "a: 1 files written" in proc.stdout and "1 deleted" in proc.stdout, proc.stdout
     assert "b: 2 changes of ours sent and acknowledged" in proc.stdout, proc.stdout
+    assert " <- " not in proc.stdout, proc.stdout  # the changes are listed with -v only
     cluster.wait_converged(what="after the one-shot sync")
     again = a("sync", "b", "-n").stdout
     assert "0 actions planned" in again, again
+    # -v lists each change made here, as with a replica's config file (it listed none).
+    seq = b.status()["local"]["sequence"]
+    (b.root / "later.txt").write_text("later\n")
+    cluster.wait_until(lambda: b.status()["local"]["sequence"] > seq, 30, "b to record it")
+    out = a("sync", "b", "-v").stdout
+    assert "a <- write   later.txt" in out, out
 
 
 def test_one_shot_sync_with_a_peer_and_a_path_says_it_only_pulls(cluster):
@@ -745,8 +752,9 @@ def test_sync_with_a_peer_through_the_running_daemon(cluster):
     proc = a("sync", "b", check=False)
     assert proc.returncode == 1 and "not reachable" in proc.stderr, proc.stderr
     cluster.start(b)
-    out = a("sync", "b").stdout
+    out = a("sync", "b", "-v").stdout
     assert "0 files written" in out, out  # b fetched second.txt; a wrote nothing this time
+    assert "the running daemon did this exchange" in out, out  # -v: why nothing is listed
     assert (b.root / "second.txt").read_text() == "second\n"
     # A dry run needs an exchange of its own: refused, saying which daemon to stop and how.
     seq = a.status()["local"]["sequence"]
