@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-
-import pathspec
+from typing import TYPE_CHECKING
 
 from ..protocol.record import TEMP_PREFIX
+
+if TYPE_CHECKING:
+    import pathspec
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,11 @@ class Ignore:
             pass
         except (OSError, UnicodeDecodeError) as e:
             log.warning("cannot read %s: %s; its rules are not applied", root / IGNORE_FILE, e)
-        self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
+        self.spec: pathspec.GitIgnoreSpec | None = None
+        if lines:
+            import pathspec  # (imported only when there are rules: a tenth of the start-up)
+
+            self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
         # The rules themselves, as a replica notes them to see when they change (see
         # Replica.ignore): no blank lines, no comments.
         self.rules = [r for line in lines if (r := line.rstrip()) and not r.startswith("#")]
@@ -66,7 +72,7 @@ class Ignore:
             return False
         if path in self.fixed:
             return True
-        return self.spec.match_file(path + "/" if is_dir else path)
+        return self.spec is not None and self.spec.match_file(path + "/" if is_dir else path)
 
     def covers(self, path: str, is_dir: bool) -> bool:
         """True if ``path`` or a directory above it is ignored: for paths that come from

@@ -29,13 +29,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.errors import ProtocolError
-from ..protocol.messages import Held
 from ..protocol.record import Action, Kind, Record, parent_of
 from ..protocol.version import VersionVector
 from .errors import StoreBusy, StoreError
+
+if TYPE_CHECKING:
+    from ..protocol.messages import Held
 
 SCHEMA_VERSION = 1
 PAGE = 1000
@@ -972,6 +974,8 @@ class Store:
         to the last point this replica had applied of them when its own sequence was at P
         (that point's records were here then, or something newer on their paths, and all of
         it went to that replica). ``keys``: public keys of replica ids, said along."""
+        from ..protocol.messages import Held  # (the wire's module: not needed by the tools)
+
         keys = dict(keys or {})
         held = self.held()
         for rid, (_upto, _via, key) in held.items():
