@@ -917,6 +917,11 @@ class Bench:
         connected = session.connected_at()
         if connected is not None:
             row.since_connected = done - connected
+        if case == self.case2():
+            mib = sum(size for size, _ in expected.values()) / MIB
+            since = (f", {mib / row.since_connected:.0f} since connected"
+                     if row.since_connected else "")  # fmt: skip
+            row.notes.append(f"{mib / row.seconds:.0f} MiB/s{since}")
         row.notes.extend(session.notes)
         session.after_initial(row)
         self.add(row)
@@ -1215,7 +1220,32 @@ class RepldPair(Session):
         for side in self.cfg:
             log = self.cfg[side].parent / "repld.log"
             self.daemons.append(Daemon(f"repld {side}", self.cmd(side, "run"), log, self.r))
+        self._stop_watch = threading.Event()
+        self.connected: float | None = None
+        self._watch = threading.Thread(target=self._watch_session, daemon=True)
+        self._watch.start()
         return start
+
+    def _watch_session(self) -> None:
+        """When B's log first says it is in session with A (the two connected and exchanged
+        hellos), as Syncthing's "connected" is taken from its REST API: read every 10 ms."""
+        log = self.cfg["B"].parent / "repld.log"
+        seen = b""
+        with open(log, "rb") as f:
+            while not self._stop_watch.is_set():
+                seen = seen[-200:] + f.read()
+                if b"in session with" in seen:
+                    self.connected = time.perf_counter()
+                    return
+                self._stop_watch.wait(0.01)
+
+    def connected_at(self) -> float | None:
+        self._watch.join(10)
+        return self.connected
+
+    def stop(self) -> None:
+        self._stop_watch.set()
+        super().stop()
 
     def after_initial(self, row: Row) -> None:
         # For the log only: what the daemon says about itself once B was found identical.
