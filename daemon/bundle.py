@@ -43,7 +43,7 @@ import msgpack
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import record_from_wire, record_to_wire
 from ..protocol.plan import Op, Step
-from ..protocol.record import Kind, Record
+from ..protocol.record import Kind, Record, is_placeholder
 from .applier import ApplyStats
 from .errors import ReplError, TreeMismatchError, UsageError
 from .localsync import prefer_policy, pull_applier, pull_steps, rules_widened
@@ -229,6 +229,8 @@ def _export_records(
     for rec in rep.store.records_since(since):
         if rec.seq > upto:
             break
+        if is_placeholder(rec):
+            continue  # this replica's own, never sent
         wanted = (rec.kind is Kind.FILE and not rec.deleted and rec.size > 0
                   and rec.modified_by != peer)  # fmt: skip
         if wanted and not _has_content(db, rec.sha256):
@@ -371,7 +373,7 @@ class Bundle:
     def _record(self, row: tuple[Any, ...]) -> Record:
         seq, path, data = row
         try:
-            rec = record_from_wire(msgpack.unpackb(data, raw=False))
+            rec = record_from_wire(msgpack.unpackb(data, raw=False), placeholder_ok=True)
         except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as e:
             raise BundleError(f"{self.path}: damaged record {path!r}: {e}") from None
         if rec.path != path or rec.seq != seq:
@@ -388,12 +390,15 @@ class Bundle:
             if not rows:
                 return
             for row in rows:
-                yield self._record(row)
+                rec = self._record(row)
+                if not is_placeholder(rec):  # (bundles of older versions have them)
+                    yield rec
             seq = rows[-1][0]
 
     def get(self, path: str) -> Record | None:
         rows = self._query("SELECT seq, path, data FROM records WHERE path = ?", (path,))
-        return self._record(rows[0]) if rows else None
+        rec = self._record(rows[0]) if rows else None
+        return None if rec is None or is_placeholder(rec) else rec
 
     def open(self, rec: Record) -> BinaryIO:
         """The content of ``rec`` (checked by the applier against the record's hash)."""

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from ..protocol.plan import Op, Step, plan_pull, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, Record, escape, subtree_filter
+from ..protocol.record import Kind, Record, escape, is_placeholder, subtree_filter
 from .applier import Applier, ApplyStats, SourceChanged
 from .diskio import open_regular
 from .errors import ReplError, RolledBack, TreeMismatchError, UsageError
@@ -324,7 +324,7 @@ def _pass(
         while page := [r for r in src.store.page_since(seq, PAGE) if r.seq <= top]:
             # What the planner and the applier will ask about this page, in two queries.
             into.store.read_ahead([r.path for r in page], [r.sha256 for r in page if r.sha256])
-            yield from page
+            yield from (r for r in page if not is_placeholder(r))  # (src's own: never sent)
             seq = page[-1].seq
 
     behind: list[Record] = []

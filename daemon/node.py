@@ -35,7 +35,7 @@ from ..protocol import messages as wire
 from ..protocol.errors import ProtocolError
 from ..protocol.plan import Op, Step, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, Record, conflict_original
+from ..protocol.record import Kind, Record, conflict_original, is_placeholder
 from ..protocol.session import (
     ApplyPage,
     BlocksArrived,
@@ -731,6 +731,13 @@ class Node:
                 msg = wire.decode(frames)
             except ProtocolError as e:
                 self._complain(link, "malformed", f"malformed message: {e}")
+                if link.session is not None and wire.message_type(frames) == "records":
+                    # Carrying on would acknowledge the next page, and the records of this one
+                    # would never come again: the session ends, and the next streams from
+                    # what was taken (a fault that repeats shows in status, nothing is lost).
+                    link.error = f"a page of records it sent was malformed: {e}"
+                    link.error_passes = True  # (until a session is made again)
+                    self._end_session(link, link.error)
                 return
         if isinstance(msg, wire.Hello):
             self._start_session(link, msg)
@@ -1105,7 +1112,9 @@ class Node:
                     recs = recs[:n]
                     upto = recs[-1].seq if n == PAGE_RECORDS or size > PAGE_BYTES else top
                     files, nbytes = self._still_to_send(link, after, upto, top, recs)
-                    page = s.page(tuple(recs), upto, files, nbytes)
+                    # (Placeholders are ours alone; the page still covers their numbers.)
+                    page = s.page(tuple(r for r in recs if not is_placeholder(r)), upto,
+                                  files, nbytes)  # fmt: skip
                 if not self._send(link, page):
                     break
 

@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from .errors import ProtocolError
-from .record import DIGEST_SIZE, Action, Kind, Record, check_path
+from .record import DIGEST_SIZE, Action, Kind, Record, check_path, is_placeholder
 from .version import VersionVector
 
 WIRE_VERSION = 3  # 2: records may carry the action "adopt"; 3: acks may carry `held`
@@ -177,7 +177,10 @@ def _text_bytes(v: Any, what: str) -> str:
     return v.decode("utf-8", "surrogateescape")
 
 
-def record_from_wire(item: Any) -> Record:
+def record_from_wire(item: Any, *, placeholder_ok: bool = False) -> Record:
+    """The record ``item`` encodes; ``ProtocolError`` if it is malformed. A record with an empty
+    version (a directory a replica made only to hold an entry that came from elsewhere, which
+    no replica sends now) is refused unless ``placeholder_ok``: see ``is_placeholder``."""
     if type(item) is not list or len(item) != 16:
         raise ProtocolError("record: expected an array of 16 fields")
     path = check_path(_text_bytes(item[0], "record path"))
@@ -187,7 +190,7 @@ def record_from_wire(item: Any) -> Record:
     except ValueError:
         raise ProtocolError(f"{path}: unknown kind {item[2]!r} or action {item[13]!r}") from None
     version = VersionVector.decode(_str(item[3], f"{path}: version", 1 << 16))
-    if not version:
+    if not version and not placeholder_ok:
         raise ProtocolError(f"{path}: empty version")
     deleted = item[4]
     if type(deleted) is not bool:
@@ -245,6 +248,17 @@ def encode(msg: Message) -> list[bytes]:
     return [msgpack.packb([WIRE_VERSION, name, body])]
 
 
+def message_type(frames: list[bytes]) -> str | None:
+    """The type named in a message that may not decode (for what to do about it), or None."""
+    try:
+        top = msgpack.unpackb(frames[0], raw=False) if frames else None
+    except Exception:  # garbage: see decode
+        return None
+    if type(top) is list and len(top) == 3 and type(top[1]) is str:
+        return top[1]
+    return None
+
+
 def decode(frames: list[bytes]) -> Message:
     """The message in ``frames``; ``ProtocolError`` for anything malformed."""
     if not frames or len(frames) > 2:
@@ -276,8 +290,11 @@ def decode(frames: list[bytes]) -> Message:
         recs = body.get("records")
         if type(recs) is not list or len(recs) > MAX_RECORDS:
             raise ProtocolError(f"records: expected a list of at most {MAX_RECORDS} records")
+        # Placeholders are no news (any record of the path wins over one) and are dropped:
+        # older replicas sent them, and refusing the page would refuse its other records.
         return Records(
-            tuple(record_from_wire(r) for r in recs),
+            tuple(r for r in (record_from_wire(r, placeholder_ok=True) for r in recs)
+                  if not is_placeholder(r)),
             _int(body.get("upto"), "records.upto"),
             _int(body.get("remaining_files", 0), "records.remaining_files"),
             _int(body.get("remaining_bytes", 0), "records.remaining_bytes"),

@@ -171,6 +171,13 @@ def is_nfc(path: str) -> bool:
     return unicodedata.is_normalized("NFC", path)
 
 
+def is_placeholder(rec: Record) -> bool:
+    """A record with no version: a directory made here only to hold an entry from another
+    replica, whose own record of it is on its way (see the applier's ``_ensure_parent``).
+    It is this replica's alone: never sent, exported or taken from another replica."""
+    return not rec.version
+
+
 def parent_of(path: str) -> str:
     """The parent's path; the root's children have parent ``""``."""
     head = path.rpartition("/")[0]
