@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol.record import TEMP_PREFIX
+from ..protocol.record import is_temp_name
 
 if TYPE_CHECKING:
     import pathspec
@@ -66,7 +66,7 @@ class Ignore:
     def __call__(self, path: str, is_dir: bool) -> bool:
         """True if ``path`` (relative, '/'-separated) is ignored."""
         name = path.rpartition("/")[2]
-        if name.startswith(TEMP_PREFIX):
+        if is_temp_name(name):
             return True
         if self.empty:
             return False

@@ -27,12 +27,12 @@ from pathlib import Path
 from ..protocol.errors import UnsafePathError
 from ..protocol.record import (
     MIN_BLOCK,
-    TEMP_PREFIX,
     Action,
     Kind,
     Record,
     block_size_for,
     check_path,
+    is_temp_name,
     new_guid,
 )
 from ..protocol.version import VersionVector
@@ -376,7 +376,7 @@ class Scanner:
         new_files = self._whole_walk
         for name in sorted(entries.keys() | known.keys()):
             path = prefix + name
-            if name.startswith(TEMP_PREFIX):
+            if is_temp_name(name):
                 if self.clean_temp:  # left by a crash; only ever a temp name, never tracked
                     try:
                         os.unlink(f"{self._root_s}/{path}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from watchdog.observers.inotify_c import InotifyConstants as IN
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
-from ..protocol.record import TEMP_PREFIX
+from ..protocol.record import is_temp_name
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Watcher:
             try:
                 with os.scandir(path) as it:
                     for entry in it:
-                        if entry.name.startswith(TEMP_PREFIX):
+                        if is_temp_name(entry.name):
                             continue
                         try:
                             if not entry.is_dir(follow_symlinks=False):
@@ -255,7 +255,7 @@ class Watcher:
             return
         with self._wlock:
             name = os.fsdecode(event.name)
-            if name.startswith(TEMP_PREFIX):
+            if is_temp_name(name):
                 return  # our own temporary files; their link or rename names the real path
             if name[0] == "#" and name[1:].isdigit() and not event.is_directory:
                 # How inotify names an unnamed (O_TMPFILE) file, such as ours before it is

@@ -29,6 +29,16 @@ TARGET_BLOCKS = 2000
 DIGEST_SIZE = 32
 
 TEMP_PREFIX = ".repld-tmp-"
+# The whole names of repld's own temporary files (the applier's NAME-tag + random, a restore's,
+# the root probe's): a user's file that merely starts with the prefix is a file like any other.
+_TEMP_RE = re.compile(re.escape(TEMP_PREFIX)
+                      + r"(?:[0-9a-f]{8}-[0-9a-f]{8}|restore-[0-9a-f]{8}|probe-[0-9]+-[0-9a-f]{6})")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` (one path component) is one of repld's temporary files: never
+    recorded, and removed by a scan that cleans up after a crash."""
+    return name.startswith(TEMP_PREFIX) and _TEMP_RE.fullmatch(name) is not None
 CONFLICT_MARK = ".conflict-"
 NAME_MAX = 255  # bytes in one file name (Linux file systems)
 _MARK_RE = re.compile(re.escape(CONFLICT_MARK) + "[0-9a-f]{8}-[0-9a-f]{8}")

@@ -1254,3 +1254,23 @@ def test_the_kernel_answers_whether_a_file_is_being_written_before_proc_is_read(
     report = sync_in_process(a, b)
     assert not report.errors and looked == [], (report.errors, looked)
     assert (b.root / "f.txt").read_text() == "v2\n" and not (b.root / "g.txt").exists()
+
+
+def test_a_users_file_that_only_looks_like_a_temporary_file_is_kept_and_synced(tmp_path):
+    """A trial: files named .repld-tmp-SOMETHING were deleted by every scan, never synced and
+    never reported. Only repld's own temporary names (the prefix, then 8 and 8 hex digits) are
+    leftovers of a crash; anything else is a file like any other."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    mine = {".repld-tmp-lookalike": "mine\n", ".repld-tmp-restore-notes.txt": "notes\n",
+            ".repld-tmp-0123abcd-89abcdeg": "not hex\n"}  # fmt: skip
+    for name, text in mine.items():
+        (a.root / name).write_text(text)
+    leftover = a.root / ".repld-tmp-0123abcd-89abcdef"  # as a crash in the middle leaves it
+    leftover.write_text("half a file")
+    a("scan")
+    a.sync(b)
+    for name, text in mine.items():
+        assert (a.root / name).read_text() == text
+        assert (b.root / name).read_text() == text
+    assert not leftover.exists()
+    assert not (b.root / leftover.name).exists()
