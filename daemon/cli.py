@@ -1332,7 +1332,7 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import HOW_CONFIGURED, HOW_SYNCED, HOW_THROUGH, forget_ids, prune
+    from .prune import HOW_CONFIGURED, HOW_SYNCED, HOW_THROUGH, forget_ids, prune, superseded_by
 
     asked = False
     try:
@@ -1384,6 +1384,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 seen = (f"has not got {h.unseen} of them yet, as far as {h.via} knows (the "
                         f"newest: {escape(h.newest_unseen or '')}); they reach it through "
                         "the replicas it syncs with")  # fmt: skip
+            elif h.unseen and (again := superseded_by(report, h)) is not None:
+                seen = (f"has not acknowledged {h.unseen} of them (the newest: "
+                        f"{escape(h.newest_unseen or '')}), and will not: {h.name} has synced "
+                        f"since as {short_id(again.replica_id)} (a rejoin, a reinstall?); if "
+                        f"this one is gone for good, `{configmod.command_for(rep.cfg)} prune "
+                        f"--forget {short_id(h.replica_id)}`")  # fmt: skip
             elif h.unseen:
                 seen = (f"has not acknowledged {h.unseen} of them yet (the newest: "
                         f"{escape(h.newest_unseen or '')}); its next sync with this "
@@ -1394,13 +1400,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 print(f"  {who}: never synced with this replica; {h.via} says how far it holds "
                       f"this replica's records: {seen}")  # fmt: skip
                 continue
-            again = next((o for o in report.holders if o.how == HOW_SYNCED and o.name == h.name
-                          and o.last_sync > h.last_sync), None)  # fmt: skip
-            if again is not None and h.unseen:
-                seen += (f"; but {h.name} has synced since as {short_id(again.replica_id)} (a "
-                         "rejoin, a reinstall?): if this one is gone for good, "
-                         f"`{configmod.command_for(rep.cfg)} prune --forget "
-                         f"{short_id(h.replica_id)}`")  # fmt: skip
             print(f"  {who}: last synced {_fmt_time(h.last_sync)}, {seen}")
         elif h.how == HOW_CONFIGURED:
             print(f"  {who}: a peer not met yet: cannot tell what it has seen")
@@ -1409,7 +1408,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   "cannot tell what it has seen")  # fmt: skip
     for h in report.forgotten:
         who = f"{h.name} ({short_id(h.replica_id)})" if h.name else short_id(h.replica_id)
-        print(f"  {who}: forgotten (`--forget`{', on this dry run' if args.dry_run else ''}): "
+        now = args.dry_run and h.replica_id in forget  # (else noted by an earlier --forget)
+        print(f"  {who}: forgotten (`--forget`{', on this dry run' if now else ''}): "
               "not waited for; if it syncs again, it counts again")  # fmt: skip
     return 0
 

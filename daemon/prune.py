@@ -204,15 +204,29 @@ def forget_ids(rep: Replica, names: Iterable[str]) -> list[str]:
         if not found:
             raise UsageError(f"--forget {given}: no replica of that name or id is known here "
                              f"(known: {listed}); `repld prune` lists them")  # fmt: skip
+        if len(found) > 1:  # a name reused (a reinstall): the one not forgotten yet, if one
+            live = [h for h in found if h not in report.forgotten]
+            found = live if len(live) == 1 else found
         if len(found) > 1:
             raise UsageError(f"--forget {given}: more than one replica matches; give more of "
                              "its id (`repld prune --json` shows them whole)")  # fmt: skip
         h = found[0]
-        if h.how == HOW_CONFIGURED or any(p.name == h.name for p in rep.cfg.peers):
+        if h.how == HOW_CONFIGURED or (
+            any(p.name == h.name for p in rep.cfg.peers) and superseded_by(report, h) is None
+        ):
             raise ReplError(f"--forget {given}: {h.name} is a configured peer; if it is gone "
                             f"for good, first `repld peer remove {h.name}`")  # fmt: skip
         ids.append(h.replica_id)
     return ids
+
+
+def superseded_by(report: PruneReport, h: Holder) -> Holder | None:
+    """The replica that synced under ``h``'s name after ``h`` last did, with another id (``h``
+    was reinstalled, or rejoined: its old id will not sync again), or None."""
+    if h.how != HOW_SYNCED or not h.name:
+        return None
+    return next((o for o in report.holders if o.how == HOW_SYNCED and o.name == h.name
+                 and o.replica_id != h.replica_id and o.last_sync > h.last_sync), None)  # fmt: skip
 
 
 def _seen_by_all(rep: Replica, holders: list[Holder],

@@ -754,3 +754,36 @@ def test_init_again_after_losing_the_database_keeps_the_replicas_keys(tmp_path):
              "--tree-id", "00000000-0000-4000-8000-000000000001")  # fmt: skip
     assert "keeping the keys of the earlier replica" in proc.stderr
     assert json.loads(a("id", "--json").stdout)["public_key"] == key
+
+
+def test_prune_forget_takes_the_old_id_of_a_reinstalled_peer(tmp_path):
+    """A trial: a peer reinstalled (its state deleted, `repld rejoin`) syncs under its name
+    with a new id; its old id holds every tombstone back for good, and the `--forget OLDID`
+    that prune suggested was refused: "b is a configured peer"."""
+    from repld.daemon import config as configmod
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f0").write_text("x\n")
+    (a.root / "f1").write_text("y\n")
+    a.sync(b)
+    old_id = b.identity()["replica_id"]
+    a("peer", "add", "b", "tcp://127.0.0.1:18997", b.identity()["public_key"])
+    (a.root / "f0").unlink()
+    a("scan")
+    shutil.rmtree(configmod.load(b.config).state)  # reinstalled: the tree kept, its state gone
+    b("rejoin", "--tree-id", a.identity()["tree_id"])
+    assert b.identity()["replica_id"] != old_id
+    a.sync(b)
+    assert not (b.root / "f0").exists()
+    out = a("prune", "-n").stdout
+    assert "and will not: b has synced since as" in out, out
+    assert "its next sync with this replica brings them" not in out, out
+    out = a("prune", "--forget", old_id[:8]).stdout  # refused before: "a configured peer"
+    assert "dropped 1 tombstone" in out and "not waited for" in out, out
+    proc = a("prune", "--forget", "b", check=False)  # its current id still may not be
+    assert proc.returncode == 1 and "b is a configured peer" in proc.stderr, proc.stderr
+    # Forgotten by an earlier prune: a dry run does not claim to do it now.
+    (a.root / "f1").unlink()
+    a("scan")
+    out = a("prune", "-n").stdout
+    assert "forgotten (`--forget`): not waited for" in out, out
