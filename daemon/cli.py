@@ -1112,10 +1112,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                         os.unlink(root / c)
                         print(f"removed {escape(c)}")
             else:
-                for c in copies:
-                    fixed = _both_name(c)
-                    if os.path.lexists(root / fixed):
-                        raise ReplError(f"{fixed} exists already; rename {c} by hand")
+                for c, fixed in _both_names(rep, copies).items():
                     os.rename(root / c, root / fixed)
                     touched.append(fixed)
             if keep_copy is None:
@@ -1205,15 +1202,29 @@ def _kind_on_disk(path: Path) -> str:
     return kinds.get(stat.S_IFMT(mode), "special file")
 
 
-def _both_name(copy_path: str) -> str:
-    """NAME.conflict-<replica>-<hash>.EXT -> NAME.<replica>.EXT"""
-    head, _, name = copy_path.rpartition("/")
-    at = name.rfind(".conflict-")
-    rest = name[at + len(".conflict-") :]
-    ident, dot, tail = rest.partition(".")
-    replica = ident.partition("-")[0]
-    new = name[:at] + "." + replica + (dot + tail if dot else "")
-    return f"{head}/{new}" if head else new
+def _both_names(rep: Replica, copies: list[str]) -> dict[str, str]:
+    """What `resolve --keep both` renames each conflict copy to: NAME.conflict-<replica>-<hash>
+    .EXT -> NAME.<replica's name>.EXT, or NAME.<replica's name>-<hash>.EXT where that is taken
+    (two copies of one replica's edits). Checked whole before anything is renamed: a
+    ReplError names a copy that cannot be given a free name."""
+    names = {short_id(m.replica_id): m.name for m in rep.store.peer_marks()}
+    names[short_id(rep.store.replica_id)] = rep.cfg.name
+    out: dict[str, str] = {}
+    for c in copies:
+        head, _, name = c.rpartition("/")
+        at = name.rfind(".conflict-")
+        ident, dot, tail = name[at + len(".conflict-") :].partition(".")
+        replica, _, digest = ident.partition("-")
+        who = names.get(replica, replica)
+        for tag in (who, f"{who}-{digest}"):
+            new = name[:at] + "." + tag + (dot + tail if dot else "")
+            fixed = f"{head}/{new}" if head else new
+            if fixed not in out.values() and not os.path.lexists(rep.root / fixed):
+                out[c] = fixed
+                break
+        else:
+            raise ReplError(f"{fixed} exists already; rename {c} by hand (nothing was changed)")
+    return out
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

@@ -898,9 +898,33 @@ def test_resolve_keeps_this_replicas_version_or_the_others_or_both(tmp_path):
     assert (b.root / "x.txt").read_text() == "a x.txt\n"
     kept = {p.name: p.read_text() for p in b.root.iterdir() if p.name.startswith("w.")}
     assert len(kept) == 2 and kept.pop("w.txt") == "b w.txt\n"
-    assert list(kept.values()) == ["a w.txt\n"]  # under w.<replica>.txt, an ordinary file
+    assert kept == {"w.a.txt": "a w.txt\n"}  # under w.<replica's name>.txt, an ordinary file
     # A PATH in neither replica is a mistake on the command line.
     assert a("resolve", "nothing-here.txt", "--keep", "local", check=False).returncode == 2
+
+
+def test_resolve_keep_both_with_two_copies_of_one_replicas_edits(tmp_path):
+    """A trial: a file that lost twice to the same replica's edits has two copies of that
+    replica's; `--keep both` renamed the first to NAME.<replica>.EXT, then stopped on the
+    second (the name taken), half done. Each gets a name of its own now."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "x.txt").write_text("base\n")
+    a.sync(b)
+    for n in (1, 2):
+        (a.root / "x.txt").write_text(f"a {n}\n")
+        (b.root / "x.txt").write_text(f"b {n}\n")
+        newer(b.root / "x.txt", than=a.root / "x.txt")  # b wins: a's edits are the copies
+        a.sync(b)
+    assert len(conflict_copies(a.root)) == 2
+    out = a("resolve", "x.txt", "--keep", "both").stdout
+    kept = sorted(p.name for p in a.root.iterdir() if p.name.startswith("x."))
+    assert len(kept) == 3 and "x.txt" in kept and "x.a.txt" in kept, (kept, out)
+    (other,) = [k for k in kept if k not in ("x.txt", "x.a.txt")]
+    assert other.startswith("x.a-") and other.endswith(".txt"), kept
+    assert {(a.root / k).read_text() for k in kept} == {"b 2\n", "a 1\n", "a 2\n"}
+    a.sync(b)
+    assert conflict_copies(a.root) == conflict_copies(b.root) == []
+    assert snapshot(a.root) == snapshot(b.root)
 
 
 def test_opposite_resolves_on_two_replicas_meet_as_a_conflict_not_a_loss(tmp_path):
