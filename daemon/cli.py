@@ -278,8 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="*", metavar="PATH",
                    help="only versions of this file, or of files under this directory")  # fmt: skip
     c.add_argument("--restore", action="store_true",
-                   help="copy the newest version of each PATH (of each file under a "
-                        "directory PATH) back to its place, where nothing is now")  # fmt: skip
+                   help="copy the newest version of each PATH back to its place, where nothing "
+                        "is now; for a directory PATH, the files and symlinks its newest "
+                        "removal took (an `rm -rf` elsewhere), not those removed before it")  # fmt: skip
+    c.add_argument("--all", action="store_true",
+                   help="with --restore of a directory: every file ever removed from it (the "
+                        "newest version of each), older removals too")  # fmt: skip
     c.add_argument("--delete", action="store_true",
                    help="delete the versions listed (of each PATH, or every one): room on a full "
                         "disk, before keep_versions_days would")  # fmt: skip
@@ -1236,8 +1240,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
     rows = sorted(found.values(), key=lambda v: (-v.kept, -v.n, v.path))
     if args.restore and args.delete:
         raise UsageError("--restore or --delete, not both")
+    if args.all and not args.restore:
+        raise UsageError("--all goes with --restore (the listing shows every version already)")
     if args.restore:
-        return _restore_versions(cfg, args, rows)
+        return _restore_versions(cfg, args, rows, unders)
     if args.delete:
         return _delete_versions(cfg, args, rows)
     if args.json:
@@ -1275,8 +1281,9 @@ def _delete_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list
     return 1 if errors else 0
 
 
-def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list[Version]) -> int:
-    from .versions import restore
+def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: list[Version],
+                      unders: list[str]) -> int:  # fmt: skip
+    from .versions import newest_removal, restore
 
     if not args.paths:
         raise UsageError("--restore needs the PATH of a file or directory to restore (every "
@@ -1285,11 +1292,21 @@ def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: lis
         raise UsageError(f"no versions of {', '.join(args.paths)} kept in {cfg.versions_dir}")
     if not cfg.root.is_dir():
         raise ReplError(f"the root {cfg.root} is not there; nothing restored")
+    left: list[Version] = []
+    if not args.all:
+        # A directory: what its newest removal took, not the files removed from it before.
+        whole = [v for v in rows if v.path in unders]
+        recent, left = newest_removal([v for v in rows if v.path not in unders])
+        rows = whole + recent
     done, skipped = restore(cfg.root, rows)
     for v in done:
         print(f"restored {escape(v.path)} (kept {control.iso_time(v.kept)})")
     for path, why in skipped:
         print(f"not restored: {escape(path)}: {why}", file=sys.stderr)
+    if left:
+        since = control.iso_time(max(v.kept for v in left))
+        print(f"left out: {len(left)} older version(s) of files removed before that (the newest "
+              f"kept {since}), most likely on purpose; `--all` restores them too")  # fmt: skip
     if done:
         try:
             control.request(cfg, "status", timeout=2.0)

@@ -91,8 +91,9 @@ class Keeper:
         self.keep = keep
 
     def removing(self, path: str, st: os.stat_result) -> None:
-        """``path`` (a regular file of the tree, ``st`` its lstat) is about to leave the tree."""
-        if self.keep is not Keep.OFF and stat.S_ISREG(st.st_mode):
+        """``path`` (``st``: its lstat) is about to leave the tree: a file or a symlink is
+        kept (a directory's files are kept one by one as they go)."""
+        if self.keep is not Keep.OFF and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             self._keep(path)
 
     def replacing(self, path: str, new_is_file: bool, *, lost_edit: bool = False) -> None:
@@ -174,10 +175,11 @@ def versions(where: Path, under: str = "") -> Iterator[Version]:
     # A file's versions lie beside where it was, and a directory's files under it: the walk
     # starts at the parent of ``under``, and the paths found are filtered.
     top = (where / under).parent if under else where
-    for dirpath, _dirs, files in os.walk(top):
+    for dirpath, dirs, files in os.walk(top):
         rel_dir = os.path.relpath(dirpath, where)
         rel_dir = "" if rel_dir == "." else rel_dir
-        for f in files:
+        # (A kept symlink to a directory is listed with the directories; it is not walked.)
+        for f in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
             m = _NAME_RE.match(f)
             if m is None:
                 continue
@@ -190,6 +192,28 @@ def versions(where: Path, under: str = "") -> Iterator[Version]:
             except (ValueError, OSError):
                 continue
             yield Version(path, kept, st.st_size, Path(dirpath) / f, int(m["n"] or 0))
+
+
+RESTORE_GAP = 600.0  # s: versions kept further apart than this are of separate deletions
+
+
+def newest_removal(kept: list[Version]) -> tuple[list[Version], list[Version]]:
+    """For the restore of a directory: of each path's newest version, those kept by its newest
+    removal (kept one after the other, no two more than RESTORE_GAP apart, back from the
+    newest: an `rm -rf` that reached this replica in one go), and the others, of files removed
+    before it (on purpose, as far as anyone can tell: they were not there to be removed)."""
+    newest: dict[str, Version] = {}
+    for v in kept:
+        if v.path not in newest or v.order > newest[v.path].order:
+            newest[v.path] = v
+    times = sorted({v.kept for v in newest.values()}, reverse=True)
+    cut = times[0] if times else 0.0
+    for t in times[1:]:
+        if cut - t > RESTORE_GAP:
+            break
+        cut = t
+    recent = [v for v in newest.values() if v.kept >= cut]
+    return recent, [v for v in newest.values() if v.kept < cut]
 
 
 def restore(root: Path, kept: list[Version]) -> tuple[list[Version], list[tuple[str, str]]]:

@@ -325,3 +325,37 @@ def test_a_deletion_of_a_long_name_or_deep_path_is_made_with_or_without_a_versio
     assert kept["path"].startswith("€" * 50) and kept["path"].endswith(".txt")
     assert Path(kept["file"]).read_text() == "long\n"
     assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_restoring_a_directory_brings_back_its_last_removal_not_older_ones(tmp_path):
+    """A trial: after an `rm -rf` on another machine, `versions DIR --restore` brought back every
+    file ever deleted under DIR (on purpose, weeks before) and none of its symlinks. The
+    symlinks are kept now, and a directory's restore takes what its newest removal took."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    docs = a.root / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "keep.txt").write_text("keep\n")
+    (docs / "sub" / "deep.txt").write_text("deep\n")
+    (docs / "old.txt").write_text("deleted on purpose\n")
+    os.symlink("keep.txt", docs / "link")
+    a.sync(b)
+    (docs / "old.txt").unlink()
+    a.sync(b)
+    (kept,) = [Path(v["file"]) for v in versions(b, "docs/old.txt")]
+    kept.rename(kept.parent / version_name("old.txt", time.time() - 3600))  # an hour before
+    shutil.rmtree(docs)
+    a.sync(b)
+    assert not (b.root / "docs").exists()
+
+    out = b("versions", "docs", "--restore").stdout
+    assert "restored docs/keep.txt" in out and "restored docs/link" in out, out
+    assert "left out: 1 older version(s)" in out and "--all" in out, out
+    assert os.readlink(b.root / "docs" / "link") == "keep.txt"
+    assert (b.root / "docs" / "sub" / "deep.txt").read_text() == "deep\n"
+    assert not (b.root / "docs" / "old.txt").exists()
+    proc = b("versions", "docs", "--restore", "--all", check=False)
+    assert "restored docs/old.txt" in proc.stdout, proc.stdout
+    assert proc.returncode == 1 and "not restored: docs/keep.txt" in proc.stderr  # there now
+    assert (b.root / "docs" / "old.txt").read_text() == "deleted on purpose\n"
+    b.sync(a)
+    assert snapshot(a.root) == snapshot(b.root)
