@@ -989,14 +989,17 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     with open_replica(args.config, write=False) as rep:
         rows = list_conflicts(rep.store)
         me = rep.store.replica_id
+        names = {m.replica_id: m.name for m in rep.store.peer_marks()}
+        names[me] = rep.cfg.name
     if args.json:
         _print_json(rows)
     elif not rows:
         print("no conflicts")
     else:
         for r in rows:
-            who = short_id(r["copy_replica"])
-            if r["copy_replica"] == me:
+            rid = r["copy_replica"]
+            who = f"{names[rid]} ({short_id(rid)})" if rid in names else short_id(rid)
+            if rid == me:
                 who += " (this replica)"
             what = _human(r["copy_size"]) if r["copy_kind"] == "file" else r["copy_kind"]
             print(f"{escape(r['path'])}\n    other version: {escape(r['copy'])} "

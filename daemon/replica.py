@@ -18,6 +18,7 @@ from ..protocol.record import (
     CONFLICT_MARK,
     NAME_MAX,
     TEMP_PREFIX,
+    Record,
     conflict_copy_path,
     conflict_maker,
     conflict_original,
@@ -560,6 +561,13 @@ def _home_ignore_rules(root: Path) -> bool:
     return True
 
 
+def made_by_repld(copy: Record) -> bool:
+    """Whether ``copy``, at a conflict copy's path, is a copy reconcile made (on any replica):
+    its guid is derived from the losing version (a version 5 UUID, which follows it through
+    moves and edits), where a file anyone made has a random one (version 4)."""
+    return copy.guid[14:15] == "5"
+
+
 def original_of(store: Store, copy_path: str) -> str | None:
     """The path a conflict copy is a copy of (None: not a copy). Its name says so, unless it
     was shortened to fit a file name (see conflict_copy_path): then it is the record in the same
@@ -568,12 +576,14 @@ def original_of(store: Store, copy_path: str) -> str | None:
     original = conflict_original(copy_path)
     if original is None:
         return None
+    copy = store.get(copy_path)
+    if copy is not None and not made_by_repld(copy):
+        return None  # a file of someone's that only has a copy's name
     rec = store.get(original)
     head, _, name = copy_path.rpartition("/")
     shortened = len(name.encode("utf-8", "surrogateescape")) > NAME_MAX - 4
     if (rec is not None and not rec.deleted) or not shortened:
         return original
-    copy = store.get(copy_path)
     if copy is None:
         return original
     stem = name[: name.rfind(CONFLICT_MARK)]

@@ -1298,3 +1298,19 @@ def test_a_users_file_that_only_looks_like_a_temporary_file_is_kept_and_synced(t
         assert (b.root / name).read_text() == text
     assert not leftover.exists()
     assert not (b.root / leftover.name).exists()
+
+
+def test_a_file_named_like_a_conflict_copy_is_no_conflict(tmp_path):
+    """A trial: a user's report.conflict-deadbeef-12345678.txt was listed as a conflict, and
+    `resolve` of it renamed it over report.txt on every replica. Only copies repld made are
+    conflicts (their guid is derived from the losing version)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "report.txt").write_text("the report\n")
+    (a.root / "report.conflict-deadbeef-12345678.txt").write_text("mine, named so\n")
+    a.sync(b)
+    assert "no conflicts" in a("conflicts").stdout
+    assert json.loads(b("conflicts", "--json").stdout) == []
+    proc = a("resolve", "report.conflict-deadbeef-12345678.txt", "--keep", "local", check=False)
+    assert proc.returncode == 2, proc
+    assert (a.root / "report.txt").read_text() == "the report\n"
+    assert (a.root / "report.conflict-deadbeef-12345678.txt").read_text() == "mine, named so\n"
