@@ -164,6 +164,11 @@ def _unchanged_file(rec: Record, st: os.stat_result) -> bool:
     )
 
 
+def _glob_escape(path: str) -> str:
+    """``path`` as a gitignore pattern that matches just it."""
+    return "".join("\\" + c if c in "*?[]!#\\ " else c for c in path)
+
+
 def kind_of(mode: int) -> Kind | None:
     if stat.S_ISREG(mode):
         return Kind.FILE
@@ -495,7 +500,11 @@ class Scanner:
             return False
         kind = kind_of(st.st_mode)
         if kind is None:
-            self._skip(path, "not a regular file, directory or symlink")
+            what = ("a socket" if stat.S_ISSOCK(st.st_mode) else "a FIFO (named pipe)"
+                    if stat.S_ISFIFO(st.st_mode) else "a device node"
+                    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+            self._skip(path, f"{what}, not a regular file, directory or symlink (a line "
+                             f"`/{_glob_escape(path)}` in .repldignore silences this)")  # fmt: skip
             return False
         if rec is not None and not rec.deleted and rec.kind is Kind.DIR and kind is not Kind.DIR:
             # Now: the children's tombstones go before the record of what replaces them.

@@ -487,7 +487,8 @@ def test_what_cannot_be_replicated_is_said_once_and_fails_nothing(tmp_path):
     for proc in (a("scan"), a.sync(b)):  # exit 0 (run() checks it)
         notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("not replicated:")]
         assert sorted(notes) == [
-            "not replicated: a-fifo: not a regular file, directory or symlink",
+            "not replicated: a-fifo: a FIFO (named pipe), not a regular file, directory or "
+            "symlink (a line `/a-fifo` in .repldignore silences this)",
             "not replicated: caf\\xe9.txt: its name is not valid UTF-8; rename it to replicate it",
             "not replicated: far-future: its modification time (the year 2300) is outside what "
             "repld records (1678 to 2261): `touch` it to replicate it",
@@ -495,6 +496,9 @@ def test_what_cannot_be_replicated_is_said_once_and_fails_nothing(tmp_path):
         assert ".repldignore" in proc.stderr and "WARNING" not in proc.stderr
     assert (b.root / "fine.txt").exists() and not (b.root / "a-fifo").exists()
     assert (b.root / "dir-2300").is_dir() and not (b.root / "far-future").exists()
+    (a.root / ".repldignore").write_text("/a-fifo\n")  # as it says
+    assert "a-fifo" not in a("scan").stderr
+    (a.root / ".repldignore").unlink()
     (a.root / "a-fifo").unlink()
     os.unlink(bad)
     (a.root / "far-future").touch()
