@@ -35,7 +35,7 @@ from ..protocol import messages as wire
 from ..protocol.errors import ProtocolError
 from ..protocol.plan import Op, Step, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, Record, conflict_original, is_placeholder
+from ..protocol.record import Kind, Record, conflict_original, escape, is_placeholder
 from ..protocol.session import (
     ApplyPage,
     BlocksArrived,
@@ -1247,7 +1247,8 @@ class Node:
                 if VERSION_GONE in err and level == logging.WARNING:
                     level = logging.INFO
                 self.errors[path] = PathError(path, err, link.peer.name)
-                log.log(level, "%s: %s", link.peer.name, err,
+                said = err if err.startswith(path) else f"{escape(path)}: {err}"
+                log.log(level, "%s: %s", link.peer.name, said,
                         extra={"PEER": link.peer.name, "PATH": path})  # fmt: skip
             failed = {p for p, _ in stats.errors}
             for st in stats.done if root_lost else steps:

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 WATCH_LIMIT_HELP = (
     "the inotify watch limit is reached (fs.inotify.max_user_watches = {limit}): {count} "
-    "director{ies} of the tree cannot be watched (the first: {first}); repld rescans them every "
-    "{interval:g} s instead. To watch the whole tree, raise the limit: "
+    "director{ies} of the tree could not be watched so far (the first: {first}; `repld status` "
+    "counts them as they come); repld rescans them every {interval:g} s instead. To watch the whole tree, raise the limit: "
     "`echo fs.inotify.max_user_watches=524288 | sudo tee /etc/sysctl.d/40-repld.conf && "
     "sudo sysctl --system`, then `repld rescan` (or restart repld)"
 )
