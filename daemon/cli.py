@@ -785,10 +785,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def _sync_peer(args: argparse.Namespace) -> int:
     from . import service
 
+    paths = _tree_paths(configmod.load(args.config, need_root=False).root, args.paths)
     report = service.sync_with_peer(
         args.config, args.target, dry_run=args.dry_run, pull_only=args.pull_only,
-        push_only=args.push_only, prefer=args.prefer,
-        paths=_tree_paths(configmod.load(args.config, need_root=False).root, args.paths),
+        push_only=args.push_only, prefer=args.prefer, paths=paths,
     )  # fmt: skip
     me = report.status.get("name") or "this replica"
     peer = args.target
@@ -822,6 +822,14 @@ def _sync_peer(args: argparse.Namespace) -> int:
                   "daemons)")  # fmt: skip
     for e in report.errors:
         print(f"error: {escape(e['path'])}: {e['error']}", file=sys.stderr)
+    if paths and not args.dry_run:
+        # Known only now: whether the peer had it (its records of the path came, or not).
+        with open_replica(args.config, write=False) as rep:
+            for given, path in zip(args.paths, paths, strict=False):
+                if not os.path.lexists(rep.root / path) and rep.store.get(path) is None:
+                    raise UsageError(f"{given}: in neither this replica nor {peer} (nothing "
+                                     "there, nothing recorded); a PATH limits the sync to a "
+                                     "subtree of the tree")  # fmt: skip
     return 1 if report.errors else 0
 
 

@@ -738,6 +738,8 @@ def test_one_shot_sync_with_a_peer_and_a_path_says_it_only_pulls(cluster):
     assert (a.root / "new-on-b.txt").read_text() == "b\n"
     assert "b: nothing sent: with a peer, a PATH limits only what this replica takes" in out
     assert not (b.root / "new-on-a.txt").exists()  # as said
+    proc = a("sync", "b", "no/such/path", check=False)  # a trial: exit 0, as if it synced
+    assert proc.returncode == 2 and "in neither this replica nor b" in proc.stderr, proc.stderr
 
 
 def test_sync_with_a_peer_through_the_running_daemon(cluster):
