@@ -334,7 +334,8 @@ class Bundle:
             for table in ("records", "content", "seen"):  # all there, before anything is applied
                 self._db.execute(f"SELECT * FROM {table} LIMIT 0")
         except sqlite3.DatabaseError as e:
-            raise BundleError(f"{path}: not a repld bundle, or a damaged one ({e})") from None
+            raise BundleError(f"{path}: a damaged bundle ({e}): cut short or changed on the "
+                              "way? Copy it again, or export it again") from None
         if meta.get("format") != FORMAT:
             self.close()
             raise UsageError(f"{path}: not a repld bundle")

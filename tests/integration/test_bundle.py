@@ -276,6 +276,8 @@ def test_damaged_bundles_are_refused_without_a_traceback(tmp_path):
         proc = b("import", bad, check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (bad, proc.stderr)
         assert str(bad) in proc.stderr, proc.stderr
+        if bad is truncated:
+            assert "a damaged bundle" in proc.stderr and "Copy it again" in proc.stderr
     assert not (b.root / "f.txt").exists()  # refused before anything was applied
     proc = a("export", a.state / "repld.db", check=False)  # its own database
     assert proc.returncode == 2 and "not a repld bundle" in proc.stderr
