@@ -263,8 +263,9 @@ class Replica:
             + ", so it was not recorded and no peer hears of it. If you meant it, run "
             f"`{configmod.command_for(self.cfg)} scan --accept-deletes`; if not, put the files back (moved back, from a backup, or "
             "copied from another replica's tree) without writing over any file there now: "
-            "peers' changes still arrive meanwhile, and a file put over a newer one would win "
-            "over it everywhere (`cp -an SAVED/. DIR/`: -n, never over a file)"
+            "a running daemon still takes peers' changes meanwhile, and a file put over a newer "
+            "one would win over it everywhere (`cp -an SAVED/. DIR/`: -n, never over a file). "
+            "Until then, nothing that needs a scan of this replica (sync, export, import) runs"
         )  # fmt: skip
 
     def check_root(self, *, accept: bool = False) -> None:
