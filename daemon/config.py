@@ -62,7 +62,10 @@ def default_state_dir(config_path: Path) -> Path:
 
 def check_endpoint(endpoint: str, *, file: Path | None = None, key: str = "listen") -> str:
     m = ENDPOINT_RE.match(endpoint)
-    if not m or not 0 < int(m.group(2)) < 65536:
+    if m and not 0 < int(m.group(2)) < 65536:
+        raise ConfigError(f"bad endpoint {endpoint!r}: port {int(m.group(2))} is out of range "
+                          "(1 to 65535)", file=file, key=key)  # fmt: skip
+    if not m:
         raise ConfigError(
             f"bad endpoint {endpoint!r}: expected tcp://HOST:PORT, e.g. tcp://192.0.2.7:{DEFAULT_PORT}",
             file=file,

@@ -13,6 +13,7 @@ pages of records into applied steps, and keeps the status that ``repld status`` 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -421,9 +422,19 @@ class Node:
             r.bind(self.cfg.listen.replace("0.0.0.0", "*"))
         except zmq.ZMQError as e:
             r.close()
+            if e.errno == errno.EADDRINUSE:
+                fix = ("is another program (another repld?) using that port? Choose another port "
+                       "here")  # fmt: skip
+            elif e.errno == errno.EADDRNOTAVAIL:
+                fix = ("no network interface of this machine has that address: give one it has "
+                       "(`ip -brief address`), or 0.0.0.0 for all of them")  # fmt: skip
+            elif e.errno == errno.EACCES:
+                fix = "ports below 1024 need root: choose a port of 1024 or more"
+            else:
+                fix = ("is the host a name this machine cannot resolve, or not one of its "
+                       "addresses? Give an address of this machine, or 0.0.0.0 for all")  # fmt: skip
             raise ConfigError(  # exit 2: the fix is in the config (or in whatever took the port)
-                f"cannot listen on {self.cfg.listen}: {e.strerror}; is another program (another "
-                "repld?) using that port? Choose another port here",
+                f"cannot listen on {self.cfg.listen}: {e.strerror}; {fix}",
                 file=self.cfg.path,
                 key="listen",
             ) from None

@@ -1067,3 +1067,20 @@ def test_a_peer_at_an_address_where_nothing_answers_is_said_so(cluster):
     b.start()
     cluster.wait_until(lambda: (p := a.peer_status("b")) and p["connected"] and not p["error"],
                        what="a connected to b, the note gone")  # fmt: skip
+
+
+def test_a_listen_address_that_cannot_be_used_says_why(cluster):
+    """A trial: every failure to listen asked whether another program used the port, and a
+    port out of range was only "expected tcp://HOST:PORT"."""
+    import subprocess
+
+    (a,) = cluster.make("a")
+    text = a.config.read_text()
+    a.config.write_text(text.replace(a.endpoint, "tcp://192.0.2.7:47120"))  # not this machine's
+    proc = subprocess.run([*REPLD, "--config", a.config, "run"], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc
+    assert "no network interface of this machine has that address" in proc.stderr, proc.stderr
+    a.config.write_text(text.replace(a.endpoint, "tcp://0.0.0.0:99999"))
+    proc = a("id", check=False)
+    assert proc.returncode == 2 and "port 99999 is out of range" in proc.stderr, proc.stderr
