@@ -1174,7 +1174,10 @@ class Node:
         if not self.opts.dry_run and steps and (self._root_error or self.paused):
             ok = False  # asked for again once the root is back, or the daemon resumed
         elif self.opts.dry_run:
-            self.stats.dry_steps.extend(st for st in steps if st.op is not Op.RECORD)
+            # (A record-only step is listed when it settles a conflict: --prefer local wins
+            # here with nothing to write, and the other side's edit is overwritten there.)
+            self.stats.dry_steps.extend(st for st in steps
+                                        if st.op is not Op.RECORD or st.conflict is not None)  # fmt: skip
         elif steps:
             self.state = "syncing"
             self.publish()
@@ -1244,7 +1247,8 @@ class Node:
                 for path in list(itertools.islice(self._applied, APPLIED_MAX // 2)):
                     del self._applied[path]
             if self.opts.keep_steps:
-                self.stats.done_steps.extend(st for st in stats.done if st.op is not Op.RECORD)
+                self.stats.done_steps.extend(st for st in stats.done
+                                             if st.op is not Op.RECORD or st.conflict is not None)  # fmt: skip
             for st in stats.done:
                 r = st.record
                 self.transfers.forget(st.path)

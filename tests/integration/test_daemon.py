@@ -1084,3 +1084,15 @@ def test_a_listen_address_that_cannot_be_used_says_why(cluster):
     a.config.write_text(text.replace(a.endpoint, "tcp://0.0.0.0:99999"))
     proc = a("id", check=False)
     assert proc.returncode == 2 and "port 99999 is out of range" in proc.stderr, proc.stderr
+
+
+def test_a_dry_run_with_prefer_lists_the_conflict_it_settles(cluster):
+    """A trial: `sync PEER -n -v --prefer local` listed nothing for a file edited on both sides
+    (this side wins with nothing to write here), hiding that the peer's edit is overwritten."""
+    a, b = _apart(cluster)
+    seq = b.status()["local"]["sequence"]
+    (b.root / "shared.txt").write_text("edited on b\n")
+    cluster.wait_until(lambda: b.status()["local"]["sequence"] > seq, 30, "b to record its edit")
+    out = a("sync", "b", "-n", "-v", "--prefer", "local").stdout
+    (line,) = [ln for ln in out.splitlines() if "shared.txt" in ln]
+    assert "conflict: local wins" in line, out
