@@ -1769,7 +1769,9 @@ class Node:
                 got = self.transfers.stats.arrived_bytes - self._page_in[1]
                 need_bytes = max(0, need_bytes - got)
             seen = max((lk.last_seen_wall for lk in links), default=0.0)
-            errs = [lk.error for lk in links if lk.error]
+            # (An error that passes, such as "no longer admits this replica's key", is over
+            # once a session is on, if only on the other link to it: a peer that re-added us.)
+            errs = [lk.error for lk in links if lk.error and not (s is not None and lk.error_passes)]
             errs += [lk.unanswered for lk in links if lk.unanswered and s is None]
             peers.append(
                 {

@@ -263,6 +263,10 @@ def test_a_peer_that_lists_us_again_is_greeted_again_without_a_restart(cluster):
                        "second.txt to reach d once a lists it again")  # fmt: skip
     log = d.log.read_text(errors="replace")
     assert "a no longer admits this replica's key" in log, log[-2000:]
+    # Back in session: the old reason goes with it (a trial saw it beside "in sync" for 10 s).
+    p = cluster.wait_until(lambda: (p := d.peer_status("a")) and p["in_sync"] and p, 30,
+                           "d in sync with a")  # fmt: skip
+    assert p["error"] is None, p
 
 
 def test_a_peer_that_removes_us_while_both_dial_says_why_every_time(cluster):
