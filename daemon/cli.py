@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--state", type=Path, metavar="DIR",
                    help="where the database and keys live (default: ~/.local/state/repld for "
                         "the default config, else NAME.state beside a config NAME.toml)")  # fmt: skip
+    c.add_argument("--force", action="store_true",
+                   help="even if ROOT is already another replica's root (noted there by its "
+                        "init), whose config still exists")  # fmt: skip
     c.add_argument("--json", action="store_true", help="print the new replica's identity as JSON")
 
     c = cmd("id", "print this replica's identity: ids, public key, endpoint")
@@ -441,7 +444,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     had_ignore = ignore_file.exists()
     cfg, stats = init(
         _config_path(args), args.root, name=args.name, listen=args.listen,
-        tree_id=args.tree_id, state=args.state, progress=progress,
+        tree_id=args.tree_id, state=args.state, progress=progress, force=args.force,
     )  # fmt: skip
     progress.done()
     with Replica(cfg, write=False) as rep:

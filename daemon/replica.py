@@ -390,6 +390,32 @@ def _fs_key(root: Path) -> str | None:
     return f"{dev}:{_fs_type(root)}"
 
 
+ROOT_MARK = "user.repld.config"  # xattr on a replica's root: the config file that has it
+
+
+def _root_taken(root: Path, config_path: Path) -> Path | None:
+    """The config of another replica whose root ``root`` is (noted on the directory by its
+    init, and that config still says so), or None."""
+    try:
+        other = Path(os.fsdecode(os.getxattr(root, ROOT_MARK)))
+    except OSError:
+        return None  # none noted (or a file system without extended attributes)
+    if other == config_path.absolute():
+        return None
+    try:
+        taken = configmod.load(other, need_root=False).root
+    except (ConfigError, OSError):
+        return None  # that replica is gone
+    return other if taken.absolute() == root or taken.resolve() == root.resolve() else None
+
+
+def _mark_root(root: Path, config_path: Path) -> None:
+    try:
+        os.setxattr(root, ROOT_MARK, os.fsencode(str(config_path.absolute())))
+    except OSError:
+        pass  # not the owner, or no extended attributes there: the check is a courtesy
+
+
 def init(
     config_path: Path,
     root: Path,
@@ -399,6 +425,7 @@ def init(
     tree_id: str | None = None,
     state: Path | None = None,
     progress: object = None,
+    force: bool = False,
 ) -> tuple[Config, ScanStats]:
     """Create a replica: config, keys, database, and a first scan that records every file."""
     root = root.expanduser().absolute()
@@ -409,6 +436,13 @@ def init(
         raise ConfigError(
             "a config file is already there; remove it or choose another with --config",
             file=config_path,
+        )
+    if not force and (other := _root_taken(root, config_path)) is not None:
+        raise UsageError(
+            f"{root} is already the root of the replica of {other}: two replicas of one "
+            "directory would each record the other's writes as edits of its own. Use that "
+            f"one (`repld --config {other} ...`); if it is not used any more, remove {other} "
+            "(or pass --force)"
         )
     state = (state or configmod.default_state_dir(config_path)).expanduser().absolute()
     if (state / "repld.db").exists():
@@ -441,6 +475,7 @@ def init(
         make_keys(cfg.key_dir)
     Store.create(cfg.db_path, tree_id=tree_id).close()
     configmod.write(cfg)
+    _mark_root(root, cfg.path)
     with Replica(cfg) as rep:
         if (key := _fs_key(root)) is not None:
             rep.store.set_meta(FS_CHECKED, key)  # probed above

@@ -117,6 +117,26 @@ def test_init_refuses_to_overwrite(tmp_path):
     assert proc.returncode == 2 and "already there" in proc.stderr
 
 
+def test_init_of_another_replicas_root_is_refused(tmp_path):
+    """A trial made a second replica (another config, another tree even) of a root that was a
+    replica already, with no word: each would record the other's writes as its own edits."""
+    (a,) = make_replicas(tmp_path, "a")
+    try:
+        os.getxattr(a.root, "user.repld.config")
+    except OSError:
+        pytest.skip("no extended attributes on this file system: the check cannot be made")
+    second = tmp_path / "second.toml"
+    proc = run("--config", second, "init", a.root, "--name", "second", check=False)
+    assert proc.returncode == 2, proc
+    assert f"already the root of the replica of {a.config}" in proc.stderr, proc.stderr
+    assert not second.exists()
+    run("--config", second, "init", a.root, "--name", "second", "--force")
+    # A config removed for good frees its root: no --force needed.
+    second.unlink()
+    a.config.unlink()
+    run("--config", tmp_path / "third.toml", "init", a.root, "--name", "third")
+
+
 def test_status_without_daemon_exits_3(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     assert a("status", check=False).returncode == 3
