@@ -1613,6 +1613,19 @@ def _keys_are_not_options(argv: list[str]) -> list[str]:
     return argv
 
 
+def _subparser(parser: argparse.ArgumentParser,
+               args: argparse.Namespace) -> argparse.ArgumentParser:  # fmt: skip
+    """The parser of the command (and sub-command) given, whose usage an error should show."""
+    for dest in ("command", "peer_command"):  # (`repld peer add`: a command's own commands)
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                   None)  # fmt: skip
+        name = getattr(args, dest, None)
+        if sub is None or name not in sub.choices:
+            break
+        parser = sub.choices[name]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     real_stdout = sys.stdout
@@ -1633,7 +1646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "paths") and not any(x.startswith("-") for x in extra):
             args.paths = [*args.paths, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="repld: %(levelname)s: %(name)s: %(message)s" if args.debug

@@ -144,6 +144,8 @@ def test_status_without_daemon_exits_3(tmp_path):
 
 def test_usage_errors_exit_2(tmp_path):
     assert run("frobnicate", check=False).returncode == 2
+    proc = run("status", "--jsn", check=False)  # a typo: the command's own usage, not repld's
+    assert proc.returncode == 2 and "usage: repld status" in proc.stderr, proc.stderr
     (a,) = make_replicas(tmp_path, "a")
     proc = a("sync", "nosuchpeer", check=False)
     assert proc.returncode == 2 and "no such config file" in proc.stderr
