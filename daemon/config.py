@@ -138,11 +138,20 @@ class Config:
         return next((p for p in self.peers if p.name == name), None)
 
 
+_TOML_KIND = {bool: "true/false", int: "a number", float: "a number", str: "a quoted string",
+              list: "a list", dict: "a table"}  # fmt: skip
+
+
+def _toml_value(value: object) -> str:
+    """``value`` as it is written in TOML (true, "text", [..]), with what kind of value it is."""
+    text = json.dumps(value) if isinstance(value, (bool, int, float, str, list)) else repr(value)
+    kind = next((k for t, k in _TOML_KIND.items() if isinstance(value, t)), "a value")
+    return f"{kind}, {text}" if kind != "true/false" else text
+
+
 def _type(value: object, kind: type, what: str, file: Path, key: str) -> None:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"expected {what}, got {type(value).__name__} {value!r}", file=file, key=key
-        )
+        raise ConfigError(f"expected {what}, got {_toml_value(value)}", file=file, key=key)
 
 
 def load(path: Path | None = None, *, need_root: bool = True) -> Config:
