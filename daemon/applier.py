@@ -830,6 +830,32 @@ class Applier:
 
     # -- moves ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def planned_moves(store: Store, steps: list[Step]) -> list[Step]:
+        """``steps`` as an apply would carry them out with respect to moves, for a dry run's
+        list: a new file that is a file of this replica's moved elsewhere by the other side
+        (see _may_move), whose old path the plan removes, is one "moved from OLD" step, not a
+        write and a delete."""
+        removed = {st.path: st for st in steps if st.op is Op.DELETE}
+        if not removed:
+            return steps
+        gone: set[str] = set()
+        out: list[Step] = []
+        for st in steps:
+            rec = st.record
+            if (st.op is Op.WRITE and rec.kind is Kind.FILE and rec.sha256 and st.conflict is None
+                    and not st.source and (st.expected is None or st.expected.deleted)):  # fmt: skip
+                old = next((o for o in store.live_with_hash(rec.sha256)
+                            if o.guid == rec.guid and o.path != rec.path and o.path in removed
+                            and o.path not in gone and o.kind is Kind.FILE
+                            and (o.size, o.mode, o.mtime_ns) == (rec.size, rec.mode, rec.mtime_ns)),
+                           None)  # fmt: skip
+                if old is not None:
+                    gone.add(old.path)
+                    st = dataclasses.replace(st, note=f"moved from {old.path}")
+            out.append(st)
+        return [st for st in out if not (st.op is Op.DELETE and st.path in gone)]
+
     def _may_move(self, step: Step, others: list[Record]) -> bool:
         """Set ``step`` aside if its new file is one the other side moved (its scan kept the
         file's guid) from a path where this replica has the very same file (among ``others``,

@@ -44,7 +44,7 @@ from ..protocol.errors import ProtocolError
 from ..protocol.messages import record_from_wire, record_to_wire
 from ..protocol.plan import Op, Step
 from ..protocol.record import Kind, Record, is_placeholder
-from .applier import ApplyStats
+from .applier import Applier, ApplyStats
 from .errors import ReplError, TreeMismatchError, UsageError
 from .localsync import prefer_policy, pull_applier, pull_steps, rules_widened
 from .replica import Replica
@@ -498,6 +498,7 @@ def import_bundle(
         rep.rules_widened = False  # (the scan forgot the marks already)
         steps = pull_steps(rep, _unseen(bundle, store), policy=policy)
         if dry_run:
+            steps = Applier.planned_moves(store, list(steps))
             report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
             return report
     applier = pull_applier(rep, bundle.open, bundle.get, via=f"bundle from {bundle.name}",

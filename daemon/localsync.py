@@ -330,6 +330,7 @@ def _pass(
     behind: list[Record] = []
     steps = pull_steps(into, remote_records(), policy=policy, within=within, behind=behind)
     if dry_run:
+        steps = Applier.planned_moves(into.store, list(steps))
         report.steps = [s for s in steps if s.op is not Op.RECORD or verbose]
         return report
     applier = pull_applier(into, _opener(src), src.store.get, via=src.cfg.name, policy=policy,

@@ -1174,6 +1174,7 @@ class Node:
         if not self.opts.dry_run and steps and (self._root_error or self.paused):
             ok = False  # asked for again once the root is back, or the daemon resumed
         elif self.opts.dry_run:
+            steps = Applier.planned_moves(self.store, steps)
             # (A record-only step is listed when it settles a conflict: --prefer local wins
             # here with nothing to write, and the other side's edit is overwritten there.)
             self.stats.dry_steps.extend(st for st in steps

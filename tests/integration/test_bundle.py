@@ -343,3 +343,19 @@ def test_an_old_bundle_brings_nothing_back_that_the_importer_had_already(tmp_pat
     assert not (b.root / "x.txt").exists() and (b.root / "kept.txt").read_text() == "v2\n"
     a.sync(b)
     assert snapshot(a.root) == snapshot(b.root) and not (a.root / "x.txt").exists()
+
+
+def test_an_import_dry_run_says_a_moved_file_is_moved(tmp_path):
+    """A trial: `import -n` listed a write and a delete, the import itself then reported the
+    file moved (renamed, not copied, as a sync does)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "cc.txt").write_text("a file to move\n")
+    a.sync(b)
+    (a.root / "cc.txt").rename(a.root / "cc-renamed.txt")
+    bundle = tmp_path / "a.bundle"
+    a("export", bundle)
+    dry = b("import", "-n", bundle).stdout
+    assert "cc-renamed.txt  [moved from cc.txt]" in dry, dry
+    assert "delete" not in dry, dry
+    out = b("import", bundle).stdout
+    assert "1 moved" in out, out

@@ -36,6 +36,10 @@ def test_a_moved_tree_is_renamed_on_the_other_side_not_copied(tmp_path):
     before = inodes(b.root)
 
     (a.root / "Photos").rename(a.root / "Pictures")
+    # The dry run says it as the sync will do it: moved, not written and deleted (a trial).
+    dry = a.sync(b, "-n").stdout
+    assert "[moved from Photos/2020/p 0.jpg]" in dry, dry
+    assert not [ln for ln in dry.splitlines() if "delete" in ln and "p 0.jpg" in ln], dry
     out = a.sync(b, "-v").stdout
     assert snapshot(a.root) == snapshot(b.root)
     assert not (b.root / "Photos").exists()
