@@ -172,6 +172,13 @@ class PathError:
     peer: str = ""
 
 
+def _listed(step: Step) -> bool:
+    """Whether `sync PEER -v` (or -n) lists ``step``: what changes a file, and a record-only
+    step that settles a conflict (--prefer local wins here with nothing to write, and the other
+    side's edit is overwritten there)."""
+    return step.op is not Op.RECORD or step.conflict is not None
+
+
 @dataclass
 class NodeStats:
     applied: ApplyStats = field(default_factory=ApplyStats)
@@ -1174,11 +1181,7 @@ class Node:
         if not self.opts.dry_run and steps and (self._root_error or self.paused):
             ok = False  # asked for again once the root is back, or the daemon resumed
         elif self.opts.dry_run:
-            steps = Applier.planned_moves(self.store, steps)
-            # (A record-only step is listed when it settles a conflict: --prefer local wins
-            # here with nothing to write, and the other side's edit is overwritten there.)
-            self.stats.dry_steps.extend(st for st in steps
-                                        if st.op is not Op.RECORD or st.conflict is not None)  # fmt: skip
+            self.stats.dry_steps.extend(filter(_listed, Applier.planned_moves(self.store, steps)))
         elif steps:
             self.state = "syncing"
             self.publish()
@@ -1248,8 +1251,7 @@ class Node:
                 for path in list(itertools.islice(self._applied, APPLIED_MAX // 2)):
                     del self._applied[path]
             if self.opts.keep_steps:
-                self.stats.done_steps.extend(st for st in stats.done
-                                             if st.op is not Op.RECORD or st.conflict is not None)  # fmt: skip
+                self.stats.done_steps.extend(filter(_listed, stats.done))
             for st in stats.done:
                 r = st.record
                 self.transfers.forget(st.path)
