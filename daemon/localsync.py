@@ -165,6 +165,9 @@ def sync(
                 policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
                 _rerun(report.passes[0], _pass(into, src, policy, within, dry_run, verbose,
                                                progress))  # fmt: skip
+        if not dry_run and within is None:
+            for into, src in ((left, right), (right, left)):
+                _seen_already(into, src)
         if not dry_run:
             # What a daemon's Acks carry: how far the replicas each one has met hold the
             # other's records (see Store.held_for), for prune to count them.
@@ -176,6 +179,20 @@ def sync(
                     with one.store.transaction():
                         one.store.note_held(other.store.replica_id, held)
     return report
+
+
+def _seen_already(into: Replica, src: Replica) -> None:
+    """Mark as seen by ``into`` the records of ``src`` after its mark that hold the same
+    versions as ``into``'s (what the pass into ``src`` just wrote there, taken from ``into``):
+    the next sync would read each back only to find it equal (a second sync of 10k files took
+    as long as 0.3 s doing so)."""
+    seen = into.store.peer_mark(src.store.replica_id).seen_seq
+    upto = into.store.same_records_upto(src.cfg.db_path, seen, src.store.seq)
+    if upto > seen:
+        with into.store.transaction():
+            into.store.set_peer_mark(src.store.replica_id, name=src.cfg.name, seen_seq=upto)
+        with src.store.transaction():
+            src.store.set_peer_mark(into.store.replica_id, name=into.cfg.name, acked_seq=upto)
 
 
 def _rerun(first: PassReport, again: PassReport) -> None:

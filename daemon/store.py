@@ -896,6 +896,25 @@ class Store:
         with self.transaction():
             return self._conn().execute("UPDATE peers SET seen_seq = 0 WHERE seen_seq != 0").rowcount
 
+    def same_records_upto(self, other_db: Path, after: int, top: int) -> int:
+        """How far (a sequence number of the replica whose database is ``other_db``, from
+        ``after`` to ``top``) every record of that replica's holds the same version as this
+        replica's record of its path: those are no news here. One query, both databases."""
+        if top <= after:
+            return after
+        conn = self._conn()
+        conn.execute("ATTACH DATABASE ? AS other", (str(other_db),))
+        try:
+            (first_new,) = conn.execute(
+                "SELECT MIN(o.seq) FROM other.records o LEFT JOIN main.records m "
+                "ON m.path = o.path WHERE o.seq > ? AND o.seq <= ? AND (m.path IS NULL "
+                "OR m.version != o.version OR m.deleted != o.deleted)",
+                (after, top),
+            ).fetchone()
+        finally:
+            conn.execute("DETACH DATABASE other")
+        return top if first_new is None else max(after, int(first_new) - 1)
+
     def set_peer_mark(
         self,
         replica_id: str,

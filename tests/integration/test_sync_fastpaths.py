@@ -456,3 +456,29 @@ def test_a_rescan_records_every_change_among_unchanged_entries(tmp_path):
     assert Scanner(store, root).scan().events == 0
     store.close()
     fresh.close()
+
+
+def test_a_second_sync_does_not_read_back_what_the_first_wrote(tmp_path):
+    """The first sync writes a's records into b, under b's sequence numbers after a's mark of
+    b: the next sync read each back into a only to find it equal (as long as the first sync's
+    planning). What b holds in the very version a has is marked seen; anything else is not."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    for i in range(50):
+        (a.root / f"f{i:02}").write_text(f"{i}\n")
+    (b.root / "from-b.txt").write_text("b's own\n")
+    a.sync(b)
+
+    def mark() -> tuple[int, int]:
+        with open_replica(a.config, write=False) as ra, open_replica(b.config, write=False) as rb:
+            return ra.store.peer_mark(rb.store.replica_id).seen_seq, rb.store.seq
+
+    seen, top = mark()
+    assert seen == top, (seen, top)  # all of b's records are a's own, or taken by a already
+    # A change on b after the first pass is news to a: the mark stops before it.
+    (b.root / "f07").write_text("edited on b\n")
+    b("scan")
+    seen2, top2 = mark()
+    assert top2 > seen2 == seen
+    a.sync(b)
+    assert (a.root / "f07").read_text() == "edited on b\n"
+    assert mark()[0] == mark()[1]
