@@ -542,6 +542,10 @@ class Applier:
         parent = parent_of(path)
         if not parent or parent in self._dirs_ok:
             return
+        # Every directory on the way must be one, not a symlink to one (installed since the
+        # path was staged: a peer's symlink, then a file "under" it): the lstats below stop at
+        # the first that exists, which a symlink higher up would be followed to.
+        self._parents_ok(path)
         missing = []
         p = parent
         while p:
@@ -1134,6 +1138,11 @@ class Applier:
         """Put the temp file in place. A file new here is linked to its name, which fails if
         anything is there: nothing is replaced that was not planned for."""
         target = self._parents_ok(step.path)  # again: a parent may have become a symlink
+        # Whatever was there is no directory any more: nothing under it is one, as far as
+        # the checks of this batch go.
+        if step.path in self._dirs_ok:
+            gone = step.path + "/"
+            self._dirs_ok = {d for d in self._dirs_ok if d != step.path and not d.startswith(gone)}
         if step.expected is not None and not step.expected.deleted:
             st = self._check(step.path, step.expected)
             self._not_being_written(step.path, st, "replaced by the new version")

@@ -12,6 +12,7 @@ replica over real CurveZMQ with its keys (made by `repld init`), message by mess
 
 from __future__ import annotations
 
+import os
 import time
 
 import msgpack
@@ -68,7 +69,7 @@ class FakePeer:
             if isinstance(msg, kind):
                 return msg
             seen.append(type(msg).__name__)
-        raise AssertionError(f"no {kind.__name__} from the daemon ({what}); got {seen}")
+        raise AssertionError(f"no {kind} from the daemon ({what}); got {seen}")
 
 
 def directory(path: str, who: str, n: int, seq: int, version: VersionVector | None = None):
@@ -133,3 +134,54 @@ def test_a_placeholder_is_never_sent(cluster):
     for r in (b, c):
         log = r.log.read_text(errors="replace")
         assert "malformed" not in log and "empty version" not in log, log
+
+
+def file_record(path: str, content: bytes, who: str, n: int, seq: int, guid: str) -> Record:
+    import hashlib
+
+    return Record(path, guid, Kind.FILE, VersionVector.of({who: n}), mode=0o644,
+                  mtime_ns=1_700_000_000_000_000_000, size=len(content),
+                  sha256=hashlib.sha256(content).hexdigest(),
+                  blocks=hashlib.sha256(content).digest(), modified_by=who, origin_seq=seq,
+                  seq=seq)  # fmt: skip
+
+
+def test_a_move_through_a_symlink_the_peer_just_sent_stays_inside_the_root(cluster, tmp_path):
+    """A trial's hostile peer wrote a file of its choosing outside the root (it could have been
+    ~/.ssh/authorized_keys): a file it had sent, then in one page the same file at
+    LINK/outside/x, a symlink LINK to a directory outside, and the first file's deletion. The
+    apply renames a moved file rather than copy it, and the rename went through the symlink,
+    installed after the new path was checked."""
+    a, b = cluster.make("a", "b")
+    outside = tmp_path / "outside"
+    (outside / "target").mkdir(parents=True)
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        rid = a.replica_id
+        bait = b"the peer's content\n"
+        first = file_record("bait.txt", bait, rid, 1, 1, "guid-bait")
+        peer.hello(seq=4)
+        peer.wait_for(wire.Hello, what="b's answer")
+        peer.send(wire.Records((first,), upto=1))
+        # b fetches the content of bait.txt from us.
+        while True:
+            msg = peer.wait_for((wire.GetBlocks, wire.Ack), what="b fetching bait.txt")
+            if isinstance(msg, wire.Ack):
+                if msg.upto >= 1:
+                    break
+                continue
+            peer.send(wire.Blocks(msg.req, bait[msg.offset:msg.offset + msg.length]))
+        cluster.wait_until(lambda: (b.root / "bait.txt").exists(), 30, "bait.txt on b")
+        moved = file_record("lnk/target/stolen.txt", bait, rid, 1, 2, "guid-bait")
+        link = Record("lnk", "guid-lnk", Kind.SYMLINK, VersionVector.of({rid: 1}),
+                      mode=0o777, target=str(outside), modified_by=rid, origin_seq=3, seq=3)  # fmt: skip
+        gone = first.with_(deleted=True, version=VersionVector.of({rid: 2}), origin_seq=4, seq=4)
+        peer.send(wire.Records((moved, link, gone), upto=4))
+        while peer.wait_for(wire.Ack, what="the second page applied").upto < 4:
+            pass
+        assert not (outside / "target" / "stolen.txt").exists(), "written outside the root"
+        assert os.listdir(outside / "target") == []
+        assert not (b.root / "bait.txt").exists() or (b.root / "bait.txt").read_bytes() == bait
+    finally:
+        peer.close()
