@@ -63,7 +63,9 @@ class RolledBack(ReplError):
             "so nothing is exchanged with any peer. Make this replica join its tree afresh: "
             f"`repld --config {config} rejoin` (with the daemon stopped) keeps the files, the "
             "config and the keys, and starts a new database whose every file is checked against "
-            "the tree at the next sync: nothing here is lost"
+            "the tree at the next sync: nothing here is lost. (If this replica's database was "
+            f"not restored or copied, {peer} is wrong: `repld peer remove {peer}` and the "
+            "daemon syncs with the others again.)"
         )
 
 

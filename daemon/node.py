@@ -289,6 +289,8 @@ class Node:
         # Why nothing is exchanged: a peer has seen more of our records than this database has
         # (restored from a backup): see RolledBack.
         self._rolled_back = ""
+        # Which peer said so (its name and entry): taking it off the list undoes its word.
+        self._rolled_back_by: tuple[str, configmod.Peer | None] = ("", None)
         self._root_checked = 0.0
         self._rewatched_at = -REWATCH_EVERY
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
@@ -498,6 +500,13 @@ class Node:
         self.keycheck.keys = frozenset(p.public_key.encode() for p in cfg.peers)
         self._told_not_admitted.clear()
         wanted = {p.name: p for p in cfg.peers}
+        if self._rolled_back and wanted.get(self._rolled_back_by[0]) != self._rolled_back_by[1]:
+            # Only that peer said this replica was rolled back (it may be wrong, or hostile:
+            # a peer's hello is its word), and it is taken off the list: sync again.
+            log.warning("%s is no longer a peer (or has another key): its word that this "
+                        "replica's database was rolled back no longer stops it",
+                        self._rolled_back_by[0])  # fmt: skip
+            self._rolled_back, self._rolled_back_by = "", ("", None)
         for link in list(self.links):
             if wanted.get(link.peer.name) != link.peer:
                 why = "its entry changed in" if link.peer.name in wanted else "it was removed from"
@@ -999,6 +1008,7 @@ class Node:
             if h.seen > self.store.committed_seq and not self._rolled_back:
                 self._rolled_back = str(RolledBack(link.peer.name, h.seen,
                                                    self.store.committed_seq, self.cfg.path))
+                self._rolled_back_by = (link.peer.name, link.peer)
                 log.error("%s", self._rolled_back)
                 for other in list(self.links):
                     if other is not link and other.session is not None:

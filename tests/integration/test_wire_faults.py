@@ -185,3 +185,27 @@ def test_a_move_through_a_symlink_the_peer_just_sent_stays_inside_the_root(clust
         assert not (b.root / "bait.txt").exists() or (b.root / "bait.txt").read_bytes() == bait
     finally:
         peer.close()
+
+
+def test_a_peer_that_wrongly_says_we_were_rolled_back_stops_us_until_it_is_removed(cluster):
+    """A hello that claims to have seen more of our records than we ever made stops every
+    exchange (a database restored from a backup would reuse version numbers): a trial's
+    hostile peer did it with one message, until a restart. Taking that peer off the list lifts
+    it, and says so."""
+    a, b, c = cluster.make("a", "b", "c", links=[("a", "b"), ("b", "c")])
+    cluster.start(b, c)
+    peer = FakePeer(a, b)
+    try:
+        peer.send(wire.Hello(a.ident["tree_id"], a.replica_id, "a", 0, 10**15,
+                             seen_of=b.replica_id))  # fmt: skip
+        cluster.wait_until(lambda: b.status()["state"] == "error", 30, "b to stop")
+        (err,) = [e["error"] for e in b.status()["errors"] if not e["path"]]
+        assert "a has seen this replica's records up to number" in err
+        assert "`repld peer remove a`" in err, err
+        b("peer", "remove", "a")
+        cluster.wait_until(lambda: b.status()["state"] != "error", 30, "b to sync again")
+        (c.root / "after.txt").write_text("still syncing\n")
+        cluster.wait_until(lambda: (b.root / "after.txt").exists(), 30, "c's file on b")
+        assert "no longer stops it" in b.log.read_text(errors="replace")
+    finally:
+        peer.close()
