@@ -757,8 +757,9 @@ class Node:
             try:
                 msg = wire.decode(frames)
             except ProtocolError as e:
-                self._complain(link, "malformed", f"malformed message: {e}")
-                if link.session is not None and wire.message_type(frames) == "records":
+                kind, req = wire.message_type(frames)
+                self._complain(link, "malformed", f"malformed message: {e}", req=req)
+                if link.session is not None and kind == "records":
                     # Carrying on would acknowledge the next page, and the records of this one
                     # would never come again: the session ends, and the next streams from
                     # what was taken (a fault that repeats shows in status, nothing is lost).
@@ -784,7 +785,7 @@ class Node:
             return
         self._send_out(link, out)
 
-    def _complain(self, link: PeerLink, code: str, text: str) -> None:
+    def _complain(self, link: PeerLink, code: str, text: str, req: int = 0) -> None:
         """Log and answer a bad message, but at most 10 times a minute per link: garbage in a
         flood must not turn into a flood of log lines and replies."""
         now = self.clock()
@@ -794,7 +795,7 @@ class Node:
             return
         link.complaints.append(now)
         log.warning("%s: %s", link.label, text, extra={"PEER": link.label})
-        self._send(link, wire.Error(code, text))
+        self._send(link, wire.Error(code, text, req=req))  # (req: a request's, it can match)
 
     def _monitor(self, link: PeerLink) -> None:
         assert link.monitor is not None

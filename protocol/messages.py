@@ -15,13 +15,15 @@ from typing import Any
 import msgpack
 
 from .errors import ProtocolError
-from .record import DIGEST_SIZE, Action, Kind, Record, check_path, is_placeholder
+from .record import DIGEST_SIZE, MAX_BLOCK, Action, Kind, Record, check_path, is_placeholder
 from .version import VersionVector
 
 WIRE_VERSION = 3  # 2: records may carry the action "adopt"; 3: acks may carry `held`
 PROTOCOL = "repld/1"
 MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
-MAX_BLOCK_REQUEST = 4 << 20  # bytes of file content one request may ask for
+# Bytes of file content one request may ask for: a whole block of the biggest files (a block
+# is checked whole against its hash, so it cannot be asked for in parts).
+MAX_BLOCK_REQUEST = MAX_BLOCK
 MAX_RECORDS = 2000  # records in one page
 MAX_HELD = 1024  # replicas an Ack may vouch for
 _INT64 = (1 << 63) - 1
@@ -248,15 +250,17 @@ def encode(msg: Message) -> list[bytes]:
     return [msgpack.packb([WIRE_VERSION, name, body])]
 
 
-def message_type(frames: list[bytes]) -> str | None:
-    """The type named in a message that may not decode (for what to do about it), or None."""
+def message_type(frames: list[bytes]) -> tuple[str | None, int]:
+    """The type named in a message that may not decode, and its request number if it has one
+    (for what to do about it, and for an error reply the asker can match), or (None, 0)."""
     try:
         top = msgpack.unpackb(frames[0], raw=False) if frames else None
     except Exception:  # garbage: see decode
-        return None
+        return None, 0
     if type(top) is list and len(top) == 3 and type(top[1]) is str:
-        return top[1]
-    return None
+        req = top[2].get("req") if type(top[2]) is dict else None
+        return top[1], req if type(req) is int and 0 < req <= _INT64 else 0
+    return None, 0
 
 
 def decode(frames: list[bytes]) -> Message:

@@ -283,3 +283,28 @@ def test_a_partial_file_of_a_replaced_version_is_deleted_even_after_a_restart(
     t2.forget(rec2.path)
     assert sorted(p.name for p in partial.iterdir()) == []
     t2.close()
+
+
+def test_the_blocks_of_the_biggest_files_can_be_asked_for(tmp_path: Path, stores: list[Store]) -> None:
+    """Files over 8,388,608,000 bytes have blocks of 8 MiB (16 MiB from twice that): a trial's
+    never arrived, every request refused by the sender's 4 MiB limit. A block is checked whole
+    against its hash, so a request asks for whole blocks: the limit is the biggest block."""
+    from repld.protocol import messages as wire
+    from repld.protocol.record import MAX_BLOCK
+
+    store = Store.create(tmp_path / "state" / "repld.db")
+    stores.append(store)
+    t = Transfers(store, tmp_path / "root", tmp_path / "state" / "partial", lambda _t: None)
+    for size in (8_388_608_001, 40 << 30):
+        bs = block_size_for(size)
+        assert bs > 4 << 20
+        n = (size + bs - 1) // bs
+        rec = Record(path="huge.img", guid="g", kind=Kind.FILE, version=VersionVector.of({"r": 1}),
+                     mode=0o644, mtime_ns=1, size=size, sha256="0" * 64, blocks=bytes(32) * n)  # fmt: skip
+        chunks = t._plan(rec, rec.path).chunks
+        assert sum(c.length for c in chunks) == size
+        assert max(c.length for c in chunks) <= wire.MAX_BLOCK_REQUEST == MAX_BLOCK
+        for c in chunks[:2] + chunks[-1:]:
+            msg = wire.GetBlocks(1, rec.sha256, rec.path, c.offset, c.length)
+            assert wire.decode(wire.encode(msg)) == msg  # what the sender checks, accepted
+    t.close()

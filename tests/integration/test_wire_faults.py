@@ -209,3 +209,22 @@ def test_a_peer_that_wrongly_says_we_were_rolled_back_stops_us_until_it_is_remov
         assert "no longer stops it" in b.log.read_text(errors="replace")
     finally:
         peer.close()
+
+
+def test_a_malformed_request_for_blocks_is_answered_with_its_number(cluster):
+    """The asker matches an error to its request by number: answered without one, a refused
+    request waited out the 30 s stall timeout (a trial), with every other file behind it."""
+    a, b = cluster.make("a", "b")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        peer.hello(seq=0)
+        peer.wait_for(wire.Hello, what="b's answer")
+        frames = wire.encode(wire.GetBlocks(7, "0" * 64, "x", 0, 1))
+        top = msgpack.unpackb(frames[0], raw=False)
+        top[2]["length"] = 0  # no request may ask for nothing
+        peer.send_raw([msgpack.packb(top)])
+        err = peer.wait_for(wire.Error, what="the refusal")
+        assert err.req == 7 and "malformed" in err.message, err
+    finally:
+        peer.close()
