@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -47,7 +48,25 @@ def control_path(cfg: Config) -> Path:
         return path
     # Too long for a Unix socket address: a short name derived from the state directory.
     digest = hashlib.sha256(os.fsencode(cfg.state.resolve())).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"repld-{os.getuid()}" / f"{digest}.sock"
+    return _fallback_dir() / f"{digest}.sock"
+
+
+def _fallback_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"repld-{os.getuid()}"
+
+
+def _own_private_dir(d: Path) -> None:
+    """``d`` (where the socket goes) must be a directory of this user's that no one else may
+    write to: in a shared place (the /tmp fallback above), another user could have made it
+    first, and put a socket of theirs where `repld status` asks."""
+    st = os.lstat(d)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ReplError(f"{d} (for the control socket) is not a directory; remove it, or set "
+                        "control_socket in the config")  # fmt: skip
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ReplError(f"{d} (for the control socket) belongs to another user or others may "
+                        "write to it: someone else's socket could be put there. Remove it (or "
+                        "make it yours, mode 0700), or set control_socket in the config")  # fmt: skip
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -84,6 +103,8 @@ class ControlServer:
 
     def _bind(self) -> socket.socket:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.path.parent == _fallback_dir():
+            _own_private_dir(self.path.parent)  # (a place of the user's choice is theirs)
         if self.path.exists() or self.path.is_symlink():
             # The database lock says no other daemon runs for this replica: it is stale.
             self.path.unlink()
@@ -209,6 +230,10 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> d
             if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
                 raise not_running from None
             raise ReplError(f"cannot reach the daemon at {path}: {e.strerror}") from None
+        if (uid := peer_uid(sock)) not in (os.getuid(), 0):
+            raise ReplError(f"the control socket {path} is served by another user's process "
+                            f"(uid {uid}), not this replica's daemon: not asked. Remove it, or "
+                            "set control_socket in the config")  # fmt: skip
         try:
             sock.sendall(_line({"cmd": cmd, **fields}))
         except (BrokenPipeError, ConnectionResetError):
