@@ -171,11 +171,23 @@ MAX_UNNAMED = 2 * BATCH_FILES
 FDS_SPARE = 256  # descriptors left for everything else (sockets, the database, inotify)
 
 
-def _drops_local_edit(step: Step) -> bool:
-    """Whether ``step`` settles a conflict against this replica's version with no conflict
-    copy (--prefer remote, conflict_policy newest): that edit is then kept as a version."""
+def _drops_local_edit(step: Step, me: str) -> bool:
+    """Whether ``step`` replaces an edit made here that lost a conflict with no conflict copy
+    (--prefer remote, conflict_policy newest): that edit is then kept as a version.
+
+    Decided here, the step says so. Decided on another replica (which had this edit's record,
+    not its content), the version that comes holds the winner's concurrent edit and the event
+    of that decision: two or more events this replica's version lacks, over a file whose
+    content is this replica's own edit. (Two edits made elsewhere one after the other, on top
+    of this one, look the same: that edit is kept too, which costs room, not content.)"""
     c = step.conflict
-    return c is not None and c.copy is None and c.winner is Side.REMOTE
+    if c is not None:
+        return c.copy is None and c.winner is Side.REMOTE
+    old = step.expected
+    if old is None or old.deleted or old.kind is not Kind.FILE or old.modified_by != me:
+        return False
+    unseen = sum(max(0, n - old.version.get(r)) for r, n in step.record.version)
+    return unseen >= 2 and not old.same_content(step.record)
 
 
 def _unnamed_budget() -> int:
@@ -1148,7 +1160,7 @@ class Applier:
             self._not_being_written(step.path, st, "replaced by the new version")
             if self._keeper is not None:
                 self._keeper.replacing(step.path, step.record.kind is Kind.FILE,
-                                       lost_edit=_drops_local_edit(step))
+                                       lost_edit=_drops_local_edit(step, self.store.replica_id))
             os.rename(tmp, target)
             return
         try:
@@ -1163,7 +1175,7 @@ class Applier:
             self._check(step.path, step.expected)
             if self._keeper is not None:
                 self._keeper.replacing(step.path, step.record.kind is Kind.FILE,
-                                       lost_edit=_drops_local_edit(step))
+                                       lost_edit=_drops_local_edit(step, self.store.replica_id))
             os.rename(tmp, target)
             return
         os.unlink(tmp)

@@ -111,6 +111,27 @@ class Keeper:
         if stat.S_ISREG(st.st_mode):
             self._keep(path)
 
+    @staticmethod
+    def _kept_already(source: str) -> bool:
+        """Whether ``source`` was kept already by this process (the same inode: a version is a
+        hard link): a one-shot sync keeps the loser of a conflict on the replica that made it
+        when it decides, and would again when the winner is written there."""
+        try:
+            st = os.lstat(source)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) in _KEPT
+
+    @staticmethod
+    def _note_kept(target: Path) -> None:
+        try:
+            st = os.lstat(target)
+        except OSError:
+            return
+        if len(_KEPT) >= 10_000:
+            _KEPT.clear()
+        _KEPT.add((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+
     def _keep(self, path: str) -> None:
         source = os.path.join(self.root, path)
         parent, _, name = path.rpartition("/")
@@ -118,6 +139,8 @@ class Keeper:
         base = version_name(name, time.time())
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self._kept_already(source):
+                return
             for n in range(1000):
                 target = folder / (base if not n else _numbered(base, n))
                 try:
@@ -139,6 +162,7 @@ class Keeper:
                     break
             else:
                 raise OSError(errno.EEXIST, f"too many versions of it kept this second in {folder}")
+            self._note_kept(Path(source))
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:
                 # The versions directory adds its own path to the file's, past the 4096 bytes
@@ -158,6 +182,10 @@ class Keeper:
                 f"({e.strerror or e}); left as it is: {fix}, or set keep_versions = \"off\" in "
                 "the config"
             ) from None
+
+
+# Files this process has kept (device, inode, mtime, size): see Keeper._kept_already.
+_KEPT: set[tuple[int, int, int, int]] = set()
 
 
 def keeper_for(root: Path, where: Path, keep: Keep) -> Keeper | None:

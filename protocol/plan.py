@@ -53,7 +53,9 @@ class Step:
         if self.conflict is not None:
             c = self.conflict
             kept = (f", loser kept as {escape(c.copy.path)}" if c.copy
-                    else ", no conflict copy: the loser is in its replica's `repld versions`")
+                    else ", no conflict copy: the loser is in its replica's `repld versions`"
+                    if c.reason.startswith("prefer") or c.winner.value == "remote"
+                    else ", no conflict copy: the other edit is dropped (newest)")
             text += f"  [conflict: {c.winner.value} wins ({c.reason}){kept}]"
         elif self.note:
             text += f"  [{escape_note(self.note)}]"

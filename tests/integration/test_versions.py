@@ -359,3 +359,32 @@ def test_restoring_a_directory_brings_back_its_last_removal_not_older_ones(tmp_p
     assert (b.root / "docs" / "old.txt").read_text() == "deleted on purpose\n"
     b.sync(a)
     assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_an_edit_that_lost_on_another_replica_is_kept_where_it_was_made(tmp_path):
+    """A trial: p settled a conflict against q's edit with no copy (`import --prefer local`,
+    as with `sync PEER --prefer local` against a peer's daemon); when p's version reached q,
+    q's edit was written over and kept nowhere, though the message said it was in its
+    replica's versions. q keeps it now."""
+    from test_sync import newer
+
+    p, q = make_replicas(tmp_path, "p", "q")
+    (p.root / "f.txt").write_text("base\n")
+    p.sync(q)
+    (q.root / "f.txt").write_text("q's edit, to lose\n")
+    (p.root / "f.txt").write_text("p's edit\n")
+    newer(q.root / "f.txt", than=p.root / "f.txt")  # (q's is the newer: only --prefer drops it)
+    q("export", tmp_path / "q.bundle")
+    p("import", tmp_path / "q.bundle", "--prefer", "local")  # decided on p, no copy
+    assert (p.root / "f.txt").read_text() == "p's edit\n"
+    p("export", tmp_path / "p.bundle", "--since", "q")
+    q("import", tmp_path / "p.bundle")
+    assert (q.root / "f.txt").read_text() == "p's edit\n"
+    kept = versions(q, "f.txt")
+    assert [Path(v["file"]).read_text() for v in kept] == ["q's edit, to lose\n"], kept
+    # An edit made on top of q's, as any later edit is, is no loss: nothing more is kept.
+    (q.root / "f.txt").write_text("q again\n")
+    q.sync(p)
+    (p.root / "f.txt").write_text("p again, having seen q's\n")
+    p.sync(q)
+    assert len(versions(q, "f.txt")) == 1
