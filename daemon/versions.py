@@ -53,7 +53,11 @@ class Keep(enum.Enum):
 
 
 class VersionError(ReplError):
-    pass
+    """A file's content could not be kept; ``full``: for want of room."""
+
+    def __init__(self, message: str, *, full: bool = False):
+        super().__init__(message)
+        self.full = full
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,19 @@ class Keeper:
 
     def removing(self, path: str, st: os.stat_result) -> None:
         """``path`` (``st``: its lstat) is about to leave the tree: a file or a symlink is
-        kept (a directory's files are kept one by one as they go)."""
+        kept (a directory's files are kept one by one as they go). When the versions are on
+        the same file system and it is full, it goes unkept, with a warning: a version there
+        is a hard link, so not even that fits, and the deletion is what makes room; held back
+        until there is room, it would be held for good (a full USB disk, a trial). (With the
+        versions on another disk, a copy, the deletion waits for room there.)"""
         if self.keep is not Keep.OFF and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-            self._keep(path)
+            try:
+                self._keep(path)
+            except VersionError as e:
+                if not e.full or _device_of(self.where) != st.st_dev:
+                    raise
+                log.warning("%s: deleted without a version kept: %s has no room for one",
+                            path, self.where)  # fmt: skip
 
     def replacing(self, path: str, new_is_file: bool, *, lost_edit: bool = False) -> None:
         """What is at ``path`` is about to be replaced: by a file's new content (kept with
@@ -171,7 +185,8 @@ class Keeper:
                 log.warning("%s: its current content could not be kept in %s (the path would "
                             "be too long); the change goes ahead", path, self.where)  # fmt: skip
                 return
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            if full:
                 fix = "make room there"
             elif e.errno in (errno.ENOTDIR, errno.EEXIST) and not self.where.is_dir():
                 fix = f"{self.where} must be a directory (something else is there)"
@@ -180,8 +195,19 @@ class Keeper:
             raise VersionError(
                 f"its current content could not be kept in {self.where} before the change "
                 f"({e.strerror or e}); left as it is: {fix}, or set keep_versions = \"off\" in "
-                "the config"
+                "the config",
+                full=full,
             ) from None
+
+
+def _device_of(path: Path) -> int:
+    """The file system ``path`` is (or would be made) on: its nearest existing ancestor's."""
+    for p in (path, *path.parents):
+        try:
+            return os.stat(p).st_dev
+        except OSError:
+            continue
+    return -1
 
 
 # Files this process has kept (device, inode, mtime, size): see Keeper._kept_already.

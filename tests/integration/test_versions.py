@@ -388,3 +388,29 @@ def test_an_edit_that_lost_on_another_replica_is_kept_where_it_was_made(tmp_path
     (p.root / "f.txt").write_text("p again, having seen q's\n")
     p.sync(q)
     assert len(versions(q, "f.txt")) == 1
+
+
+def test_a_deletion_on_a_full_disk_goes_through_without_its_version(small_ext4, caplog):
+    """A trial's USB replica (tree and state on one disk) filled up, and its daemon then could
+    not apply the deletions that would have freed it: not even a hard link to keep each file
+    fitted, so each deletion waited, for good. It goes through now, unkept, saying so."""
+    import logging
+
+    from repld.daemon.versions import Keep, Keeper
+
+    root, where = small_ext4 / "home", small_ext4 / "state" / "versions"
+    (root / "docs").mkdir(parents=True)
+    for i in range(30):
+        (root / "docs" / f"f{i:02}").write_bytes(os.urandom(50_000))
+    with open(small_ext4 / "filler", "wb") as f:  # the disk fills up with something else
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    keeper = Keeper(root, where, Keep.DELETED)
+    with caplog.at_level(logging.WARNING):
+        for i in range(30):  # (the first ones may still find room for a link)
+            keeper.removing(f"docs/f{i:02}", os.lstat(root / "docs" / f"f{i:02}"))
+    assert "deleted without a version kept" in caplog.text
