@@ -1265,7 +1265,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                       "file": str(v.file)} for v in rows])  # fmt: skip
         return 0
     if not rows:
-        what = ", ".join(args.paths) if args.paths else "any file"
+        what = ", ".join(map(escape, args.paths)) if args.paths else "any file"
         how = ("off: none are kept" if cfg.keep_versions.value == "off"
                else f"\"{cfg.keep_versions.value}\", for {cfg.keep_versions_days} days")  # fmt: skip
         print(f"no versions of {what} kept in {cfg.versions_dir} (keep_versions {how})")
@@ -1303,7 +1303,7 @@ def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: lis
         raise UsageError("--restore needs the PATH of a file or directory to restore (every "
                          "version at once is rarely what is meant)")  # fmt: skip
     if not rows:
-        raise UsageError(f"no versions of {', '.join(args.paths)} kept in {cfg.versions_dir}")
+        raise UsageError(f"no versions of {', '.join(map(escape, args.paths))} kept in {cfg.versions_dir}")
     if not cfg.root.is_dir():
         raise ReplError(f"the root {cfg.root} is not there; nothing restored")
     left: list[Version] = []

@@ -41,8 +41,9 @@ STAMP = "%Y%m%d-%H%M%S"
 # An extension is kept last (report~STAMP.odt opens as the .odt it is) only when it looks like
 # one: a name such as settings.conf~20240101-120000 keeps its whole name before the stamp.
 _EXT_RE = re.compile(r"^\.[A-Za-z0-9_+]{1,16}$")
-_NAME_RE = re.compile(
-    r"^(?P<stem>.+)~(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?(?P<ext>\.[A-Za-z0-9_+]{1,16})?$"
+_NAME_RE = re.compile(  # (DOTALL and \Z: a name may hold a newline, even end with one)
+    r"(?P<stem>.+)~(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?(?P<ext>\.[A-Za-z0-9_+]{1,16})?\Z",
+    re.DOTALL,
 )
 
 

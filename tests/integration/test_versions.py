@@ -165,6 +165,7 @@ def test_a_name_that_looks_like_a_version_keeps_its_own_time(tmp_path):
 @pytest.mark.parametrize("name", [
     "report.odt", ".bashrc", "Makefile", "archive.tar.gz", "a b.txt", "settings.conf~20240101-120000",
     "v~20261122-150003.txt", "x~20261122-150003-1", "notes.txt-1", "weird.ext~", "dots...",
+    "new\nline.txt", "ends with\n",  # (a trial: such versions could never be listed)
 ])
 def test_version_names_read_back_as_the_path_and_time_they_were_kept_at(name):
     when = time.mktime(time.strptime("20261122-150003", STAMP))
