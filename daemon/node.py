@@ -1515,6 +1515,17 @@ class Node:
         record more that is lost. The daemon stops, saying so."""
         if self._db_id is None or _file_id(self.store.db_path) == self._db_id:
             return
+        if not self.store.db_path.parent.exists() and not self.cfg.root.exists():
+            # Both gone at once: the disk that holds them (a USB disk with its config, state
+            # and tree), unmounted or unplugged; nothing is lost, nothing to rejoin.
+            self.fatal = (
+                f"the disk that holds this replica's database ({self.store.db_path.parent}) "
+                f"and its tree ({self.cfg.root}) is gone, unmounted or unplugged: stopping. "
+                "Nothing is lost: mount it again, then start repld again (`repld --config "
+                f"{self.cfg.path} run`, or its service)"
+            )
+            log.error("%s", self.fatal)
+            return
         self.fatal = (
             f"{self.store.db_path}: this replica's database was deleted or replaced while repld "
             "ran; what it recorded since is lost with it. Stopping: make it anew with `repld "

@@ -192,6 +192,31 @@ def test_a_state_directory_deleted_under_the_daemon_stops_it_saying_why(cluster)
     assert (b.root / "after.txt").exists() and (a.root / "f.txt").read_text() == "f\n"
 
 
+def test_a_disk_with_both_the_state_and_the_tree_unmounted_is_said_so(cluster):
+    """A trial unmounted a USB replica (config, state and tree on it) under its daemon, which
+    said the database was deleted and to rejoin: nothing was lost, and a plain restart once
+    it was mounted again was all it took."""
+    a, b = cluster.make("a", "b")
+    cluster.start()
+    (a.root / "f.txt").write_text("f\n")
+    cluster.wait_converged(what="f.txt on b")
+    gone = a.root.parent / "elsewhere"
+    gone.mkdir()
+    os.rename(a.state, gone / "state")  # as an unmount takes both away at once
+    os.rename(a.root, gone / "root")
+    proc = a.proc
+    assert proc is not None
+    cluster.wait_until(lambda: proc.poll() is not None, what="a's daemon to stop")
+    text = a.log.read_text()
+    assert "is gone, unmounted or unplugged" in text and "Nothing is lost" in text, text
+    assert "rejoin" not in text.split("is gone, unmounted")[1].splitlines()[0]
+    os.rename(gone / "state", a.state)  # mounted again
+    os.rename(gone / "root", a.root)
+    (b.root / "later.txt").write_text("later\n")
+    a.start()
+    cluster.wait_converged(what="a back, as it was")
+
+
 def test_concurrent_edits_while_apart_keep_both(cluster):
     a, b, c = cluster.make("a", "b", "c")
     (a.root / "f.txt").write_text("base\n")
