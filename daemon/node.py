@@ -1301,6 +1301,13 @@ class Node:
             sizes = {r.path: r.size for r in page.records if not r.deleted}
             still_needed = (len(stats_errors), sum(sizes.get(p, 0) for p, _ in stats_errors))
         out = s.applied(page.upto, ok, still_needed)
+        if ok and s.received_all and s.failed_from is None:
+            # Caught up with this peer, nothing failed: a version it no longer had when asked
+            # was superseded by what came since (a trial: a conflict copy replaced within a
+            # second, its error left in status for good, "not in sync" on both sides).
+            for path, e in list(self.errors.items()):
+                if e.peer == link.peer.name and VERSION_GONE in e.error:
+                    del self.errors[path]
         if s.seen != seen_before:
             with self.store.transaction():
                 self.store.set_peer_mark(peer_id, name=link.peer.name, seen_seq=s.seen)

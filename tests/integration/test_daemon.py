@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -1121,3 +1122,36 @@ def test_a_dry_run_with_prefer_lists_the_conflict_it_settles(cluster):
     out = a("sync", "b", "-n", "-v", "--prefer", "local").stdout
     (line,) = [ln for ln in out.splitlines() if "shared.txt" in ln]
     assert "conflict: local wins" in line, out
+
+
+def test_two_editors_saving_one_file_on_both_sides_end_in_sync(cluster):
+    """A trial: editor-style saves of one file on both replicas at once, 30 each, tens of ms
+    apart, ended with identical trees but both daemons "not in sync" for good: errors about
+    conflict copies the peer no longer had ("the newer one comes next") that nothing cleared."""
+    import threading
+
+    a, b = started(cluster, "a", "b")
+    (a.root / "live").mkdir()
+    cluster.wait_until(lambda: (b.root / "live").is_dir(), 30, "live/ on b")
+
+    saved = []
+
+    def editor(root: Path, side: str, pause: float) -> None:
+        for i in range(30):
+            path = root / "live" / "shared.txt"
+            tmp = root / "live" / f".shared.txt.tmp-{side}"
+            tmp.write_text(f"{side} version {i}\n")
+            os.rename(tmp, path)
+            time.sleep(pause)  # (an editor's pace: the point is the overlap, not the timing)
+        saved.append(side)
+
+    threads = [threading.Thread(target=editor, args=(a.root, "a", 0.03)),
+               threading.Thread(target=editor, args=(b.root, "b", 0.045))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(saved) == ["a", "b"], saved
+    cluster.wait_converged(timeout=90, what="both editors' saves settled")
+    for r in (a, b):
+        assert r.status()["errors"] == [], r.status()["errors"]
