@@ -171,6 +171,13 @@ MAX_UNNAMED = 2 * BATCH_FILES
 FDS_SPARE = 256  # descriptors left for everything else (sockets, the database, inotify)
 
 
+def _moved_from(other: Record, rec: Record) -> bool:
+    """Whether ``other``, a live record here with ``rec``'s hash, is the very file ``rec`` is,
+    moved by the other side (its scan kept the guid) from ``other``'s path."""
+    return (other.guid == rec.guid and other.path != rec.path and other.kind is Kind.FILE
+            and (other.size, other.mode, other.mtime_ns) == (rec.size, rec.mode, rec.mtime_ns))  # fmt: skip
+
+
 def _drops_local_edit(step: Step, me: str) -> bool:
     """Whether ``step`` replaces an edit made here that lost a conflict with no conflict copy
     (--prefer remote, conflict_policy newest): that edit is then kept as a version.
@@ -862,9 +869,7 @@ class Applier:
             if (st.op is Op.WRITE and rec.kind is Kind.FILE and rec.sha256 and st.conflict is None
                     and not st.source and (st.expected is None or st.expected.deleted)):  # fmt: skip
                 old = next((o for o in store.live_with_hash(rec.sha256)
-                            if o.guid == rec.guid and o.path != rec.path and o.path in removed
-                            and o.path not in gone and o.kind is Kind.FILE
-                            and (o.size, o.mode, o.mtime_ns) == (rec.size, rec.mode, rec.mtime_ns)),
+                            if _moved_from(o, rec) and o.path in removed and o.path not in gone),
                            None)  # fmt: skip
                 if old is not None:
                     gone.add(old.path)
@@ -881,12 +886,7 @@ class Applier:
         if not self._moves_open or step.conflict is not None or step.source or not rec.sha256:
             return False
         for other in others:
-            if (
-                other.guid == rec.guid
-                and other.path != rec.path
-                and other.kind is Kind.FILE
-                and (other.size, other.mode, other.mtime_ns) == (rec.size, rec.mode, rec.mtime_ns)
-            ):
+            if _moved_from(other, rec):
                 self._moves.append((step, other))
                 return True
         return False

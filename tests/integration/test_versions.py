@@ -398,18 +398,13 @@ def test_a_deletion_on_a_full_disk_goes_through_without_its_version(small_ext4, 
     import logging
 
     from repld.daemon.versions import Keep, Keeper
+    from test_sync import fill
 
     root, where = small_ext4 / "home", small_ext4 / "state" / "versions"
     (root / "docs").mkdir(parents=True)
     for i in range(30):
         (root / "docs" / f"f{i:02}").write_bytes(os.urandom(50_000))
-    with open(small_ext4 / "filler", "wb") as f:  # the disk fills up with something else
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass
+    fill(small_ext4, 0)  # the disk fills up with something else
     keeper = Keeper(root, where, Keep.DELETED)
     with caplog.at_level(logging.WARNING):
         for i in range(30):  # (the first ones may still find room for a link)
