@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..protocol.messages import Blocks, Error, GetBlocks
+from ..protocol.messages import INLINE_MAX, Blocks, Error, GetBlocks
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
 from .diskio import open_direct, open_regular, pwrite_direct, start_writeback
 from .errors import PeerLost, ReplError
@@ -65,6 +65,7 @@ class _Chunk:
     offset: int
     length: int
     local: tuple[str, int] | None = None  # (absolute path, offset) of a local copy to try first
+    inline: bytes | None = None  # the content, sent inside the page of records (a small file)
 
 
 @dataclass
@@ -200,13 +201,15 @@ class Transfers:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def prefetch(self, link: Link, files: list[tuple[Record, str]]) -> None:
-        """The files (record, path at the peer) that the applier will ask for, in order."""
+    def prefetch(self, link: Link, files: list[tuple[Record, str]],
+                 content: dict[str, bytes] | None = None) -> None:  # fmt: skip
+        """The files (record, path at the peer) that the applier will ask for, in order, and
+        the content of some small ones that came with their records (by SHA-256)."""
         self.reset()
         self._link = link
         for rec, hint in files:
             if rec.kind is Kind.FILE and rec.size:
-                f = self._plan(rec, hint)
+                f = self._plan(rec, hint, content)
                 self._queue.append(f)
                 self._to_request.append(f)
         self._issue()
@@ -228,7 +231,10 @@ class Transfers:
         self._requests.clear()
         self._buffered = 0
 
-    def _plan(self, rec: Record, hint: str) -> _File:
+    def _plan(self, rec: Record, hint: str, content: dict[str, bytes] | None = None) -> _File:
+        data = content.get(rec.sha256) if content else None
+        if data is not None and len(data) == rec.size:
+            return _File(rec, hint, [_Chunk(0, rec.size, inline=data)])
         bs = block_size_for(rec.size)
         digests = [rec.blocks[i : i + DIGEST_SIZE] for i in range(0, len(rec.blocks), DIGEST_SIZE)]
         nblocks = (rec.size + bs - 1) // bs
@@ -276,8 +282,8 @@ class Transfers:
                     return
                 chunk = f.chunks[f.requested]
                 f.requested += 1
-                if chunk.local is not None:
-                    continue  # read when written, fetched only if the local copy fails
+                if chunk.local is not None or chunk.inline is not None:
+                    continue  # read when written, fetched only if that copy fails
                 self._request(f, chunk)
             self._to_request.popleft()
 
@@ -444,6 +450,13 @@ class _Reader:
             return b""
         chunk = self.f.chunks[self.i]
         self.i += 1
+        if chunk.inline is not None:
+            data, chunk.inline = chunk.inline, None
+            if self._verified(chunk.offset, data):
+                self.t.stats.fetched_bytes += len(data)
+                self._spool(data, chunk.offset, check=False)
+                return data
+            # Not what its record says (the peer is wrong): asked for like any other.
         data = self._local(chunk) if chunk.local is not None else None
         if data is not None:
             if self.f.partial is not None and chunk.local and chunk.local[0] == str(self.f.partial):
@@ -636,20 +649,28 @@ def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
     """The asked-for bytes of a local file with that content, if one is intact on disk."""
     rec = store.get(req.path)
     if rec is not None and not rec.deleted and rec.sha256 == req.sha256:
-        data = _read_intact(root, rec, req)
+        data = _read_intact(root, rec, req.offset, req.length)
         if data is not None:
             return Blocks(req.req, data)
     # Moved or copied since: any file with that content will do.
     for other in store.live_with_hash(req.sha256):
         if other.path != req.path:
-            data = _read_intact(root, other, req)
+            data = _read_intact(root, other, req.offset, req.length)
             if data is not None:
                 return Blocks(req.req, data)
     return Error("gone", VERSION_GONE, req=req.req)
 
 
-def _read_intact(root: Path, rec: Record, req: GetBlocks) -> bytes | None:
-    if rec.kind is not Kind.FILE or req.offset + req.length > rec.size:
+def inline_content(root: Path, rec: Record) -> bytes | None:
+    """The content of a small file, to send inside the page of its record, if it is still on
+    disk as recorded (else the peer asks for it as for any file, and hears why it is gone)."""
+    if rec.deleted or not 0 < rec.size <= INLINE_MAX:
+        return None
+    return _read_intact(root, rec, 0, rec.size)
+
+
+def _read_intact(root: Path, rec: Record, offset: int, length: int) -> bytes | None:
+    if rec.kind is not Kind.FILE or offset + length > rec.size:
         return None
     try:
         fd = open_regular(os.path.join(root, rec.path))
@@ -662,9 +683,9 @@ def _read_intact(root: Path, rec: Record, req: GetBlocks) -> bytes | None:
         # block's hash, and an edit that kept size and mtime is the scan's to find.)
         if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
             return None  # changed since it was scanned: the scan will announce the new version
-        data = os.pread(fd, req.length, req.offset)
+        data = os.pread(fd, length, offset)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return data if len(data) == req.length else None
+    return data if len(data) == length else None

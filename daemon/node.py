@@ -63,7 +63,7 @@ from .errors import (
     RootChanged,
     StoreError,
 )
-from .fetch import VERSION_GONE, Transfers, serve
+from .fetch import VERSION_GONE, Transfers, inline_content, serve
 from .fetch import Link as FetchLink
 from .ignore import IGNORE_FILE
 from .localsync import pull_steps, resend_lost
@@ -1130,23 +1130,34 @@ class Node:
                 continue
             if self.opts.hold_send and not s.received_all:
                 continue
+            peer = s.peer.replica_id if s.peer is not None else ""
             while (after := s.page_from()) is not None:
                 recs = self.store.page_since(after, PAGE_RECORDS)
                 if not recs:
                     page = s.page((), top)
                 else:
                     size, n = 0, 0
+                    content: dict[str, bytes] = {}
                     for r in recs:
                         n += 1
                         size += 200 + len(r.blocks) + len(r.path)
                         if size > PAGE_BYTES:
                             break
+                        if (
+                            r.size <= wire.INLINE_MAX and r.kind is Kind.FILE
+                            and r.modified_by != peer  # (it has this version, or had it)
+                            and r.sha256 not in content and size + r.size <= PAGE_BYTES
+                        ):  # fmt: skip
+                            data = inline_content(self.cfg.root, r)
+                            if data is not None:
+                                content[r.sha256] = data
+                                size += len(data)
                     recs = recs[:n]
                     upto = recs[-1].seq if n == PAGE_RECORDS or size > PAGE_BYTES else top
                     files, nbytes = self._still_to_send(link, after, upto, top, recs)
                     # (Placeholders are ours alone; the page still covers their numbers.)
                     page = s.page(tuple(r for r in recs if not is_placeholder(r)), upto,
-                                  files, nbytes)  # fmt: skip
+                                  files, nbytes, content)  # fmt: skip
                 if not self._send(link, page):
                     break
 
@@ -1209,6 +1220,7 @@ class Node:
                 fetch_link,
                 [(st.record, st.source or st.path) for st in writes
                  if st.record.sha256 not in local],
+                page.content,
             )  # fmt: skip
 
             def replan(step: Step) -> list[Step]:

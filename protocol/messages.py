@@ -9,7 +9,7 @@ nothing a peer sends can raise anything else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import msgpack
@@ -25,6 +25,9 @@ MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
 # is checked whole against its hash, so it cannot be asked for in parts).
 MAX_BLOCK_REQUEST = MAX_BLOCK
 MAX_RECORDS = 2000  # records in one page
+# Files this small travel inside the page of their records, when the sender has them intact:
+# one message for hundreds of files instead of a request and a reply for each.
+INLINE_MAX = 16 << 10
 MAX_HELD = 1024  # replicas an Ack may vouch for
 _INT64 = (1 << 63) - 1
 
@@ -54,6 +57,9 @@ class Records:
     remaining_files: int = 0  # records after this page, to show how much is still to come
     remaining_bytes: int = 0
     epoch: int = 0  # which Resend this page answers; pages of an older epoch are dropped
+    # The content of some small files of the page, by SHA-256 (see INLINE_MAX): the receiver
+    # checks it against the record as it would a fetched block, and asks for what is not here.
+    content: dict[str, bytes] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +245,8 @@ def encode(msg: Message) -> list[bytes]:
             "remaining_bytes": msg.remaining_bytes,
             "epoch": msg.epoch,
         }
+        if msg.content:
+            body["content"] = msg.content  # (older replicas ignore it, and ask for each file)
     elif isinstance(msg, Blocks):
         return [msgpack.packb([WIRE_VERSION, name, {"req": msg.req}]), msg.data]
     elif isinstance(msg, Ack):
@@ -303,6 +311,7 @@ def decode(frames: list[bytes]) -> Message:
             _int(body.get("remaining_files", 0), "records.remaining_files"),
             _int(body.get("remaining_bytes", 0), "records.remaining_bytes"),
             _int(body.get("epoch", 0), "records.epoch"),
+            _content(body.get("content", {})),
         )
     if cls is Ack and "held" in body:
         body = dict(body)
@@ -313,6 +322,18 @@ def decode(frames: list[bytes]) -> Message:
         assert isinstance(ack, Ack)
         return replace(ack, held=tuple(_held(h) for h in held))
     return _plain(cls, name, body)
+
+
+def _content(item: Any) -> dict[str, bytes]:
+    if type(item) is not dict:
+        raise ProtocolError("records.content: expected a map of SHA-256 to bytes")
+    for sha, data in item.items():
+        if type(sha) is not str or len(sha) != 64 or type(data) is not bytes:
+            raise ProtocolError("records.content: expected a map of SHA-256 to bytes")
+        if not 0 < len(data) <= INLINE_MAX:
+            raise ProtocolError(f"records.content: {len(data)} bytes for one file, not in "
+                                f"1..{INLINE_MAX}")  # fmt: skip
+    return item
 
 
 def _held(item: Any) -> Held:

@@ -69,6 +69,7 @@ class Established:
 class ApplyPage:
     records: tuple[Record, ...]
     upto: int
+    content: dict[str, bytes] = field(default_factory=dict, hash=False)  # see Records.content
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +258,7 @@ class Session:
         self.peer_seq = max(self.peer_seq, msg.upto)
         self.remaining_files = msg.remaining_files
         self.remaining_bytes = msg.remaining_bytes
-        out.actions.append(ApplyPage(records, msg.upto))
+        out.actions.append(ApplyPage(records, msg.upto, msg.content))
         # What we need, said now rather than once the page is applied (a big file can take a
         # while): the sender's status must not count us as in sync meanwhile.
         out.send.append(self._ack(self.seen))
@@ -325,12 +326,14 @@ class Session:
         return self.sent_upto
 
     def page(self, records: tuple[Record, ...], upto: int, remaining_files: int = 0,
-             remaining_bytes: int = 0) -> Records:  # fmt: skip
-        """The page that follows ``page_from()``; ``upto`` is the last seq the page covers."""
+             remaining_bytes: int = 0, content: dict[str, bytes] | None = None) -> Records:  # fmt: skip
+        """The page that follows ``page_from()``; ``upto`` is the last seq the page covers;
+        ``content``: that of some of its small files (see Records.content)."""
         assert upto > self.sent_upto
         self.sent_upto = upto
         self._in_flight.append(upto)
-        return Records(records, upto, remaining_files, remaining_bytes, self.send_epoch)
+        return Records(records, upto, remaining_files, remaining_bytes, self.send_epoch,
+                       content or {})  # fmt: skip
 
     # -- the receiving side --------------------------------------------------------------------
 

@@ -228,3 +228,89 @@ def test_a_malformed_request_for_blocks_is_answered_with_its_number(cluster):
         assert err.req == 7 and "malformed" in err.message, err
     finally:
         peer.close()
+
+
+def _until_acked(peer: FakePeer, upto: int, what: str) -> list[object]:
+    """Every message from the daemon until it acknowledges our records up to ``upto``."""
+    got: list[object] = []
+    while True:
+        msg = peer.wait_for(object, what=what)
+        got.append(msg)
+        if isinstance(msg, wire.Ack) and msg.upto >= upto:
+            return got
+
+
+def test_small_files_come_inside_their_page_and_wrong_content_is_asked_for(cluster):
+    """Small files travel with their records (one message for hundreds of files instead of a
+    request and a reply each). What the receiver takes from the page is checked as a fetched
+    block is: content that is not the record's is never written, and is asked for instead."""
+    a, b = cluster.make("a", "b")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        rid = a.replica_id
+        peer.hello(seq=3)
+        peer.wait_for(wire.Hello, what="b's answer")
+        files = {f"small-{i}.txt": f"small file {i}\n".encode() * (i + 1) for i in range(2)}
+        recs = tuple(file_record(p, data, rid, 1, n, f"guid-{p}")
+                     for n, (p, data) in enumerate(files.items(), 1))  # fmt: skip
+        content = {r.sha256: files[r.path] for r in recs}
+        # Page 1: both files with their content, and nothing answered: b needs nothing more.
+        peer.send(wire.Records(recs, upto=2, content=content))
+        got = _until_acked(peer, 2, "b to apply the page with content")
+        assert not [m for m in got if isinstance(m, wire.GetBlocks)], got
+        for path, data in files.items():
+            assert (b.root / path).read_bytes() == data
+        # Page 2: content that is not the record's (same size): b asks for it, and writes
+        # what the record says.
+        right = b"the record's content\n"
+        wrong = b"something else, sent\n"
+        assert len(right) == len(wrong)
+        rec = file_record("checked.txt", right, rid, 1, 3, "guid-checked")
+        peer.send(wire.Records((rec,), upto=3, content={rec.sha256: wrong}))
+        asked = peer.wait_for(wire.GetBlocks, what="b asking for checked.txt")
+        assert asked.sha256 == rec.sha256
+        peer.send(wire.Blocks(asked.req, right[asked.offset:asked.offset + asked.length]))
+        _until_acked(peer, 3, "b to apply the second page")
+        assert (b.root / "checked.txt").read_bytes() == right
+    finally:
+        peer.close()
+
+
+def test_a_page_carries_the_content_of_small_files_the_peer_lacks(cluster):
+    """b streams its own small files with their content, not a big one's (fetched block by
+    block), and not the content of a file that came from the peer it streams to (it has it)."""
+    a, b = cluster.make("a", "b")
+    (b.root / "mine.txt").write_bytes(b"b's small file\n")
+    (b.root / "big.bin").write_bytes(os.urandom(wire.INLINE_MAX + 1))
+    b("scan")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        rid = a.replica_id
+        theirs = b"a's file, sent to b\n"
+        rec = file_record("theirs.txt", theirs, rid, 1, 1, "guid-theirs")
+        peer.hello(seq=1)
+        pages: list[wire.Records] = []
+        hello_seen = False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = peer.wait_for(object, what="b's records")
+            if isinstance(msg, wire.Hello) and not hello_seen:
+                hello_seen = True
+                peer.send(wire.Records((rec,), upto=1, content={rec.sha256: theirs}))
+            elif isinstance(msg, wire.Records):
+                pages.append(msg)
+                peer.send(wire.Ack(msg.upto))
+            if any(r.path == "theirs.txt" for p in pages for r in p.records):
+                break
+        by_path = {r.path: (r, p) for p in pages for r in p.records}
+        mine, page = by_path["mine.txt"]
+        assert page.content.get(mine.sha256) == b"b's small file\n"
+        big, page = by_path["big.bin"]
+        assert big.sha256 not in page.content
+        echo, page = by_path["theirs.txt"]  # (b relays what it applied; a has that version)
+        assert echo.modified_by == rid and echo.sha256 not in page.content
+        assert (b.root / "theirs.txt").read_bytes() == theirs
+    finally:
+        peer.close()

@@ -248,6 +248,7 @@ def test_every_message_survives_the_codec() -> None:
     msgs: list[wire.Message] = [
         wire.Hello(TREE, A_ID, "a", 4, 2, send=False),
         wire.Records((rec,), 4, 10, 2000, 1),
+        wire.Records((rec,), 4, content={"ab" * 32: b"abc"}),
         wire.Ack(4, 1, 2),
         wire.Ack(4, held=(wire.Held(B_ID, 3, "k" * 40), wire.Held(A_ID, 1))),
         wire.Resend(3, 2),
@@ -309,6 +310,16 @@ def test_every_message_survives_the_codec() -> None:
         ),  # fmt: skip
         ([msgpack.packb([wire.WIRE_VERSION, "records", {"records": [["x"]], "upto": 1}])], "16 fields"),
         ([msgpack.packb([wire.WIRE_VERSION, "blocks", {"req": 1}])], "data frame"),
+        ([msgpack.packb([wire.WIRE_VERSION, "records", {"records": [], "upto": 1,
+                                                        "content": [b"x"]}])], "content"),
+        ([msgpack.packb([wire.WIRE_VERSION, "records", {"records": [], "upto": 1,
+                                                        "content": {"ab": b"x"}}])], "content"),
+        ([msgpack.packb([wire.WIRE_VERSION, "records", {"records": [], "upto": 1,
+                                                        "content": {"ab" * 32: "text"}}])],
+         "content"),
+        ([msgpack.packb([wire.WIRE_VERSION, "records", {
+            "records": [], "upto": 1, "content": {"ab" * 32: b"x" * (wire.INLINE_MAX + 1)}}])],
+         "bytes for one file"),
         ([b"x" * (wire.MAX_MESSAGE + 1)], "limit"),
         ([], "frames"),
     ],
