@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..protocol.messages import INLINE_MAX, Blocks, Error, GetBlocks
+from ..protocol.messages import INLINE_MAX, MAX_FILES, Blocks, Error, Files, GetBlocks, GetFiles
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
 from .diskio import open_direct, open_regular, pwrite_direct, start_writeback
 from .errors import PeerLost, ReplError
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_BYTES = 1 << 20  # one request asks for up to this much of one file
 MAX_IN_FLIGHT = 64  # requests
+BATCH_FILES = 64  # small files (INLINE_MAX or less) asked for in one GetFiles...
+BATCH_BYTES = 256 << 10  # ...and at most this much of them
+BATCHES_IN_FLIGHT = 4
 MAX_BUFFERED = 16 << 20  # bytes requested or received and not yet written: bounds memory
 PARTIAL_MIN = 4 << 20  # files this big keep a resumable partial copy
 STALL_TIMEOUT = 30.0  # seconds without any reply before a transfer is given up
@@ -66,6 +69,7 @@ class _Chunk:
     length: int
     local: tuple[str, int] | None = None  # (absolute path, offset) of a local copy to try first
     inline: bytes | None = None  # the content, sent inside the page of records (a small file)
+    req: int = 0  # the request that asked for it last
 
 
 @dataclass
@@ -87,6 +91,7 @@ class _Request:
     data: bytes | None = None
     error: str = ""
     link_trouble: bool = False  # the error is the link's (gone, mute), not this file's
+    batch: int = 0  # the GetFiles that asked for it with other small files, if one did
 
 
 Send = Callable[[GetBlocks], bool]
@@ -112,6 +117,8 @@ class Transfers:
         self._queue: deque[_File] = deque()  # files the applier will open, in order
         self._to_request: deque[_File] = deque()  # files with chunks not yet requested
         self._requests: OrderedDict[int, _Request] = OrderedDict()
+        self._batches: dict[int, list[int]] = {}  # GetFiles in flight -> its files' requests
+        self._batched = 0  # requests that belong to one of those
         self._next_req = 1
         self._buffered = 0
         self._workers: ThreadPoolExecutor | None = None
@@ -229,6 +236,8 @@ class Transfers:
         self._queue.clear()
         self._to_request.clear()
         self._requests.clear()
+        self._batches.clear()
+        self._batched = 0
         self._buffered = 0
 
     def _plan(self, rec: Record, hint: str, content: dict[str, bytes] | None = None) -> _File:
@@ -277,8 +286,14 @@ class Transfers:
             return
         while self._to_request:
             f = self._to_request[0]
+            if _small(f):
+                if len(self._batches) >= BATCHES_IN_FLIGHT or self._buffered >= MAX_BUFFERED:
+                    return
+                self._request_files()
+                continue
             while f.requested < len(f.chunks) and not f.done:
-                if len(self._requests) >= MAX_IN_FLIGHT or self._buffered >= MAX_BUFFERED:
+                if (len(self._requests) - self._batched >= MAX_IN_FLIGHT
+                        or self._buffered >= MAX_BUFFERED):  # fmt: skip
                     return
                 chunk = f.chunks[f.requested]
                 f.requested += 1
@@ -293,6 +308,7 @@ class Transfers:
         self._next_req += 1
         r = _Request(req, f, chunk, time.monotonic())
         self._requests[req] = r
+        chunk.req = req
         self._buffered += chunk.length
         ok = self._link.send(GetBlocks(req, f.rec.sha256, f.hint, chunk.offset, chunk.length))
         if not ok:
@@ -300,7 +316,69 @@ class Transfers:
             r.link_trouble = True
         return r
 
-    def arrived(self, reply: Blocks | Error) -> None:
+    def _request_files(self) -> None:
+        """One GetFiles for the small files at the head of the queue (see _small)."""
+        assert self._link is not None
+        batch = self._next_req
+        self._next_req += 1
+        asked: list[tuple[str, str]] = []
+        reqs: list[int] = []
+        size = 0
+        now = time.monotonic()
+        while self._to_request and len(asked) < min(BATCH_FILES, MAX_FILES):
+            f = self._to_request[0]
+            if not _small(f) or (asked and size + f.rec.size > BATCH_BYTES):
+                break
+            self._to_request.popleft()
+            f.requested = 1
+            r = _Request(self._next_req, f, f.chunks[0], now, batch=batch)
+            self._next_req += 1
+            self._requests[r.req] = r
+            f.chunks[0].req = r.req
+            self._buffered += r.chunk.length
+            self._batched += 1
+            asked.append((f.rec.sha256, f.hint))
+            reqs.append(r.req)
+            size += f.rec.size
+        self._batches[batch] = reqs
+        if not self._link.send(GetFiles(batch, tuple(asked))):
+            for req in reqs:
+                self._requests[req].error = f"cannot send to {self._link.name}"
+                self._requests[req].link_trouble = True
+
+    def _files_arrived(self, reqs: list[int], reply: Files | Error) -> None:
+        if isinstance(reply, Error):
+            for req in reqs:
+                if (r := self._requests.get(req)) is not None:
+                    r.error = reply.message
+            return
+        if len(reply.sizes) != len(reqs):
+            for req in reqs:
+                if (r := self._requests.get(req)) is not None:
+                    r.error = f"{len(reply.sizes)} files sent for {len(reqs)} asked"
+            return
+        view = memoryview(reply.data)
+        at = 0
+        for req, size in zip(reqs, reply.sizes, strict=True):
+            piece = None if size < 0 else view[at : at + size]
+            at += max(size, 0)
+            r = self._requests.get(req)
+            if r is None:
+                continue  # given up on meanwhile
+            if piece is None:
+                r.error = VERSION_GONE
+            else:
+                r.data = piece  # type: ignore[assignment]  # (a view of the reply: no copy)
+                self.stats.fetched_bytes += size
+
+    def arrived(self, reply: Blocks | Files | Error) -> None:
+        reqs = self._batches.pop(reply.req, None)
+        if reqs is not None:
+            if isinstance(reply, (Files, Error)):
+                self._files_arrived(reqs, reply)
+            return
+        if isinstance(reply, Files):
+            return  # (a reply to a batch given up on)
         r = self._requests.get(reply.req)
         if r is None:
             return  # a reply to a request given up on
@@ -331,12 +409,13 @@ class Transfers:
         for req, r in list(self._requests.items()):
             if r.file is f:
                 self._buffered -= r.chunk.length
+                self._batched -= r.batch != 0
                 del self._requests[req]
 
     def _wait(self, f: _File, chunk: _Chunk) -> bytes:
         """The data of a remote chunk of the current file, requesting it if need be."""
-        r = next((r for r in self._requests.values() if r.chunk is chunk), None)
-        if r is None:
+        r = self._requests.get(chunk.req)
+        if r is None or r.chunk is not chunk:
             r = self._request(f, chunk)
         req = r.req
         link = self._link
@@ -356,6 +435,7 @@ class Transfers:
                 r.link_trouble = True
         del self._requests[req]
         self._buffered -= chunk.length
+        self._batched -= r.batch != 0
         self._issue()
         if r.error and (link is None or not link.alive() or r.link_trouble):
             # The peer is gone or mute: the rest of the page would fail file by file.
@@ -586,6 +666,14 @@ class _Reader:
         self.close()
 
 
+def _small(f: _File) -> bool:
+    """A small file not asked for yet, none of it here: asked for whole, with others."""
+    return (
+        f.requested == 0 and not f.done and len(f.chunks) == 1 and f.rec.size <= INLINE_MAX
+        and f.chunks[0].local is None and f.chunks[0].inline is None
+    )  # fmt: skip
+
+
 def _data_ranges(path: Path) -> list[tuple[int, int]]:
     """The (start, end) byte ranges of ``path`` that hold data, holes left out (blocks of a
     partial file are written as they come, two at a time, so a cut one may have holes): only
@@ -645,6 +733,13 @@ def _room_for(partial: Path, size: int) -> bool:
 # -- serving --------------------------------------------------------------------------------------
 
 
+def answer(store: Store, root: Path, req: GetBlocks | GetFiles) -> Blocks | Files | Error:
+    """The reply to a peer's request for content."""
+    if isinstance(req, GetFiles):
+        return serve_files(store, root, req)
+    return serve(store, root, req)
+
+
 def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
     """The asked-for bytes of a local file with that content, if one is intact on disk."""
     rec = store.get(req.path)
@@ -659,6 +754,33 @@ def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
             if data is not None:
                 return Blocks(req.req, data)
     return Error("gone", VERSION_GONE, req=req.req)
+
+
+def serve_files(store: Store, root: Path, req: GetFiles) -> Files:
+    """The whole content of each asked-for small file, as ``serve`` would give it (-1 for one
+    not here as recorded any more)."""
+    recs = store.get_many([path for _, path in req.files])
+    sizes: list[int] = []
+    parts: list[bytes] = []
+    for sha, path in req.files:
+        data = _whole(store, root, sha, path, recs.get(path))
+        sizes.append(-1 if data is None else len(data))
+        if data:
+            parts.append(data)
+    return Files(req.req, tuple(sizes), b"".join(parts))
+
+
+def _whole(store: Store, root: Path, sha: str, path: str, rec: Record | None) -> bytes | None:
+    if rec is not None and not rec.deleted and rec.sha256 == sha and rec.size <= INLINE_MAX:
+        data = _read_intact(root, rec, 0, rec.size)
+        if data is not None:
+            return data
+    for other in store.live_with_hash(sha):
+        if other.path != path and other.size <= INLINE_MAX:
+            data = _read_intact(root, other, 0, other.size)
+            if data is not None:
+                return data
+    return None
 
 
 def inline_content(root: Path, rec: Record) -> bytes | None:

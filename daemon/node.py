@@ -63,7 +63,7 @@ from .errors import (
     RootChanged,
     StoreError,
 )
-from .fetch import VERSION_GONE, Transfers, inline_content, serve
+from .fetch import VERSION_GONE, Transfers, answer, inline_content
 from .fetch import Link as FetchLink
 from .ignore import IGNORE_FILE
 from .localsync import pull_steps, resend_lost
@@ -743,10 +743,12 @@ class Node:
                 msg = wire.decode(frames)
             except ProtocolError:
                 msg = None
-            if isinstance(msg, wire.GetBlocks) and link.established:
-                self._send(link, serve(self.store, self.cfg.root, msg))
+            if isinstance(msg, (wire.GetBlocks, wire.GetFiles)) and link.established:
+                self._send(link, answer(self.store, self.cfg.root, msg))
                 return
-            if isinstance(msg, wire.Blocks) or (isinstance(msg, wire.Error) and msg.req):
+            if isinstance(msg, (wire.Blocks, wire.Files)) or (
+                isinstance(msg, wire.Error) and msg.req
+            ):
                 self.transfers.arrived(msg)
                 return
             if isinstance(msg, wire.Bye) or (isinstance(msg, wire.Error) and msg.fatal):
@@ -774,9 +776,9 @@ class Node:
             self._start_session(link, msg)
             return
         if link.session is None:
-            if isinstance(msg, wire.GetBlocks):
-                self._send(link, serve(self.store, self.cfg.root, msg))
-            elif not isinstance(msg, (wire.Error, wire.Bye, wire.Blocks)):
+            if isinstance(msg, (wire.GetBlocks, wire.GetFiles)):
+                self._send(link, answer(self.store, self.cfg.root, msg))
+            elif not isinstance(msg, (wire.Error, wire.Bye, wire.Blocks, wire.Files)):
                 # The peer thinks a session is on; ours ended (a disconnect we saw and it did
                 # not): start a new one, which streams again from our marks.
                 self._restart(link, self._replica_of(link.peer.name))
@@ -1047,7 +1049,7 @@ class Node:
             link.records_at = self.clock()  # (a long page is not a silence)
         elif isinstance(action, ServeBlocks):
             self._served_at = self.clock()
-            self._send(link, serve(self.store, self.cfg.root, action.request))
+            self._send(link, answer(self.store, self.cfg.root, action.request))
         elif isinstance(action, BlocksArrived):
             self.transfers.arrived(action.reply)
         elif isinstance(action, PeerError):
@@ -1138,6 +1140,7 @@ class Node:
                 else:
                     size, n = 0, 0
                     content: dict[str, bytes] = {}
+                    inline = 0  # bytes of it
                     for r in recs:
                         n += 1
                         size += 200 + len(r.blocks) + len(r.path)
@@ -1146,12 +1149,13 @@ class Node:
                         if (
                             r.size <= wire.INLINE_MAX and r.kind is Kind.FILE
                             and r.modified_by != peer  # (it has this version, or had it)
-                            and r.sha256 not in content and size + r.size <= PAGE_BYTES
+                            and r.sha256 not in content and inline + r.size <= wire.INLINE_PAGE
                         ):  # fmt: skip
                             data = inline_content(self.cfg.root, r)
                             if data is not None:
                                 content[r.sha256] = data
                                 size += len(data)
+                                inline += len(data)
                     recs = recs[:n]
                     upto = recs[-1].seq if n == PAGE_RECORDS or size > PAGE_BYTES else top
                     files, nbytes = self._still_to_send(link, after, upto, top, recs)

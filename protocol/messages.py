@@ -18,16 +18,20 @@ from .errors import ProtocolError
 from .record import DIGEST_SIZE, MAX_BLOCK, Action, Kind, Record, check_path, is_placeholder
 from .version import VersionVector
 
-WIRE_VERSION = 3  # 2: records may carry the action "adopt"; 3: acks may carry `held`
+# 2: records may carry the action "adopt"; 3: acks may carry `held`; 4: getfiles and files
+# (small files asked for and sent many at a time), and pages may carry content
+WIRE_VERSION = 4
 PROTOCOL = "repld/1"
 MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
 # Bytes of file content one request may ask for: a whole block of the biggest files (a block
 # is checked whole against its hash, so it cannot be asked for in parts).
 MAX_BLOCK_REQUEST = MAX_BLOCK
 MAX_RECORDS = 2000  # records in one page
-# Files this small travel inside the page of their records, when the sender has them intact:
-# one message for hundreds of files instead of a request and a reply for each.
+# Files this small are sent whole, many in one message: inside the page of their records (up
+# to INLINE_PAGE of them, so a live edit needs no request), else asked for with GetFiles.
 INLINE_MAX = 16 << 10
+INLINE_PAGE = 256 << 10  # bytes of content in one page of records
+MAX_FILES = 256  # files one GetFiles may ask for
 MAX_HELD = 1024  # replicas an Ack may vouch for
 _INT64 = (1 << 63) - 1
 
@@ -110,6 +114,25 @@ class Blocks:
 
 
 @dataclass(frozen=True, slots=True)
+class GetFiles:
+    """Ask for the whole content of several small files (of INLINE_MAX bytes or less), each
+    given as (SHA-256, path where the peer last had it), as a GetBlocks would for one."""
+
+    req: int
+    files: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Files:
+    """The reply to GetFiles: the files' contents one after the other in ``data`` (a second
+    frame), and the size of each, in the order asked; -1 for one the sender has no more."""
+
+    req: int
+    sizes: tuple[int, ...]
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """An error reply. ``fatal`` ends the session (tree mismatch, protocol version)."""
 
@@ -131,11 +154,13 @@ class Ping:
     seq: int = 0
 
 
-Message = Hello | Records | Ack | Resend | GetBlocks | Blocks | Error | Bye | Ping
+Message = (Hello | Records | Ack | Resend | GetBlocks | Blocks | GetFiles | Files | Error | Bye
+           | Ping)  # fmt: skip
 
 _TYPES: dict[str, type[Any]] = {
     cls.__name__.lower(): cls
-    for cls in (Hello, Records, Ack, Resend, GetBlocks, Blocks, Error, Bye, Ping)
+    for cls in (Hello, Records, Ack, Resend, GetBlocks, Blocks, GetFiles, Files, Error, Bye,
+                Ping)  # fmt: skip
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 _FIELD_TYPES: dict[type[Any], dict[str, Any]] = {
@@ -249,6 +274,11 @@ def encode(msg: Message) -> list[bytes]:
             body["content"] = msg.content  # (older replicas ignore it, and ask for each file)
     elif isinstance(msg, Blocks):
         return [msgpack.packb([WIRE_VERSION, name, {"req": msg.req}]), msg.data]
+    elif isinstance(msg, Files):
+        return [msgpack.packb([WIRE_VERSION, name, {"req": msg.req, "sizes": list(msg.sizes)}]),
+                msg.data]  # fmt: skip
+    elif isinstance(msg, GetFiles):
+        body = {"req": msg.req, "files": [[sha, path] for sha, path in msg.files]}
     elif isinstance(msg, Ack):
         body = {"upto": msg.upto, "need_files": msg.need_files, "need_bytes": msg.need_bytes}
         if msg.held:
@@ -296,8 +326,14 @@ def decode(frames: list[bytes]) -> Message:
         if len(frames) != 2:
             raise ProtocolError("blocks: the data frame is missing")
         return Blocks(_int(body.get("req"), "blocks.req"), frames[1])
+    if cls is Files:
+        if len(frames) != 2:
+            raise ProtocolError("files: the data frame is missing")
+        return _files(body, frames[1])
     if len(frames) != 1:
         raise ProtocolError(f"{name}: unexpected extra frame")
+    if cls is GetFiles:
+        return _getfiles(body)
     if cls is Records:
         recs = body.get("records")
         if type(recs) is not list or len(recs) > MAX_RECORDS:
@@ -322,6 +358,33 @@ def decode(frames: list[bytes]) -> Message:
         assert isinstance(ack, Ack)
         return replace(ack, held=tuple(_held(h) for h in held))
     return _plain(cls, name, body)
+
+
+def _getfiles(body: dict[str, Any]) -> GetFiles:
+    files = body.get("files")
+    if type(files) is not list or not 0 < len(files) <= MAX_FILES:
+        raise ProtocolError(f"getfiles: expected a list of 1 to {MAX_FILES} files")
+    out = []
+    for item in files:
+        if type(item) is not list or len(item) != 2:
+            raise ProtocolError("getfiles: expected [SHA-256, path] entries")
+        sha = _str(item[0], "getfiles SHA-256", 64)
+        out.append((sha, check_path(_str(item[1], "getfiles path"))))
+    unknown = body.keys() - {"req", "files"}
+    if unknown:
+        raise ProtocolError(f"getfiles: unknown fields {sorted(unknown)!r:.80}")
+    return GetFiles(_int(body.get("req"), "getfiles.req"), tuple(out))
+
+
+def _files(body: dict[str, Any], data: bytes) -> Files:
+    sizes = body.get("sizes")
+    if type(sizes) is not list or not 0 < len(sizes) <= MAX_FILES:
+        raise ProtocolError(f"files: expected a list of 1 to {MAX_FILES} sizes")
+    for n in sizes:
+        _int(n, "files size", -1, INLINE_MAX)
+    if sum(n for n in sizes if n > 0) != len(data):
+        raise ProtocolError("files: the sizes do not add up to the data sent")
+    return Files(_int(body.get("req"), "files.req"), tuple(sizes), data)
 
 
 def _content(item: Any) -> dict[str, bytes]:
@@ -379,7 +442,9 @@ __all__ = [
     "Blocks",
     "Bye",
     "Error",
+    "Files",
     "GetBlocks",
+    "GetFiles",
     "Held",
     "Hello",
     "Message",

@@ -25,7 +25,9 @@ from .messages import (
     Blocks,
     Bye,
     Error,
+    Files,
     GetBlocks,
+    GetFiles,
     Held,
     Hello,
     Message,
@@ -48,10 +50,12 @@ _TRANSITIONS: dict[State, dict[type[Message], State]] = {
     State.HELLO_SENT: {Hello: State.ESTABLISHED, Error: State.HELLO_SENT, Bye: State.CLOSED,
                        Ping: State.HELLO_SENT, Records: State.HELLO_SENT, Ack: State.HELLO_SENT,
                        Resend: State.HELLO_SENT, GetBlocks: State.HELLO_SENT,
-                       Blocks: State.HELLO_SENT},
+                       Blocks: State.HELLO_SENT, GetFiles: State.HELLO_SENT,
+                       Files: State.HELLO_SENT},
     State.ESTABLISHED: {Records: State.ESTABLISHED, Ack: State.ESTABLISHED,
                         Resend: State.ESTABLISHED, GetBlocks: State.ESTABLISHED,
-                        Blocks: State.ESTABLISHED, Error: State.ESTABLISHED,
+                        Blocks: State.ESTABLISHED, GetFiles: State.ESTABLISHED,
+                        Files: State.ESTABLISHED, Error: State.ESTABLISHED,
                         Ping: State.ESTABLISHED, Bye: State.CLOSED},
     State.CLOSED: {},
 }  # fmt: skip
@@ -74,12 +78,12 @@ class ApplyPage:
 
 @dataclass(frozen=True, slots=True)
 class ServeBlocks:
-    request: GetBlocks
+    request: GetBlocks | GetFiles
 
 
 @dataclass(frozen=True, slots=True)
 class BlocksArrived:
-    reply: Blocks | Error
+    reply: Blocks | Files | Error
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +291,12 @@ class Session:
         out.actions.append(ServeBlocks(msg))
 
     def _on_blocks(self, msg: Blocks, out: Output) -> None:
+        out.actions.append(BlocksArrived(msg))
+
+    def _on_getfiles(self, msg: GetFiles, out: Output) -> None:
+        out.actions.append(ServeBlocks(msg))
+
+    def _on_files(self, msg: Files, out: Output) -> None:
         out.actions.append(BlocksArrived(msg))
 
     def _on_error(self, msg: Error, out: Output) -> None:

@@ -58,6 +58,15 @@ class FakePeer:
         self.send(wire.Hello(self.me.ident["tree_id"], self.me.replica_id, self.me.name, seq, 0,
                              seen_of=self.them.replica_id, reply=reply))  # fmt: skip
 
+    def answer(self, msg, content: dict[str, bytes]) -> None:
+        """Answer a request for content (GetBlocks, GetFiles) from ``content`` (by SHA-256)."""
+        if isinstance(msg, wire.GetFiles):
+            parts = [content.get(sha) for sha, _ in msg.files]
+            self.send(wire.Files(msg.req, tuple(-1 if p is None else len(p) for p in parts),
+                                 b"".join(p for p in parts if p)))  # fmt: skip
+        else:
+            self.send(wire.Blocks(msg.req, content[msg.sha256][msg.offset:msg.offset + msg.length]))
+
     def wait_for(self, kind, timeout: float = 20.0, what: str = ""):
         """The next message of type ``kind`` from the daemon (others are noted and skipped)."""
         deadline = time.monotonic() + timeout
@@ -166,12 +175,13 @@ def test_a_move_through_a_symlink_the_peer_just_sent_stays_inside_the_root(clust
         peer.send(wire.Records((first,), upto=1))
         # b fetches the content of bait.txt from us.
         while True:
-            msg = peer.wait_for((wire.GetBlocks, wire.Ack), what="b fetching bait.txt")
+            msg = peer.wait_for((wire.GetBlocks, wire.GetFiles, wire.Ack),
+                                what="b fetching bait.txt")  # fmt: skip
             if isinstance(msg, wire.Ack):
                 if msg.upto >= 1:
                     break
                 continue
-            peer.send(wire.Blocks(msg.req, bait[msg.offset:msg.offset + msg.length]))
+            peer.answer(msg, {first.sha256: bait})
         cluster.wait_until(lambda: (b.root / "bait.txt").exists(), 30, "bait.txt on b")
         moved = file_record("lnk/target/stolen.txt", bait, rid, 1, 2, "guid-bait")
         link = Record("lnk", "guid-lnk", Kind.SYMLINK, VersionVector.of({rid: 1}),
@@ -258,7 +268,7 @@ def test_small_files_come_inside_their_page_and_wrong_content_is_asked_for(clust
         # Page 1: both files with their content, and nothing answered: b needs nothing more.
         peer.send(wire.Records(recs, upto=2, content=content))
         got = _until_acked(peer, 2, "b to apply the page with content")
-        assert not [m for m in got if isinstance(m, wire.GetBlocks)], got
+        assert not [m for m in got if isinstance(m, (wire.GetBlocks, wire.GetFiles))], got
         for path, data in files.items():
             assert (b.root / path).read_bytes() == data
         # Page 2: content that is not the record's (same size): b asks for it, and writes
@@ -268,9 +278,10 @@ def test_small_files_come_inside_their_page_and_wrong_content_is_asked_for(clust
         assert len(right) == len(wrong)
         rec = file_record("checked.txt", right, rid, 1, 3, "guid-checked")
         peer.send(wire.Records((rec,), upto=3, content={rec.sha256: wrong}))
-        asked = peer.wait_for(wire.GetBlocks, what="b asking for checked.txt")
-        assert asked.sha256 == rec.sha256
-        peer.send(wire.Blocks(asked.req, right[asked.offset:asked.offset + asked.length]))
+        asked = peer.wait_for((wire.GetBlocks, wire.GetFiles), what="b asking for checked.txt")
+        assert rec.sha256 in ((asked.sha256,) if isinstance(asked, wire.GetBlocks)
+                              else [sha for sha, _ in asked.files])  # fmt: skip
+        peer.answer(asked, {rec.sha256: right})
         _until_acked(peer, 3, "b to apply the second page")
         assert (b.root / "checked.txt").read_bytes() == right
     finally:
@@ -312,5 +323,73 @@ def test_a_page_carries_the_content_of_small_files_the_peer_lacks(cluster):
         echo, page = by_path["theirs.txt"]  # (b relays what it applied; a has that version)
         assert echo.modified_by == rid and echo.sha256 not in page.content
         assert (b.root / "theirs.txt").read_bytes() == theirs
+    finally:
+        peer.close()
+
+
+def test_small_files_are_asked_for_many_at_a_time(cluster):
+    """Small files that did not come with their page are asked for in one GetFiles (one
+    message each way for dozens of files, instead of a request and a reply each); one the
+    sender no longer has is an error for that file only, and the rest are written."""
+    a, b = cluster.make("a", "b")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        rid = a.replica_id
+        files = {f"d/f{i:02}.txt": f"file {i}\n".encode() * (i + 1) for i in range(20)}
+        recs = tuple(file_record(p, data, rid, 1, n, f"guid-{p}")
+                     for n, (p, data) in enumerate(files.items(), 1))  # fmt: skip
+        gone = recs[7]
+        have = {r.sha256: files[r.path] for r in recs if r is not gone}
+        peer.hello(seq=len(recs))
+        peer.wait_for(wire.Hello, what="b's answer")
+        peer.send(wire.Records((directory("d", rid, 1, 1),) + recs, upto=len(recs) + 1))
+        asked = peer.wait_for(wire.GetFiles, what="b asking for the files")
+        assert len(asked.files) == len(recs)
+        assert [p for _, p in asked.files] == [r.path for r in recs]
+        peer.answer(asked, have)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            written = [p for p in files if (b.root / p).exists()]
+            if len(written) == len(files) - 1:
+                break
+            time.sleep(0.05)
+        assert sorted(written) == sorted(p for p in files if p != gone.path)
+        for p in written:
+            assert (b.root / p).read_bytes() == files[p]
+        errors = b.status()["errors"]
+        assert [e["path"] for e in errors] == [gone.path], errors
+    finally:
+        peer.close()
+
+
+def test_a_daemon_serves_many_small_files_in_one_reply(cluster):
+    a, b = cluster.make("a", "b")
+    contents = {f"s{i}.txt": f"small {i}\n".encode() * (i + 1) for i in range(5)}
+    for p, data in contents.items():
+        (b.root / p).write_bytes(data)
+    b("scan")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        peer.hello(seq=0)
+        peer.wait_for(wire.Hello, what="b's answer")
+        import hashlib
+
+        asked = [(hashlib.sha256(d).hexdigest(), p) for p, d in contents.items()]
+        asked.insert(2, ("0" * 64, "missing.txt"))  # not there: -1, the rest still served
+        peer.send(wire.GetFiles(9, tuple(asked)))
+        reply = peer.wait_for(wire.Files, what="b's reply")
+        assert reply.req == 9
+        sizes = list(reply.sizes)
+        assert sizes[2] == -1
+        data = bytes(reply.data)
+        at = 0
+        for (_, p), size in zip(asked, sizes, strict=True):
+            if size < 0:
+                continue
+            assert data[at:at + size] == contents[p], p
+            at += size
+        assert at == len(data)
     finally:
         peer.close()
