@@ -755,6 +755,13 @@ class Node:
                 link.bye_heard = True  # the session ends after this page: fetch no more on it
             self._inbox.append((link, frames, msg))
             return
+        if self._inbox:
+            # What came in while a page was being applied goes first: handled now, a later page
+            # would be applied before an earlier one, which would then be taken for a page held
+            # already, and its records never asked for again (a trial: replicas different for
+            # good, every side saying it was in sync).
+            self._inbox.append((link, frames, None))
+            return
         self._handle(link, frames, None)
 
     def _handle(self, link: PeerLink, frames: list[bytes], msg: wire.Message | None) -> None:

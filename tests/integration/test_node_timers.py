@@ -224,3 +224,40 @@ def test_what_a_peer_still_lacks_is_counted_once_a_second_and_estimated_between(
     # The last page: nothing left, exactly, without a count.
     assert node._still_to_send(link, 250, 1000, 1000, page) == (0, 0)
     assert queries == [100, 150, 250]
+
+
+def test_a_page_that_came_in_while_another_was_applied_is_applied_before_a_later_one(
+    tmp_path: Path,
+) -> None:
+    """A page that arrives while the daemon applies one (fetching its content) waits in the
+    inbox; a later page taken straight from the socket must wait behind it. It was applied
+    first, the earlier one then looked like a page held already, and its records were never
+    asked for again: a trial's chain of three daemons stayed different for good."""
+    from repld.protocol import messages as wire
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    bid = b.identity()
+    a("peer", "add", "b", "tcp://127.0.0.1:9", bid["public_key"])
+    node = Node(open_replica(a.config), options=Options(listen=False, watch=False))
+    try:
+        node.open()
+        node.first_scan()
+        link = PeerLink(node.cfg.peers[0], rid=b"b", connected=True)
+        node.links.append(link)
+        node._handle(link, [], wire.Hello(bid["tree_id"], bid["replica_id"], "b", 3, 0,
+                                         seen_of=node.store.replica_id))  # fmt: skip
+        assert link.established
+
+        def page(name: str, seq: int) -> list[bytes]:
+            d = Record(name, f"g-{name}", Kind.DIR, VersionVector.of({bid["replica_id"]: seq}),
+                       mode=0o755, modified_by=bid["replica_id"], origin_seq=seq, seq=seq)  # fmt: skip
+            return wire.encode(wire.Records((d,), upto=seq))
+
+        early = page("early", 2)
+        node._inbox.append((link, early, wire.decode(early)))  # (came in during an apply)
+        node._incoming(link, page("later", 3), defer=False)
+        node.step(0)
+        assert (node.cfg.root / "early").is_dir() and (node.cfg.root / "later").is_dir()
+        assert link.session is not None and link.session.seen == 3
+    finally:
+        node.close()
