@@ -240,7 +240,11 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> d
             pass  # the daemon answered and closed already (a refusal): read what it said
         data = b""
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                # The daemon died as it was asked (a kill -9 a moment before): none answers.
+                raise not_running from None
             if not chunk:
                 break
             data += chunk

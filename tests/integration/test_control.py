@@ -64,3 +64,35 @@ def test_status_does_not_ask_a_socket_another_user_serves(tmp_path):
         server.kill()
         server.wait(timeout=30)
         shutil.rmtree(place)
+
+
+def test_a_daemon_that_dies_as_it_is_asked_is_not_running(tmp_path):
+    """`repld run` right after a kill -9 of the old daemon asks its socket whether one runs:
+    the dying daemon reset the connection, and the new one exited with a bare
+    "[Errno 104] Connection reset by peer" (a trial). It is "not running" now."""
+    import socket as socketmod
+    import threading
+
+    (a,) = make_replicas(tmp_path, "a")
+    path = Path(tempfile.mkdtemp(prefix="repld-test-", dir="/tmp")) / "repld.sock"
+    with open(a.config, "a") as f:
+        f.write(f'\ncontrol_socket = "{path}"\n')
+    server = socketmod.socket(socketmod.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    def die_mid_answer() -> None:
+        conn, _ = server.accept()
+        wait_for(lambda: conn.recv(1, socketmod.MSG_PEEK), "the request")
+        conn.close()  # closed with the request unread: the asker's recv gets ECONNRESET
+
+    t = threading.Thread(target=die_mid_answer)
+    t.start()
+    try:
+        proc = a("status", check=False)
+        assert "repld is not running" in proc.stderr, proc.stderr
+        assert "Connection reset" not in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        t.join(timeout=30)
+        server.close()
+        shutil.rmtree(path.parent)
