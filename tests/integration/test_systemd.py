@@ -237,7 +237,9 @@ def test_sd_notify_ready_status_watchdog_reload_stopping(tmp_path, make):
             notify.expect("WATCHDOG", timeout=max(0.0, t_ready + 3.0 - time.monotonic()))
         dogs = [t for t, m in notify.seen if m.get("WATCHDOG") == "1" and t > t_ready]
         gaps = [round(y - x, 3) for x, y in zip(dogs, dogs[1:], strict=False)]
-        assert all(0.3 <= g < 1.0 for g in gaps), gaps
+        # (Each gap under the interval; on average about half of it, not a busy loop. One gap
+        # alone may look short: this side reads the socket late when the machine is busy.)
+        assert gaps and all(g < 1.0 for g in gaps) and sum(gaps) / len(gaps) >= 0.4, gaps
 
         # SIGHUP: RELOADING, then READY again, with the peer added meanwhile in effect.
         a("peer", "add", "c", c.endpoint, c.public_key)
