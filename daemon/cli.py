@@ -27,7 +27,6 @@ from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
 from .applier import ApplyStats
-from .diskio import keep_freed_buffers
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
@@ -1653,7 +1652,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="repld: %(levelname)s: %(name)s: %(message)s" if args.debug
         else "repld: %(levelname)s: %(message)s",
     )
-    keep_freed_buffers()  # (for the transfers of `run` and `sync`)
     real_stdout = sys.stdout
     sys.stdout = _Output(real_stdout)  # type: ignore[assignment]
     try:

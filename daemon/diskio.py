@@ -28,40 +28,6 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-# -- the heap: buffers of a transfer reused rather than handed back to the kernel ------------
-
-M_TRIM_THRESHOLD = -1  # from <malloc.h>
-M_MMAP_THRESHOLD = -3
-HEAP_MMAP_ABOVE = 32 << 20  # allocations this big or bigger get their own mapping (glibc's cap)
-HEAP_KEEP = 64 << 20  # free memory at the heap's top kept for the next allocations
-
-
-def keep_freed_buffers() -> None:
-    """Let glibc keep what a transfer frees, for the next buffers of it.
-
-    A transfer allocates and frees a buffer of a MiB or more for every block that goes by, in
-    each direction. With glibc's defaults each of those is mapped and unmapped, or the heap is
-    trimmed back after it, so the next buffer starts from fresh pages: a page fault and a
-    zeroed page per 4 KiB, which on these virtual machines cost the sender more CPU than
-    reading the file did (a quarter of its loop in 8 x 64 MiB). Buffers up to the biggest
-    block (16 MiB) now come from the heap, and up to ``HEAP_KEEP`` of freed memory stays
-    there; ``give_back_freed`` returns it once the daemon is idle. Does nothing but under
-    glibc."""
-    libc = _libc()
-    if not hasattr(libc, "mallopt"):
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_ABOVE)
-    libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP)
-
-
-def give_back_freed() -> None:
-    """Return to the kernel what the heap holds free (after ``keep_freed_buffers``): for a
-    daemon going idle after a transfer."""
-    libc = _libc()
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 def _leases_usable() -> bool:
     """Whether this process may take a lease to ask the kernel about a file's writers: a lease
     that another process breaks sends the holder SIGIO, whose default action ends the process;

@@ -52,7 +52,6 @@ from ..protocol.session import (
 from . import config as configmod
 from .applier import Applier, ApplyStats
 from .control import iso_time
-from .diskio import give_back_freed
 from .errors import (
     ConfigError,
     DeletesDeferred,
@@ -78,7 +77,6 @@ log = logging.getLogger(__name__)
 PAGE_RECORDS = 1000
 PAGE_BYTES = 4 << 20
 PING_EVERY = 2.0
-TRIM_AFTER = 2.0  # seconds without traffic before freed buffers go back to the kernel
 REWATCH_EVERY = 30.0  # seconds between attempts to watch again a root whose watch was lost
 ROOT_CHECK_EVERY = 2.0  # seconds between looks at the root: still the replica's own directory?
 ACKS_EVERY = 5.0  # seconds between writes of how far peers acknowledged our records
@@ -287,7 +285,6 @@ class Node:
         self._counts_seq = -1
         self._counts_at = -COUNTS_EVERY  # monotonic time of the last count
         self._acks_at = 0.0  # ...and of the last write of peers' acknowledgements
-        self._busy_at: float | None = None  # when a message last came in, until the heap's trim
         self._root_error = ""  # why the root is not the replica's own directory, while it is not
         # Why nothing is exchanged: a peer has seen more of our records than this database has
         # (restored from a backup): see RolledBack.
@@ -735,7 +732,7 @@ class Node:
             self._incoming(link, frames, defer)
 
     def _incoming(self, link: PeerLink, frames: list[bytes], defer: bool) -> None:
-        link.last_seen = self._busy_at = self.clock()
+        link.last_seen = self.clock()
         link.last_seen_wall = time.time()
         if defer:
             # Inside the applier: only block traffic is handled now, the rest after this page.
@@ -1672,9 +1669,6 @@ class Node:
         if now - self._acks_at >= ACKS_EVERY:
             self._acks_at = now
             self._save_acks()
-        if self._busy_at is not None and now - self._busy_at >= TRIM_AFTER:
-            self._busy_at = None
-            give_back_freed()  # what the last transfer's buffers left free in the heap
         every = self._full_scan_every()
         due = self._next_full_scan
         if every is not None and (due is None or due > now + every):
