@@ -467,7 +467,7 @@ class Applier:
     def _error(self, path: str, message: str) -> None:
         # Errors travel as (path, why): a message that names its path already says it once.
         message = message.removeprefix(f"{path}: ")
-        log.info("%s: %s", path, message)  # the caller shows it (the command line, the daemon)
+        log.debug("%s: %s", path, message)  # the caller shows it (the command line, the daemon)
         self.stats.errors.append((path, message))
 
     # -- paths and checks -----------------------------------------------------------------------

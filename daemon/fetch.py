@@ -392,7 +392,7 @@ class Transfers:
 
     def open(self, rec: Record, hint: str) -> _Reader:
         if self.stopping:
-            raise ReplError(f"{rec.path}: not fetched, repld is stopping; the next start takes it")
+            raise ReplError(f"{rec.path}: {STOPPING}")
         # Files before this one in the queue were skipped by the applier: drop their requests.
         while self._queue and self._queue[0].rec is not rec:
             if self._queue[0].rec.sha256 == rec.sha256 and self._queue[0].hint == hint:
@@ -706,6 +706,8 @@ def _data_ranges(path: Path) -> list[tuple[int, int]]:
 def _within(ranges: list[tuple[int, int]], offset: int, length: int) -> bool:
     return any(start <= offset and offset + length <= end for start, end in ranges)
 
+
+STOPPING = "not fetched, repld is stopping; the next start takes it"
 
 # Why a block request was refused when the file changed on the peer after its record was sent:
 # nothing wrong, the newer version's record follows (the node logs it quietly).

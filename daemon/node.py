@@ -62,7 +62,7 @@ from .errors import (
     RootChanged,
     StoreError,
 )
-from .fetch import VERSION_GONE, Transfers, answer, inline_content
+from .fetch import STOPPING, VERSION_GONE, Transfers, answer, inline_content
 from .fetch import Link as FetchLink
 from .ignore import IGNORE_FILE
 from .localsync import pull_steps, resend_lost
@@ -1291,6 +1291,7 @@ class Node:
                 self.transfers.forget(st.path)
                 self._applied.pop(st.path, None)  # (re)inserted last: the newest
                 self._applied[st.path] = (r.deleted, r.kind, r.size, r.mtime_ns, r.mode, r.target)
+            stopped = 0  # files left for the next start (SIGTERM): said once, not each
             for path, err in stats.errors:
                 prev = self.errors.get(path)
                 # (A page retried every 10 s fails the same way each time: said once. A file
@@ -1298,10 +1299,16 @@ class Node:
                 level = logging.DEBUG if prev is not None and prev.error == err else logging.WARNING
                 if VERSION_GONE in err and level == logging.WARNING:
                     level = logging.INFO
+                if STOPPING in err:
+                    stopped += 1
+                    level = logging.DEBUG
                 self.errors[path] = PathError(path, err, link.peer.name)
                 said = err if err.startswith(path) else f"{escape(path)}: {err}"
                 log.log(level, "%s: %s", link.peer.name, said,
                         extra={"PEER": link.peer.name, "PATH": path})  # fmt: skip
+            if stopped:
+                log.info("%s: %d file(s) not fetched: repld is stopping; the next start takes "
+                         "them", link.peer.name, stopped, extra={"PEER": link.peer.name})  # fmt: skip
             failed = {p for p, _ in stats.errors}
             for st in stats.done if root_lost else steps:
                 if st.path in self.errors and st.path not in failed:
