@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -347,15 +348,12 @@ class Transfers:
                 self._requests[req].link_trouble = True
 
     def _files_arrived(self, reqs: list[int], reply: Files | Error) -> None:
-        if isinstance(reply, Error):
+        if isinstance(reply, Error) or len(reply.sizes) != len(reqs):
+            why = (reply.message if isinstance(reply, Error)
+                   else f"{len(reply.sizes)} files sent for {len(reqs)} asked")  # fmt: skip
             for req in reqs:
                 if (r := self._requests.get(req)) is not None:
-                    r.error = reply.message
-            return
-        if len(reply.sizes) != len(reqs):
-            for req in reqs:
-                if (r := self._requests.get(req)) is not None:
-                    r.error = f"{len(reply.sizes)} files sent for {len(reqs)} asked"
+                    r.error = why
             return
         view = memoryview(reply.data)
         at = 0
@@ -744,18 +742,9 @@ def answer(store: Store, root: Path, req: GetBlocks | GetFiles) -> Blocks | File
 
 def serve(store: Store, root: Path, req: GetBlocks) -> Blocks | Error:
     """The asked-for bytes of a local file with that content, if one is intact on disk."""
-    rec = store.get(req.path)
-    if rec is not None and not rec.deleted and rec.sha256 == req.sha256:
-        data = _read_intact(root, rec, req.offset, req.length)
-        if data is not None:
-            return Blocks(req.req, data)
-    # Moved or copied since: any file with that content will do.
-    for other in store.live_with_hash(req.sha256):
-        if other.path != req.path:
-            data = _read_intact(root, other, req.offset, req.length)
-            if data is not None:
-                return Blocks(req.req, data)
-    return Error("gone", VERSION_GONE, req=req.req)
+    data = _content(store, root, req.sha256, req.path, store.get(req.path),
+                    req.offset, req.length)  # fmt: skip
+    return Error("gone", VERSION_GONE, req=req.req) if data is None else Blocks(req.req, data)
 
 
 def serve_files(store: Store, root: Path, req: GetFiles) -> Files:
@@ -765,23 +754,25 @@ def serve_files(store: Store, root: Path, req: GetFiles) -> Files:
     sizes: list[int] = []
     parts: list[bytes] = []
     for sha, path in req.files:
-        data = _whole(store, root, sha, path, recs.get(path))
+        data = _content(store, root, sha, path, recs.get(path))
         sizes.append(-1 if data is None else len(data))
         if data:
             parts.append(data)
     return Files(req.req, tuple(sizes), b"".join(parts))
 
 
-def _whole(store: Store, root: Path, sha: str, path: str, rec: Record | None) -> bytes | None:
-    if rec is not None and not rec.deleted and rec.sha256 == sha and rec.size <= INLINE_MAX:
-        data = _read_intact(root, rec, 0, rec.size)
+def _content(store: Store, root: Path, sha: str, path: str, rec: Record | None,
+             offset: int = 0, length: int | None = None) -> bytes | None:  # fmt: skip
+    """``length`` bytes at ``offset`` (None: the whole of a small file) of a local file whose
+    recorded content is ``sha`` and is intact on disk: the one at ``path`` (its record ``rec``)
+    if it still is, else any other, the file having been moved or copied since."""
+    here = [rec] if rec is not None and not rec.deleted and rec.sha256 == sha else []
+    for cand in itertools.chain(here, (o for o in store.live_with_hash(sha) if o.path != path)):
+        if length is None and cand.size > INLINE_MAX:
+            continue
+        data = _read_intact(root, cand, offset, cand.size if length is None else length)
         if data is not None:
             return data
-    for other in store.live_with_hash(sha):
-        if other.path != path and other.size <= INLINE_MAX:
-            data = _read_intact(root, other, 0, other.size)
-            if data is not None:
-                return data
     return None
 
 

@@ -1151,8 +1151,7 @@ class Node:
                         if size > PAGE_BYTES:
                             break
                         if (
-                            r.size <= wire.INLINE_MAX and r.kind is Kind.FILE
-                            and r.modified_by != peer  # (it has this version, or had it)
+                            r.modified_by != peer  # (it has this version, or had it)
                             and r.sha256 not in content and inline + r.size <= wire.INLINE_PAGE
                         ):  # fmt: skip
                             data = inline_content(self.cfg.root, r)

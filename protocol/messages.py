@@ -271,7 +271,7 @@ def encode(msg: Message) -> list[bytes]:
             "epoch": msg.epoch,
         }
         if msg.content:
-            body["content"] = msg.content  # (older replicas ignore it, and ask for each file)
+            body["content"] = msg.content
     elif isinstance(msg, Blocks):
         return [msgpack.packb([WIRE_VERSION, name, {"req": msg.req}]), msg.data]
     elif isinstance(msg, Files):

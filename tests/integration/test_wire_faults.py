@@ -348,12 +348,9 @@ def test_small_files_are_asked_for_many_at_a_time(cluster):
         assert len(asked.files) == len(recs)
         assert [p for _, p in asked.files] == [r.path for r in recs]
         peer.answer(asked, have)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            written = [p for p in files if (b.root / p).exists()]
-            if len(written) == len(files) - 1:
-                break
-            time.sleep(0.05)
+        cluster.wait_until(lambda: sum((b.root / p).exists() for p in files) == len(files) - 1,
+                           30, "every file but the gone one on b")  # fmt: skip
+        written = [p for p in files if (b.root / p).exists()]
         assert sorted(written) == sorted(p for p in files if p != gone.path)
         for p in written:
             assert (b.root / p).read_bytes() == files[p]
