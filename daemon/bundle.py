@@ -113,6 +113,7 @@ def export(
     since: int = 0,
     peer: str = "",
     scan: bool = True,
+    force: bool = False,
     progress: Callable[[ExportReport], None] | None = None,
 ) -> ExportReport:
     """Write the records of ``rep`` after ``since``, and the content of its live files, to
@@ -122,14 +123,26 @@ def export(
     For a bundle meant for replica ``peer``, the content of versions that replica wrote itself
     is left out (the records stay): it has that content, or a later version that makes the
     record moot. A file it has since lost that content of is an error there, for that path
-    only, and a bundle without ``--since`` brings it."""
+    only, and a bundle without ``--since`` brings it.
+
+    An earlier bundle of this replica at ``out`` is replaced; one of another replica only with
+    ``force`` (it may be on its way to this one, or to a third, not imported yet)."""
     out = out.absolute()
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the bundle file's name")
     if not out.parent.is_dir():
         raise UsageError(f"{out.parent}: no such directory")
-    if out.exists() and not _is_bundle(out):
-        raise UsageError(f"{out} exists and is not a repld bundle; remove it or choose another")
+    if out.exists():
+        owner = _bundle_owner(out)
+        if owner is None:
+            raise UsageError(f"{out} exists and is not a repld bundle; remove it or choose "
+                             "another name")  # fmt: skip
+        if owner[0] != rep.store.replica_id and not force:
+            raise UsageError(
+                f"{out} holds a bundle exported by {owner[1]}, another replica: it may not be "
+                f"imported everywhere yet. Import it first (`repld import {out}`), or move it "
+                "away, or give another name; --force replaces it"
+            )
     root = rep.root.resolve()
     if out.resolve().is_relative_to(root):
         # It would be recorded and replicated, the next bundle would carry this one, and so on.
@@ -196,12 +209,14 @@ def export(
     return report
 
 
-def _is_bundle(path: Path) -> bool:
+def _bundle_owner(path: Path) -> tuple[str, str] | None:
+    """The replica id and name of the bundle at ``path``; None if it is no bundle this repld
+    reads."""
     try:
-        with Bundle(path):
-            return True
+        with Bundle(path) as b:
+            return b.replica_id, b.name
     except ReplError:
-        return False
+        return None
 
 
 def _drop_stale_temps(out: Path) -> None:

@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--since", metavar="PEER",
                    help="only changes PEER has not acknowledged (a peer name from `repld peer "
                    "list`, or the name of a replica synced with before)")  # fmt: skip
+    c.add_argument("--force", action="store_true",
+                   help="replace FILE even when it holds another replica's bundle (without "
+                   "it, only this replica's own earlier bundle is replaced)")  # fmt: skip
 
     c = cmd(
         "import",
@@ -1501,7 +1504,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         def show(r: Any) -> None:
             progress(f"{r.records} records, {r.files} files ({_human(r.content_bytes)})")
 
-        report = export(rep, args.file, since=since, peer=peer, scan=scan, progress=show)
+        report = export(rep, args.file, since=since, peer=peer, scan=scan, force=args.force,
+                        progress=show)
         progress.done()
     for path, why in report.left_out:
         print(f"left out: {escape(path)}: {why}", file=sys.stderr)

@@ -359,3 +359,22 @@ def test_an_import_dry_run_says_a_moved_file_is_moved(tmp_path):
     assert "delete" not in dry, dry
     out = b("import", bundle).stdout
     assert "1 moved" in out, out
+
+
+def test_export_replaces_its_own_bundle_but_not_another_replicas(tmp_path):
+    """A stick carries b's bundle to a: a's export to the same name must not destroy it."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "from-a.txt").write_text("a\n")
+    (b.root / "from-b.txt").write_text("b\n")
+    stick = tmp_path / "stick.bundle"
+    b("export", stick)
+    held = stick.read_bytes()
+    proc = a("export", stick, check=False)
+    assert proc.returncode == 2 and "exported by b" in proc.stderr and "--force" in proc.stderr
+    assert stick.read_bytes() == held  # b's bundle is intact...
+    a("import", stick)
+    assert (a.root / "from-b.txt").read_text() == "b\n"  # ...and still does its job
+    a("export", "--force", stick)
+    assert "records of a" in a("export", stick).stdout  # a's own: replaced without --force
+    b("import", stick)
+    assert snapshot(a.root) == snapshot(b.root)
