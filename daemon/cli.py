@@ -27,6 +27,7 @@ from ..protocol.version import VersionVector, short_id
 from . import config as configmod
 from . import control
 from .applier import ApplyStats
+from .diskio import human_size as _human
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
@@ -380,14 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fmt_time(ns: int) -> str:
     return control.iso_time(ns / 1e9) if ns else "-"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 class Progress:

@@ -19,6 +19,24 @@ from pathlib import Path
 SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writing the range, do not wait
 
 
+def human_size(n: float) -> str:
+    """``n`` bytes for people: 0 B, 12.3 KiB, 4.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def free_bytes(path: Path | str) -> int | None:
+    """Room left for an unprivileged user on the file system of ``path``; None if unknown."""
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return None
+    return vfs.f_bavail * vfs.f_frsize
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)

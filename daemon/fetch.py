@@ -32,7 +32,14 @@ from pathlib import Path
 
 from ..protocol.messages import INLINE_MAX, MAX_FILES, Blocks, Error, Files, GetBlocks, GetFiles
 from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
-from .diskio import open_direct, open_regular, pwrite_direct, start_writeback
+from .diskio import (
+    free_bytes,
+    human_size,
+    open_direct,
+    open_regular,
+    pwrite_direct,
+    start_writeback,
+)
 from .errors import PeerLost, ReplError
 from .store import Store
 
@@ -400,7 +407,11 @@ class Transfers:
             f = self._queue.popleft()
         else:
             f = self._plan(rec, hint)
-        return _Reader(self, f)
+        try:
+            return _Reader(self, f)
+        except ReplError:
+            self._drop(f)  # (requests sent ahead for it)
+            raise
 
     def _drop(self, f: _File) -> None:
         f.done = True
@@ -482,6 +493,17 @@ class _Reader:
             transfers.forget(f.rec.path)  # whatever partial copy the path had
             transfers._drop_partial(f.rec.sha256)  # and one of this version: room matters more
             f.partial = None
+        if f.rec.size > INLINE_MAX and not _in_place(f.partial, transfers.root):
+            # Written straight into the tree, or copied there from another disk, the new version
+            # takes its whole size there (beside the old one until it is renamed over it).
+            # Without that room, fetching it would only fill the disk and fail, and every retry
+            # would fetch it again.
+            free = free_bytes(transfers.root)
+            if free is not None and free < f.rec.size:
+                raise ReplError(
+                    f"{f.rec.path}: no room for it in {transfers.root} ({human_size(f.rec.size)} "
+                    f"needed, {human_size(free)} free); it is fetched once there is room"
+                )
         if f.partial is not None:
             f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._partial_fd = os.open(f.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -723,11 +745,20 @@ def _room_for(partial: Path, size: int) -> bool:
         have = os.stat(partial).st_size
     except OSError:
         have = 0
+    free = free_bytes(partial.parent if partial.parent.exists() else partial.parent.parent)
+    # (Cannot tell: try, and a full disk is handled when it comes.)
+    return free is None or free >= size - have + ROOM_SPARE
+
+
+def _in_place(partial: Path | None, root: Path) -> bool:
+    """Whether a partial copy is on the tree's file system: then it is renamed into the tree
+    when complete, and the room it needs was checked for it (``_room_for``)."""
+    if partial is None:
+        return False
     try:
-        vfs = os.statvfs(partial.parent if partial.parent.exists() else partial.parent.parent)
+        return os.stat(partial.parent).st_dev == os.stat(root).st_dev
     except OSError:
-        return True  # cannot tell: try, and a full disk is handled when it comes
-    return vfs.f_bavail * vfs.f_frsize >= size - have + ROOM_SPARE
+        return False
 
 
 # -- serving --------------------------------------------------------------------------------------

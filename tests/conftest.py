@@ -44,18 +44,12 @@ def pytest_configure(config):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 4 MiB tmpfs (root only), unmounted at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    from helpers import tmpfs
+
     at = tmp_path / "small"
     at.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(at)],
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(at, "4m"):
         yield at
-    finally:
-        subprocess.run(["umount", "-l", str(at)], check=False)
 
 
 @pytest.fixture

@@ -9,10 +9,13 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 REPLD = [sys.executable, "-m", "repld.daemon.cli"]
 POLL = 0.05
@@ -166,3 +169,19 @@ def files_bytes(root: Path) -> dict[str, bytes]:
 def conflict_copies(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.conflict-*"))
 
+
+
+@contextmanager
+def tmpfs(at: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("4m") mounted on the directory ``at``, unmounted at the end; the
+    test is skipped where mounting is not allowed (not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(at)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=False)

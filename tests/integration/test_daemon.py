@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 from daemons import Cluster, Replica, free_port
-from helpers import REPLD, Appender, conflict_copies, run
+from helpers import REPLD, Appender, conflict_copies, run, tmpfs
 
 UNICODE = "ünïcødé € name.txt"
 SPACES = "two  words and more.txt"
@@ -401,21 +401,13 @@ def test_a_name_that_is_not_utf8_is_reported_in_valid_json_until_it_goes(cluster
 def test_a_full_state_disk_stops_recording_not_the_daemon(cluster):
     """b's database on a small file system that fills up: the scans that cannot be recorded
     are errors in status, the daemon stays up, and once there is room the changes go out."""
-    import subprocess
-
     from repld.daemon import config as configmod
 
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
     a, b = cluster.make("a", "b")
     state = configmod.load(b.config).state
     saved = cluster.tmp / "b.state.saved"
     shutil.copytree(state, saved)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(state)],
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with tmpfs(state, "8m"):
         shutil.copytree(saved, state, dirs_exist_ok=True)
         cluster.start()
         cluster.wait_converged(what="first contact")
@@ -434,9 +426,40 @@ def test_a_full_state_disk_stops_recording_not_the_daemon(cluster):
                            "b's files to reach a once there is room")  # fmt: skip
         cluster.wait_until(lambda: not any(not e["path"] for e in b.status()["errors"]), 30,
                            "the error to go")  # fmt: skip
-    finally:
         cluster.stop()
-        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_file_too_big_for_the_disk_waits_for_room_without_being_fetched(cluster):
+    """b's tree on a 2 MiB file system, a 3 MiB file on a: status says there is no room for it,
+    and why, before a byte of it is fetched (below the size that keeps a partial copy, every
+    retry would fetch it whole again); once the disk grows, it arrives by itself."""
+    import subprocess
+
+    from repld.daemon.fetch import PARTIAL_MIN
+
+    disk = cluster.tmp / "b"
+    disk.mkdir()
+    with tmpfs(disk, "2m"):
+        a, b = cluster.make("a", "b")
+        cluster.start()
+        cluster.wait_converged(what="first contact")
+        big = os.urandom(3 << 20)
+        assert len(big) < PARTIAL_MIN
+        (a.root / "big.bin").write_bytes(big)
+
+        def no_room() -> list[str]:
+            return [e["error"] for e in b.status()["errors"] if e["path"] == "big.bin"]
+
+        cluster.wait_until(lambda: any("no room" in e for e in no_room()), 30,
+                           "b to say it has no room for big.bin")  # fmt: skip
+        assert "3.0 MiB needed" in no_room()[0] and str(disk) in no_room()[0], no_room()
+        assert b.status()["transfer"]["fetched_bytes"] < 1 << 20
+        assert not (b.root / "big.bin").exists()
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        cluster.wait_until(lambda: (b.root / "big.bin").exists(), 60, "big.bin once there is room")
+        assert (b.root / "big.bin").read_bytes() == big
+        cluster.wait_until(lambda: not no_room(), 30, "the error to go")
+        cluster.stop()
 
 
 def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
