@@ -135,12 +135,15 @@ def sync(
             stack.enter_context(left.store.transaction(commit=False))
             stack.enter_context(right.store.transaction(commit=False))
         _not_nested(left, right)  # (it reads the ignore rules, which a replica notes: see there)
-        for rep in (left, right):
-            report.scans[rep.cfg.name] = rep.scan(
+        def scan(rep: Replica) -> ScanStats:
+            return rep.scan(
                 paths=[p.strip("/") for p in paths] if paths else None,
                 verbose=verbose,
                 clean_temp=changes_left if rep is left else changes_right,
             )
+
+        for rep in (left, right):
+            report.scans[rep.cfg.name] = scan(rep)
         passes = []
         if direction in (Direction.BOTH, Direction.PULL):
             passes.append((left, right, True))
@@ -148,14 +151,26 @@ def sync(
             passes.append((right, left, False))
         for rep in (left, right):
             rep.rules_widened = False  # (the scan forgot the marks already: the passes see it)
+        widened: list[Replica] = []
         for into, src, into_left in passes:
             policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
             done = _pass(into, src, policy, within, dry_run, verbose, progress)
             if not dry_run and rules_widened(into):
                 # The pass brought ignore rules that let through paths whose records it
                 # skipped under the old ones: once more, from the first record.
+                widened.append(into)
                 _rerun(done, _pass(into, src, policy, within, dry_run, verbose, progress))
             report.passes.append(done)
+        for rep in widened:
+            # Its scan ran under the old rules: what changed on its disk where they no longer
+            # reach (an edit, a deletion made while the path was ignored) is recorded now, and
+            # goes to the other side in this sync, not the next.
+            _add_scan(report.scans[rep.cfg.name], scan(rep))
+            for i, (into, src, into_left) in enumerate(passes):
+                if src is rep:
+                    policy = prefer_policy(prefer, into_left, into.cfg.conflict_policy)
+                    _rerun(report.passes[i], _pass(into, src, policy, within, dry_run, verbose,
+                                                   progress))  # fmt: skip
         if len(passes) == 2 and not dry_run:
             st = report.passes[1].stats
             if st.conflicts or st.kept_dirs:
@@ -193,6 +208,16 @@ def _seen_already(into: Replica, src: Replica) -> None:
             into.store.set_peer_mark(src.store.replica_id, name=src.cfg.name, seen_seq=upto)
         with src.store.transaction():
             src.store.set_peer_mark(into.store.replica_id, name=into.cfg.name, acked_seq=upto)
+
+
+def _add_scan(first: ScanStats, again: ScanStats) -> None:
+    """Count a second scan of a replica in its first one's report."""
+    for name in ("created", "updated", "deleted", "moved", "hashed_bytes"):
+        setattr(first, name, getattr(first, name) + getattr(again, name))
+    first.files = again.files
+    first.errors = again.errors  # (what the first found and the second no longer does is gone)
+    first.skipped = again.skipped
+    first.changes += again.changes
 
 
 def _rerun(first: PassReport, again: PassReport) -> None:

@@ -605,6 +605,31 @@ def test_a_directory_taken_off_the_ignore_rules_comes_over_at_the_next_sync(tmp_
     assert snapshot(h.root) == snapshot(u.root)
 
 
+def test_edits_made_under_a_rule_come_over_in_the_sync_that_lifts_it(tmp_path):
+    """u edits and deletes files its rules ignore; h lifts the rules: the one sync that takes
+    the new rules to u also brings u's edits and deletion back, and says it did."""
+    h, u = make_replicas(tmp_path, "h", "u")
+    (h.root / "notes").mkdir()
+    (h.root / "notes" / "b.log").write_text("b v1\n")
+    (h.root / "build" / "sub").mkdir(parents=True)
+    (h.root / "build" / "x.o").write_text("x v1\n")
+    (h.root / "build" / "sub" / "y.o").write_text("y v1\n")
+    h.sync(u)
+    (h.root / ".repldignore").write_text("*.log\nbuild/\n")
+    h.sync(u)
+    (u.root / "notes" / "b.log").write_text("b edited on u\n")
+    (u.root / "build" / "sub" / "y.o").write_text("y edited on u\n")
+    (u.root / "build" / "x.o").unlink()
+    (h.root / ".repldignore").write_text("")
+    h.sync(u)
+    assert snapshot(h.root) == snapshot(u.root)
+    assert (h.root / "notes" / "b.log").read_text() == "b edited on u\n"
+    assert (h.root / "build" / "sub" / "y.o").read_text() == "y edited on u\n"
+    assert not (h.root / "build" / "x.o").exists()
+    assert not conflict_copies(h.root)
+    assert "0 files written" in h.sync(u).stdout  # settled in that one sync
+
+
 def test_an_ignored_directory_on_both_sides_merges_once_the_rule_goes(tmp_path):
     h, u = make_replicas(tmp_path, "h", "u")
     (u.root / "cache").mkdir()
