@@ -215,7 +215,9 @@ class Replica:
             self.store.set_meta(IGNORE_RULES_KEY, json.dumps(ignore.rules))
 
     def scanner(self, **kwargs: object) -> Scanner:
-        return Scanner(self.store, self.cfg.root, self.ignore(), **kwargs)  # type: ignore[arg-type]
+        return Scanner(self.store, self.cfg.root, self.ignore(),
+                       other_root=lambda d: _root_taken(d, self.cfg.path),
+                       **kwargs)  # type: ignore[arg-type]  # fmt: skip
 
     def scan(
         self,
@@ -409,6 +411,21 @@ def _root_taken(root: Path, config_path: Path) -> Path | None:
     return other if taken.absolute() == root or taken.resolve() == root.resolve() else None
 
 
+def _inside_replica(root: Path, config_path: Path) -> tuple[Path, Path] | None:
+    """(config, root) of another replica whose tree holds ``root``, not ignored there."""
+    for top in root.parents:
+        if (other := _root_taken(top, config_path)) is None:
+            continue
+        try:
+            cfg = configmod.load(other, need_root=False)
+        except (ConfigError, OSError):
+            continue
+        ignore = Ignore(top, cfg.ignore, exclude=(cfg.state, cfg.path))
+        if not ignore.covers(root.relative_to(top).as_posix(), True):
+            return other, top
+    return None
+
+
 def _mark_root(root: Path, config_path: Path) -> None:
     try:
         os.setxattr(root, ROOT_MARK, os.fsencode(str(config_path.absolute())))
@@ -443,6 +460,14 @@ def init(
             "directory would each record the other's writes as edits of its own. Use that "
             f"one (`repld --config {other} ...`); if it is not used any more, remove {other} "
             "(or pass --force)"
+        )
+    if not force and (outer := _inside_replica(root, config_path)) is not None:
+        other, top = outer
+        raise UsageError(
+            f"{root} lies inside {top}, the root of the replica of {other}: that replica would "
+            "record this one's writes as edits of its own, and this one its. Choose a root "
+            f"outside it, or ignore {root.relative_to(top).as_posix()!r} in {top}/.repldignore "
+            "first (or pass --force)"
         )
     state = (state or configmod.default_state_dir(config_path)).expanduser().absolute()
     if (state / "repld.db").exists():

@@ -193,8 +193,11 @@ class Scanner:
         adopt: bool = False,
         skip_deletes: bool = False,
         forget_mounts: bool = False,
+        other_root: Callable[[Path], Path | None] | None = None,
     ):
         self.store = store
+        # Says whether a new directory is another replica's root (its config), to leave alone.
+        self.other_root = other_root
         # Mount points found not mounted are walked as they are now (see mounts.py).
         self.forget_mounts = forget_mounts
         # Record everything but deletions (the circuit breaker holds those back, and the rest
@@ -720,10 +723,18 @@ class Scanner:
 
     def _state(self, path: str) -> bool:
         """Whether the new directory ``path`` is a repld state directory (another replica's, or
-        this one's under another config): never recorded, its secret key must not travel."""
+        this one's under another config): never recorded, its secret key must not travel; or
+        the root of another replica."""
         where = f"{self._root_s}/{path}"
         if not (os.path.exists(f"{where}/repld.db") or os.path.exists(f"{where}/keys/curve.secret")):
-            return False  # (init makes the keys first, the database next)
+            other = self.other_root(Path(where)) if self.other_root is not None else None
+            if other is None:
+                return False  # (init makes the keys first, the database next)
+            # Recorded here too, each of its files would have two replicas writing it, each
+            # taking the other's writes for edits of its own.
+            self._skip(path, f"the root of another replica ({other}); replicas must not "
+                             "overlap: move one, or ignore it in .repldignore")  # fmt: skip
+            return True
         # (At DEBUG: every scan that passes by says it again, and status lists it anyway.)
         self._skip(path, "a repld state directory (its secret key must not travel); keep it "
                          "outside the tree, or ignore it in .repldignore",

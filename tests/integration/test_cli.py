@@ -139,6 +139,34 @@ def test_init_of_another_replicas_root_is_refused(tmp_path):
     run("--config", tmp_path / "third.toml", "init", a.root, "--name", "third")
 
 
+def test_replicas_that_overlap_are_refused_or_kept_apart(tmp_path):
+    """A trial made replicas of a directory inside another replica's root, and of one holding
+    it, with no word: every file there would have two replicas writing it."""
+    (a,) = make_replicas(tmp_path, "a")
+    try:
+        os.getxattr(a.root, "user.repld.config")
+    except OSError:
+        pytest.skip("no extended attributes on this file system: the check cannot be made")
+    (a.root / "sub").mkdir()
+    (a.root / "sub" / "f.txt").write_text("in a's tree\n")
+    inner = tmp_path / "inner.toml"
+    proc = run("--config", inner, "init", a.root / "sub", "--name", "inner", check=False)
+    assert proc.returncode == 2, proc
+    assert f"inside {a.root}, the root of the replica of {a.config}" in proc.stderr, proc.stderr
+    assert "'sub'" in proc.stderr and ".repldignore" in proc.stderr
+    assert not inner.exists()
+    (a.root / ".repldignore").write_text("sub/\n")  # a says it is none of its business
+    run("--config", inner, "init", a.root / "sub", "--name", "inner")
+    # One holding a's root: a's tree is left to a, said as such; the rest is recorded.
+    (tmp_path / "mine.txt").write_text("outer\n")
+    outer = tmp_path / "outer.toml"
+    out = run("--config", outer, "init", tmp_path, "--name", "outer", "--state",
+              tmp_path / "outer.state")  # fmt: skip
+    assert "the root of another replica" in out.stdout + out.stderr, out
+    dump = run("--config", outer, "dump").stdout
+    assert "mine.txt" in dump and "f.txt" not in dump and "a.toml" in dump
+
+
 def test_status_without_daemon_exits_3(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     assert a("status", check=False).returncode == 3
