@@ -112,6 +112,7 @@ def export(
     *,
     since: int = 0,
     peer: str = "",
+    peer_name: str = "",
     scan: bool = True,
     force: bool = False,
     progress: Callable[[ExportReport], None] | None = None,
@@ -182,6 +183,9 @@ def export(
                     ("upto", str(upto)),
                     ("complete", str(report.complete)),
                     ("created_ns", str(time.time_ns())),
+                    # The replica it is for (--since): the content of its own versions is out.
+                    ("for_id", peer),
+                    ("for_name", peer_name),
                 ],
             )
             db.execute("COMMIT")
@@ -367,6 +371,9 @@ class Bundle:
             self.since = int(meta["since"])
             self.upto = int(meta["upto"])
             self.complete = int(meta["complete"])
+            # (Bundles of earlier repld versions do not say.)
+            self.for_id = str(meta.get("for_id", ""))
+            self.for_name = str(meta.get("for_name", ""))
         except (KeyError, ValueError, TypeError) as e:
             self.close()
             raise BundleError(f"{path}: damaged bundle (meta {e})") from None
@@ -421,9 +428,11 @@ class Bundle:
         if rec.size == 0:
             return io.BytesIO(b"")  # nothing to carry: an empty file's content is in its record
         if not self._query("SELECT 1 FROM content WHERE sha256 = ? LIMIT 1", (rec.sha256,)):
+            made_for = f" ({self.for_name})" if self.for_name else ""
             raise ReplError(
-                f"{rec.path}: its content is not in the bundle {self.path} (left out as this "
-                "replica's own; a bundle exported without --since carries it)"
+                f"{rec.path}: its content is not in the bundle {self.path}: the replica the "
+                f"bundle was made for{made_for} wrote this version, so `export --since` left it "
+                "out; a bundle exported without --since carries it"
             )
         return _ContentReader(self, rec.sha256)  # type: ignore[return-value]
 

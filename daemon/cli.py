@@ -1497,8 +1497,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         def show(r: Any) -> None:
             progress(f"{r.records} records, {r.files} files ({_human(r.content_bytes)})")
 
-        report = export(rep, args.file, since=since, peer=peer, scan=scan, force=args.force,
-                        progress=show)
+        report = export(rep, args.file, since=since, peer=peer, peer_name=args.since or "",
+                        scan=scan, force=args.force, progress=show)
         progress.done()
     for path, why in report.left_out:
         print(f"left out: {escape(path)}: {why}", file=sys.stderr)
@@ -1564,6 +1564,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     for path, err in report.errors:
         print(f"error: {escape(path)}: {err}", file=sys.stderr)
     _print_skipped(report.scan.skipped if report.scan else [])
+    if bundle.for_id and bundle.for_id != rep.store.replica_id and report.errors:
+        print(
+            f"note: {report.name} made this bundle for {bundle.for_name} (`export --since "
+            f"{bundle.for_name}`): it leaves out the content of the versions {bundle.for_name} "
+            f"wrote. Ask {report.name} for a bundle without --since (or --since "
+            f"{rep.cfg.name}, if {rep.cfg.name} has synced with {report.name} before)",
+            file=sys.stderr,
+        )
     if report.gap is not None:
         had, since = report.gap
         print(

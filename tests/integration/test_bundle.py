@@ -378,3 +378,26 @@ def test_export_replaces_its_own_bundle_but_not_another_replicas(tmp_path):
     assert "records of a" in a("export", stick).stdout  # a's own: replaced without --force
     b("import", stick)
     assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_a_bundle_made_for_another_replica_says_so_where_it_falls_short(tmp_path):
+    """b's bundle for a (--since a) leaves out the content of a's own files; imported on c, it
+    must say it was made for a and what to ask b for, not blame c."""
+    a, b, c = make_replicas(tmp_path, "a", "b", "c")
+    (a.root / "by-a.txt").write_text("written on a\n")
+    to_b = tmp_path / "to-b.bundle"
+    a("export", to_b)
+    b("import", to_b)
+    (b.root / "by-b.txt").write_text("written on b\n")
+    for_a = tmp_path / "for-a.bundle"
+    b("export", "--since", "a", for_a)
+    proc = c("import", for_a, check=False)
+    assert proc.returncode == 1
+    assert (c.root / "by-b.txt").read_text() == "written on b\n"  # the rest applies
+    assert "error: by-a.txt:" in proc.stderr and "made for (a)" in proc.stderr, proc.stderr
+    assert "note: b made this bundle for a" in proc.stderr
+    assert "without --since" in proc.stderr, proc.stderr
+    whole = tmp_path / "whole.bundle"
+    b("export", whole)
+    assert c("import", whole).returncode == 0
+    assert snapshot(c.root) == snapshot(b.root)
