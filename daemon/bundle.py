@@ -259,7 +259,7 @@ def _export_records(
                 why = str(e) if isinstance(e, _Changed) else (e.strerror or str(e))
                 report.left_out.append((rec.path, why))
                 report.complete = min(report.complete, rec.seq - 1)
-                log.warning("%s: left out of the bundle: %s", rec.path, why)
+                log.debug("%s: left out of the bundle: %s", rec.path, why)  # (the caller says)
                 continue
             report.files += 1
             report.content_bytes += written

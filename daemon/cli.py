@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -1502,6 +1503,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress.done()
     for path, why in report.left_out:
         print(f"left out: {escape(path)}: {why}", file=sys.stderr)
+    gone = sum(why == os.strerror(errno.ENOENT) for _, why in report.left_out)
+    if gone and not scan:
+        print(f"note: {gone} file(s) recorded by the daemon are gone from the disk: if it holds "
+              "their deletion back (`repld status` says so), settle that first (README: "
+              "\"When most of the tree disappears\"), then export again", file=sys.stderr)  # fmt: skip
     if report.records:
         print(
             f"{report.path}: {report.records} records of {report.name} (sequence "

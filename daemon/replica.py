@@ -471,7 +471,12 @@ def init(
         )
     state = (state or configmod.default_state_dir(config_path)).expanduser().absolute()
     if (state / "repld.db").exists():
-        raise StoreError(f"{state}/repld.db already exists; pass another --state or remove it")
+        raise UsageError(
+            f"{state}/repld.db already exists: the state of a replica made before (its history "
+            "and its keys, which its peers admit). To go on with that replica, write its config "
+            "again (root, state) rather than init; else pass another --state, or remove "
+            f"{state} if that replica is gone for good"
+        )
     name = configmod.check_name(name or _default_name(config_path, root))
     listen = configmod.check_endpoint(listen or f"tcp://0.0.0.0:{configmod.DEFAULT_PORT}")
     if tree_id is not None:

@@ -117,6 +117,10 @@ def test_init_refuses_to_overwrite(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     proc = a("init", a.root, check=False)
     assert proc.returncode == 2 and "already there" in proc.stderr
+    a.config.unlink()  # the config gone, the state left: a usage error, and what it holds
+    proc = a("init", a.root, "--state", a.state, check=False)
+    assert proc.returncode == 2, proc
+    assert "the state of a replica made before" in proc.stderr and "keys" in proc.stderr
 
 
 def test_init_of_another_replicas_root_is_refused(tmp_path):
