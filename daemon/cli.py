@@ -1084,8 +1084,10 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                 if (by.get(path) == me) != want_mine:
                     whose = "this replica's" if by.get(path) == me else "another replica's"
                     raise UsageError(
-                        f"{path} holds {whose} version: --keep "
-                        f"{'remote' if want_mine else 'local'} keeps it"
+                        f"{path} holds {whose} version: `resolve {escape(path)} --keep "
+                        f"{'remote' if want_mine else 'local'}` keeps it. To keep "
+                        f"{'this replica' if want_mine else 'the other replica'}'s version "
+                        f"instead, name the file: `resolve {escape(original)} --keep {args.keep}`"
                     )
                 keep_copy = path
             else:

@@ -369,6 +369,10 @@ def test_a_conflict_on_a_name_near_the_length_limit_keeps_both_edits(tmp_path):
     listed = json.loads(a("conflicts", "--json").stdout)
     assert [(c["path"], c["path_exists"]) for c in listed] == [(name, True)]
     (copy,) = conflict_copies(a.root)
+    proc = a("resolve", copy, "--keep", "remote", check=False)  # the copy is a's own: refused...
+    assert proc.returncode == 2
+    hint = f"To keep the other replica's version instead, name the file: `resolve {name} --keep"
+    assert f"{hint} remote`" in proc.stderr, proc.stderr
     a("resolve", copy, "--keep", "local")  # the copy holds a's own edit
     assert (a.root / name).read_text() == "edited on a, precious\n"
     assert conflict_copies(a.root) == [] and sorted(p.name for p in a.root.iterdir()) == [name]
