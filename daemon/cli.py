@@ -794,7 +794,7 @@ def _sync_peer(args: argparse.Namespace) -> int:
     peer = args.target
     if args.verbose or args.dry_run:
         for step in report.steps:
-            print(f"{me} <- {step.describe()}")
+            print(f"{me} <- {step.describe(sides=(me, peer))}")
     if args.verbose and report.by_daemon:
         print(f"{me}: the running daemon did this exchange, so its changes are not listed "
               "here: its log has a line per change with --debug, `repld log PATH` has a "
@@ -862,7 +862,7 @@ def _print_sync(report: SyncReport, verbose: bool) -> None:
             if report.dry_run and not verbose and step.op is Op.RECORD:
                 quiet += 1
                 continue
-            print(f"{p.into} <- {step.describe()}")
+            print(f"{p.into} <- {step.describe(sides=(p.into, p.source))}")
     if report.dry_run:
         n = sum(len(p.steps) for p in report.passes) - quiet
         also = (f" (and {quiet} records to take that change no file, such as deletions of "

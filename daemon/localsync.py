@@ -44,6 +44,7 @@ class Direction(enum.Enum):
 @dataclass
 class PassReport:
     into: str  # name of the replica that changes
+    source: str = ""  # name of the one it takes the changes from
     steps: list[Step] = field(default_factory=list)
     stats: ApplyStats = field(default_factory=ApplyStats)
 
@@ -357,7 +358,7 @@ def _pass(
     verbose: bool,
     progress: Callable[[ApplyStats], None] | None,
 ) -> PassReport:
-    report = PassReport(into=into.cfg.name)
+    report = PassReport(into=into.cfg.name, source=src.cfg.name)
     mark = into.store.peer_mark(src.store.replica_id)
     top = src.store.seq
 

@@ -47,8 +47,10 @@ class Step:
     note: str = ""
     source: str = ""  # where the peer holds the content, when not at ``path`` (conflict copies)
 
-    def describe(self) -> str:
-        """One line: paths escaped (a name may hold a newline)."""
+    def describe(self, sides: tuple[str, str] | None = None) -> str:
+        """One line: paths escaped (a name may hold a newline). ``sides``: the names of the
+        replica the step is for and of the other one, said instead of "local" and "remote"
+        (which read backwards on a line about the other side of a sync)."""
         text = f"{self.op.value:7} {escape(self.path)}"
         if self.conflict is not None:
             c = self.conflict
@@ -56,7 +58,14 @@ class Step:
                     else ", no conflict copy: the loser is in its replica's `repld versions`"
                     if c.reason.startswith("prefer") or c.winner.value == "remote"
                     else ", no conflict copy: the other edit is dropped (newest)")
-            text += f"  [conflict: {c.winner.value} wins ({c.reason}){kept}]"
+            winner, reason = c.winner.value, c.reason
+            if sides is not None:
+                name = dict(zip(("local", "remote"), sides, strict=True))
+                winner = f"{name[winner]}'s version"
+                side = reason.removeprefix("prefer ")
+                if side in name and side != reason:
+                    reason = f"prefer {name[side]}"
+            text += f"  [conflict: {winner} wins ({reason}){kept}]"
         elif self.note:
             text += f"  [{escape_note(self.note)}]"
         return text

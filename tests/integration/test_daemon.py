@@ -1148,7 +1148,7 @@ def test_a_dry_run_with_prefer_lists_the_conflict_it_settles(cluster):
     cluster.wait_until(lambda: b.status()["local"]["sequence"] > seq, 30, "b to record its edit")
     out = a("sync", "b", "-n", "-v", "--prefer", "local").stdout
     (line,) = [ln for ln in out.splitlines() if "shared.txt" in ln]
-    assert "conflict: local wins" in line, out
+    assert "conflict: a's version wins (prefer a)" in line, out
 
 
 def test_two_editors_saving_one_file_on_both_sides_end_in_sync(cluster):

@@ -536,7 +536,9 @@ def test_prefer_local_settles_without_copy_and_third_replica_follows(tmp_path):
     (a.root / "f.txt").write_text("a wins\n")
     (b.root / "f.txt").write_text("b loses\n")
     b.sync(c, "--pull-only")  # c will learn b's version through b
-    a.sync(b, "--prefer", "local")
+    out = a.sync(b, "--prefer", "local", "-v").stdout
+    # Said with the names: "local" on a line about b would read as b.
+    assert "a <- record  f.txt  [conflict: a's version wins (prefer a)" in out, out
     assert (b.root / "f.txt").read_text() == "a wins\n"
     assert conflict_copies(a.root) == conflict_copies(b.root) == []
     c.sync(b)
