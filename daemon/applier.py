@@ -72,7 +72,7 @@ from .errors import (
 )
 from .mounts import Mounts, not_mounted_message
 from .scanner import hash_file_stat
-from .store import Store, checked_at
+from .store import HASH_MATCHES, Store, checked_at
 from .versions import Keeper, VersionError
 
 log = logging.getLogger(__name__)
@@ -885,6 +885,8 @@ class Applier:
         rec = step.record
         if not self._moves_open or step.conflict is not None or step.source or not rec.sha256:
             return False
+        if len(others) >= HASH_MATCHES:  # (more files with this content than listed)
+            others = self.store.live_with_hash(rec.sha256, guid=rec.guid)
         for other in others:
             if _moved_from(other, rec):
                 self._moves.append((step, other))
@@ -929,8 +931,9 @@ class Applier:
         try:
             self._check(old, gone.expected)
         except ChangedOnDisk:
-            self._not_moved.append(step)
-            return
+            if not self._still_as_recorded(old, gone.expected):
+                self._not_moved.append(step)
+                return
         if gone.expected.sha256 != step.record.sha256:
             self._not_moved.append(step)
             return
@@ -951,6 +954,18 @@ class Applier:
                             Step(gone.op, old, gone.record, gone.expected, deferred=True,
                                  note=f"moved to {step.path}"), ino))  # fmt: skip
         self._deferred = [s for s in self._deferred if s is not gone]
+
+    def _still_as_recorded(self, path: str, expected: Record) -> bool:
+        """Whether the file at ``path``, which its ctime says may have been written to since it
+        was read (a file recorded a few milliseconds after it was written: the watcher's
+        usual pace), holds ``expected``'s content still: read again."""
+        try:
+            sha, _, size, st = hash_file_stat(self._p(path))
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (
+            sha, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), expected.ino or st.st_ino
+        ) == (expected.sha256, expected.size, expected.mtime_ns, expected.mode, st.st_ino)
 
     def _record_moves(self) -> None:
         """Make the renames durable (the old names gone, the new ones there), then record both

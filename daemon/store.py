@@ -156,6 +156,7 @@ class PeerMark:
     last_sync_ns: int
 
 
+HASH_MATCHES = 8  # live records with one content that live_with_hash returns at most
 _KINDS = {k.value: k for k in Kind}
 _ACTIONS = {a.value: a for a in Action}
 
@@ -708,7 +709,8 @@ class Store:
             found.update(r[0] for r in rows)
         return found
 
-    def live_with_hash(self, sha256: str) -> list[Record]:
+    def live_with_hash(self, sha256: str, guid: str = "") -> list[Record]:
+        """Up to HASH_MATCHES live records with this content (and this ``guid``, if given)."""
         ahead = self._ahead
         if ahead is not None and sha256 in ahead.hashes and self._ahead_fresh(ahead):
             if sha256 not in ahead.present:
@@ -716,8 +718,8 @@ class Store:
         rows = self.execute(
             # The condition repeats the partial index's, or SQLite would scan the whole table.
             f"SELECT {_COLS} FROM records WHERE sha256 = ? AND sha256 != '' AND deleted = 0 "
-            "LIMIT 8",
-            (sha256,),
+            f"{'AND guid = ? ' if guid else ''}LIMIT {HASH_MATCHES}",
+            (sha256, guid) if guid else (sha256,),
         )
         return [_row_to_record(r) for r in rows]
 
@@ -1032,10 +1034,13 @@ class Store:
         ).rowcount
 
 
+CLOCK_REALTIME_COARSE = 5  # <linux/time.h>; Python's time module does not name it
+
+
 def _ctime_slack() -> int:
     try:
-        tick = int(time.clock_getres(time.CLOCK_REALTIME_COARSE) * 1e9)
-    except (AttributeError, OSError):
+        tick = int(time.clock_getres(CLOCK_REALTIME_COARSE) * 1e9)
+    except OSError:
         tick = 10_000_000
     return 2 * max(tick, 1_000_000)
 

@@ -180,3 +180,45 @@ def test_a_big_tree_moved_in_a_running_tree_is_renamed_on_the_peer(tmp_path):
         copied = [p for p in before if after[p] != before[p]]
         assert len(copied) <= 3, copied
         assert after["big.mkv"] == before["big.mkv"]
+
+
+def test_a_moved_directory_of_many_identical_files_is_renamed_whole(tmp_path):
+    """A trial: with 9 or more files of one content, only the first 8 records with that hash
+    were looked at for the moved file's guid, and the rest were copied and deleted (and kept
+    as versions) instead of renamed."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "dups").mkdir()
+    for i in range(12):
+        (a.root / "dups" / f"c{i:02}").write_text("same\n")
+    a.sync(b)
+    before = inodes(b.root)
+    (a.root / "dups").rename(a.root / "dups-renamed")
+    out = a.sync(b).stdout
+    assert "b: 0 files written (0 B, 0 from local copies), 12 moved" in out, out
+    after = inodes(b.root)
+    for i in range(12):
+        assert after[f"dups-renamed/c{i:02}"] == before[f"dups/c{i:02}"]
+    assert b("versions").stdout.lower().startswith("no versions of any file kept")  # none deleted
+
+
+def test_files_the_watcher_recorded_at_once_are_renamed_by_a_peers_move(tmp_path):
+    """A trial: files b's watcher had recorded within milliseconds of their writing carry a
+    ctime that may be after the read; a's move of them fell back to a copy and a deletion
+    (35 of 50 files). Now such a file is read once more, and renamed."""
+    import time
+
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        cluster.start()
+        (b.root / "probe").mkdir()
+        for i in range(30):
+            (b.root / "probe" / f"p{i:02}").write_text(f"p {i} {os.urandom(8).hex()}\n")
+            time.sleep(0.02)  # a program's own pace: each one recorded on its own
+        cluster.wait_converged(what="b's files")
+        before = inodes(b.root)
+        (a.root / "probe").rename(a.root / "probe2")
+        cluster.wait_until(lambda: not (b.root / "probe").exists(), 30, "the move to reach b")
+        cluster.wait_converged(what="the move")
+        after = inodes(b.root)
+        copied = [i for i in range(30) if after[f"probe2/p{i:02}"] != before[f"probe/p{i:02}"]]
+        assert not copied, f"copied instead of renamed: {copied}"
