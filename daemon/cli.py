@@ -32,6 +32,7 @@ from .diskio import human_size as _human
 from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
+from .logfmt import one_line
 from .replica import (
     Replica,
     init,
@@ -1660,11 +1661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.paths = [*args.paths, *extra]
         else:
             _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="repld: %(levelname)s: %(name)s: %(message)s" if args.debug
-        else "repld: %(levelname)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    one_line(logging.getLogger().handlers, "repld: %(levelname)s: %(name)s: %(message)s"
+             if args.debug else "repld: %(levelname)s: %(message)s")  # fmt: skip
     real_stdout = sys.stdout
     sys.stdout = _Output(real_stdout)  # type: ignore[assignment]
     try:

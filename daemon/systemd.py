@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from .control import replica_error
+from .logfmt import one_line
 
 try:  # optional: the daemon runs without it
     from systemd import daemon as _sd_daemon
@@ -151,15 +152,14 @@ def setup_logging(replica_id: str, *, debug: bool) -> None:
         handler: logging.Handler = _sd_journal.JournalHandler(
             SYSLOG_IDENTIFIER="repld", REPLICA=replica_id
         )
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        one_line([handler], "%(message)s")
         for h in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(h)
         root.addHandler(handler)
         root.propagate = False
     else:
         # Run by hand (a terminal, a log file): with the time, which the journal adds itself.
-        fmt = logging.Formatter("%(asctime)s.%(msecs)03d " + ("repld: %(levelname)s: %(name)s: "
-                                "%(message)s" if debug else "repld: %(levelname)s: %(message)s"),
-                                "%Y-%m-%d %H:%M:%S")  # fmt: skip
-        for h in logging.getLogger().handlers:
-            h.setFormatter(fmt)
+        one_line(logging.getLogger().handlers,
+                 "%(asctime)s.%(msecs)03d " + ("repld: %(levelname)s: %(name)s: %(message)s"
+                                               if debug else "repld: %(levelname)s: %(message)s"),
+                 "%Y-%m-%d %H:%M:%S")  # fmt: skip

@@ -845,3 +845,14 @@ def test_prune_forget_takes_the_old_id_of_a_reinstalled_peer(tmp_path):
     a("scan")
     out = a("prune", "-n").stdout
     assert "forgotten (`--forget`): not waited for" in out, out
+
+
+def test_a_name_with_a_newline_cannot_forge_a_log_line(tmp_path):
+    """A trial: a file name holding a newline split a daemon's log line in two, so a name could
+    write a line of its own into the log."""
+    (a,) = make_replicas(tmp_path, "a")
+    os.mkfifo(a.root / "pipe\nrepld: ERROR: forged")  # not replicated: said in the log
+    proc = a("--debug", "scan")
+    lines = proc.stderr.splitlines()
+    assert not [ln for ln in lines if ln.startswith("repld: ERROR: forged")], proc.stderr
+    assert [ln for ln in lines if "pipe\\nrepld: ERROR: forged: not replicated" in ln], proc.stderr
