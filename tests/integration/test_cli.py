@@ -407,10 +407,11 @@ def test_a_replica_inside_another_is_refused(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     (a.root / "f.txt").write_text("f\n")
     (a.root / "nested").mkdir()
-    inner = run("--config", tmp_path / "in.toml", "init", a.root / "nested", "--name", "in",
-                "--tree-id", a.tree_id())  # fmt: skip
-    assert inner.returncode == 0
-    proc = a("sync", tmp_path / "in.toml", check=False)
+    args = ("--config", tmp_path / "in.toml", "init", a.root / "nested", "--name", "in",
+            "--tree-id", a.tree_id())  # fmt: skip
+    assert run(*args, check=False).returncode == 2  # init refuses it...
+    run(*args, "--force")
+    proc = a("sync", tmp_path / "in.toml", check=False)  # ...and, forced, so does sync
     assert proc.returncode == 1 and "inside the other replica's root" in proc.stderr
     assert list((a.root / "nested").iterdir()) == []
 
