@@ -240,6 +240,13 @@ def test_init_of_a_home_directory_brings_the_default_ignore_rules(tmp_path):
     (home / ".cache" / "thumbs" / "x.png").write_bytes(b"png")
     (home / "notes.txt").write_text("mine\n")
     (home / "notes.txt~").write_text("editor backup\n")
+    (home / "app.db").write_bytes(b"db")
+    (home / "app.db-wal").write_bytes(b"wal")  # committed data: replicated
+    (home / "app.db-shm").write_bytes(b"shm")  # rebuilt from the -wal: not
+    (home / "code" / ".git" / "refs" / "heads").mkdir(parents=True)
+    (home / "code" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (home / "code" / ".git" / "index.lock").write_bytes(b"")  # git at work
+    (home / "code" / ".git" / "refs" / "heads" / "main.lock").write_bytes(b"")
     env = {**os.environ, "HOME": str(home)}
     config = tmp_path / "home.toml"
     out = run("--config", config, "init", home, "--name", "a", env=env).stdout
@@ -248,6 +255,8 @@ def test_init_of_a_home_directory_brings_the_default_ignore_rules(tmp_path):
     dump = run("--config", config, "dump", env=env).stdout
     assert "notes.txt" in dump and ".repldignore" in dump
     assert ".cache" not in dump and "notes.txt~" not in dump
+    assert "app.db-wal" in dump and "code/.git/HEAD" in dump
+    assert "app.db-shm" not in dump and ".lock" not in dump, dump
 
     other = tmp_path / "projects"  # not a home directory: no rules are made up for it
     (other / "build").mkdir(parents=True)
