@@ -155,6 +155,9 @@ class Replica:
         self.rules_widened = False
         self._ignore: tuple[object, Ignore] | None = None
         self._root_ident: str | None = None  # what check_root last found (see there)
+        # Paths a scan could not replicate, and why, said in the log once (each whole scan of a
+        # daemon finds them again; status lists them all the time).
+        self.said_skipped: set[tuple[str, str]] = set()
 
     @property
     def root(self) -> Path:
@@ -217,6 +220,7 @@ class Replica:
     def scanner(self, **kwargs: object) -> Scanner:
         return Scanner(self.store, self.cfg.root, self.ignore(),
                        other_root=lambda d: _root_taken(d, self.cfg.path),
+                       said_skipped=self.said_skipped,
                        **kwargs)  # type: ignore[arg-type]  # fmt: skip
 
     def scan(

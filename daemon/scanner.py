@@ -194,10 +194,12 @@ class Scanner:
         skip_deletes: bool = False,
         forget_mounts: bool = False,
         other_root: Callable[[Path], Path | None] | None = None,
+        said_skipped: set[tuple[str, str]] | None = None,
     ):
         self.store = store
         # Says whether a new directory is another replica's root (its config), to leave alone.
         self.other_root = other_root
+        self.said_skipped = said_skipped  # what earlier scans logged already (then at DEBUG)
         # Mount points found not mounted are walked as they are now (see mounts.py).
         self.forget_mounts = forget_mounts
         # Record everything but deletions (the circuit breaker holds those back, and the rest
@@ -742,5 +744,10 @@ class Scanner:
         return True
 
     def _skip(self, path: str, why: str, *, level: int = logging.INFO) -> None:
+        if self.said_skipped is not None:
+            if (path, why) in self.said_skipped:
+                level = logging.DEBUG
+            elif len(self.said_skipped) < 10_000:
+                self.said_skipped.add((path, why))
         log.log(level, "%s: not replicated: %s", path, why)
         self.stats.skipped.append((path, why))
