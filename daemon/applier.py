@@ -121,6 +121,7 @@ class ApplyStats:
     written: int = 0
     written_bytes: int = 0
     copied_locally: int = 0
+    copied_locally_bytes: int = 0  # of written_bytes: taken from a file here, not the source
     moved: int = 0  # files the other side moved, renamed here from their old paths (not written)
     deleted: int = 0
     recorded: int = 0
@@ -749,6 +750,7 @@ class Applier:
         self._fill_named(tmp, rec, src)
         if local:
             self.stats.copied_locally += 1
+            self.stats.copied_locally_bytes += rec.size
         return tmp
 
     def _write_unnamed(self, rec: Record, src: BinaryIO, local: bool) -> int | None:
@@ -785,6 +787,7 @@ class Applier:
         os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
         if local:
             self.stats.copied_locally += 1
+            self.stats.copied_locally_bytes += rec.size
 
     def _adopt_spool(self, rec: Record, src: BinaryIO, tmp: Path) -> Path:
         """A big fetched file: the fetcher wrote every block to its spool (the resumable partial

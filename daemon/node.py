@@ -1364,6 +1364,7 @@ class Node:
         a.written += stats.written
         a.written_bytes += stats.written_bytes
         a.copied_locally += stats.copied_locally
+        a.copied_locally_bytes += stats.copied_locally_bytes
         a.moved += stats.moved
         a.deleted += stats.deleted
         a.recorded += stats.recorded
@@ -1802,7 +1803,8 @@ class Node:
                 "deleted": a.deleted,
                 "bytes_written": a.written_bytes,
                 "fetched_bytes": t.fetched_bytes,
-                "reused_bytes": t.reused_bytes,
+                # Blocks of fetched files found here, and whole files copied from one here.
+                "reused_bytes": t.reused_bytes + a.copied_locally_bytes,
                 "resumed_bytes": t.resumed_bytes,
                 "conflicts_resolved": a.conflicts,
             },

@@ -658,6 +658,23 @@ def test_big_file_edit_fetches_only_the_changed_blocks(cluster):
     assert not list((b.state / "partial").glob("*")), "the spool outlived the transfer"
 
 
+def test_a_copy_made_from_a_file_here_counts_as_reused_not_fetched(cluster):
+    """A trial: b copied a file it had already (same content, new name) and status said 0
+    bytes reused: only blocks of fetched files counted."""
+    a, b = cluster.make("a", "b")
+    data = os.urandom(300_000)
+    (a.root / "orig.bin").write_bytes(data)
+    cluster.start()
+    cluster.wait_converged(what="orig.bin")
+    first = b.status()["transfer"]
+    (a.root / "copy.bin").write_bytes(data)
+    cluster.wait_until(lambda: (b.root / "copy.bin").exists(), 30, "the copy to reach b")
+    cluster.wait_converged(what="the copy")
+    t = b.status()["transfer"]
+    assert t["reused_bytes"] - first["reused_bytes"] == len(data), t
+    assert t["fetched_bytes"] == first["fetched_bytes"], t
+
+
 def test_peer_with_an_unadmitted_key_gets_nothing(cluster):
     a, b = cluster.make("a", "b")
     populate(a.root)
