@@ -453,6 +453,12 @@ def init(
     if not root.is_dir():
         raise ConfigError(f"root {root} does not exist or is not a directory")
     check_file_system(root)
+    if config_path.is_dir():
+        raise ConfigError(
+            f"a directory; --config names the config file to write (say {config_path}/"
+            "config.toml)",
+            file=config_path,
+        )
     if config_path.exists():
         raise ConfigError(
             "a config file is already there; remove it or choose another with --config",

@@ -117,6 +117,8 @@ def test_init_refuses_to_overwrite(tmp_path):
     (a,) = make_replicas(tmp_path, "a")
     proc = a("init", a.root, check=False)
     assert proc.returncode == 2 and "already there" in proc.stderr
+    proc = run("--config", tmp_path, "init", a.root, check=False)  # a directory, by mistake
+    assert proc.returncode == 2 and "a directory; --config names the config file" in proc.stderr
     a.config.unlink()  # the config gone, the state left: a usage error, and what it holds
     proc = a("init", a.root, "--state", a.state, check=False)
     assert proc.returncode == 2, proc
