@@ -452,6 +452,11 @@ class Node:
         log.info("listening on %s", self.cfg.listen)
 
     def _dial(self, peer: configmod.Peer) -> None:
+        if peer.public_key == self.keys.public:  # (`peer add` refuses it; a config edited by hand)
+            log.error("peer %s in %s has this replica's own public key, so it is not dialled: "
+                      "give it the other replica's (`repld id` there prints it)",
+                      peer.name, self.cfg.path)  # fmt: skip
+            return
         s = self.ctx.socket(zmq.DEALER)
         self._secure(s)
         s.curve_serverkey = peer.public_key.encode()

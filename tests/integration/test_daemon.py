@@ -675,6 +675,18 @@ def test_a_copy_made_from_a_file_here_counts_as_reused_not_fetched(cluster):
     assert t["fetched_bytes"] == first["fetched_bytes"], t
 
 
+def test_a_peer_given_this_replicas_own_key_by_hand_is_not_dialled(cluster):
+    (a,) = cluster.make("a")
+    key = a.public_key
+    with open(a.config, "a") as f:  # as a user editing the config would
+        f.write(f'\n[[peer]]\nname = "mirror"\nendpoint = "{a.endpoint}"\n'
+                f'public_key = "{key}"\n')  # fmt: skip
+    cluster.start()
+    cluster.wait_until(lambda: "peer mirror in" in a.log.read_text(), 30, "the error")
+    assert "has this replica's own public key, so it is not dialled" in a.log.read_text()
+    assert a.running
+
+
 def test_peer_with_an_unadmitted_key_gets_nothing(cluster):
     a, b = cluster.make("a", "b")
     populate(a.root)
