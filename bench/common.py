@@ -166,7 +166,15 @@ def q(path: Path | str) -> str:
 
 
 @contextmanager
-def loop_mounted_ext4(workdir: Path, size: int, log: Runner) -> Iterator[Path]:
+def loop_mounted_ext4(
+    workdir: Path, size: int, log: Runner, *, sparse: bool = False
+) -> Iterator[Path]:
+    """A journaled ext4 on a loop device over an image file of ``size`` bytes in ``workdir``.
+
+    The image is written through with zeros first, unless ``sparse``: in a sparse image, the
+    first write to each of its blocks also makes the host file system allocate it, and that
+    cost fell on whichever tool wrote first into never-used space (the first copy of a series
+    ran at half the speed of the next ones, whatever the tool)."""
     if os.geteuid() != 0:
         raise BenchError("the loop device needs root; run as root or use --no-loop DIR")
     base = Path(tempfile.mkdtemp(prefix="repld-bench-", dir=workdir))
@@ -176,11 +184,22 @@ def loop_mounted_ext4(workdir: Path, size: int, log: Runner) -> Iterator[Path]:
     try:
         mnt.mkdir()
         with open(image, "wb") as f:
-            f.truncate(size)  # sparse
+            if sparse:
+                f.truncate(size)
+            else:
+                log.note(f"writing {size / GIB:.1f} GiB of zeros to {image} "
+                         "(--sparse-image skips it)")  # fmt: skip
+                zeros = bytes(16 * MIB)
+                for _ in range(size // len(zeros)):
+                    f.write(zeros)
+                f.write(zeros[: size % len(zeros)])
+                f.flush()
+                os.fsync(f.fileno())
         log.untimed(["mkfs.ext4", "-q", "-F", str(image)])
         log.untimed(["mount", "-o", "loop", str(image), str(mnt)])
         mounted = True
-        log.note(f"journaled ext4 image {image} ({size / GIB:.1f} GiB, sparse) mounted on {mnt}")
+        kind = "sparse" if sparse else "written through"
+        log.note(f"journaled ext4 image {image} ({size / GIB:.1f} GiB, {kind}) mounted on {mnt}")
         yield mnt
     finally:
         if mounted:
@@ -210,14 +229,14 @@ def plain_directory(parent: Path, log: Runner) -> Iterator[Path]:
 
 
 def work_area(
-    no_loop: Path | None, workdir: Path, image_size: int, log: Runner
+    no_loop: Path | None, workdir: Path, image_size: int, log: Runner, *, sparse: bool = False
 ) -> tuple[AbstractContextManager[Path], str]:
     """The context manager that makes the work area, and how the report describes it."""
     if no_loop is not None:
         return plain_directory(no_loop, log), f"plain directory under {no_loop} (no loop device)"
-    return loop_mounted_ext4(workdir, image_size, log), (
-        f"journaled ext4 (mkfs.ext4 defaults) on a loop device, sparse "
-        f"{image_size / GIB:g} GiB image in {workdir}"
+    return loop_mounted_ext4(workdir, image_size, log, sparse=sparse), (
+        f"journaled ext4 (mkfs.ext4 defaults) on a loop device, "
+        f"{'sparse' if sparse else 'written-through'} {image_size / GIB:g} GiB image in {workdir}"
     )
 
 
@@ -337,7 +356,11 @@ def add_area_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where the image file goes (default /var/tmp)")  # fmt: skip
     p.add_argument("--image-size", type=parse_size, default=8 * GIB,
-                   help="size of the sparse ext4 image (default 8G)")  # fmt: skip
+                   help="size of the ext4 image (default 8G)")  # fmt: skip
+    p.add_argument("--sparse-image", action="store_true",
+                   help="leave the image sparse instead of writing it through with zeros first "
+                   "(quicker to set up, but the first tool to write into never-used space pays "
+                   "the host's allocation)")  # fmt: skip
     p.add_argument("--no-loop", type=Path, metavar="DIR",
                    help="run in a temporary directory under DIR, no loop device")  # fmt: skip
     p.add_argument("--repld", type=Path, help="the repld executable (default: next to "
@@ -380,7 +403,8 @@ def drive(
     with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="repld-bench-") as scratch:
         runner = Runner(log, Path(scratch))
         try:
-            area_cm, fs = work_area(args.no_loop, args.workdir, args.image_size, runner)
+            area_cm, fs = work_area(args.no_loop, args.workdir, args.image_size, runner,
+                                    sparse=args.sparse_image)  # fmt: skip
             with area_cm as area:
                 bench = make(area, fs, runner)
                 try:
