@@ -144,7 +144,8 @@ def plan_pull(
 ) -> Iterator[Step]:
     """Steps that bring the local replica up to date with ``remote_records``.
 
-    ``within`` limits the plan to some paths (a subtree sync); records outside it are skipped.
+    ``within`` limits the plan to some paths (a subtree sync); records outside it are skipped,
+    and so is the removal of a file moved from inside to outside (until a sync covers both).
     So are those ``ignored`` says this replica ignores (its own `ignore` rules): such a path is
     none of its business, and a file written there would never be scanned again.
     ``behind(local, remote)`` is told of every remote record older than the local one (the
@@ -156,9 +157,22 @@ def plan_pull(
         rec = planned.get(path)
         return rec if rec is not None else local_lookup(path)
 
+    moved_out: dict[str, Record] = {}
+    if within is not None:
+        # A file moved from inside the subtree to outside it: its new path is not synced now,
+        # and removing the old one alone would take the file from this replica until a sync
+        # that covers both ends. Both halves wait for that one.
+        remote_records = list(remote_records)
+        moved_out = {r.guid: r for r in remote_records
+                     if not r.deleted and r.kind is Kind.FILE and not within(r.path)}  # fmt: skip
+
     for remote in remote_records:
         if within is not None and not within(remote.path):
             continue
+        if remote.deleted and (dest := moved_out.get(remote.guid)) is not None:
+            here = lookup(dest.path)
+            if here is None or not here.version.descends(dest.version):
+                continue
         if ignored is not None and ignored(remote):
             continue
         local = lookup(remote.path)
