@@ -391,7 +391,8 @@ name = {_q(cfg.name)}
 listen = {_q(cfg.listen)}
 
 # Concurrent edits of one file: keep-both (the other edit is kept beside it as
-# NAME.conflict-<replica>-<hash>.EXT, the same on every replica), newest (the other is dropped),
+# NAME.conflict-<replica>-<hash>.EXT, the same on every replica), newest (the other leaves the
+# tree, kept in its own replica's `repld versions`),
 # prefer-local / prefer-remote (set on one replica only).
 conflict_policy = {_q(cfg.conflict_policy.value)}
 

@@ -1355,7 +1355,8 @@ class Node:
             c = st.conflict
             if c is not None:
                 kept = (f"the other version kept as {c.copy.path}" if c.copy
-                        else "no conflict copy: the other is in `repld versions`")
+                        else "no conflict copy: the other is kept in its replica's "
+                        "`repld versions`")  # fmt: skip
                 log.warning("%s: conflict on %s: %s version wins (%s); %s", peer, st.path,
                             c.winner.value, c.reason, kept, extra={"PEER": peer, "PATH": st.path})  # fmt: skip
         if stats.written or stats.deleted or stats.conflicts or stats.moved:

@@ -193,7 +193,12 @@ def reconcile(
     winner, loser = (local, remote) if winner_side is Side.LOCAL else (remote, local)
 
     chosen = policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and not fixed
-    version = merged.bump(replica) if chosen else merged
+    # A loser dropped with no copy (a preference, or `newest`): the result carries an event of
+    # this decision, so that on the loser's replica, where the settled version lands over that
+    # edit, it brings two events at least and cannot pass for an edit made on top of it: the
+    # edit is kept there as a version (see Applier), where one event would replace it unkept.
+    dropped = not fixed and policy is not Policy.KEEP_BOTH
+    version = merged.bump(replica) if dropped else merged
     # Two joiners' different adopted copies: the one kept at the name is still only adopted,
     # and the tree's version, when it comes, still wins over it.
     both_adopted = local.action is Action.ADOPT and remote.action is Action.ADOPT

@@ -282,6 +282,30 @@ def test_an_edit_that_loses_a_conflict_with_no_copy_is_kept(tmp_path):
     assert Path(kept[0]["file"]).read_text() == "b's edit, about to lose\n"
 
 
+
+def test_an_edit_dropped_by_newest_on_another_replica_is_kept_where_it_was_made(tmp_path):
+    """c settles a conflict with conflict_policy newest against d's edit, which it got through
+    x; the settled version reaches d later, from x. d keeps its dropped edit as a version (a
+    trial found it kept nowhere: one event more looked like an edit made on top of it)."""
+    from test_sync import newer, set_policy
+
+    c, d, x = make_replicas(tmp_path, "c", "d", "x")
+    (c.root / "notes.txt").write_text("v1\n")
+    c.sync(d)
+    c.sync(x)
+    set_policy(c, "newest")
+    (d.root / "notes.txt").write_text("d's older edit, dropped by newest\n")
+    (c.root / "notes.txt").write_text("c's newer edit\n")
+    newer(c.root / "notes.txt", than=d.root / "notes.txt")
+    d.sync(x)  # x relays d's edit
+    c.sync(x)  # c meets the conflict: its own edit is the newer, no copy
+    x.sync(d)  # the settled version reaches d
+    assert (d.root / "notes.txt").read_text() == "c's newer edit\n"
+    texts = [Path(v["file"]).read_text() for v in versions(d)]
+    assert texts == ["d's older edit, dropped by newest\n"], texts
+    assert not list(c.root.glob("notes.conflict-*"))
+
+
 def test_delete_frees_the_room_versions_take(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "big.bin").write_bytes(os.urandom(300_000))

@@ -179,8 +179,24 @@ def test_newest_policy_drops_loser_deterministically():
     a = rec({A: 2}, sha=SHA1, mtime=300)
     b = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=200)
     res = reconcile(a, b, replica=A, policy=Policy.NEWEST)
-    assert res.result.sha256 == SHA1 and res.conflict.copy is None
-    assert res.result == reconcile(b, a, replica=B, policy=Policy.NEWEST).result
+    other = reconcile(b, a, replica=B, policy=Policy.NEWEST).result
+    assert res.result.sha256 == other.sha256 == SHA1 and res.conflict.copy is None
+    assert res.result.mtime_ns == other.mtime_ns
+    # Each decision is an event of its own (see the next test); the two merge with no conflict.
+    assert res.result.version.get(A) == 3 and other.version.get(B) == 2
+    again = reconcile(res.result, other, replica=A, policy=Policy.NEWEST)
+    assert again.conflict is None and again.result.sha256 == SHA1
+
+
+def test_a_loser_dropped_by_newest_elsewhere_cannot_pass_for_an_edit_on_top():
+    """The settled version brings the losing replica two events at least (the winner's edit
+    and the decision), so that replica keeps its dropped edit as a version (a trial found it
+    kept nowhere: one event looks like an edit made on top of it)."""
+    mine = rec({A: 1, B: 1}, sha=SHA2, by=B, mtime=200)  # B's edit
+    theirs = rec({A: 2}, sha=SHA1, mtime=300)  # A's concurrent, newer edit
+    settled = reconcile(theirs, mine, replica=A, policy=Policy.NEWEST).result
+    unseen = sum(max(0, n - mine.version.get(r)) for r, n in settled.version)
+    assert unseen >= 2, settled.version
 
 
 @pytest.mark.parametrize("policy", list(Policy))
