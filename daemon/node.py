@@ -84,6 +84,7 @@ COUNTS_EVERY = 1.0  # seconds between counts of the tree, and of what a peer lac
 ROUTER_SILENCE = 30.0  # a dialled-in peer silent this long is taken as gone
 PUBLISH_WHILE_FETCHING = 0.5  # seconds between status updates while a file's content arrives
 RETRY_EVERY = 10.0  # failed pages are asked for again this often
+SCAN_TICK_EVERY = 0.5  # seconds between on_tick calls from inside a long scan
 DEFER_DELETES = 20  # deletions in one batch of watcher events that wait for a whole scan
 SETTLE_DELETES = 2.0  # seconds of quiet after such a batch before that scan
 DELETES_WINDOW = 60.0  # deletions recorded by path scans count together over this long
@@ -306,6 +307,7 @@ class Node:
         self._mounts_missing: set[str] = set()  # mount points of the tree not mounted now
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
+        self._scan_ticked = 0.0
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
 
     # -- setting up -----------------------------------------------------------------------------
@@ -1449,6 +1451,13 @@ class Node:
                 return False
         return stat.S_IMODE(st.st_mode) == mode
 
+    def _scan_tick(self, _stats: object) -> None:
+        """A long scan feeds systemd's watchdog (and asks for start-up time) as it goes."""
+        now = self.clock()
+        if self.on_tick is not None and now - self._scan_ticked >= SCAN_TICK_EVERY:
+            self._scan_ticked = now
+            self.on_tick()
+
     def full_scan(self, *, rehash: bool = False, accept_deletes: bool = False) -> None:
         if self._root_error:
             return
@@ -1456,7 +1465,8 @@ class Node:
         try:
             stats = self.rep.scan(paths=None, clean_temp=True, rehash=rehash,
                                   accept_deletes=accept_deletes,
-                                  strict_deletes=bool(self._deletes_held))  # fmt: skip
+                                  strict_deletes=bool(self._deletes_held),
+                                  progress=self._scan_tick)  # fmt: skip
         except RootChanged:
             self._root_ok()
             return

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 
 
+EXTEND_EVERY = 10.0  # seconds between asks for more start-up time while the first scan runs
+EXTEND_BY_USEC = 60_000_000  # each ask: this long from now
+
+
 class Notifier:
     """Sends sd_notify messages; keeps the watchdog fed at half its interval."""
 
@@ -42,27 +46,32 @@ class Notifier:
             self.watchdog_every = int(usec) / 1e6 / 2
         self._last_watchdog = 0.0
         self._last_status = ""
+        self._ready = False
+        self._last_extend = 0.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.socket_path)
 
     def send(self, text: str) -> None:
+        """One notice to systemd. A notice that cannot be sent (the socket gone, systemd busy)
+        is not the daemon's trouble: said at debug level, never raised."""
         if not self.socket_path:
             return
-        if _sd_daemon is not None and self.socket_path == os.environ.get("NOTIFY_SOCKET"):
-            _sd_daemon.notify(text)
-            return
-        addr = self.socket_path
-        if addr.startswith("@"):
-            addr = "\0" + addr[1:]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            try:
+        try:
+            if _sd_daemon is not None and self.socket_path == os.environ.get("NOTIFY_SOCKET"):
+                _sd_daemon.notify(text)
+                return
+            addr = self.socket_path
+            if addr.startswith("@"):
+                addr = "\0" + addr[1:]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
                 s.sendto(text.encode(), addr)
-            except OSError as e:
-                log.debug("sd_notify to %s failed: %s", self.socket_path, e)
+        except OSError as e:
+            log.debug("sd_notify to %s failed: %s", self.socket_path, e)
 
     def ready(self, status: str) -> None:
+        self._ready = True
         self._last_status = status
         self.send(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
 
@@ -72,10 +81,17 @@ class Notifier:
             self.send(f"STATUS={text}")
 
     def tick(self) -> None:
-        """Called from the engine loop: the loop that would hang is the one that pets the dog."""
-        if self.watchdog_every and self.clock() - self._last_watchdog >= self.watchdog_every:
-            self._last_watchdog = self.clock()
+        """Called from the engine loop (and from a scan, once per directory): the loop that
+        would hang is the one that pets the dog. Before READY (the first scan of a big tree,
+        or of one much changed while the daemon was stopped, can outlast systemd's start
+        timeout), each call that finds the scan still going asks for more time."""
+        now = self.clock()
+        if self.watchdog_every and now - self._last_watchdog >= self.watchdog_every:
+            self._last_watchdog = now
             self.send("WATCHDOG=1")
+        if not self._ready and now - self._last_extend >= EXTEND_EVERY:
+            self._last_extend = now
+            self.send(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}")
 
     def reloading(self) -> None:
         # MONOTONIC_USEC lets newer systemd (Type=notify-reload) match RELOADING to the reload.
