@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import hashlib
 import json
 import logging
 import os
 import socket
-import stat
 import struct
-import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +38,31 @@ _UNIX_PATH_MAX = 107
 
 
 def control_path(cfg: Config) -> Path:
-    """Where the daemon of ``cfg``'s replica listens; derived from the state directory."""
+    """Where the daemon of ``cfg``'s replica listens: the config's ``control_socket``, else
+    ``control.sock`` in the state directory, however long its path (see ``_address``)."""
     if cfg.control_socket is not None:
         return cfg.control_socket
-    path = cfg.state / "control.sock"
+    return cfg.state / "control.sock"
+
+
+@contextmanager
+def _address(path: Path) -> Iterator[str]:
+    """An address for the socket at ``path`` that fits in a Unix socket address (107 bytes):
+    the path itself, or, when longer, the same file reached through a descriptor of its
+    directory (``/proc/self/fd/N/control.sock``). So the socket stays where its replica's state
+    is, whatever that path's length; a fallback elsewhere (a directory under $TMPDIR, as
+    before) was not where a shell's `repld status` looked when the daemon's /tmp was its own
+    (the units' PrivateTmp=) or its TMPDIR another."""
     if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
-        return path
-    # Too long for a Unix socket address: a short name derived from the state directory.
-    digest = hashlib.sha256(os.fsencode(cfg.state.resolve())).hexdigest()[:16]
-    return _fallback_dir() / f"{digest}.sock"
-
-
-def _fallback_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"repld-{os.getuid()}"
-
-
-def _own_private_dir(d: Path) -> None:
-    """``d`` (where the socket goes) must be a directory of this user's that no one else may
-    write to: in a shared place (the /tmp fallback above), another user could have made it
-    first, and put a socket of theirs where `repld status` asks."""
-    st = os.lstat(d)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise ReplError(f"{d} (for the control socket) is not a directory; remove it, or set "
-                        "control_socket in the config")  # fmt: skip
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise ReplError(f"{d} (for the control socket) belongs to another user or others may "
-                        "write to it: someone else's socket could be put there. Remove it (or "
-                        "make it yours, mode 0700), or set control_socket in the config")  # fmt: skip
+        yield str(path)
+        return
+    # (A directory that is not there raises FileNotFoundError, as connecting to a missing
+    # socket does: no daemon.)
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -103,15 +99,14 @@ class ControlServer:
 
     def _bind(self) -> socket.socket:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.path.parent == _fallback_dir():
-            _own_private_dir(self.path.parent)  # (a place of the user's choice is theirs)
         if self.path.exists() or self.path.is_symlink():
             # The database lock says no other daemon runs for this replica: it is stale.
             self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            sock.bind(str(self.path))
+            with _address(self.path) as address:
+                sock.bind(address)
         except OSError as e:
             sock.close()
             raise ReplError(f"cannot create the control socket {self.path}: {e.strerror}") from None
@@ -223,7 +218,8 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> d
     )
     try:
         try:
-            sock.connect(str(path))
+            with _address(path) as address:
+                sock.connect(address)
         except (FileNotFoundError, ConnectionRefusedError):
             raise not_running from None
         except OSError as e:
