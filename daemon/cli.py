@@ -647,7 +647,8 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(
             f"  refused: {r['count']} connection(s) from public key '{r['key']}', no peer's key "
             f"here (last {r['last']}); if it is a replica of this tree, admit it: "
-            f"repld peer add NAME ENDPOINT '{r['key']}'"
+            f"repld peer add NAME ENDPOINT '{r['key']}' (a peer listed here under an old key: "
+            "`repld peer remove NAME` first)"
         )
     if st["conflicts"]:
         lines.append(f"  conflicts: {st['conflicts']} (see `repld conflicts`)")

@@ -315,7 +315,9 @@ class Session:
             out.send.append(self._ack(self.received_upto))
 
     def _on_bye(self, msg: Bye, out: Output) -> None:
-        self._closed(out, msg.reason or "the peer said goodbye")
+        # Its words, said as its: "shutting down" alone reads as this side stopping.
+        self._closed(out, f"the peer said goodbye ({msg.reason})" if msg.reason
+                     else "the peer said goodbye")  # fmt: skip
 
     # -- our side of the stream ----------------------------------------------------------------
 

@@ -716,6 +716,7 @@ def test_peer_with_an_unadmitted_key_gets_nothing(cluster):
     assert refused and refused[0]["count"] >= 1, a.status()["refused"]
     human = a("status").stdout
     assert "refused: " in human and f"repld peer add NAME ENDPOINT '{intruder.public_key}'" in human
+    assert "under an old key: `repld peer remove NAME` first" in human  # (a trial's case)
 
 
 def test_different_tree_ids_refuse_to_sync(cluster):

@@ -423,3 +423,14 @@ def test_a_path_that_fails_for_good_counts_once_not_every_page_after_it() -> Non
     # Asked for again (every 10 s): counted anew as it comes.
     assert [type(m) for m in sb.retry().send] == [wire.Resend]
     assert sb.need()[0] >= 1
+
+
+def test_a_goodbye_is_said_as_the_peers():
+    """A trial read `beta: session ended: shutting down` as this side stopping."""
+    a, b = Side(A_ID, "a"), Side(B_ID, "b")
+    sa, sb = a.start(B_ID), b.start(A_ID)
+    sa.receive(sb.hello())
+    sb.receive(sa.hello())
+    bye = sb.close("shutting down").send
+    (closed,) = [x for m in bye for x in sa.receive(m).actions if isinstance(x, Closed)]
+    assert closed.reason == "the peer said goodbye (shutting down)" and not closed.fatal
