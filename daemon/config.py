@@ -211,16 +211,23 @@ def line_of(text: str, key: str) -> int | None:
 E = TypeVar("E", bound=enum.Enum)
 
 
-def _choice(data: dict[str, object], key: str, default: E, path: Path, what: str) -> E:
-    """The value of ``key``, one of ``default``'s enum's values (``what`` names one in errors)."""
+# (Policy's other values are `--prefer` given to one sync, not a setting.)
+CONFIG_POLICIES = (Policy.KEEP_BOTH, Policy.NEWEST, Policy.PREFER_LOCAL, Policy.PREFER_REMOTE)
+
+
+def _choice(data: dict[str, object], key: str, default: E, path: Path, what: str,
+            allowed: tuple[E, ...] | None = None) -> E:  # fmt: skip
+    """The value of ``key``, one of ``allowed`` (default: every value of ``default``'s enum;
+    ``what`` names one in errors)."""
     text = data.get(key, default.value)
     _type(text, str, "a string", path, key)
-    try:
-        return type(default)(text)
-    except ValueError:
-        choices = ", ".join(str(c.value) for c in type(default))
-        raise ConfigError(f"unknown {what} {text!r} (choose one of {choices})", file=path,
-                          key=key) from None  # fmt: skip
+    every = allowed if allowed is not None else tuple(type(default))
+    for c in every:
+        if c.value == text:
+            return c
+    choices = ", ".join(str(c.value) for c in every)
+    raise ConfigError(f"unknown {what} {text!r} (choose one of {choices})", file=path,
+                      key=key)  # fmt: skip
 
 
 def where_the_daemon_is(path: Path | None = None) -> tuple[Config, ConfigError | None]:
@@ -274,7 +281,7 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
         raise ConfigError(f"root {root} does not exist or is not a directory", file=path, key="root")
     name = check_name(str(data["name"]), file=path)
     listen = check_endpoint(str(data["listen"]), file=path)
-    policy = _choice(data, "conflict_policy", Policy.KEEP_BOTH, path, "policy")
+    policy = _choice(data, "conflict_policy", Policy.KEEP_BOTH, path, "policy", CONFIG_POLICIES)
     ignore = data.get("ignore", [])
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise ConfigError("expected a list of gitignore-style patterns", file=path, key="ignore")
@@ -393,7 +400,7 @@ listen = {_q(cfg.listen)}
 # Concurrent edits of one file: keep-both (the other edit is kept beside it as
 # NAME.conflict-<replica>-<hash>.EXT, the same on every replica), newest (the other leaves the
 # tree, kept in its own replica's `repld versions`),
-# prefer-local / prefer-remote (set on one replica only).
+# prefer-local / prefer-remote (this replica's own edit wins or loses; set on one replica only).
 conflict_policy = {_q(cfg.conflict_policy.value)}
 
 # Seconds between the daemon's full scans, the safety net behind inotify (0: never).

@@ -92,7 +92,7 @@ def prefer_policy(prefer: str | None, into_left: bool, default: Policy) -> Polic
         return default
     # "local" is the left replica (the one whose config runs the command).
     left_wins = prefer == "local"
-    return Policy.PREFER_LOCAL if left_wins == into_left else Policy.PREFER_REMOTE
+    return Policy.CHOOSE_LOCAL if left_wins == into_left else Policy.CHOOSE_REMOTE
 
 
 def sync(

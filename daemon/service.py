@@ -171,7 +171,7 @@ def sync_with_peer(
         return _wait_daemon(cfg, peer_name, timeout)
     policy = None
     if prefer:
-        policy = Policy.PREFER_LOCAL if prefer == "local" else Policy.PREFER_REMOTE
+        policy = Policy.CHOOSE_LOCAL if prefer == "local" else Policy.CHOOSE_REMOTE
     opts = Options(
         send=not (pull_only or dry_run or paths),
         receive=not push_only,

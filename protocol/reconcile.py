@@ -33,8 +33,13 @@ from .version import Order
 class Policy(enum.Enum):
     KEEP_BOTH = "keep-both"
     NEWEST = "newest"
+    # A replica's conflict_policy: its own edit wins (or loses) against another replica's; a
+    # conflict between two other replicas' edits, which it only relays, is kept both ways.
     PREFER_LOCAL = "prefer-local"
     PREFER_REMOTE = "prefer-remote"
+    # `--prefer local|remote` given to one sync: that side wins, whoever made its version.
+    CHOOSE_LOCAL = "--prefer local"
+    CHOOSE_REMOTE = "--prefer remote"
 
 
 class Side(enum.Enum):
@@ -175,9 +180,13 @@ def reconcile(
     # tree's version keeps the name, the adopted one is kept beside it.
     adopted = Action.ADOPT in (local.action, remote.action)
     fixed = has_dir or adopted  # decided by the rule, not by a preference or a policy
-    if policy is Policy.PREFER_LOCAL and not fixed:
+    if policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and local.modified_by != replica:
+        # Neither edit is this replica's (it holds another replica's, relayed): a preference
+        # for its own edits says nothing here (a trial saw a relayed, older edit win so).
+        policy = Policy.KEEP_BOTH
+    if policy in (Policy.PREFER_LOCAL, Policy.CHOOSE_LOCAL) and not fixed:
         winner_side, reason = Side.LOCAL, "prefer local"
-    elif policy is Policy.PREFER_REMOTE and not fixed:
+    elif policy in (Policy.PREFER_REMOTE, Policy.CHOOSE_REMOTE) and not fixed:
         winner_side, reason = Side.REMOTE, "prefer remote"
     else:
         local_wins = _winner_key(local) > _winner_key(remote)
@@ -192,7 +201,7 @@ def reconcile(
             reason = "tie broken by id"
     winner, loser = (local, remote) if winner_side is Side.LOCAL else (remote, local)
 
-    chosen = policy in (Policy.PREFER_LOCAL, Policy.PREFER_REMOTE) and not fixed
+    chosen = policy not in (Policy.KEEP_BOTH, Policy.NEWEST) and not fixed
     # A loser dropped with no copy (a preference, or `newest`): the result carries an event of
     # this decision, so that on the loser's replica, where the settled version lands over that
     # edit, it brings two events at least and cannot pass for an edit made on top of it: the

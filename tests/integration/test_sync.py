@@ -582,6 +582,32 @@ def test_the_changing_sides_conflict_policy_applies_without_prefer(tmp_path):
     assert conflict_copies(a.root) == conflict_copies(b.root) == []
 
 
+def test_prefer_local_speaks_for_this_replicas_edits_not_for_those_it_relays(tmp_path):
+    """A trial: d, set to prefer-local, held c's edit (relayed) when a's concurrent edit came,
+    and c's older edit won with no copy on every replica. Neither edit was d's: both are kept."""
+    a, c, d = make_replicas(tmp_path, "a", "c", "d")
+    (a.root / "f.txt").write_text("v0\n")
+    a.sync(c)
+    a.sync(d)
+    (c.root / "f.txt").write_text("c's older edit\n")
+    (a.root / "f.txt").write_text("a's newer edit\n")
+    newer(a.root / "f.txt", than=c.root / "f.txt")
+    c.sync(d)  # d holds c's edit now
+    set_policy(d, "prefer-local")
+    d.sync(a)
+    texts = sorted(p.read_text() for p in d.root.glob("f*.txt"))
+    assert texts == ["a's newer edit\n", "c's older edit\n"], texts
+    assert (d.root / "f.txt").read_text() == "a's newer edit\n"  # the newer keeps the name
+    assert snapshot(a.root) == snapshot(d.root)
+    # d's own edit is still d's to prefer.
+    (d.root / "f.txt").write_text("d's own edit\n")
+    (a.root / "f.txt").write_text("a's newer edit again\n")
+    newer(a.root / "f.txt", than=d.root / "f.txt")
+    d.sync(a)
+    assert (a.root / "f.txt").read_text() == "d's own edit\n"
+    assert len(conflict_copies(a.root)) == 1  # the one from before, no new one
+
+
 def test_newest_never_drops_a_newer_edit_for_an_older_directory(tmp_path):
     h, u = make_replicas(tmp_path, "h", "u")
     (h.root / "t3").write_text("orig\n")
