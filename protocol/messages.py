@@ -19,8 +19,9 @@ from .record import DIGEST_SIZE, MAX_BLOCK, Action, Kind, Record, check_path, is
 from .version import VersionVector
 
 # 2: records may carry the action "adopt"; 3: acks may carry `held`; 4: getfiles and files
-# (small files asked for and sent many at a time), and pages may carry content
-WIRE_VERSION = 4
+# (small files asked for and sent many at a time), and pages may carry content; 5: conflict
+# copies are named by the losing edit, not its whole version (replicas must name them alike)
+WIRE_VERSION = 5
 PROTOCOL = "repld/1"
 MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
 # Bytes of file content one request may ask for: a whole block of the biggest files (a block

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .record import Action, Kind, Record, conflict_copy_path, derived_guid
+from .record import Action, Kind, Record, conflict_copy_path, derived_guid, losing_edit
 from .version import Order
 
 
@@ -109,7 +109,7 @@ def conflict_copy_record(loser: Record, path: str) -> Record:
     copy_path = conflict_copy_path(path, loser)
     return loser.with_(
         path=copy_path,
-        guid=derived_guid(loser.guid, loser.content_id(), loser.version.encode()),
+        guid=derived_guid(loser.guid, losing_edit(loser)),
         action=Action.CREATE,
         seq=0,
         replicated_ns=0,

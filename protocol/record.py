@@ -200,10 +200,20 @@ def is_within(path: str, prefix: str) -> bool:
     return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
+def losing_edit(loser: Record) -> str:
+    """What names a losing edit wherever it loses: its content, the replica that made it, and
+    that replica's count of events in its version (its edit's number). Not the whole version:
+    an edit that won a conflict on one replica (its version merged with the other's) and lost
+    on another must get one copy mesh-wide, not one per version it travelled under (a trial saw
+    six copies of one edit). Another edit of that replica, even back to the same content, has
+    another number: another copy, so none lands on an earlier copy's path and its history."""
+    by = loser.modified_by
+    return f"{loser.content_id()}\0{by}\0{loser.version.get(by)}"
+
+
 def loser_digest(loser: Record) -> str:
-    """A hash of a whole losing version: its content and its version vector."""
-    ident = f"{loser.content_id()}\0{loser.version.encode()}"
-    return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()
+    """A hash of a losing edit (see ``losing_edit``)."""
+    return hashlib.sha256(losing_edit(loser).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def subtree_filter(paths: list[str] | None) -> Callable[[str], bool] | None:
@@ -215,12 +225,8 @@ def subtree_filter(paths: list[str] | None) -> Callable[[str], bool] | None:
 
 
 def conflict_copy_path(path: str, loser: Record) -> str:
-    """``NAME.conflict-<short replica>-<short hash>.EXT``, derived only from the losing version.
-
-    The hash is of the whole losing version (content and version vector), not of the content
-    alone: a later conflict that loses the same content again is another version, and its copy
-    must not land on the path (and the history, maybe a tombstone) of an earlier copy.
-    """
+    """``NAME.conflict-<short replica>-<short hash>.EXT``, derived only from the losing edit
+    (see ``losing_edit``): the same on every replica that meets it."""
     head, name = posixpath.split(path)
     stem, dot, ext = name.rpartition(".")
     if not dot or not stem or _MARK_RE.fullmatch(dot + ext):

@@ -582,6 +582,32 @@ def test_the_changing_sides_conflict_policy_applies_without_prefer(tmp_path):
     assert conflict_copies(a.root) == conflict_copies(b.root) == []
 
 
+def test_an_edit_that_wins_on_one_replica_and_loses_on_another_gets_one_copy(tmp_path):
+    """A trial (four writers at once): a's edit won against b's on x, its version merged with
+    b's, and lost to d's on a and on x: two copies of a's edit under two names, one per version
+    it travelled under. A copy is named by the losing edit: one copy mesh-wide."""
+    a, b, d, x = make_replicas(tmp_path, "a", "b", "d", "x")
+    (a.root / "f.txt").write_text("v0\n")
+    for r in (b, d, x):
+        a.sync(r)
+    (b.root / "f.txt").write_text("b's edit, the oldest\n")
+    (a.root / "f.txt").write_text("a's edit\n")
+    (d.root / "f.txt").write_text("d's edit, the newest\n")
+    newer(a.root / "f.txt", than=b.root / "f.txt")
+    newer(d.root / "f.txt", than=a.root / "f.txt")
+    a.sync(x)  # x holds a's edit
+    x.sync(b)  # a's edit wins against b's there: merged with b's version
+    a.sync(d)  # a's edit loses to d's on a and d
+    x.sync(d)  # ...and, under its merged version, on x
+    for one, other in ((a, b), (a, x), (d, x), (b, d)):
+        one.sync(other)
+    for r in (a, b, d, x):
+        assert snapshot(r.root) == snapshot(a.root)
+    texts = sorted((a.root / c).read_text() for c in conflict_copies(a.root))
+    assert texts == ["a's edit\n", "b's edit, the oldest\n"], texts
+    assert (a.root / "f.txt").read_text() == "d's edit, the newest\n"
+
+
 def test_prefer_local_speaks_for_this_replicas_edits_not_for_those_it_relays(tmp_path):
     """A trial: d, set to prefer-local, held c's edit (relayed) when a's concurrent edit came,
     and c's older edit won with no copy on every replica. Neither edit was d's: both are kept."""

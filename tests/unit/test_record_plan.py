@@ -75,13 +75,18 @@ def test_conflict_original_of_a_copy_of_a_copy(path):
     assert conflict_copy_path(copy_of_copy, _file(path)) != copy_of_copy
 
 
-def test_conflict_copy_name_derives_from_the_whole_losing_version():
-    """The same content losing again, as another version, gets another copy: the first copy's
-    path may hold a history (say, a tombstone) that the new copy must not run into."""
+def test_conflict_copy_name_derives_from_the_losing_edit():
+    """One edit gets one copy wherever it loses, whatever version it travels under (it may
+    have won a conflict elsewhere first: its version merged with the other's); another edit of
+    the same replica, even back to the same content, gets another copy, so none lands on an
+    earlier copy's path (which may hold a history, say a tombstone)."""
     first = _file("notes.txt")
-    again = first.with_(version=first.version.bump(B))
+    merged = first.with_(version=first.version.merge(VersionVector.of({B: 3})))
+    assert conflict_copy_path("notes.txt", first) == conflict_copy_path("notes.txt", merged)
+    again = first.with_(version=first.version.bump(A))  # A's next edit, the same content
     assert conflict_copy_path("notes.txt", first) != conflict_copy_path("notes.txt", again)
-    assert conflict_copy_path("notes.txt", first) == conflict_copy_path("notes.txt", first)
+    by_b = first.with_(modified_by=B, version=first.version.bump(B))
+    assert conflict_copy_path("notes.txt", first) != conflict_copy_path("notes.txt", by_b)
 
 
 @pytest.mark.parametrize("name", [
