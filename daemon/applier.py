@@ -966,9 +966,9 @@ class Applier:
             sha, _, size, st = hash_file_stat(self._p(path))
         except OSError:
             return False
-        return stat.S_ISREG(st.st_mode) and (
-            sha, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), expected.ino or st.st_ino
-        ) == (expected.sha256, expected.size, expected.mtime_ns, expected.mode, st.st_ino)
+        now = (sha, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+        was = (expected.sha256, expected.size, expected.mtime_ns, expected.mode)
+        return stat.S_ISREG(st.st_mode) and now == was and expected.ino in (0, st.st_ino)
 
     def _record_moves(self) -> None:
         """Make the renames durable (the old names gone, the new ones there), then record both
