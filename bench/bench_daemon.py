@@ -28,7 +28,10 @@ seconds). For Syncthing the time from "both devices connected" (the folder is sh
 configs from the start) until B is identical is shown as well, polled through A's REST API.
 
 One-shot tools (``rsync -a``, ``unison -batch -auto``) do cases 1-3: the time of the command,
-after which the script checks B the same way (a difference is reported as a problem).
+after which the script checks B the same way (a difference is reported as a problem). ``cp``
+is ``cp -a A/. B/ && sync``: not a sync tool but the disk's limit in the same run (it writes
+every byte once and waits until it is on disk), which the large-file case is best read against,
+as a ratio: this host's disk speed swings by several times from one hour to the next.
 
 Resources: for a daemon, the peak RSS is ``VmHWM`` from ``/proc/PID/status`` and the CPU time
 is utime + stime (+ waited-for children) from ``/proc/PID/stat``, both read right after B was
@@ -102,7 +105,7 @@ from common import (
     warm_tree,
 )
 
-TOOLS = ("syncthing", "rsync", "unison", "repld")
+TOOLS = ("syncthing", "rsync", "unison", "cp", "repld")
 SMALL_FILES = 10_000
 LARGE_COUNT = 8
 LARGE_MIB = 64
@@ -780,6 +783,11 @@ class Bench:
             row = self.one_shot_row(case, tool, self.r.run(cmd(a, b), env=env), b, expected)
             row.elsewhere = foreign.cpus()
             row.notes.append(busy)
+            if tool == "cp" and case == self.case3():
+                row.notes.append("copies every file again")
+            if case == self.case2() and row.seconds:
+                mib = sum(size for size, _ in expected.values()) / MIB
+                row.notes.append(f"{mib / row.seconds:.0f} MiB/s")
             self.add(row)
 
         cases = [self.case1(), self.case3()]
@@ -810,6 +818,10 @@ class Bench:
 
     def run_rsync(self) -> None:
         self.one_shot("rsync", lambda a, b: ["rsync", "-a", f"{a}/", f"{b}/"])
+
+    def run_cp(self) -> None:
+        self.one_shot("cp", lambda a, b: ["sh", "-c", 'cp -a "$1"/. "$2"/ && sync', "cp",
+                                          str(a), str(b)])  # fmt: skip
 
     def run_unison(self) -> None:
         home = self.area / "unison-home"
@@ -1321,6 +1333,8 @@ def tool_versions(args: argparse.Namespace) -> dict[str, str]:
             found[tool] = first_line(["rsync", "--version"])
         elif tool == "unison":
             found[tool] = first_line(["unison", "-version"])
+        elif tool == "cp":
+            found[tool] = first_line(["cp", "--version"]) + ", then `sync`"
         elif tool == "repld":
             found[tool] = f"`{args.repld_path}`{git_state()}"
     return found
