@@ -21,7 +21,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1760,6 +1760,7 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         peers = self._peer_status()
+        failed = Counter(e.peer for e in self.errors.values() if e.peer)
         # Counting the tree is a pass over every record. While records are still coming in
         # (every batch commits), that is at most once a COUNTS_EVERY, and the loop wakes up for
         # the next count; once nothing more is on its way here (a peer may still be taking
@@ -1791,11 +1792,12 @@ class Node:
             else "scanning"
             if self._settle_at is not None and self.state == "idle"
             # Files on their way here, or a peer fetching from this one lately (sending is
-            # syncing too; a peer that needs files and fetches none, paused, is not).
+            # syncing too; a peer that needs files and fetches none, paused, is not). Files
+            # that failed and wait for a retry (listed in errors) are not on their way.
             else "syncing"
             if self.state == "idle" and (
                 now - self._served_at < SERVING_FOR
-                or any(p["connected"] and p["need_files"] for p in peers)
+                or any(p["connected"] and p["need_files"] > failed[p["name"]] for p in peers)
             )
             else self.state,
             "pid": os.getpid(),

@@ -73,3 +73,29 @@ def test_counts_are_exact_as_soon_as_nothing_more_is_on_its_way(tmp_path):
         cluster.wait_until(b_in_sync_with_a, what="b to take a's files", timeout=60)
         assert snapshots[0]["local"]["files"] == n, snapshots[0]["local"]
         assert not next(p for p in snapshots[0]["peers"] if p["name"] == "c")["in_sync"]
+
+
+def test_a_file_that_fails_at_every_try_leaves_the_daemon_idle_with_the_error(tmp_path):
+    """b cannot apply a deletion (it cannot keep the file's content as a version): nothing is
+    on its way, so b says "idle" and lists the error, not "syncing" for as long as the failure
+    lasts (a script waiting for idle waited for ever)."""
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        (a.root / "precious.txt").write_text("precious\n")
+        cluster.start()
+        cluster.wait_converged(what="one file")
+        (b.state / "versions").write_text("not a folder\n")
+        (a.root / "precious.txt").unlink()
+
+        def failed_and_idle() -> bool:
+            st = b.status()
+            return bool(st and st["errors"] and st["state"] == "idle")
+
+        cluster.wait_until(failed_and_idle, what="b to fail the deletion and say idle", timeout=30)
+        st = b.status()
+        assert [e["path"] for e in st["errors"]] == ["precious.txt"], st["errors"]
+        peer = next(p for p in st["peers"] if p["name"] == "a")
+        assert peer["need_files"] == 1 and not peer["in_sync"], peer
+        assert (b.root / "precious.txt").exists()
+        (b.state / "versions").unlink()
+        cluster.wait_converged(what="the deletion, once b can keep the file")
