@@ -297,6 +297,9 @@ class Node:
         self._next_full_scan: float | None = None  # monotonic; None: no periodic scan due
         self._next_unwatched_scan: float | None = None  # of the directories beyond the limit
         self._rid_by_name: dict[str, str] | None = None  # see _replica_of
+        # When each peer (by name) last synced with this replica before this run (a daemon's
+        # session, `repld sync`, a bundle): its last_seen until a link hears from it.
+        self._synced_before: dict[str, float] = {}
         # What we wrote, so its inotify echo is not rescanned: path -> (deleted, kind, size,
         # mtime_ns, mode, symlink target). An optimisation only (a missed echo costs one scan of the path), so it
         # is kept small: the oldest half goes when it grows past APPLIED_MAX (many echoes never
@@ -990,6 +993,7 @@ class Node:
             self._rid_by_name = {}
             for m in sorted(self.store.peer_marks(), key=lambda m: m.last_sync_ns):
                 self._rid_by_name[m.name] = m.replica_id
+                self._synced_before[m.name] = m.last_sync_ns / 1e9
         return self._rid_by_name.get(name)
 
     def _end_session(self, link: PeerLink, reason: str) -> None:
@@ -1849,7 +1853,9 @@ class Node:
                 # comes in for a while) is needed no more.
                 got = self.transfers.stats.arrived_bytes - self._page_in[1]
                 need_bytes = max(0, need_bytes - got)
-            seen = max((lk.last_seen_wall for lk in links), default=0.0)
+            self._replica_of(p.name)  # (loads _synced_before)
+            seen = max((lk.last_seen_wall for lk in links),
+                       default=0.0) or self._synced_before.get(p.name, 0.0)  # fmt: skip
             # (An error that passes, such as "no longer admits this replica's key", is over
             # once a session is on, if only on the other link to it: a peer that re-added us.)
             errs = [lk.error for lk in links if lk.error and not (s is not None and lk.error_passes)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 
 from daemons import Cluster
@@ -99,3 +100,23 @@ def test_a_file_that_fails_at_every_try_leaves_the_daemon_idle_with_the_error(tm
         assert (b.root / "precious.txt").exists()
         (b.state / "versions").unlink()
         cluster.wait_converged(what="the deletion, once b can keep the file")
+
+
+def test_a_restarted_daemon_says_when_it_last_synced_with_a_peer_that_is_away(tmp_path):
+    """The laptop is off; the desktop's daemon restarts: `status` said the laptop was "never"
+    seen, as if the two had never met. It says when they last synced."""
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        (a.root / "note.txt").write_text("hello\n")
+        cluster.start()
+        cluster.wait_converged(what="one file")
+        before = a.peer_status("b")["last_seen"]
+        assert before, a.status()
+        cluster.stop(a, b)
+        cluster.start(a)
+        peer = cluster.wait_until(lambda: a.peer_status("b"), what="a's status")
+        assert not peer["connected"], peer
+        assert peer["last_seen"], peer
+        apart = dt.datetime.fromisoformat(peer["last_seen"]) - dt.datetime.fromisoformat(before)
+        assert abs(apart.total_seconds()) < 30, (peer, before)
+        assert "never" not in a("status").stdout
