@@ -191,9 +191,12 @@ class Transfers:
         self._partial_of[path] = sha
         if old is not None:
             self._drop_partial(old)
+        note = self.partial_dir / f"{sha}.path"
         try:
-            (self.partial_dir / f"{sha}.path").write_text(path, encoding="utf-8",
-                                                          errors="surrogateescape")  # fmt: skip
+            # Owner-only, as the partial file: a path names what the tree holds.
+            fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
+                f.write(path.encode("utf-8", "surrogateescape"))
         except OSError:
             pass  # only a note: without it the partial still goes after a week
 

@@ -267,6 +267,9 @@ def test_a_partial_file_of_a_replaced_version_is_deleted_even_after_a_restart(
     t.close()
     partial = tmp_path / "state" / "partial"
     assert (partial / rec1.sha256).exists()  # kept for a resume of that version
+    # Its note names the path, for the owner's eyes only (as the partial file).
+    for name in (rec1.sha256, f"{rec1.sha256}.path"):
+        assert (partial / name).stat().st_mode & 0o077 == 0, name
     # A restart; then a new version of the same path is fetched.
     v2 = v1[:-1] + bytes([v1[-1] ^ 1])
     t2 = Transfers(stores[0], tmp_path / "root", partial, lambda _t: None)
