@@ -495,6 +495,8 @@ class Applier:
                 except FileNotFoundError:
                     break
                 if not stat.S_ISDIR(st.st_mode):
+                    if (what := special_kind(st.st_mode)) is not None:
+                        raise InTheWay(path, what, at=cur)  # no later step makes it a directory
                     raise ParentNotDir(path, f"{cur} is not a directory")
                 self._dirs_ok.add(cur)
         return self._p(path)
@@ -576,6 +578,8 @@ class Applier:
                 p = parent_of(p)
                 continue
             if not stat.S_ISDIR(st.st_mode):
+                if (what := special_kind(st.st_mode)) is not None:
+                    raise InTheWay(path, what, at=p)
                 raise ChangedOnDisk(path, f"parent {p} is not a directory")
             break
         for d in reversed(missing):

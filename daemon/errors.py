@@ -128,11 +128,12 @@ class InTheWay(ReplError):
     """Something repld does not replicate (a FIFO, a socket, a device) is where a file goes:
     trying again changes nothing until the user moves it away."""
 
-    def __init__(self, path: str, what: str):
+    def __init__(self, path: str, what: str, *, at: str = ""):
         self.path = path
+        where = f"is at {at}, where a directory of its path goes," if at else "is there,"
         super().__init__(
-            f"{path}: {what} is there, which repld does not replicate (nor replace): move it "
-            "away, and the next sync puts the file there"
+            f"{path}: {what} {where} which repld does not replicate (nor replace): move it "
+            "away, and the next sync puts what belongs there in its place"
         )
 
 

@@ -422,7 +422,12 @@ class Scanner:
             except FileNotFoundError:
                 st = None
             except OSError as e:
-                self._error(path, f"cannot stat: {e.strerror}")
+                if e.errno == errno.ENAMETOOLONG:
+                    size = len(os.fsencode(path))
+                    self._skip(path, f"its path is too long for this system ({size} bytes "
+                                     "under the root); move it higher up to replicate it")
+                else:
+                    self._error(path, f"cannot stat: {e.strerror}")
                 continue
             if st is not None and self.ignore(path, stat.S_ISDIR(st.st_mode)):
                 continue
@@ -510,6 +515,11 @@ class Scanner:
                     if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
             self._skip(path, f"{what}, not a regular file, directory or symlink (a line "
                              f"`/{_glob_escape(path)}` in .repldignore silences this)")  # fmt: skip
+            if rec is not None and not rec.deleted:
+                # What was recorded there (a file, a directory and all in it) is gone from the
+                # tree as repld sees it: its peers must hear so, or they keep it for good and
+                # wait for ever for a version this replica no longer has.
+                self._gone(rec)
             return False
         if rec is not None and not rec.deleted and rec.kind is Kind.DIR and kind is not Kind.DIR:
             # Now: the children's tombstones go before the record of what replaces them.

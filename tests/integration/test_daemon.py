@@ -476,6 +476,21 @@ def test_a_path_that_cannot_be_replicated_is_logged_once_not_at_every_scan(clust
     assert a.log.read_text().count("a-fifo: not replicated") == 1, a.log.read_text()
 
 
+def test_a_file_replaced_by_a_fifo_at_once_is_deleted_on_the_peer(cluster):
+    """`rm f && mkfifo f` within the watcher's debounce: the path scan found a FIFO where a
+    file was recorded, and recorded nothing. The peer kept the file, asked for a version that
+    was gone, and said "syncing" for ever (a trial)."""
+    a, b = cluster.make("a", "b")
+    (a.root / "ff").write_text("fifo to be\n")
+    cluster.start()
+    cluster.wait_converged(what="one file")
+    os.unlink(a.root / "ff")
+    os.mkfifo(a.root / "ff")
+    cluster.wait_until(lambda: not (b.root / "ff").exists(), 30, "b to delete ff")
+    cluster.wait_until(lambda: cluster.in_sync(), 30, "both to say in sync")
+    assert any(e["path"] == "ff" and "FIFO" in e["error"] for e in a.status()["errors"])
+
+
 def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
     a, b = with_files(cluster, 150)
     saved = {p.name: p.read_bytes() for p in a.root.iterdir()}

@@ -84,9 +84,11 @@ def test_a_sync_of_many_files_copies_each_exactly(tmp_path):
     assert "0 actions planned" in a.sync(b, "-n").stdout
 
 
-def test_a_fifo_where_a_recorded_file_was_fails_that_file_without_hanging(tmp_path):
+def test_a_fifo_where_a_recorded_file_was_is_its_deletion_and_nothing_hangs(tmp_path):
     """A FIFO put where a recorded file was (on the source, or where the target has the same
-    content to copy from): opening it to read would wait for a writer forever."""
+    content to copy from): opening it to read would wait for a writer forever. And the file is
+    gone from the tree as repld sees it: its peers delete it (they waited for ever for a newer
+    version that never came, and kept it; found by a trial)."""
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "same.txt").write_text("same\n")
     a.sync(b)
@@ -95,17 +97,85 @@ def test_a_fifo_where_a_recorded_file_was_fails_that_file_without_hanging(tmp_pa
     (a.root / "again.txt").write_text("same\n")  # b would copy it from its own same.txt
     (a.root / "f.txt").write_text("recorded\n")
     (a.root / "other.txt").write_text("other\n")
-    a("scan")
+    a.sync(b)
     (a.root / "f.txt").unlink()
     os.mkfifo(a.root / "f.txt")
     proc = subprocess.run([*REPLD, "--config", str(a.config), "sync", str(b.config)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert re.search(r"f\.txt: changed in .* since it was scanned \(not a regular file but a "
-                     r"FIFO\)", proc.stdout + proc.stderr), proc.stdout + proc.stderr  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "not replicated: f.txt: a FIFO" in proc.stderr, proc.stderr
     assert (b.root / "again.txt").read_text() == "same\n"  # from a, not from the FIFO
     assert (b.root / "other.txt").read_text() == "other\n"
-    assert not (b.root / "f.txt").exists()
+    assert not (b.root / "f.txt").exists()  # deleted, as on a
+    assert not (a.root / "same.txt").exists()  # deleted, as on b: kept in a's versions
+    assert "same.txt" in a("versions").stdout
+    for rep in (a, b):
+        assert stat.S_ISFIFO(os.lstat(rep.root / ("f.txt" if rep is a else "same.txt")).st_mode)
+    assert "0 actions planned" in a.sync(b, "-n").stdout
+
+
+def test_a_directory_replaced_by_a_fifo_is_deleted_with_its_files_on_the_peer(tmp_path):
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "pe").mkdir()
+    (a.root / "pe" / "a").write_text("1\n")
+    (a.root / "pe" / "b").write_text("2\n")
+    a.sync(b)
+    shutil.rmtree(a.root / "pe")
+    os.mkfifo(a.root / "pe")
+    out = a.sync(b).stdout
+    assert "2 deleted" in out or "3 deleted" in out, out
+    assert not (b.root / "pe").exists()
+    assert "not replicated: pe: a FIFO" in a("scan").stderr
+    assert "0 actions planned" in a.sync(b, "-n").stdout
+
+
+def test_a_fifo_where_a_directory_of_the_path_goes_is_named_in_the_error(tmp_path):
+    """It said "changed on disk since the last scan (d is not a directory); it will be synced
+    next time", at every sync, for ever."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "d").mkdir()
+    (a.root / "d" / "x").write_text("x\n")
+    a.sync(b)
+    shutil.rmtree(b.root / "d")
+    os.mkfifo(b.root / "d")
+    (a.root / "d" / "y").write_text("new on a\n")
+    for _ in range(2):
+        proc = subprocess.run([*REPLD, "--config", str(a.config), "sync", str(b.config)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert ("error: b: d/y: a FIFO is at d, where a directory of its path goes, "
+                "which repld does not replicate (nor replace): move it away") in proc.stderr, \
+            proc.stderr  # fmt: skip
+        assert "next time" not in proc.stderr, proc.stderr
+    assert (a.root / "d" / "y").read_text() == "new on a\n"  # a's new file stays
+    assert not (a.root / "d" / "x").exists()  # deleted on b: kept in a's versions
+    os.unlink(b.root / "d")
+    a.sync(b)
+    assert (b.root / "d" / "y").read_text() == "new on a\n"
+
+
+def test_a_path_too_long_for_the_system_is_said_to_be_so(tmp_path):
+    """A tree deeper than PATH_MAX (4096 bytes) under the root: what is below the limit syncs,
+    and the rest is "not replicated" because of its length (it said "cannot stat: File name
+    too long", which reads as a disk error)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    fd = os.open(a.root, os.O_RDONLY)
+    try:
+        for i in range(25):  # 25 x 201 bytes
+            name = f"d{i:02}" + "x" * 197
+            os.mkdir(name, dir_fd=fd)
+            new = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        with open(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("deep\n")
+    finally:
+        os.close(fd)
+    proc = subprocess.run([*REPLD, "--config", str(a.config), "sync", str(b.config)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "its path is too long for this system" in proc.stderr, proc.stdout + proc.stderr
+    assert "cannot stat" not in proc.stdout + proc.stderr
+    assert (b.root / ("d00" + "x" * 197)).is_dir()
 
 
 def test_a_fifo_or_socket_where_a_file_goes_is_reported_and_left_alone(tmp_path):
