@@ -1363,8 +1363,9 @@ class Node:
                 kept = (f"the other version kept as {c.copy.path}" if c.copy
                         else "no conflict copy: the other is kept in its replica's "
                         "`repld versions`")  # fmt: skip
-                log.warning("%s: conflict on %s: %s version wins (%s); %s", peer, st.path,
-                            c.winner.value, c.reason, kept, extra={"PEER": peer, "PATH": st.path})  # fmt: skip
+                # (The step may be the copy's own, written first: the conflict is on c.path.)
+                log.warning("%s: conflict on %s: %s version wins (%s); %s", peer, c.path,
+                            c.winner.value, c.reason, kept, extra={"PEER": peer, "PATH": c.path})  # fmt: skip
         if stats.written or stats.deleted or stats.conflicts or stats.moved:
             moved = f", {stats.moved:d} moved" if stats.moved else ""
             log.info("%s: %d file(s) written (%s bytes)%s, %d deleted, %d conflict(s)", peer,

@@ -1241,3 +1241,27 @@ def test_two_editors_saving_one_file_on_both_sides_end_in_sync(cluster):
     cluster.wait_converged(timeout=90, what="both editors' saves settled")
     for r in (a, b):
         assert r.status()["errors"] == [], r.status()["errors"]
+
+
+def test_the_log_names_the_path_of_a_conflict_not_its_copy(cluster):
+    """A directory that holds files beats a file: the losing file's copy is written first, and
+    the log said "conflict on c9.conflict-...: ...; the other version kept as c9.conflict-..."."""
+    a, b = cluster.make("a", "b")
+    (a.root / "c9").mkdir()
+    (a.root / "c9" / "x").write_text("in\n")
+    cluster.start()
+    cluster.wait_converged(what="c9 on both")
+    cluster.stop(b)
+    shutil.rmtree(a.root / "c9")
+    (a.root / "c9").write_text("a file now\n")
+    cluster.wait_until(lambda: " create " in (a("log", "c9", check=False).stdout.strip()
+                                              .splitlines() or [""])[-1],
+                       30, "a to record the file")  # fmt: skip
+    (b.root / "c9" / "newfile").write_text("new on b\n")
+    cluster.start(b)
+    cluster.wait_converged(what="the conflict settled")
+    lines = [ln for ln in (a.log.read_text() + b.log.read_text()).splitlines()
+             if "conflict on" in ln]  # fmt: skip
+    assert lines, "no conflict logged"
+    assert all(": conflict on c9: " in ln for ln in lines), lines
+    assert (b.root / "c9" / "newfile").read_text() == "new on b\n"
