@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.messages import INLINE_MAX, MAX_FILES, Blocks, Error, Files, GetBlocks, GetFiles
-from ..protocol.record import DIGEST_SIZE, Kind, Record, block_size_for
+from ..protocol.record import DIGEST_SIZE, MIN_BLOCK, Kind, Record, block_size_for
 from .diskio import (
     free_bytes,
     human_size,
@@ -56,6 +56,7 @@ STALL_TIMEOUT = 30.0  # seconds without any reply before a transfer is given up
 SPOOL_WORKERS = 2  # threads checking and writing blocks of big files
 SPOOL_AHEAD = 8  # chunks of one file handed to them and not yet written (memory: 8 MiB)
 PARTIAL_MAX_AGE = 7 * 24 * 3600  # seconds untouched before a partial file is given up on
+GONE_FILES = 64  # files a page deletes whose blocks may be taken for its new files
 
 
 @dataclass
@@ -220,14 +221,19 @@ class Transfers:
     # -- planning -------------------------------------------------------------------------------
 
     def prefetch(self, link: Link, files: list[tuple[Record, str]],
-                 content: dict[str, bytes] | None = None) -> None:  # fmt: skip
-        """The files (record, path at the peer) that the applier will ask for, in order, and
-        the content of some small ones that came with their records (by SHA-256)."""
+                 content: dict[str, bytes] | None = None,
+                 gone: list[Record] | None = None) -> None:  # fmt: skip
+        """The files (record, path at the peer) that the applier will ask for, in order, the
+        content of some small ones that came with their records (by SHA-256), and the files
+        the same page deletes (their tombstones): blocks of the files they delete here may be
+        in the new ones (a file moved and edited at once, which its replica saw as a new file
+        and a deletion; a file deleted and written again)."""
         self.reset()
         self._link = link
+        spare = self._blocks_of_gone(gone) if gone and files else {}
         for rec, hint in files:
             if rec.kind is Kind.FILE and rec.size:
-                f = self._plan(rec, hint, content)
+                f = self._plan(rec, hint, content, spare)
                 self._queue.append(f)
                 self._to_request.append(f)
         self._issue()
@@ -251,7 +257,25 @@ class Transfers:
         self._batched = 0
         self._buffered = 0
 
-    def _plan(self, rec: Record, hint: str, content: dict[str, bytes] | None = None) -> _File:
+    def _blocks_of_gone(self, gone: list[Record]) -> dict[int, dict[bytes, tuple[str, int]]]:
+        """Where the blocks of the files that ``gone`` deletes are here: block size -> digest
+        -> (absolute path, offset). Only files of more than one block (a single block changed
+        is a new block), the biggest GONE_FILES of them."""
+        spare: dict[int, dict[bytes, tuple[str, int]]] = {}
+        big = sorted((r for r in gone if r.size > MIN_BLOCK), key=lambda r: -r.size)
+        for r in big[:GONE_FILES]:
+            old = self.store.get(r.path)
+            if old is None or old.deleted or old.kind is not Kind.FILE or not old.blocks:
+                continue
+            bs = block_size_for(old.size)
+            where = spare.setdefault(bs, {})
+            abs_old = os.path.join(self.root, old.path)
+            for i in range(0, len(old.blocks), DIGEST_SIZE):
+                where.setdefault(old.blocks[i : i + DIGEST_SIZE], (abs_old, i // DIGEST_SIZE * bs))
+        return spare
+
+    def _plan(self, rec: Record, hint: str, content: dict[str, bytes] | None = None,
+              spare: dict[int, dict[bytes, tuple[str, int]]] | None = None) -> _File:  # fmt: skip
         data = content.get(rec.sha256) if content else None
         if data is not None and len(data) == rec.size:
             return _File(rec, hint, [_Chunk(0, rec.size, inline=data)])
@@ -277,6 +301,8 @@ class Transfers:
             off, length = i * bs, min(bs, rec.size - i * bs)
             d = digests[i] if len(digests) == nblocks else b""
             src = local.get(d) if d else None
+            if src is None and d and spare and bs in spare:
+                src = spare[bs].get(d)
             if src is None and partial is not None and _within(held, off, length):
                 src = (str(partial), off)
             if src is not None:

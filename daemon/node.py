@@ -1239,6 +1239,7 @@ class Node:
                 [(st.record, st.source or st.path) for st in writes
                  if st.record.sha256 not in local],
                 page.content,
+                [r for r in page.records if r.deleted and r.kind is Kind.FILE],
             )  # fmt: skip
 
             def replan(step: Step) -> list[Step]:

@@ -673,6 +673,38 @@ def test_big_file_edit_fetches_only_the_changed_blocks(cluster):
     assert not list((b.state / "partial").glob("*")), "the spool outlived the transfer"
 
 
+@pytest.mark.parametrize("running", [False, True], ids=["b-away", "b-running"])
+def test_a_file_moved_and_edited_fetches_only_the_changed_blocks(cluster, running):
+    """A trial: `mv big.bin moved.bin`, then 1 MiB of it rewritten before b took the move: b
+    fetched the whole file, though its old copy at the old path had all but that MiB."""
+    a, b = cluster.make("a", "b")
+    size = 24 << 20
+    (a.root / "big.bin").write_bytes(os.urandom(size))
+    cluster.start()
+    cluster.wait_converged(what="big.bin on both")
+    first = b.status()["transfer"]
+    if not running:
+        cluster.stop(b)
+    os.rename(a.root / "big.bin", a.root / "moved.bin")
+    with open(a.root / "moved.bin", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(os.urandom(1 << 20))
+    digest = _sha256(a.root / "moved.bin")
+    if not running:
+        cluster.wait_until(lambda: "moved.bin" in a("dump").stdout and "big.bin" not in
+                           [ln.split(" ")[0] for ln in a("dump").stdout.splitlines()
+                            if " D " not in ln], 30, "a to record the move")  # fmt: skip
+        cluster.start(b)
+    moved = b.root / "moved.bin"
+    cluster.wait_until(lambda: moved.exists() and _sha256(moved) == digest, 60, "moved.bin on b")
+    cluster.wait_converged(what="a and b in sync after the move")
+    t = b.status()["transfer"]
+    fetched = t["fetched_bytes"] - (first["fetched_bytes"] if running else 0)
+    assert 0 < fetched <= 4 << 20, t  # the changed block(s), not the file
+    assert not (b.root / "big.bin").exists()
+    assert cluster.identical()
+
+
 def test_a_copy_made_from_a_file_here_counts_as_reused_not_fetched(cluster):
     """A trial: b copied a file it had already (same content, new name) and status said 0
     bytes reused: only blocks of fetched files counted."""
