@@ -29,7 +29,7 @@ from . import config as configmod
 from . import control
 from .applier import ApplyStats
 from .diskio import human_size as _human
-from .errors import ConfigError, DaemonNotRunning, StoreBusy, UsageError
+from .errors import ConfigError, DaemonNotRunning, DamagedDatabase, StoreBusy, UsageError
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
 from .logfmt import one_line
@@ -1688,6 +1688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sqlite3.Error as e:
         if args.debug:
             raise
+        if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            # Damage found after the database opened: name it, and the way out.
+            damaged = DamagedDatabase(_db_path_of(args), str(e))
+            print(f"repld: {damaged}", file=sys.stderr)
+            return damaged.exit_code
         print(f"repld: database error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -1697,6 +1702,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         sys.stdout = real_stdout
+
+
+def _db_path_of(args: argparse.Namespace) -> str:
+    """The database of the replica a command was for, for a message ("the database")."""
+    try:
+        return str(configmod.load(_config_path(args), need_root=False).db_path)
+    except ReplError:
+        return "the database"
 
 
 class OutputError(ReplError):

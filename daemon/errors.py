@@ -46,6 +46,22 @@ class StoreError(ReplError):
     """The database is missing, locked, damaged or of the wrong kind."""
 
 
+class DamagedDatabase(StoreError):
+    """The database file is empty, damaged, or not a repld database: ``rejoin`` makes a new
+    one (see the message). Exit status 2: trying again (a service restarted) changes nothing."""
+
+    exit_code = 2
+
+    def __init__(self, db_path: object, why: str):
+        self.db_path = db_path
+        super().__init__(
+            f"{db_path}: the database is damaged ({why}). With the daemon stopped, `repld rejoin "
+            "--tree-id TREE_ID` (the id from `repld id` on another replica) sets it aside and "
+            "makes a new one: the files in the root are adopted and checked against the tree at "
+            "the next sync, so nothing in the root is lost"
+        )
+
+
 class StoreBusy(StoreError):
     """Another repld process (the daemon, a sync, a scan) holds the database's write lock."""
 

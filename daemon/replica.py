@@ -26,7 +26,15 @@ from ..protocol.record import (
 from ..protocol.version import short_id
 from . import config as configmod
 from .config import Config
-from .errors import ConfigError, DeletesDeferred, MassDelete, RootChanged, StoreError, UsageError
+from .errors import (
+    ConfigError,
+    DamagedDatabase,
+    DeletesDeferred,
+    MassDelete,
+    RootChanged,
+    StoreError,
+    UsageError,
+)
 from .ignore import IGNORE_FILE, Ignore
 from .scanner import Scanner, ScanStats
 from .store import Store
@@ -357,7 +365,9 @@ def open_replica(
     cfg = configmod.load(config_path, need_root=False)
     if not cfg.db_path.exists():
         raise ConfigError(
-            f"no database at {cfg.db_path}; was `repld init` run with this config?",
+            f"no database at {cfg.db_path}; was `repld init` run with this config? (If its "
+            "state directory was lost: `repld rejoin --tree-id TREE_ID`, with the id from "
+            "`repld id` on another replica.)",
             file=cfg.path,
             key="state",
         )
@@ -539,7 +549,20 @@ def rejoin(config_path: Path | None, *, progress: object = None,
     cfg = configmod.load(config_path, need_root=False)
     if not cfg.db_path.exists():
         return _rejoin_lost(cfg, tree_id, progress)
-    rep = open_replica(config_path)  # the write lock: refused while the daemon runs
+    try:
+        rep = open_replica(config_path)  # the write lock: refused while the daemon runs
+    except DamagedDatabase as e:
+        # Not even its tree id can be read: it is set aside, and the replica rejoins as one
+        # whose database was lost.
+        if tree_id is None:
+            raise UsageError(
+                f"{e.db_path}: the database is damaged, and the tree id cannot be read from it: "
+                f"`repld --config {cfg.path} rejoin --tree-id TREE_ID`, with the id from `repld "
+                "id` on another replica"
+            ) from None
+        old = _set_aside(cfg.db_path, "damaged")
+        cfg, stats, _, new_keys = _rejoin_lost(cfg, tree_id, progress)
+        return cfg, stats, old, new_keys
     try:
         rep.check_root()  # an empty mount point would join as an empty tree
         if tree_id is not None and tree_id != rep.store.tree_id:
@@ -550,11 +573,7 @@ def rejoin(config_path: Path | None, *, progress: object = None,
         kept = {k: v for k in (FS_CHECKED, ROOT_ID) if (v := rep.store.meta(k)) is not None}
     finally:
         rep.close()
-    old = cfg.db_path.with_name(f"{cfg.db_path.name}.before-rejoin-{time.strftime('%Y%m%d-%H%M%S')}")
-    for suffix in ("", "-wal", "-shm"):
-        src = cfg.db_path.with_name(cfg.db_path.name + suffix)
-        if src.exists():
-            src.rename(old.with_name(old.name + suffix))
+    old = _set_aside(cfg.db_path, "before-rejoin")
     Store.create(cfg.db_path, tree_id=tree_id).close()
     with Replica(cfg) as rep:
         for key, value in kept.items():
@@ -580,6 +599,16 @@ def _default_name(config_path: Path, root: Path) -> str:
             suffix = re.sub(r"[^A-Za-z0-9_.-]+", "-", root.name).strip("-.") or "replica"
             return f"{host}-{suffix}"[:64]
     return host
+
+
+def _set_aside(db_path: Path, why: str) -> Path:
+    """Rename the database (and its -wal and -shm files) to ``repld.db.WHY-DATE``."""
+    old = db_path.with_name(f"{db_path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        src = db_path.with_name(db_path.name + suffix)
+        if src.exists():
+            src.rename(old.with_name(old.name + suffix))
+    return old
 
 
 def _rejoin_lost(cfg: Config, tree_id: str | None,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol.errors import ProtocolError
 from ..protocol.record import Action, Kind, Record, parent_of
 from ..protocol.version import VersionVector
-from .errors import StoreBusy, StoreError
+from .errors import DamagedDatabase, StoreBusy, StoreError
 
 if TYPE_CHECKING:
     from ..protocol.messages import Held
@@ -323,6 +323,10 @@ class Store:
         _room_to_open(db_path)
         if write:
             self._lock()
+        if db_path.stat().st_size == 0 and not db_path.with_name(db_path.name + "-wal").exists():
+            # (Opened, SQLite would make it a new empty database: the loss would not show.)
+            self._unlock()
+            raise DamagedDatabase(db_path, "it is empty: 0 bytes")
         try:
             self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -330,6 +334,9 @@ class Store:
             self._db.execute("PRAGMA busy_timeout=10000")
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.OperationalError as e:
+            if str(e).startswith("no such table"):
+                self._unlock()
+                raise DamagedDatabase(db_path, f"{e}: not a repld database") from None
             # Not a damaged file: SQLite could not read or write it (a read-only or full
             # file system, no permission for its -wal and -shm files beside it).
             self._unlock()
@@ -339,7 +346,7 @@ class Store:
             ) from None
         except sqlite3.DatabaseError as e:
             self._unlock()
-            raise StoreError(f"{db_path}: not a repld database ({e})") from None
+            raise DamagedDatabase(db_path, str(e)) from None
         if int(meta.get("schema", 0)) != SCHEMA_VERSION:
             self.close()
             raise StoreError(f"{db_path}: schema {meta.get('schema')} not supported")

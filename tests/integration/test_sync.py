@@ -1471,3 +1471,49 @@ def test_a_file_named_like_a_conflict_copy_is_no_conflict(tmp_path):
     assert proc.returncode == 2, proc
     assert (a.root / "report.txt").read_text() == "the report\n"
     assert (a.root / "report.conflict-deadbeef-12345678.txt").read_text() == "mine, named so\n"
+
+
+@pytest.mark.parametrize("damage", ["emptied", "corrupted"])
+def test_a_damaged_database_is_named_and_rejoin_brings_the_replica_back(tmp_path, damage):
+    """A trial: an emptied database said "cannot open the database (no such table: meta); its
+    directory must be writable, and its file system not full" (and the failed open wrote to
+    it); a corrupted one said "database error: database disk image is malformed", naming
+    neither the file nor a way out. Both name the file and `repld rejoin --tree-id`, which
+    then works, losing nothing in the root."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    for i in range(400):
+        (a.root / f"f{i:03}.txt").write_text(f"{i}\n" * 50)
+    a.sync(b)
+    (b.root / "new-on-b.txt").write_text("made on b, never synced\n")
+    db = b.state / "repld.db"
+    for extra in ("-wal", "-shm"):
+        db.with_name(db.name + extra).unlink(missing_ok=True)
+    if damage == "emptied":
+        db.write_bytes(b"")
+    else:
+        size = db.stat().st_size
+        with open(db, "r+b") as f:
+            for at in range(4096, size, 4096):  # every page but the first (the header)
+                f.seek(at)
+                f.write(os.urandom(512))
+    for cmd in (["scan"], ["sync", str(a.config)], ["status"]):
+        proc = b(*cmd, check=False)
+        text = proc.stdout + proc.stderr
+        if cmd == ["status"]:
+            assert proc.returncode == 3, text  # no daemon: nothing opened the database
+            continue
+        assert proc.returncode == 2, text  # (a service is not restarted for nothing)
+        assert f"{db}: the database is damaged" in text, (cmd, text)
+        assert "rejoin --tree-id" in text and "Traceback" not in text, text
+    if damage == "emptied":
+        assert db.stat().st_size == 0  # the failed opens wrote nothing into it
+        refused = b("rejoin", check=False)
+        assert refused.returncode == 2 and "--tree-id TREE_ID" in refused.stderr, refused.stderr
+    out = b("rejoin", "--tree-id", a.tree_id()).stdout
+    assert "joined tree" in out and ".damaged-" in out, out
+    assert list(b.state.glob("repld.db.damaged-*"))
+    a.sync(b)
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (a.root / "new-on-b.txt").read_text() == "made on b, never synced\n"
+    assert conflict_copies(a.root) == []
