@@ -134,6 +134,7 @@ class Transfers:
         self._link: Link | None = None
         self.stopping = False  # set on SIGTERM: finish the current file, fetch no more
         self.direct = True  # big files are written with direct I/O until that fails once
+        self.versions_dir: Path | None = None  # where removed files are kept (for a message)
         self._forget_stale_partials()
         # Which version of a path has a partial file (path -> SHA-256), noted beside it in
         # partial/<sha256>.path so that it outlives a restart: a partial of a version that
@@ -532,6 +533,7 @@ class _Reader:
                 raise ReplError(
                     f"{f.rec.path}: no room for it in {transfers.root} ({human_size(f.rec.size)} "
                     f"needed, {human_size(free)} free); it is fetched once there is room"
+                    + _versions_hint(transfers.versions_dir, transfers.root)
                 )
         if f.partial is not None:
             f.partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -777,6 +779,20 @@ def _room_for(partial: Path, size: int) -> bool:
     free = free_bytes(partial.parent if partial.parent.exists() else partial.parent.parent)
     # (Cannot tell: try, and a full disk is handled when it comes.)
     return free is None or free >= size - have + ROOM_SPARE
+
+
+def _versions_hint(versions: Path | None, root: str) -> str:
+    """For a "no room" message: the versions kept on the tree's disk take room there too."""
+    try:
+        if versions is None or os.stat(versions).st_dev != os.stat(root).st_dev:
+            return ""
+        with os.scandir(versions) as it:
+            if next(it, None) is None:
+                return ""
+    except OSError:
+        return ""
+    return (f" (files removed here are kept on that disk too, in {versions}: `repld versions` "
+            "lists them, `repld versions --delete` frees their room)")
 
 
 def _in_place(partial: Path | None, root: Path) -> bool:

@@ -309,6 +309,7 @@ class Node:
         self.fatal = ""  # why the daemon must stop (its loop ends)
         self._mounts_missing: set[str] = set()  # mount points of the tree not mounted now
         self.transfers = Transfers(self.store, self.cfg.root, self.cfg.state / "partial", self.pump)
+        self.transfers.versions_dir = self.cfg.versions_dir
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
         self._scan_ticked = 0.0
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
@@ -507,6 +508,7 @@ class Node:
         self.cfg = cfg
         self.rep.cfg = cfg
         self._keeper = keeper_for(cfg.root, cfg.versions_dir, cfg.keep_versions)
+        self.transfers.versions_dir = cfg.versions_dir
         self.keycheck.keys = frozenset(p.public_key.encode() for p in cfg.peers)
         self._told_not_admitted.clear()
         wanted = {p.name: p for p in cfg.peers}

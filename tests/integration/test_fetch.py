@@ -311,3 +311,18 @@ def test_the_blocks_of_the_biggest_files_can_be_asked_for(tmp_path: Path, stores
             msg = wire.GetBlocks(1, rec.sha256, rec.path, c.offset, c.length)
             assert wire.decode(wire.encode(msg)) == msg  # what the sender checks, accepted
     t.close()
+
+
+def test_no_room_points_at_the_versions_kept_on_the_same_disk(tmp_path: Path) -> None:
+    """A trial filled a disk whose versions folder held a deleted 10 MB file: the "no room"
+    error stayed until `repld versions --delete`, which it did not mention."""
+    from repld.daemon.fetch import _versions_hint
+
+    root, versions = tmp_path / "root", tmp_path / "state" / "versions"
+    root.mkdir()
+    versions.mkdir(parents=True)
+    assert _versions_hint(versions, str(root)) == ""  # none kept: nothing to say
+    (versions / "old.txt~20261123-051500").write_bytes(b"x" * 1000)
+    hint = _versions_hint(versions, str(root))
+    assert str(versions) in hint and "repld versions --delete" in hint, hint
+    assert _versions_hint(None, str(root)) == ""
