@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ..protocol.messages import Held
 
 SCHEMA_VERSION = 1
+WAL_KEPT = 4 << 20  # bytes of the -wal file kept once its content is in the database
 PAGE = 1000
 PRUNED_FLOOR = "pruned_floor"  # meta key: see Store.pruned_floor
 CHECKPOINTS_KEPT = 2000  # per peer, at the most (see Store._checkpoint)
@@ -332,6 +333,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
+            # The -wal file grows to the biggest transaction (a first sync of 100k files) and,
+            # left alone, keeps that size as long as the daemon runs: cut back once checkpointed.
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_KEPT}")
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.OperationalError as e:
             if str(e).startswith("no such table"):

@@ -326,3 +326,24 @@ def test_no_room_points_at_the_versions_kept_on_the_same_disk(tmp_path: Path) ->
     hint = _versions_hint(versions, str(root))
     assert str(versions) in hint and "repld versions --delete" in hint, hint
     assert _versions_hint(None, str(root)) == ""
+
+
+def test_the_wal_file_shrinks_back_after_a_big_transaction(tmp_path: Path) -> None:
+    """A trial: after a sync of 60k changes (then a prune), a daemon's repld.db-wal stayed at
+    73 MB for as long as it ran. Once checkpointed, it is cut back to WAL_KEPT."""
+    from repld.daemon.store import WAL_KEPT
+
+    store = Store.create(tmp_path / "repld.db")
+    wal = tmp_path / "repld.db-wal"
+    try:
+        with store.transaction():
+            for i in range(40_000):
+                rec = record_of(i.to_bytes(4, "big") * 64)
+                store.put(rec.with_(path=f"d{i // 500}/f{i}", guid=f"g{i}"), local=True)
+        assert wal.stat().st_size > 2 * WAL_KEPT  # as big as that transaction
+        store.execute("PRAGMA wal_checkpoint(PASSIVE)")  # (SQLite does this by itself, later)
+        with store.transaction():
+            store.put(record_of(b"one more").with_(path="last", guid="gl"), local=True)
+        assert wal.stat().st_size <= WAL_KEPT, wal.stat().st_size
+    finally:
+        store.close()
