@@ -601,6 +601,19 @@ class Scanner:
                 if live and rec is not None:
                     self._gone(rec)
                 return
+            except PermissionError as e:
+                if live and rec is not None and (rec.size, rec.mtime_ns) == (
+                    st.st_size, st.st_mtime_ns
+                ):
+                    # Made unreadable by its owner (chmod 000): its content is as recorded, as
+                    # far as size and mtime tell; a change of its mode alone is recorded.
+                    if rec.mode != mode:
+                        self._event(rec, rec.with_(mode=mode, ino=st.st_ino), Action.UPDATE)
+                    else:
+                        self.store.set_ino(path, st.st_ino, st.st_ctime_ns)
+                    return
+                self._error(path, f"cannot read: {e.strerror}")
+                return
             except OSError as e:
                 self._error(path, f"cannot read: {e.strerror}")
                 return

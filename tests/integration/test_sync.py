@@ -338,6 +338,24 @@ def test_read_only_directories_are_filled_and_emptied_and_stay_read_only(tmp_pat
     assert not (a.root / "mod").exists()
 
 
+def test_a_file_its_owner_made_unreadable_has_its_mode_replicated(tmp_path):
+    """`chmod 000 f` by a user (no root overrides): the scan could not hash it, so the mode
+    change never replicated and every sync failed with "cannot read" (a trial)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "m0").write_text("secret\n")
+    (a.root / "other").write_text("other\n")
+    assert as_a_user("--config", a.config, "sync", b.config).returncode == 0
+    (a.root / "m0").chmod(0)
+    for _ in range(2):
+        proc = as_a_user("--config", a.config, "sync", b.config)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "cannot read" not in proc.stdout + proc.stderr
+        assert stat.S_IMODE((b.root / "m0").stat().st_mode) == 0
+    assert (b.root / "m0").read_text() == "secret\n"  # (read as root: the content is kept)
+    assert "0 actions planned" in as_a_user("--config", a.config, "sync", b.config,
+                                            "-n").stdout  # fmt: skip
+
+
 def test_dry_run_changes_nothing_anywhere(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)
