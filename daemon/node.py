@@ -1151,7 +1151,8 @@ class Node:
                 continue
             peer = s.peer.replica_id if s.peer is not None else ""
             while (after := s.page_from()) is not None:
-                recs = self.store.page_since(after, PAGE_RECORDS)
+                ahead = self.store.page_since(after, PAGE_RECORDS + 1)
+                recs = ahead[:PAGE_RECORDS]
                 if not recs:
                     page = s.page((), top)
                 else:
@@ -1172,8 +1173,11 @@ class Node:
                                 content[r.sha256] = data
                                 size += len(data)
                                 inline += len(data)
-                    recs = recs[:n]
-                    upto = recs[-1].seq if n == PAGE_RECORDS or size > PAGE_BYTES else top
+                    cut = n == PAGE_RECORDS or size > PAGE_BYTES
+                    if cut and _move_split(ahead, n):
+                        n += 1  # the old path's tombstone: the peer renames, not copies
+                    recs = ahead[:n]
+                    upto = recs[-1].seq if cut else top
                     files, nbytes = self._still_to_send(link, after, upto, top, recs)
                     # (Placeholders are ours alone; the page still covers their numbers.)
                     page = s.page(tuple(r for r in recs if not is_placeholder(r)), upto,
@@ -1897,6 +1901,17 @@ class Node:
     def read_snapshot(self) -> dict[str, Any]:
         with self._snapshot_lock:
             return dict(self.snapshot)
+
+
+def _move_split(recs: list[Record], n: int) -> bool:
+    """Whether a page of ``recs[:n]`` would end between a moved file's new record and its old
+    path's tombstone (the scanner records them one after the other): apart, the peer would
+    copy the file, then delete the original and keep it as a version."""
+    if not 0 < n < len(recs):
+        return False
+    new, old = recs[n - 1], recs[n]
+    return (not new.deleted and old.deleted and new.guid == old.guid and new.kind is Kind.FILE
+            and old.path != new.path)  # fmt: skip
 
 
 def _frames(parts: list[zmq.Frame]) -> list[bytes]:
