@@ -1368,9 +1368,14 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
         print(f"new key pair (the old one was lost with the state directory): every peer must "
               f"admit the new public key, on each: `repld peer remove {cfg.name}` then `repld "
               f"peer add {cfg.name} ENDPOINT '{key}'`")  # fmt: skip
-    print(f"adopted {stats.created} paths found in the root: at the next sync, each is checked "
-          "against the tree (newer versions come in, what the tree deleted goes, what differs "
-          "is kept beside it as a conflict copy)")  # fmt: skip
+    if stats.kept or stats.edited:
+        print(f"{stats.kept} paths found as the old database recorded them, {stats.edited} "
+              "changed since: they keep their history (the tree's newer versions come in, an "
+              "edit made here since is an edit of that version)")  # fmt: skip
+    adopted = stats.created - stats.kept - stats.edited
+    print(f"adopted {adopted} {'other ' if stats.kept or stats.edited else ''}paths found in the "
+          "root: at the next sync, each is checked against the tree (newer versions come in, "
+          "what the tree deleted goes, what differs is kept beside it as a conflict copy)")  # fmt: skip
     return 0
 
 

@@ -8,16 +8,19 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..protocol.errors import ReplError
 from ..protocol.record import (
     CONFLICT_MARK,
     NAME_MAX,
     TEMP_PREFIX,
+    Action,
     Record,
     conflict_copy_path,
     conflict_maker,
@@ -561,7 +564,7 @@ def rejoin(config_path: Path | None, *, progress: object = None,
                 "id` on another replica"
             ) from None
         old = _set_aside(cfg.db_path, "damaged")
-        cfg, stats, _, new_keys = _rejoin_lost(cfg, tree_id, progress)
+        cfg, stats, _, new_keys = _rejoin_lost(cfg, tree_id, progress, old_db=old)
         return cfg, stats, old, new_keys
     try:
         rep.check_root()  # an empty mount point would join as an empty tree
@@ -581,7 +584,47 @@ def rejoin(config_path: Path | None, *, progress: object = None,
         # Its old self will never sync again: `repld prune` here must not wait for it.
         rep.store.set_meta(FORGOTTEN, json.dumps({old_id: [0, time.time_ns(), cfg.name]}))
         stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
+        stats.kept, stats.edited = continue_history(rep.store, old)
     return cfg, stats, old, False
+
+
+def continue_history(store: Store, old_db: Path) -> tuple[int, int]:
+    """After a rejoin's adopting scan, what the old database (restored from a backup, or
+    damaged) still tells: a path found as it recorded it takes that record (and its history:
+    an old copy of a file edited elsewhere since is then only behind, and is updated at the
+    next sync, where an adopted copy became a conflict copy); one found changed is this
+    replica's edit of that version. The rest stays adopted. Returns (kept, edited)."""
+    try:
+        old = Store(old_db, write=False)
+    except (ReplError, sqlite3.Error):
+        return 0, 0  # nothing readable: every path stays adopted
+    me = store.replica_id
+    kept = edited = 0
+    top, seq = store.seq, 0
+    try:
+        with store.transaction():
+            while page := [r for r in store.page_since(seq, 1000) if r.seq <= top]:
+                seq = page[-1].seq
+                for new in page:
+                    if new.deleted or new.action is not Action.ADOPT:
+                        continue
+                    try:
+                        was = old.get(new.path)
+                    except sqlite3.Error:
+                        continue  # (a damaged page of the old database)
+                    if was is None or was.deleted or was.kind is not new.kind:
+                        continue
+                    if was.same_content(new) and was.same_metadata(new):
+                        store.put(was.with_(ino=new.ino), local=False, note="kept at rejoin")
+                        kept += 1
+                    else:
+                        store.put(new.with_(version=was.version.bump(me), guid=was.guid,
+                                            action=Action.UPDATE), local=True,
+                                  note="changed since the old database recorded it")  # fmt: skip
+                        edited += 1
+    finally:
+        old.close()
+    return kept, edited
 
 
 def _default_name(config_path: Path, root: Path) -> str:
@@ -611,8 +654,8 @@ def _set_aside(db_path: Path, why: str) -> Path:
     return old
 
 
-def _rejoin_lost(cfg: Config, tree_id: str | None,
-                 progress: object) -> tuple[Config, ScanStats, None, bool]:  # fmt: skip
+def _rejoin_lost(cfg: Config, tree_id: str | None, progress: object,
+                 old_db: Path | None = None) -> tuple[Config, ScanStats, None, bool]:  # fmt: skip
     """rejoin for a replica whose database is gone (its state directory deleted): a new one of
     tree ``tree_id``, the config (and its peers) kept, the files in the root adopted."""
     import uuid
@@ -638,6 +681,8 @@ def _rejoin_lost(cfg: Config, tree_id: str | None,
     Store.create(cfg.db_path, tree_id=tree_id).close()
     with Replica(cfg) as rep:
         stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
+        if old_db is not None:
+            stats.kept, stats.edited = continue_history(rep.store, old_db)
     return cfg, stats, None, new_keys
 
 

@@ -60,6 +60,10 @@ class ScanStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # (action, path), or ("move", path, old path), when verbose
     changes: list[tuple[str, ...]] = field(default_factory=list)
+    # A rejoin's adopted paths found as the old database had them, and found changed since
+    # (see replica.continue_history).
+    kept: int = 0
+    edited: int = 0
 
     @property
     def events(self) -> int:

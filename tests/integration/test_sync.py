@@ -1535,3 +1535,32 @@ def test_a_damaged_database_is_named_and_rejoin_brings_the_replica_back(tmp_path
     assert snapshot(a.root) == snapshot(b.root)
     assert (a.root / "new-on-b.txt").read_text() == "made on b, never synced\n"
     assert conflict_copies(a.root) == []
+
+
+def test_rejoin_keeps_the_history_the_old_database_still_tells(tmp_path):
+    """A trial: after a rejoin, an old copy of a file edited elsewhere since became a conflict
+    copy, and so did an edit made here. The old database (a backup, or a damaged one) still
+    says which version each file here is: an old copy is only behind, and an edit made here
+    since is an edit of that version."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "edited-on-a.txt").write_text("v1\n")
+    (a.root / "edited-on-b.txt").write_text("v1\n")
+    (a.root / "same.txt").write_text("same\n")
+    a.sync(b)
+    backup = tmp_path / "b.state.backup"
+    shutil.copytree(b.state, backup)
+    (b.root / "after-backup.txt").write_text("made on b after the backup\n")
+    a.sync(b)  # a has seen b's records past the backup now
+    (a.root / "edited-on-a.txt").write_text("v2, edited on a\n")
+    shutil.rmtree(b.state)
+    shutil.copytree(backup, b.state)  # the restore
+    (b.root / "edited-on-b.txt").write_text("v2, edited on b after the restore\n")
+    out = b("rejoin").stdout
+    assert "2 paths found as the old database recorded them, 1 changed since" in out, out
+    a.sync(b)
+    a.sync(b)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert conflict_copies(a.root) == [], conflict_copies(a.root)
+    assert (b.root / "edited-on-a.txt").read_text() == "v2, edited on a\n"
+    assert (a.root / "edited-on-b.txt").read_text() == "v2, edited on b after the restore\n"
+    assert (a.root / "after-backup.txt").exists()
