@@ -804,7 +804,7 @@ def _sync_peer(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: {len(report.steps)} actions planned here, nothing changed")
         if report.offered is not None:
-            print(f"{peer}: {report.offered} changes of ours it has not seen would be offered; "
+            print(f"{peer}: {report.offered} changes from here it has not seen would be offered; "
                   f"what it takes is planned there (`repld sync {me} -n` on {peer}, with "
                   "its daemon stopped)")  # fmt: skip
     elif report.status:
@@ -816,7 +816,7 @@ def _sync_peer(args: argparse.Namespace) -> int:
                 f"{t['conflicts_resolved']} conflicts resolved"
             )
         if report.sent is not None:
-            print(f"{peer}: {report.sent} changes of ours sent and acknowledged (its daemon "
+            print(f"{peer}: {report.sent} changes sent from here and acknowledged (its daemon "
                   "applies them)")  # fmt: skip
         elif args.paths and not args.pull_only:
             print(f"{peer}: nothing sent: with a peer, a PATH limits only what this replica "

@@ -859,7 +859,7 @@ def test_one_shot_sync_with_a_running_peer(cluster):
     assert (a.root / "new-on-b.txt").read_text() == "b\n"
     # Both directions reported, each under the replica that changed.
     assert "a: 1 files written" in proc.stdout and "1 deleted" in proc.stdout, proc.stdout
-    assert "b: 2 changes of ours sent and acknowledged" in proc.stdout, proc.stdout
+    assert "b: 2 changes sent from here and acknowledged" in proc.stdout, proc.stdout
     assert " <- " not in proc.stdout, proc.stdout  # the changes are listed with -v only
     cluster.wait_converged(what="after the one-shot sync")
     again = a("sync", "b", "-n").stdout
@@ -920,7 +920,7 @@ def test_one_shot_dry_run_changes_nothing(cluster):
     assert len(listed) == len(set(listed)), f"an action listed twice:\n{proc.stdout}"
     assert not (b.root / "new-on-a.txt").exists() and (a.root / "gone.txt").exists()
     # What the peer would be offered is said, not silently left out.
-    assert "b: 2 changes of ours it has not seen would be offered" in proc.stdout, proc.stdout
+    assert "b: 2 changes from here it has not seen would be offered" in proc.stdout, proc.stdout
     push = a("sync", "b", "-n", "--push-only").stdout
     assert "would be offered" in push and "new-on-b.txt" not in push, push
     after = (a.tree(), b.tree(), a("dump").stdout)
