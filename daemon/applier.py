@@ -410,6 +410,10 @@ class Applier:
             self._error(step.path, str(e))
         except OSError as e:
             self._error(step.path, str(FsError(step.path, e)))
+        except ValueError as e:
+            # (What the system refuses outright, such as a NUL in a symlink's target from a
+            # peer's record: that path fails, the daemon goes on.)
+            self._error(step.path, f"cannot be applied: {e}")
 
     def _wait_for_parent(self, step: Step) -> None:
         """Try ``step`` again once every other step is staged: a later one may turn the file in

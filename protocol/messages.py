@@ -16,7 +16,7 @@ import msgpack
 
 from .errors import ProtocolError
 from .record import DIGEST_SIZE, MAX_BLOCK, Action, Kind, Record, check_path, is_placeholder
-from .version import VersionVector
+from .version import REPLICA_ID, VersionVector
 
 # 2: records may carry the action "adopt"; 3: acks may carry `held`; 4: getfiles and files
 # (small files asked for and sent many at a time), and pages may carry content; 5: conflict
@@ -28,6 +28,7 @@ MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
 # is checked whole against its hash, so it cannot be asked for in parts).
 MAX_BLOCK_REQUEST = MAX_BLOCK
 MAX_RECORDS = 2000  # records in one page
+WIRE_COUNTER_MAX = 1 << 62  # a version counter from a peer (bumps here stay below 2**63)
 # Files this small are sent whole, many in one message: inside the page of their records (up
 # to INLINE_PAGE of them, so a live edit needs no request), else asked for with GetFiles.
 INLINE_MAX = 16 << 10
@@ -226,6 +227,8 @@ def record_from_wire(item: Any, *, placeholder_ok: bool = False) -> Record:
     version = VersionVector.decode(_str(item[3], f"{path}: version", 1 << 16))
     if not version and not placeholder_ok:
         raise ProtocolError(f"{path}: empty version")
+    if any(n > WIRE_COUNTER_MAX for _, n in version.entries):
+        raise ProtocolError(f"{path}: a version counter over {WIRE_COUNTER_MAX}")
     deleted = item[4]
     if type(deleted) is not bool:
         raise ProtocolError(f"{path}: deleted must be true or false")
@@ -237,9 +240,18 @@ def record_from_wire(item: Any, *, placeholder_ok: bool = False) -> Record:
     if kind is Kind.FILE and not deleted:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise ProtocolError(f"{path}: a file needs a 64-digit sha256")
+    target = _text_bytes(item[10], f"{path}: symlink target")
+    if "\0" in target or (kind is Kind.SYMLINK and not deleted and not target):
+        raise ProtocolError(f"{path}: a symlink target must be non-empty, without NUL")
+    # (Both name things on disk: a conflict copy's name holds its maker's short id.)
+    guid = _str(item[1], f"{path}: guid", 64)
+    modified_by = _str(item[11], f"{path}: modified_by", 64)
+    for what, v in (("guid", guid), ("modified_by", modified_by)):
+        if v and not REPLICA_ID.fullmatch(v):
+            raise ProtocolError(f"{path}: {what} {v[:64]!r} is not a plain id")
     return Record(
         path=path,
-        guid=_str(item[1], f"{path}: guid", 64),
+        guid=guid,
         kind=kind,
         version=version,
         deleted=deleted,
@@ -248,8 +260,8 @@ def record_from_wire(item: Any, *, placeholder_ok: bool = False) -> Record:
         size=size,
         sha256=sha,
         blocks=blocks,
-        target=_text_bytes(item[10], f"{path}: symlink target"),
-        modified_by=_str(item[11], f"{path}: modified_by", 64),
+        target=target,
+        modified_by=modified_by,
         origin_seq=_int(item[12], f"{path}: origin_seq"),
         action=action,
         changed_ns=_int(item[14], f"{path}: changed", -_INT64),

@@ -12,6 +12,7 @@ replica id, so equal vectors have equal text forms and equal hashes.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -134,14 +135,26 @@ class VersionVector:
         pairs: list[tuple[str, int]] = []
         for part in text.split(","):
             replica, sep, counter = part.rpartition(":")
-            if not sep or not replica or not counter.isdigit():
-                raise ProtocolError(f"malformed version vector entry {part!r} in {text!r}")
-            pairs.append((replica, int(counter)))
+            # (str.isdigit takes "²" and other digits int() refuses, and int() refuses more
+            # than 4300 digits: a peer's text is untrusted, and only ValueError-free checks
+            # may stand between it and int().)
+            if not (sep and _REPLICA_ID.fullmatch(replica) and _COUNTER.fullmatch(counter)):
+                raise ProtocolError(f"malformed version vector entry {part[:80]!r}")
+            n = int(counter)
+            if n > COUNTER_MAX:
+                raise ProtocolError(f"version vector counter {counter} is over {COUNTER_MAX}")
+            pairs.append((replica, n))
         return cls.of(pairs)
 
     def __str__(self) -> str:
         return ",".join(f"{short_id(r)}:{c}" for r, c in self.entries) or "-"
 
+
+# What a version vector's text may hold: replica ids (UUIDs, or any short plain name) and
+# counters that SQLite stores as 64-bit integers.
+_REPLICA_ID = REPLICA_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_COUNTER = re.compile(r"[0-9]{1,19}")
+COUNTER_MAX = (1 << 63) - 1
 
 # decode's cache: short texts only (a peer's vectors are untrusted, up to 64 KiB), bounded.
 _DECODED: dict[str, VersionVector] = {}

@@ -390,3 +390,43 @@ def test_a_daemon_serves_many_small_files_in_one_reply(cluster):
         assert at == len(data)
     finally:
         peer.close()
+
+
+def test_records_that_would_crash_the_daemon_are_refused_and_it_goes_on(cluster):
+    """A hostile-peer trial: a version counter written with "²" (str.isdigit takes it, int()
+    does not) or with 5000 digits, and a symlink whose target holds a NUL, each stopped the
+    daemon with a traceback. A modified_by with a "/" would put a conflict copy's name in
+    another directory. Each page is refused as malformed, the daemon goes on."""
+    a, b = cluster.make("a", "b")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    rid = a.replica_id
+    try:
+        peer.hello(seq=9)
+        peer.wait_for(wire.Hello, what="b's answer to our hello")
+
+        def bad_page(field: int, value, kind=Kind.DIR) -> list[bytes]:
+            rec = directory("bad", rid, 1, 1)
+            if kind is Kind.SYMLINK:
+                rec = Record("bad", "guid-bad", Kind.SYMLINK, VersionVector.of({rid: 1}),
+                             mode=0o777, target="x", seq=1)  # fmt: skip
+            frames = wire.encode(wire.Records((rec,), upto=1))
+            top = msgpack.unpackb(frames[0], raw=False)
+            top[2]["records"][0][field] = value
+            return [msgpack.packb(top)]
+
+        for frames in (bad_page(3, f"{rid}:\u00b2"), bad_page(3, f"{rid}:" + "9" * 5000),
+                       bad_page(10, b"a\0b", Kind.SYMLINK), bad_page(11, "../../x")):  # fmt: skip
+            peer.send_raw(frames)
+            err = peer.wait_for(wire.Error, what="the complaint about the bad page")
+            assert "malformed" in err.message, err
+            peer.send(wire.Records((directory("after", rid, 1, 1),), upto=1))
+            peer.wait_for(wire.Hello, what="a new session after the bad page")
+            peer.hello(seq=9, reply=True)
+        assert b.status() is not None, "the daemon stopped"
+        peer.send(wire.Records((directory("good", rid, 1, 1),), upto=1))
+        cluster.wait_until(lambda: (b.root / "good").is_dir(), 30, "b to take a good page")
+        assert not (b.root / "bad").exists() and not (b.root / "after").exists()
+        assert "Traceback" not in b.log.read_text()
+    finally:
+        peer.close()
