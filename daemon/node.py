@@ -1028,7 +1028,10 @@ class Node:
     def _act(self, link: PeerLink, action: object) -> None:
         if isinstance(action, Established):
             h = action.peer
-            if h.seen > self.store.committed_seq and not self._rolled_back:
+            # (Its `seen` counts this replica's records only if it says so: a dialler that
+            # guessed another replica, one this replica was before a rejoin, counts that one's.)
+            ours = h.seen_of == self.store.replica_id
+            if ours and h.seen > self.store.committed_seq and not self._rolled_back:
                 self._rolled_back = str(RolledBack(link.peer.name, h.seen,
                                                    self.store.committed_seq, self.cfg.path))
                 self._rolled_back_by = (link.peer.name, link.peer)

@@ -221,6 +221,26 @@ def test_a_peer_that_wrongly_says_we_were_rolled_back_stops_us_until_it_is_remov
         peer.close()
 
 
+def test_a_hello_counting_another_replicas_records_does_not_stop_us(cluster):
+    """`seen` counts the records of the replica named in `seen_of`: a hello that counts
+    another one's (a dialler's guess, a replica this one was before a rejoin; or a hostile
+    peer's made-up id) said nothing of ours, yet stopped every exchange (a trial)."""
+    import uuid
+
+    a, b, c = cluster.make("a", "b", "c", links=[("a", "b"), ("b", "c")])
+    cluster.start(b, c)
+    peer = FakePeer(a, b)
+    try:
+        peer.send(wire.Hello(a.ident["tree_id"], a.replica_id, "a", 0, 10**6,
+                             seen_of=str(uuid.uuid4())))  # fmt: skip
+        peer.wait_for(wire.Hello, what="b's answer")
+        (c.root / "after.txt").write_text("still syncing\n")
+        cluster.wait_until(lambda: (b.root / "after.txt").exists(), 30, "c's file on b")
+        assert b.status()["state"] != "error", b.status()
+    finally:
+        peer.close()
+
+
 def test_a_malformed_request_for_blocks_is_answered_with_its_number(cluster):
     """The asker matches an error to its request by number: answered without one, a refused
     request waited out the 30 s stall timeout (a trial), with every other file behind it."""
