@@ -89,6 +89,7 @@ DEFER_DELETES = 20  # deletions in one batch of watcher events that wait for a w
 SETTLE_DELETES = 2.0  # seconds of quiet after such a batch before that scan
 DELETES_WINDOW = 60.0  # deletions recorded by path scans count together over this long
 HELLO_AGAIN_EVERY = 15.0  # a dialled connection with no session says hello again this often
+HELLO_PACE = 1.0  # s: a peer's hellos start a new session at most this often per link
 DEBOUNCE_QUIET = 0.02
 DEBOUNCE_LONGEST = 0.25
 DEGRADED_SCAN_EVERY = 60.0
@@ -134,6 +135,10 @@ class PeerLink:
     established_at: float = 0.0
     records_at: float = 0.0  # when a page of records last arrived on this link
     last_hello: float = -10.0  # when we last started a session on this link
+    # The peer's hellos start a session at most once a HELLO_PACE (a peer that floods them
+    # would have every record streamed again each time): the latest one waits here.
+    hello_at: float = -10.0
+    hello_waiting: wire.Hello | None = None
     error: str = ""  # the last error that ended a session, for status
     # The peer took us off its list (error NOT_ADMITTED): said in status, and hellos go on
     # (HELLO_AGAIN_EVERY), for it may list us again.
@@ -941,6 +946,8 @@ class Node:
             link.last_hello = self.clock()
             self._send(link, link.session.hello())
             return
+        if self._impostor(link, hello):
+            return
         s = link.session
         if hello.reply:
             if s is not None and s.state is State.HELLO_SENT:
@@ -952,6 +959,11 @@ class Node:
             elif s is None or s.state is State.CLOSED:
                 self._restart(link, hello.replica_id)
             return  # a duplicate reply on a live session: nothing to do
+        now = self.clock()
+        if now - link.hello_at < HELLO_PACE:
+            link.hello_waiting = hello  # taken by _timers once the pace allows
+            return
+        link.hello_at, link.hello_waiting = now, None
         if s is not None and s.state is State.ESTABLISHED:
             log.info("%s: new session (the peer restarted or reconnected)", link.label,
                      extra={"PEER": link.label})  # fmt: skip
@@ -959,6 +971,22 @@ class Node:
         link.session = s
         self._send(link, s.hello(reply=True))
         self._send_out(link, s.receive(hello))
+
+    def _impostor(self, link: PeerLink, hello: wire.Hello) -> bool:
+        """Whether ``hello`` claims the replica id of another configured peer (known here from
+        syncing with it under its own key): a peer may not speak for another, whose marks
+        here it would move (a hostile peer's trial cut an honest one off so). The session is
+        not started, and the claim is answered and logged (see _complain)."""
+        known = self._replica_of(link.peer.name)
+        if hello.replica_id == known:
+            return False
+        mark = self.store.peer_mark(hello.replica_id)
+        other = self.cfg.peer(mark.name) if mark.name and mark.name != link.peer.name else None
+        if other is None or other.public_key == link.peer.public_key:
+            return False  # (two names for one machine, one key: no impostor)
+        self._complain(link, "impostor", f"its hello claims to be replica {hello.replica_id}, "
+                       f"which is {mark.name}'s here (another peer, another key): refused")  # fmt: skip
+        return True
 
     def _restart(self, link: PeerLink, replica_id: str | None) -> None:
         """Start a new session on a live connection (at most every 2 s per link)."""
@@ -1654,6 +1682,8 @@ class Node:
         now = self.clock()
         self._redial(now)
         for link in list(self.links):
+            if link.hello_waiting is not None and now - link.hello_at >= HELLO_PACE:
+                self._start_session(link, link.hello_waiting)
             s = link.session
             if (
                 (s is None or s.state is State.HELLO_SENT)

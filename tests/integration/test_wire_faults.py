@@ -450,3 +450,52 @@ def test_records_that_would_crash_the_daemon_are_refused_and_it_goes_on(cluster)
         assert "Traceback" not in b.log.read_text()
     finally:
         peer.close()
+
+
+def test_a_peer_cannot_speak_for_another_peers_replica(cluster):
+    """A hostile-peer trial: a, admitted by b, said hello as c's replica (c being b's other
+    peer) with a huge sequence number; b took it, moved its marks for c, and c, back online,
+    was told it had been rolled back: nothing synced until a rejoin. b refuses the claim."""
+    a, b, c = cluster.make("a", "b", "c", links=[("a", "b"), ("b", "c")])
+    cluster.start(b, c)
+    (c.root / "from-c.txt").write_text("c\n")
+    cluster.wait_until(lambda: (b.root / "from-c.txt").exists(), 30, "c's file on b")
+    cluster.stop(c)
+    peer = FakePeer(a, b)
+    try:
+        peer.send(wire.Hello(a.ident["tree_id"], c.replica_id, "c", 1 << 62, 0,
+                             seen_of=b.replica_id))  # fmt: skip
+        err = peer.wait_for(wire.Error, what="b refusing the claim")
+        assert "c's here" in err.message, err
+        peer.send(wire.Records((), upto=1 << 62))  # (taken with the claim, it moved c's mark)
+        cluster.start(c)
+        (c.root / "after.txt").write_text("c again\n")
+        cluster.wait_until(lambda: (b.root / "after.txt").exists(), 30, "c's new file on b")
+        assert c.status()["state"] != "error", c.status()
+        assert "claims to be replica" in b.log.read_text()
+    finally:
+        peer.close()
+
+
+def test_a_flood_of_hellos_starts_a_session_at_most_once_a_second(cluster):
+    """A hostile-peer trial: each hello started a new session that streamed every record again,
+    with two log lines: 20000 hellos, 25000 lines and 800 MB. The latest waits its turn."""
+    a, b = cluster.make("a", "b")
+    for i in range(50):
+        (b.root / f"f{i}").write_text(f"{i}\n")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        start = time.monotonic()
+        for _ in range(300):
+            peer.hello(seq=0)
+        hellos = 0
+        while time.monotonic() - start < 3.0:
+            if peer.sock.poll(100) and isinstance(wire.decode(peer.sock.recv_multipart()),
+                                                  wire.Hello):  # fmt: skip
+                hellos += 1
+        assert 1 <= hellos <= 5, hellos
+        assert b.log.read_text().count("new session") <= 5
+        assert b.status() is not None
+    finally:
+        peer.close()
