@@ -90,6 +90,8 @@ SETTLE_DELETES = 2.0  # seconds of quiet after such a batch before that scan
 DELETES_WINDOW = 60.0  # deletions recorded by path scans count together over this long
 HELLO_AGAIN_EVERY = 15.0  # a dialled connection with no session says hello again this often
 HELLO_PACE = 1.0  # s: a peer's hellos start a new session at most this often per link
+SERVE_PENDING = 64 << 20  # bytes of content replies to one peer not yet on the wire, at most
+SERVE_WAITING = 256  # requests of one peer waiting for those to go
 DEBOUNCE_QUIET = 0.02
 DEBOUNCE_LONGEST = 0.25
 DEGRADED_SCAN_EVERY = 60.0
@@ -139,6 +141,11 @@ class PeerLink:
     # would have every record streamed again each time): the latest one waits here.
     hello_at: float = -10.0
     hello_waiting: wire.Hello | None = None
+    # Replies of content sent to the peer (tracker, bytes) that ZeroMQ may not have put on the
+    # wire yet, and requests that wait until it has (see Node._serve).
+    unsent: deque[tuple[Any, int]] = field(default_factory=deque)
+    serve_waiting: deque[wire.GetBlocks | wire.GetFiles] = field(default_factory=deque)
+    tracker: Any = None  # the last tracked send's, for _serve
     error: str = ""  # the last error that ended a session, for status
     # The peer took us off its list (error NOT_ADMITTED): said in status, and hellos go on
     # (HELLO_AGAIN_EVERY), for it may list us again.
@@ -165,6 +172,11 @@ class PeerLink:
     @property
     def label(self) -> str:
         return self.peer.name
+
+    def unsent_bytes(self) -> int:
+        while self.unsent and self.unsent[0][0].done:
+            self.unsent.popleft()
+        return sum(n for _, n in self.unsent)
 
     @property
     def established(self) -> bool:
@@ -276,6 +288,7 @@ class Node:
         self.poller = zmq.Poller()
         self._inbox: deque[tuple[PeerLink, list[bytes], wire.Message | None]] = deque()
         self._served_at = -SERVING_FOR  # when a peer last fetched blocks from this replica
+        self._serving_waits = False  # requests wait for their peer to read (see _serve)
         # Connections told their key is no longer admitted here (see _no_longer_admitted).
         self._told_not_admitted: set[bytes] = set()
         self._pumping = False
@@ -679,6 +692,10 @@ class Node:
             self.on_tick()
 
     def _poll(self, timeout: float, *, defer: bool) -> None:
+        if self._serving_waits:
+            self._serving_waits = self._serve_waiting()
+            if self._serving_waits:
+                timeout = min(timeout, 0.01)  # (a reply on the wire sets off no event here)
         events = dict(self.poller.poll(timeout * 1000))
         if not events:
             return
@@ -758,7 +775,7 @@ class Node:
             except ProtocolError:
                 msg = None
             if isinstance(msg, (wire.GetBlocks, wire.GetFiles)) and link.established:
-                self._send(link, answer(self.store, self.cfg.root, msg))
+                self._serve(link, msg)
                 return
             if isinstance(msg, (wire.Blocks, wire.Files)) or (
                 isinstance(msg, wire.Error) and msg.req
@@ -798,7 +815,7 @@ class Node:
             return
         if link.session is None:
             if isinstance(msg, (wire.GetBlocks, wire.GetFiles)):
-                self._send(link, answer(self.store, self.cfg.root, msg))
+                self._serve(link, msg)
             elif not isinstance(msg, (wire.Error, wire.Bye, wire.Blocks, wire.Files)):
                 # The peer thinks a session is on; ours ended (a disconnect we saw and it did
                 # not): start a new one, which streams again from our marks.
@@ -1097,7 +1114,7 @@ class Node:
             link.records_at = self.clock()  # (a long page is not a silence)
         elif isinstance(action, ServeBlocks):
             self._served_at = self.clock()
-            self._send(link, answer(self.store, self.cfg.root, action.request))
+            self._serve(link, action.request)
         elif isinstance(action, BlocksArrived):
             self.transfers.arrived(action.reply)
         elif isinstance(action, PeerError):
@@ -1123,17 +1140,50 @@ class Node:
             if link.dealer is None:
                 self._end_session(link, action.reason)
 
-    def _send(self, link: PeerLink, msg: wire.Message) -> bool:
+    def _serve(self, link: PeerLink, req: wire.GetBlocks | wire.GetFiles) -> None:
+        """Answer a request for content, unless the replies sent to this peer and not yet on
+        the wire hold SERVE_PENDING bytes already: then it waits (see _serve_waiting). A peer
+        that asks and never reads (a trial's hostile one: 1.7 GB here for 100 requests of 16
+        MiB) gets no more than that, and no more than SERVE_WAITING requests wait; honest ones
+        have far fewer in flight."""
+        if link.unsent_bytes() >= SERVE_PENDING:
+            if len(link.serve_waiting) >= SERVE_WAITING:
+                link.serve_waiting.popleft()  # (dropped: an honest asker would ask again)
+            link.serve_waiting.append(req)
+            self._serving_waits = True
+            return
+        reply = answer(self.store, self.cfg.root, req)
+        size = len(reply.data) if isinstance(reply, (wire.Blocks, wire.Files)) else 0
+        self._send(link, reply, track=size >= (64 << 10))
+        if size and link.tracker is not None:
+            link.unsent.append((link.tracker, size))
+            link.tracker = None
+
+    def _serve_waiting(self) -> bool:
+        """Answer the requests that waited for their peer to read earlier replies; whether any
+        still wait."""
+        waiting = False
+        for link in self.links:
+            while link.serve_waiting and link.unsent_bytes() < SERVE_PENDING:
+                self._serve(link, link.serve_waiting.popleft())
+            waiting = waiting or bool(link.serve_waiting)
+        return waiting
+
+    def _send(self, link: PeerLink, msg: wire.Message, *, track: bool = False) -> bool:
         frames = wire.encode(msg)
         # Zero-copy pays off only for big frames; for small ones its bookkeeping costs more.
         copy = sum(len(f) for f in frames) < (64 << 10)
+        track = track and not copy
         try:
             if link.dealer is not None:
-                link.dealer.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+                sent = link.dealer.send_multipart(frames, zmq.NOBLOCK, copy=copy, track=track)
             elif self.router is not None:
-                self.router.send_multipart([link.rid, *frames], zmq.NOBLOCK, copy=copy)
+                sent = self.router.send_multipart([link.rid, *frames], zmq.NOBLOCK, copy=copy,
+                                                  track=track)  # fmt: skip
             else:
                 return False
+            if track:
+                link.tracker = sent  # (a MessageTracker: done once ZeroMQ let go of the data)
         except zmq.ZMQError as e:
             if e.errno in (zmq.EAGAIN, zmq.EHOSTUNREACH):
                 if link.session is not None:

@@ -499,3 +499,46 @@ def test_a_flood_of_hellos_starts_a_session_at_most_once_a_second(cluster):
         assert b.status() is not None
     finally:
         peer.close()
+
+
+def test_a_peer_that_asks_for_content_and_never_reads_gets_only_so_much(cluster):
+    """A hostile-peer trial: 100 requests for 16 MiB that the peer never read took the daemon
+    to 1.7 GB (every reply queued for it). Replies not yet on the wire are capped; the rest of
+    the requests wait, and are all answered once the peer reads."""
+    import hashlib
+
+    from repld.daemon.node import SERVE_PENDING
+
+    a, b = cluster.make("a", "b")
+    data = os.urandom(16 << 20)
+    (b.root / "big.bin").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    peer.sock.rcvhwm = 1
+    try:
+        n = 40  # 640 MiB asked for
+        for i in range(n):
+            peer.send(wire.GetBlocks(i + 1, sha, "big.bin", 0, len(data)))
+
+        def rss_mib() -> float:
+            status = open(f"/proc/{b.proc.pid}/status").read()
+            return int(next(ln.split()[1] for ln in status.splitlines()
+                            if ln.startswith("VmRSS:"))) / 1024  # fmt: skip
+
+        peak, deadline = 0.0, time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # (sampled while b has the requests)
+            peak = max(peak, rss_mib())
+            b.status()
+        assert peak < 120 + 3 * SERVE_PENDING / (1 << 20), peak
+        got = 0
+        deadline = time.monotonic() + 60
+        while got < n and time.monotonic() < deadline:
+            if peer.sock.poll(1000):
+                msg = wire.decode(peer.sock.recv_multipart())
+                if isinstance(msg, wire.Blocks):
+                    assert bytes(msg.data) == data
+                    got += 1
+        assert got == n, got
+    finally:
+        peer.close()
