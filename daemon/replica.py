@@ -254,7 +254,9 @@ class Replica:
             # Again before the scan commits: a root that went away during the walk made every
             # path not walked yet look deleted.
             self.check_root()
-            gone = stats.deleted - stats.moved  # (a file moved leaves a deleted path behind)
+            # (A file moved leaves a deleted path behind; git's objects come and go by the
+            # thousand, `git gc`: see is_git_object.)
+            gone = stats.deleted - stats.moved - stats.deleted_git_objects
             if defer_deletes is not None and gone >= defer_deletes and not accept_deletes:
                 raise DeletesDeferred(f"{gone} paths deleted: left to a whole scan")
             if not accept_deletes:
@@ -271,6 +273,7 @@ class Replica:
             return
         files, dirs, _ = self.store.counts()  # what is left, this transaction's changes done
         before = files + dirs + stats.deleted - stats.created
+        before -= self.store.count_git_objects() + stats.deleted_git_objects
         if gone * 2 <= before and not strict:
             return
         raise MassDelete(

@@ -64,10 +64,22 @@ class ScanStats:
     # (see replica.continue_history).
     kept: int = 0
     edited: int = 0
+    # Of the deleted: paths under a .git/objects directory (git's own, see is_git_object).
+    deleted_git_objects: int = 0
 
     @property
     def events(self) -> int:
         return self.created + self.updated + self.deleted
+
+
+GIT_OBJECTS = "/.git/objects/"
+
+
+def is_git_object(path: str) -> bool:
+    """Whether ``path`` is in a git repository's object store: git deletes thousands of them
+    at once as routine (`git gc` packs its loose objects), which the mass-delete circuit
+    breaker does not count as the user's files gone."""
+    return GIT_OBJECTS in f"/{path}"
 
 
 def hash_file_stat(path: str | Path) -> tuple[str, bytes, int, os.stat_result]:
@@ -554,6 +566,8 @@ class Scanner:
             self.stats.updated += 1
         else:
             self.stats.deleted += 1
+            if is_git_object(new.path):
+                self.stats.deleted_git_objects += 1
         if self.verbose:
             self.stats.changes.append((action.value, new.path))
 

@@ -704,6 +704,15 @@ class Store:
         ).fetchone()
         return int(row[0] or 0)
 
+    def count_git_objects(self) -> int:
+        """Live paths in a git repository's object store (see scanner.is_git_object): a scan of
+        the whole table, for the mass-delete circuit breaker only."""
+        (n,) = self.execute(
+            "SELECT COUNT(*) FROM records WHERE deleted = 0 AND "
+            "(path LIKE '.git/objects/%' OR path LIKE '%/.git/objects/%')"
+        ).fetchone()
+        return int(n)
+
     def hashes_present(self, hashes: set[str]) -> set[str]:
         """Which of ``hashes`` some live record here has (one query per 500 hashes)."""
         found: set[str] = set()

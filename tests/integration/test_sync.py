@@ -875,6 +875,37 @@ def test_a_file_made_a_directory_against_an_edit_settles_in_one_sync(tmp_path):
     assert "0 actions planned" in h.sync(u, "-n").stdout
 
 
+def test_git_gc_deleting_its_loose_objects_is_no_mass_deletion(tmp_path):
+    """A trial: in a tree that was mostly a git repository, `git gc` (its loose objects packed,
+    then deleted) tripped the circuit breaker, and nothing of it replicated until `repld scan
+    --accept-deletes`. git's object store is git's to churn: it does not count. An `rm -rf` of
+    the repository still does (its other files count)."""
+    import shutil
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    objects = a.root / "proj" / ".git" / "objects"
+    for i in range(300):
+        d = objects / f"{i % 256:02x}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:038x}").write_bytes(os.urandom(40))
+    for i in range(150):
+        (a.root / "proj" / f"src{i}.c").write_text(f"{i}\n")
+    a.sync(b)
+    loose = [p for p in objects.iterdir() if p.name != "pack"]
+    for d in loose:
+        shutil.rmtree(d)
+    (objects / "pack").mkdir()
+    (objects / "pack" / "pack-1.pack").write_bytes(os.urandom(12_000))
+    proc = a.sync(b, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not any(p.name != "pack" for p in (b.root / "proj" / ".git" / "objects").iterdir())
+    assert (b.root / "proj" / ".git" / "objects" / "pack" / "pack-1.pack").exists()
+    shutil.rmtree(a.root / "proj")  # the whole repository: the breaker holds it
+    proc = a.sync(b, check=False)
+    assert proc.returncode == 1 and "more than half of the tree" in proc.stderr, proc.stderr
+    assert len(list((b.root / "proj").glob("*.c"))) == 150
+
+
 def test_most_of_the_tree_deleted_at_once_is_held_back_until_accepted(tmp_path):
     import shutil
 
