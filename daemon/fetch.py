@@ -765,6 +765,12 @@ STOPPING = "not fetched, repld is stopping; the next start takes it"
 VERSION_GONE = (
     "the peer has that version no more (changed or deleted since); the newer one comes next"
 )
+# (What follows VERSION_GONE in status: a peer that holds back a mass deletion has the files
+# gone from disk and their records alive, and no newer record comes until it is settled.)
+UNLESS_HELD = (
+    ", unless the peer holds its deletion back (its mass-delete circuit breaker: `repld status` "
+    "there says so)"
+)
 
 ROOM_SPARE = 64 << 20  # bytes a partial file leaves free on its file system
 

@@ -62,7 +62,7 @@ from .errors import (
     RootChanged,
     StoreError,
 )
-from .fetch import STOPPING, VERSION_GONE, Transfers, answer, inline_content
+from .fetch import STOPPING, UNLESS_HELD, VERSION_GONE, Transfers, answer, inline_content
 from .fetch import Link as FetchLink
 from .ignore import IGNORE_FILE
 from .localsync import pull_steps, resend_lost
@@ -1392,6 +1392,8 @@ class Node:
             stopped = 0  # files left for the next start (SIGTERM): said once, not each
             for path, err in stats.errors:
                 prev = self.errors.get(path)
+                if VERSION_GONE in err and prev is not None and prev.error.startswith(err):
+                    err += UNLESS_HELD  # asked again, and still no newer version came
                 # (A page retried every 10 s fails the same way each time: said once. A file
                 # that changed again on the peer while it was fetched is no trouble at all.)
                 level = logging.DEBUG if prev is not None and prev.error == err else logging.WARNING

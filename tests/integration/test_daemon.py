@@ -491,6 +491,28 @@ def test_a_file_replaced_by_a_fifo_at_once_is_deleted_on_the_peer(cluster):
     assert any(e["path"] == "ff" and "FIFO" in e["error"] for e in a.status()["errors"])
 
 
+def test_files_whose_deletion_is_held_say_so_on_the_peer(cluster):
+    """A trial: a held back a mass deletion that took files b had not fetched yet; b listed
+    them for as long as it lasted with "the peer has that version no more ...; the newer one
+    comes next", and none came. Asked again and still gone, the error says what may be why."""
+    a, b = with_files(cluster, 150)
+    cluster.stop(b)
+    for i in range(5):
+        (a.root / f"new{i}").write_text(f"new {i}\n")
+    cluster.wait_until(lambda: "new4" in a("dump").stdout, 30, "a to record the new files")
+    for p in list(a.root.iterdir()):
+        p.unlink()
+    cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
+    cluster.start(b)
+
+    def explained() -> bool:
+        errs = [e["error"] for e in b.status()["errors"] if e["path"].startswith("new")]
+        return bool(errs) and all("unless the peer holds its deletion back" in e for e in errs)
+
+    cluster.wait_until(explained, 40, "b to say the files may be held back on a")
+    assert len(list(b.root.iterdir())) == 150
+
+
 def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
     a, b = with_files(cluster, 150)
     saved = {p.name: p.read_bytes() for p in a.root.iterdir()}
