@@ -1734,7 +1734,9 @@ class Node:
         now = self.clock()
         self._redial(now)
         for link in list(self.links):
-            if link.hello_waiting is not None and now - link.hello_at >= HELLO_PACE:
+            if link.hello_waiting is not None and not quick and now - link.hello_at >= HELLO_PACE:
+                # (Not from inside a page's apply, `quick`: a new session then would replace
+                # the one whose page is being applied.)
                 self._start_session(link, link.hello_waiting)
             s = link.session
             if (
