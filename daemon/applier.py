@@ -46,6 +46,7 @@ from ..protocol.record import (
     Record,
     check_path,
     derived_guid,
+    mode_of,
     parent_of,
 )
 from ..protocol.version import Order, VersionVector
@@ -528,7 +529,7 @@ class Applier:
         else:
             if not stat.S_ISREG(st.st_mode):
                 raise ChangedOnDisk(path, "no longer a regular file")
-            now = (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+            now = (st.st_size, st.st_mtime_ns, mode_of(st.st_mode))
             was = (expected.size, expected.mtime_ns, expected.mode)
             if now != was or (expected.ino and expected.ino != st.st_ino):
                 raise ChangedOnDisk(path, "modified")
@@ -974,7 +975,7 @@ class Applier:
             sha, _, size, st = hash_file_stat(self._p(path))
         except OSError:
             return False
-        now = (sha, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+        now = (sha, size, st.st_mtime_ns, mode_of(st.st_mode))
         was = (expected.sha256, expected.size, expected.mtime_ns, expected.mode)
         return stat.S_ISREG(st.st_mode) and now == was and expected.ino in (0, st.st_ino)
 
@@ -1392,7 +1393,7 @@ class Applier:
         assert step.expected is not None
         self._record_removals()  # its children's tombstones first, as for a replacement
         version = step.record.version.merge(step.expected.version).bump(self.store.replica_id)
-        alive = step.expected.with_(version=version, mode=stat.S_IMODE(st.st_mode))
+        alive = step.expected.with_(version=version, mode=mode_of(st.st_mode))
         if step.op is not Op.DELETE:
             self._keep_replacement(step, alive)
         with self.store.transaction():

@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import time
 from collections import Counter, deque
@@ -36,7 +35,14 @@ from ..protocol import messages as wire
 from ..protocol.errors import ProtocolError
 from ..protocol.plan import Op, Step, plan_record
 from ..protocol.reconcile import Policy
-from ..protocol.record import Kind, Record, conflict_original, escape, is_placeholder
+from ..protocol.record import (
+    Kind,
+    Record,
+    conflict_original,
+    escape,
+    is_placeholder,
+    mode_of,
+)
 from ..protocol.session import (
     ApplyPage,
     BlocksArrived,
@@ -1536,7 +1542,7 @@ class Node:
         if deleted or kind_of(st.st_mode) is not kind:
             return False
         if kind is Kind.FILE:
-            return (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (size, mtime_ns, mode)
+            return (st.st_size, st.st_mtime_ns, mode_of(st.st_mode)) == (size, mtime_ns, mode)
         if kind is Kind.SYMLINK:
             # (A link made again with another target is an edit: `ln -sfn` right after the
             # link arrived, in a directory whose watch did not exist yet when it did.)
@@ -1544,7 +1550,7 @@ class Node:
                 return os.fsencode(os.readlink(full)) == os.fsencode(target)
             except (OSError, UnicodeError):
                 return False
-        return stat.S_IMODE(st.st_mode) == mode
+        return mode_of(st.st_mode) == mode
 
     def _scan_tick(self, _stats: object) -> None:
         """A long scan feeds systemd's watchdog (and asks for start-up time) as it goes."""

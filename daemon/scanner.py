@@ -33,6 +33,7 @@ from ..protocol.record import (
     block_size_for,
     check_path,
     is_temp_name,
+    mode_of,
     new_guid,
 )
 from ..protocol.version import VersionVector
@@ -175,7 +176,7 @@ def _unchanged_file(rec: Record, st: os.stat_result) -> bool:
         and rec.size == st.st_size
         and rec.mtime_ns == st.st_mtime_ns
         and rec.ino == st.st_ino
-        and rec.mode == stat.S_IMODE(st.st_mode)
+        and rec.mode == mode_of(st.st_mode)
         and st.st_ctime_ns <= checked_at(rec)
     )
 
@@ -454,7 +455,7 @@ class Scanner:
                 if st is not None and not row[2]:
                     # What _scan_entry would find for an unchanged file or directory, in fewer
                     # calls (a rescan).
-                    kind, mode = row[1], stat.S_IMODE(st.st_mode)
+                    kind, mode = row[1], mode_of(st.st_mode)
                     if (
                         kind == "file"
                         and not self.rehash
@@ -506,7 +507,7 @@ class Scanner:
         self.stats.files += 1
         self.stats.hashed_bytes += size
         self.store.put_local(path, new_guid(), "file", self._first_version, self._create.value,
-                             st.st_mode & 0o7777, st.st_mtime_ns, size, sha, blocks, ino)
+                             mode_of(st.st_mode), st.st_mtime_ns, size, sha, blocks, ino)
         known.add(ino)
         self.stats.created += 1
         if self.verbose:
@@ -572,7 +573,7 @@ class Scanner:
             self.stats.changes.append((action.value, new.path))
 
     def _check_dir(self, path: str, st: os.stat_result, rec: Record | None) -> None:
-        mode = stat.S_IMODE(st.st_mode)
+        mode = mode_of(st.st_mode)
         if rec is not None and not rec.deleted and rec.kind is Kind.DIR:
             if rec.mode != mode:
                 self._event(rec, rec.with_(mode=mode, mtime_ns=_clamped(st.st_mtime_ns)),
@@ -607,7 +608,7 @@ class Scanner:
         self.stats.files += 1
         if rec is not None and not self.rehash and _unchanged_file(rec, st):
             return
-        mode = stat.S_IMODE(st.st_mode)
+        mode = mode_of(st.st_mode)
         live = rec is not None and not rec.deleted and rec.kind is Kind.FILE
         moved = None if live else self._moved_from(path, st)
         if moved is not None:

@@ -15,7 +15,16 @@ from typing import Any
 import msgpack
 
 from .errors import ProtocolError
-from .record import DIGEST_SIZE, MAX_BLOCK, Action, Kind, Record, check_path, is_placeholder
+from .record import (
+    DIGEST_SIZE,
+    MAX_BLOCK,
+    MODE_BITS,
+    Action,
+    Kind,
+    Record,
+    check_path,
+    is_placeholder,
+)
 from .version import REPLICA_ID, VersionVector
 
 # 2: records may carry the action "adopt"; 3: acks may carry `held`; 4: getfiles and files
@@ -254,7 +263,7 @@ def record_from_wire(item: Any, *, placeholder_ok: bool = False) -> Record:
         kind=kind,
         version=version,
         deleted=deleted,
-        mode=_int(item[5], f"{path}: mode", 0, 0o7777),
+        mode=_int(item[5], f"{path}: mode", 0, 0o7777) & MODE_BITS,  # (see MODE_BITS)
         mtime_ns=_int(item[6], f"{path}: mtime", -_INT64),
         size=size,
         sha256=sha,

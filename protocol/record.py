@@ -46,6 +46,17 @@ _MARK_RE = re.compile(re.escape(CONFLICT_MARK) + "[0-9a-f]{8}-[0-9a-f]{8}")
 _GUID_NAMESPACE = uuid.UUID("6f1e4c1e-4b4e-4d3c-9a51-7265706c6421")
 
 
+# The mode bits a record holds: permissions and the sticky bit. Not setuid or setgid (nor does
+# Syncthing or Unison replicate them): on a machine whose repld runs as root, a peer's setuid
+# file would run as root there.
+MODE_BITS = 0o1777
+
+
+def mode_of(st_mode: int) -> int:
+    """The replicated part of a stat's ``st_mode`` (see MODE_BITS)."""
+    return st_mode & MODE_BITS
+
+
 def block_size_for(size: int) -> int:
     block = MIN_BLOCK
     while block < MAX_BLOCK and size > block * TARGET_BLOCKS:

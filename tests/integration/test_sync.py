@@ -356,6 +356,36 @@ def test_a_file_its_owner_made_unreadable_has_its_mode_replicated(tmp_path):
                                             "-n").stdout  # fmt: skip
 
 
+def test_setuid_and_setgid_bits_are_not_replicated(tmp_path):
+    """A hostile-peer trial wrote a root-owned setuid file on a daemon run as root. Like
+    Syncthing and Unison, repld replicates permissions and the sticky bit, not setuid or
+    setgid: a peer's record that has them (an older repld's, a hostile one's) is taken
+    without them."""
+    import hashlib
+
+    from repld.protocol.messages import record_from_wire, record_to_wire
+    from repld.protocol.record import Kind, Record
+    from repld.protocol.version import VersionVector
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "tool").write_text("#!/bin/sh\necho hi\n")
+    (a.root / "tool").chmod(0o6755)
+    (a.root / "shared").mkdir()
+    (a.root / "shared").chmod(0o2775)
+    (a.root / "tmp").mkdir()
+    (a.root / "tmp").chmod(0o1777)
+    a.sync(b)
+    assert stat.S_IMODE((b.root / "tool").stat().st_mode) == 0o755
+    assert stat.S_IMODE((b.root / "shared").stat().st_mode) == 0o775
+    assert stat.S_IMODE((b.root / "tmp").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((a.root / "tool").stat().st_mode) == 0o6755  # a's own: as it was
+    assert "0 actions planned" in a.sync(b, "-n").stdout  # nothing to send back and forth
+    data = b"x"
+    rec = Record("evil", "g", Kind.FILE, VersionVector.of({"p": 1}), mode=0o4777, size=1,
+                 sha256=hashlib.sha256(data).hexdigest(), blocks=hashlib.sha256(data).digest())
+    assert record_from_wire(record_to_wire(rec)).mode == 0o777
+
+
 def test_dry_run_changes_nothing_anywhere(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)
