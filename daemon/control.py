@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import json
 import logging
 import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,7 +209,49 @@ def replica_error(status: dict[str, Any]) -> str | None:
 
 def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
     """Send one command to the daemon of ``cfg``'s replica (with ``fields``, for the commands
-    that take some: ``prune``'s ``forget``); its reply."""
+    that take some: ``prune``'s ``forget``); its reply.
+
+    A daemon just started answers only once it has opened its replica and its sockets (a
+    second or so): while some process holds the replica's database, the request waits for a
+    daemon to answer, up to STARTING_WAIT (`repld run &` then `repld status` at once said
+    "not running; start it", and a second `run` then failed)."""
+    deadline = time.monotonic() + min(timeout, STARTING_WAIT)
+    while True:
+        try:
+            return _request(cfg, cmd, timeout=timeout, **fields)
+        except DaemonNotRunning as e:
+            if not _in_use(cfg.db_path):
+                raise
+            if time.monotonic() >= deadline:
+                raise DaemonNotRunning(
+                    f"{e}; a repld process holds its database, though: a sync or a scan, or "
+                    "a daemon that is slow to start (its log says why)"
+                ) from None
+            time.sleep(0.05)
+
+
+STARTING_WAIT = 5.0  # s: see request
+
+
+def _in_use(db_path: Path) -> bool:
+    """Whether a process holds the write lock of the replica's database (a daemon, perhaps
+    starting; or a sync or a scan)."""
+    try:
+        fd = os.open(db_path.with_suffix(".lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (and any lock taken with it)
+    return False
+
+
+def _request(cfg: Config, cmd: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
     path = control_path(cfg)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)

@@ -102,3 +102,52 @@ def test_a_daemon_that_dies_as_it_is_asked_is_not_running(tmp_path):
         t.join(timeout=30)
         server.close()
         shutil.rmtree(path.parent)
+
+
+def test_status_right_after_the_start_waits_for_the_daemon(tmp_path):
+    """A newcomer's trial: `repld run &` then `repld status` at once said "not running ...
+    start it" (the daemon answers once it has opened its replica and sockets, a second or so
+    later); a second `run` then failed. While a process holds the replica's database, status
+    waits for its daemon to answer. With none there, it says so at once."""
+    import time
+
+    (a,) = make_replicas(tmp_path, "a")
+    start = time.monotonic()
+    assert a("status", check=False).returncode == 3
+    assert time.monotonic() - start < 4.0  # (nothing holds the database: no wait)
+    daemon = subprocess.Popen([*REPLD, "--config", a.config, "run"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: (a.state / "repld.lock").exists() and _locked(a.state / "repld.lock"),
+                 "the daemon to open its database")  # fmt: skip
+        proc = a("status", check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    # A process that holds the database and never answers (a long sync, say): status waits
+    # a while for it, then says what it found.
+    import fcntl
+
+    fd = os.open(a.state / "repld.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        start = time.monotonic()
+        proc = a("status", check=False)
+        assert proc.returncode == 3 and "a repld process holds its database" in proc.stderr
+        assert time.monotonic() - start >= 4.0  # (it waited)
+    finally:
+        os.close(fd)
+
+
+def _locked(path: Path) -> bool:
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
