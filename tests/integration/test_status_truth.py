@@ -120,3 +120,18 @@ def test_a_restarted_daemon_says_when_it_last_synced_with_a_peer_that_is_away(tm
         apart = dt.datetime.fromisoformat(peer["last_seen"]) - dt.datetime.fromisoformat(before)
         assert abs(apart.total_seconds()) < 30, (peer, before)
         assert "never" not in a("status").stdout
+
+
+def test_a_peers_one_shot_sync_counts_as_heard_from(tmp_path):
+    """A newcomer's trial: m1 ran `repld sync laptop` against laptop's daemon, and laptop's
+    status kept an older last_seen for m1 (the link went with the sync's end)."""
+    with Cluster(tmp_path) as cluster:
+        a, b = cluster.make("a", "b")
+        cluster.start(a)
+        before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        (b.root / "from-b.txt").write_text("b\n")
+        b("sync", "a")
+        peer = cluster.wait_until(lambda: a.peer_status("b"), what="a's status")
+        assert peer["last_seen"], peer
+        assert dt.datetime.fromisoformat(peer["last_seen"]) >= before, (peer, before)
+        assert (a.root / "from-b.txt").exists()
