@@ -108,6 +108,26 @@ def _global_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..protocol.messages import WIRE_VERSION
+
+    try:
+        mine = version("repld")
+    except PackageNotFoundError:
+        mine = "(not installed)"
+    return f"repld {mine}, wire protocol {WIRE_VERSION}"
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked for (a lookup costs every command some time)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="repld",
@@ -117,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="the replica's config file")
     p.add_argument("--debug", action="store_true", help="log debugging detail to stderr")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="the version of repld, and of its wire protocol (peers must share it)")  # fmt: skip
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

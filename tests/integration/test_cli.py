@@ -868,3 +868,13 @@ def test_a_name_with_a_newline_cannot_forge_a_log_line(tmp_path):
     lines = proc.stderr.splitlines()
     assert not [ln for ln in lines if ln.startswith("repld: ERROR: forged")], proc.stderr
     assert [ln for ln in lines if "pipe\\nrepld: ERROR: forged: not replicated" in ln], proc.stderr
+
+
+def test_version_says_which_repld_and_which_wire_protocol():
+    """A newcomer's trial: README says peers must speak the same wire version, and nothing
+    said which one this repld speaks."""
+    from repld.protocol.messages import WIRE_VERSION
+
+    proc = subprocess.run([*REPLD, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("repld ") and f"wire protocol {WIRE_VERSION}" in proc.stdout
