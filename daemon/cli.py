@@ -214,15 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
         "record what changed on disk since the last scan",
         "Compare the tree with the database and record one event per changed path. "
         "With PATHs, scan only those (and what is below them). A file is read only if its "
-        "size, mtime, mode or inode changed; --full reads every file. If the daemon runs, it "
-        "is asked to scan instead.",
+        "size, mtime, mode or inode changed, or its ctime moved since it was last read (an "
+        "edit that kept size and mtime moves it); --full reads every file. If the daemon "
+        "runs, it is asked to scan instead.",
     )
     c.add_argument("-v", "--verbose", action="store_true", help="print each change")
     c.add_argument(
         "--full",
         action="store_true",
-        help="read and hash every file, also those whose size and mtime did not change (finds "
-        "edits that kept both, which a scan compares; slow: the whole tree is read)",
+        help="read and hash every file, also those whose stat did not change (finds what "
+        "nothing on disk shows, such as a disk's silent corruption; slow: the whole tree is "
+        "read)",
     )
     c.add_argument(
         "--accept-root",
