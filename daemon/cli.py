@@ -108,6 +108,9 @@ def _global_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+LISTED = 20  # files gone from the disk that `export` lists one by one, without -v
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -383,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="replace FILE even when it holds another replica's bundle (without "
                    "it, only this replica's own earlier bundle is replaced)")  # fmt: skip
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help=f"list every file left out (else the first {LISTED} gone from the "
+                   "disk)")  # fmt: skip
 
     c = cmd(
         "import",
@@ -1534,9 +1540,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         report = export(rep, args.file, since=since, peer=peer, peer_name=args.since or "",
                         scan=scan, force=args.force, progress=show)
         progress.done()
-    for path, why in report.left_out:
-        print(f"left out: {escape(path)}: {why}", file=sys.stderr)
     gone = sum(why == os.strerror(errno.ENOENT) for _, why in report.left_out)
+    shown = report.left_out if args.verbose or gone <= LISTED else [
+        (p, w) for p, w in report.left_out if w != os.strerror(errno.ENOENT)] + [
+        (p, w) for p, w in report.left_out if w == os.strerror(errno.ENOENT)][:LISTED]  # fmt: skip
+    for path, why in shown:
+        print(f"left out: {escape(path)}: {why}", file=sys.stderr)
+    if len(shown) < len(report.left_out):
+        print(f"left out: and {len(report.left_out) - len(shown)} more gone from the disk "
+              "(-v lists them)", file=sys.stderr)  # fmt: skip
     if gone and not scan:
         print(f"note: {gone} file(s) recorded by the daemon are gone from the disk: if it holds "
               "their deletion back (`repld status` says so), settle that first (README: "

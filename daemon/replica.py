@@ -285,7 +285,8 @@ class Replica:
             "copied from another replica's tree) without writing over any file there now: "
             "a running daemon still takes peers' changes meanwhile, and a file put over a newer "
             "one would win over it everywhere (`cp -an SAVED/. DIR/`: -n, never over a file). "
-            "Until then, nothing that needs a scan of this replica (sync, export, import) runs"
+            "Until then, a sync or an import here stops at this same check, and an export "
+            "leaves these files out"
         )  # fmt: skip
 
     def check_root(self, *, accept: bool = False) -> None:

@@ -519,10 +519,15 @@ def test_putting_the_files_back_lifts_the_hold_by_itself(cluster):
     for name in saved:
         (a.root / name).unlink()
     cluster.wait_until(lambda: a.status()["deletes_held"], 30, "a to hold the deletions back")
-    # An export meanwhile leaves the files out, each said once, and points at the hold.
+    # An export meanwhile leaves the files out, each said once (the first 20: a trial saw
+    # 150 lines), and points at the hold.
     proc = run("--config", a.config, "export", cluster.tmp / "x.bundle", check=False)
     assert proc.returncode == 1
     assert proc.stderr.count("f000:") == 1 and "holds their deletion back" in proc.stderr
+    assert proc.stderr.count("left out: f") == 20, proc.stderr
+    assert "left out: and 130 more gone from the disk (-v lists them)" in proc.stderr
+    proc = run("--config", a.config, "export", "-v", cluster.tmp / "y.bundle", check=False)
+    assert proc.stderr.count("left out: f") == 150, proc.stderr
     for name, data in saved.items():  # restored (from a backup, say)
         (a.root / name).write_bytes(data)
     cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to lift by itself")
