@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import stat
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Sequence
@@ -570,12 +571,20 @@ def cmd_peer(args: argparse.Namespace) -> int:
         if cfg.peer(name):
             raise UsageError(f"a peer named {name!r} exists already; `repld peer remove {name}` first")
         if name == cfg.name:
-            raise UsageError(f"{name!r} is this replica's own name")
+            raise UsageError(
+                f"{name!r} is this replica's own name (`name` in {cfg.path}): call the peer "
+                f"something else here, e.g. `repld peer add {name}-2 ...` (the name is only "
+                "how this replica calls it); two replicas of one name make logs hard to read, "
+                "so renaming one of them (its `name`) is better still"
+            )
         if any(p.public_key == key for p in cfg.peers):
             other = next(p.name for p in cfg.peers if p.public_key == key)
             raise UsageError(f"that public key is peer {other!r} already")
         configmod.add_peer(cfg, configmod.Peer(name, endpoint, key))
         print(f"added peer {name} at {endpoint}")
+        if (host := _unresolved_host(endpoint)) is not None:
+            print(f"note: the name {host} does not resolve here now: a typo, or a name known "
+                  "only on another network (the daemon keeps trying it)", file=sys.stderr)  # fmt: skip
         _hint_reload(cfg)
         return 0
     if not cfg.peer(args.name):
@@ -585,6 +594,37 @@ def cmd_peer(args: argparse.Namespace) -> int:
     print(f"removed peer {args.name}")
     _hint_reload(cfg)
     return 0
+
+
+def _unresolved_host(endpoint: str) -> str | None:
+    """The host name of a tcp:// endpoint if it does not resolve (None: it does, it is an
+    address, or the endpoint is not tcp)."""
+    import ipaddress
+    import socket as socketmod
+
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if host in ("", "*"):
+        return None
+    failed: list[bool] = []
+
+    def look_up() -> None:
+        try:
+            socketmod.getaddrinfo(host, None)
+        except (socketmod.gaierror, UnicodeError):
+            failed.append(True)
+
+    # (A resolver that does not answer would hold the command up: 2 s, then no note.)
+    t = threading.Thread(target=look_up, daemon=True)
+    t.start()
+    t.join(2.0)
+    return host if failed else None
 
 
 def _hint_reload(cfg: configmod.Config) -> None:

@@ -878,3 +878,20 @@ def test_version_says_which_repld_and_which_wire_protocol():
     proc = subprocess.run([*REPLD, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("repld ") and f"wire protocol {WIRE_VERSION}" in proc.stdout
+
+
+def test_peer_add_says_when_a_host_name_does_not_resolve_and_how_to_name_a_namesake(tmp_path):
+    """A newcomer's trial: a peer at a name that does not resolve was only ever "nothing
+    answers" in status; and two replicas both named after the host (no --name) could not be
+    made each other's peer, with no hint of a way."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    key = b.identity()["public_key"]
+    bad = "x" * 64 + ".example"  # (refused by the resolver here, with or without a network)
+    proc = a("peer", "add", "far", f"tcp://{bad}:7437", key)
+    assert f"note: the name {bad} does not resolve here now" in proc.stderr, proc.stderr
+    a("peer", "remove", "far")
+    proc = a("peer", "add", "near", "tcp://127.0.0.1:7437", key)
+    assert "does not resolve" not in proc.stderr
+    a("peer", "remove", "near")
+    proc = a("peer", "add", "a", "tcp://127.0.0.1:7437", key, check=False)
+    assert proc.returncode == 2 and "`repld peer add a-2 ...`" in proc.stderr, proc.stderr
