@@ -1646,7 +1646,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if report.dry_run and not args.verbose and step.op is Op.RECORD:
             quiet += 1
             continue
-        print(f"{rep.cfg.name} <- {step.describe()}")
+        print(f"{rep.cfg.name} <- {step.describe(sides=(rep.cfg.name, report.name))}")
     if report.dry_run:
         also = f" (and {quiet} records to take that change no file: -v lists them)" if quiet else ""
         print(f"dry run: {len(report.steps) - quiet} actions planned{also}, nothing changed")

@@ -69,7 +69,9 @@ def test_bundles_both_ways_settle_edits_deletes_and_conflicts_like_a_sync(tmp_pa
     to_b, to_a = tmp_path / "to-b.bundle", tmp_path / "to-a.bundle"
     a("export", to_b)  # a has heard nothing from b yet: everything
     b("export", "--since", "a", to_a)
-    a("import", to_a)
+    out = a("import", "-v", to_a).stdout
+    # The conflict's line names the replicas, as sync -v does (it said "local wins").
+    assert re.search(r"a <- .*docs/a\.txt.*\[conflict: b's version wins", out), out
     b("import", to_b)
 
     assert snapshot(a.root) == snapshot(b.root)
