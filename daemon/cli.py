@@ -1437,7 +1437,7 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
         key = load_keys(cfg).public
         print(f"new key pair (the old one was lost with the state directory): every peer must "
               f"admit the new public key, on each: `repld peer remove {cfg.name}` then `repld "
-              f"peer add {cfg.name} ENDPOINT '{key}'`")  # fmt: skip
+              f"peer add {cfg.name} {_dialable(cfg.listen)} '{key}'`")  # fmt: skip
     if stats.kept or stats.edited:
         print(f"{stats.kept} paths found as the old database recorded them, {stats.edited} "
               "changed since: they keep their history (the tree's newer versions come in, an "
