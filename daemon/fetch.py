@@ -57,6 +57,7 @@ SPOOL_WORKERS = 2  # threads checking and writing blocks of big files
 SPOOL_AHEAD = 8  # chunks of one file handed to them and not yet written (memory: 8 MiB)
 PARTIAL_MAX_AGE = 7 * 24 * 3600  # seconds untouched before a partial file is given up on
 GONE_FILES = 64  # files a page deletes whose blocks may be taken for its new files
+BIG_PLAN_BLOCKS = 4096  # a file of more blocks is planned only if the disk has room for it
 
 
 @dataclass
@@ -281,6 +282,13 @@ class Transfers:
         if data is not None and len(data) == rec.size:
             return _File(rec, hint, [_Chunk(0, rec.size, inline=data)])
         bs = block_size_for(rec.size)
+        if rec.size > bs * BIG_PLAN_BLOCKS:
+            # (Planned block by block, a record that claims a size no disk here holds would
+            # take the loop minutes and gigabytes: a hostile peer's, 2**62 bytes. The reader
+            # says there is no room, see _Reader.)
+            free = free_bytes(self.root)
+            if free is not None and free < rec.size:
+                return _File(rec, hint, [], done=True)
         digests = [rec.blocks[i : i + DIGEST_SIZE] for i in range(0, len(rec.blocks), DIGEST_SIZE)]
         nblocks = (rec.size + bs - 1) // bs
         local: dict[bytes, tuple[str, int]] = {}

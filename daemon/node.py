@@ -1250,7 +1250,10 @@ class Node:
                     inline = 0  # bytes of it
                     for r in recs:
                         n += 1
-                        size += 200 + len(r.blocks) + len(r.path)
+                        # (A version's text is up to 58 bytes a replica: 10k of them made a
+                        # page over the receiver's limit, refused and sent again for ever.)
+                        size += (200 + len(r.blocks) + len(r.path) + len(r.target)
+                                 + 60 * len(r.version.entries))  # fmt: skip
                         if size > PAGE_BYTES:
                             break
                         if (
@@ -1307,6 +1310,18 @@ class Node:
             return  # (the session ended: the page is asked for again by the next one)
         peer_id = s.peer.replica_id
         me = self.store.replica_id
+        top = self.store.seq
+        if (forged := next((r for r in page.records if r.version.get(me) > top), None)):
+            # This replica's own events count up to its sequence number: a record that claims
+            # more of them was made up (a hostile peer's trial: the next edit here counted past
+            # what the wire takes, and every peer refused this replica's pages for good). Or
+            # this replica was rolled back, which the hello says, and which stops it anyway.
+            text = (f"a record it sent, {escape(forged.path)}, claims edits of this replica "
+                    f"that it never made ({forged.version.get(me)}, it is at {top}): refused")
+            self._complain(link, "malformed", text)
+            link.error, link.error_passes = text, True
+            self._end_session(link, text)
+            return
         policy = self._policy()
         # What planning and applying the page will ask of the store, in a few queries.
         self.store.read_ahead([r.path for r in page.records],

@@ -129,13 +129,18 @@ def prune_report(rep: Replica, forget: Iterable[str] = ()) -> PruneReport:
     marks = store.peer_marks()
     held = store.held()  # what peers said of replicas this one may not have met
     name_of = {m.replica_id: m.name for m in marks}
+    configured = {p.name for p in rep.cfg.peers}
     for m in marks:
         if m.replica_id in met:
             continue
         met.add(m.replica_id)
         names.add(m.name)
         acked, via = m.acked_seq, ""
-        if m.replica_id in held and held[m.replica_id][0] > acked:
+        # A peer's word for a replica that syncs with this one under its own key (a
+        # configured peer) is not taken over that replica's own: a hostile peer's trial had
+        # a tombstone dropped that the other had never seen.
+        if (m.replica_id in held and held[m.replica_id][0] > acked
+                and m.name not in configured):  # fmt: skip
             acked, via = held[m.replica_id][0], name_of.get(held[m.replica_id][1], "a peer")
         unseen, newest = _unseen_after(rep, acked, m.replica_id)
         holders.append(Holder(m.name, m.replica_id, HOW_SYNCED, m.last_sync_ns, acked,

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 WAL_KEPT = 4 << 20  # bytes of the -wal file kept once its content is in the database
+HELD_KEPT = 256  # replicas whose holds peers told of that are kept (wire: MAX_HELD, 1024)
 PAGE = 1000
 PRUNED_FLOOR = "pruned_floor"  # meta key: see Store.pruned_floor
 CHECKPOINTS_KEPT = 2000  # per peer, at the most (see Store._checkpoint)
@@ -689,7 +690,8 @@ class Store:
     def count_since(self, seq: int) -> tuple[int, int]:
         """(records, bytes of live files) changed after ``seq``: what a peer at ``seq`` lacks."""
         row = self.execute(
-            "SELECT COUNT(*), SUM(CASE WHEN deleted = 0 THEN size ELSE 0 END) FROM records "
+            # (TOTAL, a float, never overflows as SUM can: a peer's record may claim any size.)
+            "SELECT COUNT(*), TOTAL(CASE WHEN deleted = 0 THEN size ELSE 0 END) FROM records "
             "WHERE seq > ?",
             (seq,),
         ).fetchone()
@@ -883,7 +885,7 @@ class Store:
     def counts(self) -> tuple[int, int, int]:
         """(files, dirs, bytes) of the live tree."""
         row = self.execute(
-            "SELECT SUM(kind != 'dir'), SUM(kind = 'dir'), SUM(size) FROM records WHERE deleted = 0"
+            "SELECT SUM(kind != 'dir'), SUM(kind = 'dir'), TOTAL(size) FROM records WHERE deleted = 0"
         ).fetchone()
         return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
 
@@ -995,9 +997,16 @@ class Store:
     def note_held(self, via: str, held: Iterable[Held]) -> None:
         """Peer ``via`` says how far other replicas hold this replica's records (its Ack)."""
         now = self._clock()
+        (rows,) = self._conn().execute("SELECT COUNT(*) FROM held").fetchone()
+        known = {str(r) for (r,) in self._conn().execute("SELECT replica_id FROM held")}
         for h in held:
             if h.replica_id in (self.replica_id, via):
                 continue  # (what a peer holds of ours it says itself, in the Ack's upto)
+            if h.replica_id not in known:
+                if rows >= HELD_KEPT:
+                    continue  # (a hostile peer's made-up replicas by the thousand: not kept)
+                rows += 1
+                known.add(h.replica_id)
             self._conn().execute(
                 "INSERT INTO held VALUES (?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "
                 "upto = excluded.upto, via = excluded.via, time_ns = excluded.time_ns, "
@@ -1042,7 +1051,9 @@ class Store:
                 return ()
             if theirs:
                 out.append(Held(rid, int(theirs), keys.get(rid, "")))
-        return tuple(sorted(out, key=lambda h: h.replica_id))
+        # (At most what a peer takes in one Ack: the held table is bounded as much, but older
+        # databases may hold more.)
+        return tuple(sorted(out, key=lambda h: h.replica_id))[:HELD_KEPT]
 
     def trim_checkpoints(self) -> int:
         """Drop the checkpoints no answer of held_for can use any more: older than the newest

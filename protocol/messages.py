@@ -38,6 +38,8 @@ MAX_MESSAGE = 8 << 20  # bytes in one frame: a page of records, never more
 MAX_BLOCK_REQUEST = MAX_BLOCK
 MAX_RECORDS = 2000  # records in one page
 WIRE_COUNTER_MAX = 1 << 62  # a version counter from a peer (bumps here stay below 2**63)
+MAX_FILE_SIZE = 1 << 50  # bytes (1 PiB): sums of many stay far below 2**63
+MAX_VERSION_ENTRIES = 512  # replicas named in one version vector
 # Files this small are sent whole, many in one message: inside the page of their records (up
 # to INLINE_PAGE of them, so a live edit needs no request), else asked for with GetFiles.
 INLINE_MAX = 16 << 10
@@ -238,6 +240,8 @@ def record_from_wire(item: Any, *, placeholder_ok: bool = False) -> Record:
         raise ProtocolError(f"{path}: empty version")
     if any(n > WIRE_COUNTER_MAX for _, n in version.entries):
         raise ProtocolError(f"{path}: a version counter over {WIRE_COUNTER_MAX}")
+    if len(version.entries) > MAX_VERSION_ENTRIES:
+        raise ProtocolError(f"{path}: a version naming more than {MAX_VERSION_ENTRIES} replicas")
     deleted = item[4]
     if type(deleted) is not bool:
         raise ProtocolError(f"{path}: deleted must be true or false")
@@ -245,7 +249,7 @@ def record_from_wire(item: Any, *, placeholder_ok: bool = False) -> Record:
     blocks = item[9]
     if type(blocks) is not bytes or len(blocks) % DIGEST_SIZE:
         raise ProtocolError(f"{path}: blocks must be a multiple of {DIGEST_SIZE} bytes")
-    size = _int(item[7], f"{path}: size")
+    size = _int(item[7], f"{path}: size", 0, MAX_FILE_SIZE)
     if kind is Kind.FILE and not deleted:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise ProtocolError(f"{path}: a file needs a 64-digit sha256")

@@ -542,3 +542,89 @@ def test_a_peer_that_asks_for_content_and_never_reads_gets_only_so_much(cluster)
         assert got == n, got
     finally:
         peer.close()
+
+
+def test_records_claiming_absurd_sizes_or_our_own_edits_are_refused(cluster):
+    """A second hostile-peer trial: a directory record of size 2**63-1 made the daemon, and the
+    honest peer it relayed it to, fail at every start (SUM overflowed); a file record of 2**62
+    bytes took the daemon's loop minutes and gigabytes to plan; a record claiming 2**62 edits
+    of the victim itself made its next edit count past what the wire takes, and its peers
+    refused its pages for good."""
+    a, b = cluster.make("a", "b")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    rid = a.replica_id
+    try:
+        peer.hello(seq=9)
+        peer.wait_for(wire.Hello, what="b's answer to our hello")
+        bad = wire.encode(wire.Records((directory("huge", rid, 1, 1),), upto=1))
+        top = msgpack.unpackb(bad[0], raw=False)
+        top[2]["records"][0][7] = (1 << 63) - 1
+        peer.send_raw([msgpack.packb(top)])
+        assert "malformed" in peer.wait_for(wire.Error, what="the size refused").message
+        peer.send(wire.Records((directory("after", rid, 1, 1),), upto=1))
+        peer.wait_for(wire.Hello, what="a new session")
+        peer.hello(seq=9, reply=True)
+        # A record that claims edits of b itself that b never made.
+        forged = directory("forged", rid, 1, 2, VersionVector.of({b.replica_id: 1 << 40,
+                                                                   rid: 2}))  # fmt: skip
+        peer.send(wire.Records((forged,), upto=2))
+        err = peer.wait_for(wire.Error, what="the forged record refused")
+        assert "never made" in err.message, err
+        assert not (b.root / "forged").exists()
+        peer.send(wire.Records((directory("after", rid, 1, 1),), upto=1))
+        peer.wait_for(wire.Hello, what="a new session after the forged page")
+        peer.hello(seq=9, reply=True)
+        # A file the size of no disk: said to have no room, at once, the daemon responsive.
+        big = file_record("big.bin", b"tiny\n", rid, 1, 2, "guid-big")
+        big = Record(big.path, big.guid, big.kind, big.version, mode=0o644,
+                     mtime_ns=big.mtime_ns, size=wire.MAX_FILE_SIZE, sha256=big.sha256,
+                     blocks=big.blocks, modified_by=rid, origin_seq=2, seq=2)  # fmt: skip
+        peer.send(wire.Records((big,), upto=2))
+
+        def no_room() -> bool:
+            st = b.status()
+            return any("no room" in e["error"] for e in st["errors"] if e["path"] == "big.bin")
+
+        cluster.wait_until(no_room, 30, "b to say it has no room for big.bin")
+        assert b.status() is not None and "Traceback" not in b.log.read_text()
+    finally:
+        peer.close()
+
+
+def test_a_peers_word_does_not_drop_a_tombstone_another_peer_has_not_seen(cluster):
+    """A second hostile-peer trial: a's Ack said c (b's other peer, offline) held all of b's
+    records; b's prune then dropped the tombstone of a file c still had, and c kept it for
+    good, both saying they were in sync. And an Ack naming 1024 made-up replicas was stored
+    and said onwards, over what a peer takes in one Ack."""
+    a, b, c = cluster.make("a", "b", "c", links=[("a", "b"), ("b", "c")])
+    (b.root / "doomed.txt").write_text("to be deleted\n")
+    cluster.start(b, c)
+    cluster.wait_until(lambda: (c.root / "doomed.txt").exists(), 30, "doomed.txt on c")
+    cluster.stop(c)
+    (b.root / "doomed.txt").unlink()
+    cluster.wait_until(lambda: " D " in next((ln for ln in b("dump").stdout.splitlines()
+                                              if ln.startswith("doomed.txt ")), ""),
+                       30, "b to record the deletion")  # fmt: skip
+    peer = FakePeer(a, b)
+    try:
+        peer.hello(seq=0)
+        hello = peer.wait_for(wire.Hello, what="b's answer")
+        made_up = tuple(wire.Held(f"fake{i:04}", 1 << 40, "") for i in range(1000))
+        peer.send(wire.Ack(hello.seq, held=(wire.Held(c.replica_id, 10**15, c.public_key),
+                                            *made_up)))  # fmt: skip
+        from repld.daemon.store import HELD_KEPT, Store
+
+        def held() -> int:
+            with Store(b.state / "repld.db", write=False) as store:
+                return len(store.held())
+
+        cluster.wait_until(held, 30, "b to take the Ack")
+    finally:
+        peer.close()
+    out = b("prune").stdout
+    assert "1 tombstone" in out and "kept" in out, out
+    assert "doomed.txt" in b("dump").stdout
+    assert held() <= HELD_KEPT
+    cluster.start(c)
+    cluster.wait_until(lambda: not (c.root / "doomed.txt").exists(), 30, "c to take the deletion")
