@@ -885,7 +885,8 @@ class Store:
     def counts(self) -> tuple[int, int, int]:
         """(files, dirs, bytes) of the live tree."""
         row = self.execute(
-            "SELECT SUM(kind != 'dir'), SUM(kind = 'dir'), TOTAL(size) FROM records WHERE deleted = 0"
+            "SELECT SUM(kind != 'dir'), SUM(kind = 'dir'), TOTAL(size) FROM records "
+            "WHERE deleted = 0"
         ).fetchone()
         return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
 

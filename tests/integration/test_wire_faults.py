@@ -86,6 +86,24 @@ def directory(path: str, who: str, n: int, seq: int, version: VersionVector | No
     return Record(path, f"guid-{path}", Kind.DIR, v, mode=0o755, seq=seq)
 
 
+def greeted(cluster) -> tuple:
+    """Replicas a and b, b's daemon running, and a FakePeer speaking for a, in session."""
+    a, b = cluster.make("a", "b")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    peer.hello(seq=9)
+    peer.wait_for(wire.Hello, what="b's answer to our hello")
+    return a, b, peer
+
+
+def tampered(rec: Record, field: int, value) -> list[bytes]:
+    """The frames of a page holding ``rec`` with its wire field ``field`` set to ``value``."""
+    frames = wire.encode(wire.Records((rec,), upto=rec.seq))
+    top = msgpack.unpackb(frames[0], raw=False)
+    top[2]["records"][0][field] = value
+    return [msgpack.packb(top)]
+
+
 def test_placeholders_are_dropped_and_a_malformed_page_is_not_skipped(cluster):
     a, b = cluster.make("a", "b")
     cluster.start(b)
@@ -417,23 +435,16 @@ def test_records_that_would_crash_the_daemon_are_refused_and_it_goes_on(cluster)
     does not) or with 5000 digits, and a symlink whose target holds a NUL, each stopped the
     daemon with a traceback. A modified_by with a "/" would put a conflict copy's name in
     another directory. Each page is refused as malformed, the daemon goes on."""
-    a, b = cluster.make("a", "b")
-    cluster.start(b)
-    peer = FakePeer(a, b)
+    a, b, peer = greeted(cluster)
     rid = a.replica_id
     try:
-        peer.hello(seq=9)
-        peer.wait_for(wire.Hello, what="b's answer to our hello")
 
         def bad_page(field: int, value, kind=Kind.DIR) -> list[bytes]:
             rec = directory("bad", rid, 1, 1)
             if kind is Kind.SYMLINK:
                 rec = Record("bad", "guid-bad", Kind.SYMLINK, VersionVector.of({rid: 1}),
                              mode=0o777, target="x", seq=1)  # fmt: skip
-            frames = wire.encode(wire.Records((rec,), upto=1))
-            top = msgpack.unpackb(frames[0], raw=False)
-            top[2]["records"][0][field] = value
-            return [msgpack.packb(top)]
+            return tampered(rec, field, value)
 
         for frames in (bad_page(3, f"{rid}:\u00b2"), bad_page(3, f"{rid}:" + "9" * 5000),
                        bad_page(10, b"a\0b", Kind.SYMLINK), bad_page(11, "../../x")):  # fmt: skip
@@ -550,17 +561,10 @@ def test_records_claiming_absurd_sizes_or_our_own_edits_are_refused(cluster):
     bytes took the daemon's loop minutes and gigabytes to plan; a record claiming 2**62 edits
     of the victim itself made its next edit count past what the wire takes, and its peers
     refused its pages for good."""
-    a, b = cluster.make("a", "b")
-    cluster.start(b)
-    peer = FakePeer(a, b)
+    a, b, peer = greeted(cluster)
     rid = a.replica_id
     try:
-        peer.hello(seq=9)
-        peer.wait_for(wire.Hello, what="b's answer to our hello")
-        bad = wire.encode(wire.Records((directory("huge", rid, 1, 1),), upto=1))
-        top = msgpack.unpackb(bad[0], raw=False)
-        top[2]["records"][0][7] = (1 << 63) - 1
-        peer.send_raw([msgpack.packb(top)])
+        peer.send_raw(tampered(directory("huge", rid, 1, 1), 7, (1 << 63) - 1))
         assert "malformed" in peer.wait_for(wire.Error, what="the size refused").message
         peer.send(wire.Records((directory("after", rid, 1, 1),), upto=1))
         peer.wait_for(wire.Hello, what="a new session")
