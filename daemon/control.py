@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 from . import config as configmod
 from .config import Config
 from .errors import DaemonNotRunning, ReplError
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> d
         try:
             return _request(cfg, cmd, timeout=timeout, **fields)
         except DaemonNotRunning as e:
-            if not _in_use(cfg.db_path):
+            if not Store.held_elsewhere(cfg.db_path):
                 raise
             if time.monotonic() >= deadline:
                 raise DaemonNotRunning(
@@ -231,24 +231,6 @@ def request(cfg: Config, cmd: str, *, timeout: float = 10.0, **fields: Any) -> d
 
 
 STARTING_WAIT = 5.0  # s: see request
-
-
-def _in_use(db_path: Path) -> bool:
-    """Whether a process holds the write lock of the replica's database (a daemon, perhaps
-    starting; or a sync or a scan)."""
-    try:
-        fd = os.open(db_path.with_suffix(".lock"), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # (and any lock taken with it)
-    return False
 
 
 def _request(cfg: Config, cmd: str, *, timeout: float, **fields: Any) -> dict[str, Any]:

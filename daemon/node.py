@@ -324,7 +324,7 @@ class Node:
         # When each peer (by name) was last heard from: before this run, when it last synced
         # with this replica (a daemon's session, `repld sync`, a bundle); then, when a link to
         # it last brought anything (kept when the link goes: a peer's one-shot `repld sync`).
-        self._synced_before: dict[str, float] = {}
+        self._heard_at: dict[str, float] = {}
         # What we wrote, so its inotify echo is not rescanned: path -> (deleted, kind, size,
         # mtime_ns, mode, symlink target). An optimisation only (a missed echo costs one scan of the path), so it
         # is kept small: the oldest half goes when it grows past APPLIED_MAX (many echoes never
@@ -774,7 +774,7 @@ class Node:
 
     def _incoming(self, link: PeerLink, frames: list[bytes], defer: bool) -> None:
         link.last_seen = self.clock()
-        link.last_seen_wall = self._synced_before[link.peer.name] = time.time()
+        link.last_seen_wall = self._heard_at[link.peer.name] = time.time()
         if defer:
             # Inside the applier: only block traffic is handled now, the rest after this page.
             try:
@@ -1047,9 +1047,14 @@ class Node:
             self._rid_by_name = {}
             for m in sorted(self.store.peer_marks(), key=lambda m: m.last_sync_ns):
                 self._rid_by_name[m.name] = m.replica_id
-                heard = self._synced_before.get(m.name, 0.0)
-                self._synced_before[m.name] = max(heard, m.last_sync_ns / 1e9)
+                heard = self._heard_at.get(m.name, 0.0)
+                self._heard_at[m.name] = max(heard, m.last_sync_ns / 1e9)
         return self._rid_by_name.get(name)
+
+    def _last_heard(self, name: str) -> float:
+        """When the peer ``name`` was last heard from (see _heard_at); 0.0: never."""
+        self._replica_of(name)  # (reads the marks' times into _heard_at, the first time)
+        return self._heard_at.get(name, 0.0)
 
     def _end_session(self, link: PeerLink, reason: str) -> None:
         self._save_acks([link])
@@ -1971,8 +1976,7 @@ class Node:
                 # comes in for a while) is needed no more.
                 got = self.transfers.stats.arrived_bytes - self._page_in[1]
                 need_bytes = max(0, need_bytes - got)
-            self._replica_of(p.name)  # (loads _synced_before)
-            seen = max([lk.last_seen_wall for lk in links] + [self._synced_before.get(p.name, 0)])
+            seen = self._last_heard(p.name)
             # (An error that passes, such as "no longer admits this replica's key", is over
             # once a session is on, if only on the other link to it: a peer that re-added us.)
             errs = [lk.error for lk in links if lk.error and not (s is not None and lk.error_passes)]

@@ -424,6 +424,24 @@ class Store:
             ) from None
         self._lock_fd = fd
 
+    @staticmethod
+    def held_elsewhere(db_path: Path) -> bool:
+        """Whether a process holds the write lock of the database (see _lock): a daemon,
+        perhaps starting; or a sync or a scan."""
+        try:
+            fd = os.open(db_path.with_suffix(".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # (and the lock taken with it)
+        return False
+
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -998,15 +1016,13 @@ class Store:
     def note_held(self, via: str, held: Iterable[Held]) -> None:
         """Peer ``via`` says how far other replicas hold this replica's records (its Ack)."""
         now = self._clock()
-        (rows,) = self._conn().execute("SELECT COUNT(*) FROM held").fetchone()
         known = {str(r) for (r,) in self._conn().execute("SELECT replica_id FROM held")}
         for h in held:
             if h.replica_id in (self.replica_id, via):
                 continue  # (what a peer holds of ours it says itself, in the Ack's upto)
             if h.replica_id not in known:
-                if rows >= HELD_KEPT:
+                if len(known) >= HELD_KEPT:
                     continue  # (a hostile peer's made-up replicas by the thousand: not kept)
-                rows += 1
                 known.add(h.replica_id)
             self._conn().execute(
                 "INSERT INTO held VALUES (?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "

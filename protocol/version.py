@@ -138,7 +138,7 @@ class VersionVector:
             # (str.isdigit takes "²" and other digits int() refuses, and int() refuses more
             # than 4300 digits: a peer's text is untrusted, and only ValueError-free checks
             # may stand between it and int().)
-            if not (sep and _REPLICA_ID.fullmatch(replica) and _COUNTER.fullmatch(counter)):
+            if not (sep and REPLICA_ID.fullmatch(replica) and _COUNTER.fullmatch(counter)):
                 raise ProtocolError(f"malformed version vector entry {part[:80]!r}")
             n = int(counter)
             if n > COUNTER_MAX:
@@ -152,7 +152,7 @@ class VersionVector:
 
 # What a version vector's text may hold: replica ids (UUIDs, or any short plain name) and
 # counters that SQLite stores as 64-bit integers.
-_REPLICA_ID = REPLICA_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+REPLICA_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _COUNTER = re.compile(r"[0-9]{1,19}")
 COUNTER_MAX = (1 << 63) - 1
 
