@@ -14,7 +14,10 @@ d. A one-shot ``repld sync`` of a 10k-file tree into an empty replica against ``
    then the same for a tree of a few 64 MiB files against ``cp -a && sync`` and ``rsync -a``.
    Ratios are against rsync. repld flushes the file system (syncfs) before it records what it
    wrote, so ``cp -a && sync`` is its like-for-like comparison; ``cp -a`` and ``rsync -a`` only
-   fill the page cache.
+   fill the page cache. Each sync is run ``--repeat`` times (3 by default), the tools taking
+   turns (round r starts with the r-th tool), and a row gives the median of its runs (all of them
+   in its notes): on a shared virtual machine one run in five or so takes up to twice as long,
+   whichever tool it falls on, and a single run per tool made the ratio a draw.
 
 Everything runs hot: ``sync`` runs before every measurement (plus after deleting the previous
 tool's target) so one run's write-back does not land in the next one's timing, and then every
@@ -43,15 +46,17 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (
     MIB,
     BenchError,
+    Run,
     Runner,
     TreeInfo,
     add_area_options,
@@ -120,12 +125,13 @@ class Sizes:
 
 class Bench:
     def __init__(self, area: Path, repld: Path, sizes: Sizes, seed: int, runner: Runner,
-                 header: str):  # fmt: skip
+                 header: str, repeat: int = 3):  # fmt: skip
         self.area = area
         self.header = header
         self.repld = repld
         self.sizes = sizes
         self.seed = seed
+        self.repeat = repeat
         self.r = runner
         self.rows: list[Row] = []
         self.problems: list[str] = []
@@ -144,15 +150,43 @@ class Bench:
 
     def measure(self, case: str, tool: str, cmd: Sequence[str], *, reference: bool = False,
                 env: dict[str, str] | None = None, warm: Path | None = None) -> Row:  # fmt: skip
+        run = self.timed(case, tool, cmd, env=env, warm=warm)
+        row = Row(case, tool, run.seconds, run.rss_mib, reference, stdout=run.stdout)
+        self.rows.append(row)
+        return row
+
+    def timed(self, case: str, tool: str, cmd: Sequence[str], *,
+              env: dict[str, str] | None = None, warm: Path | None = None) -> Run:  # fmt: skip
         flush_fs()
         if warm is not None:
             self.warm(warm)  # last, just before the command: see the module's docstring
         self.r.note(f"{case}: {tool} ...")
         run = self.r.run(cmd, env=env)
-        row = Row(case, tool, run.seconds, run.rss_mib, reference, stdout=run.stdout)
-        self.rows.append(row)
         self.r.note(f"{case}: {tool}: {run.seconds:.2f} s, {run.rss_mib:.1f} MiB")
-        return row
+        return run
+
+    def taking_turns(self, case: str, tools: list[tuple[str, Callable[[int], Run]]],
+                     reference: str) -> list[Row]:  # fmt: skip
+        """Run each tool ``self.repeat`` times, round r starting with the r-th tool; one row
+        per tool with the median time, the peak RSS of its runs, and every run in its notes."""
+        runs: dict[str, list[Run]] = {name: [] for name, _ in tools}
+        first = len(self.rows)  # these rows go before any a run adds (the sync with nothing to do)
+        for r in range(self.repeat):
+            k = r % len(tools)
+            for name, run in tools[k:] + tools[:k]:
+                runs[name].append(run(r))
+        rows = []
+        for name, _ in tools:
+            got = runs[name]
+            seconds = statistics.median(run.seconds for run in got)
+            rss = max(run.rss_mib for run in got)
+            row = Row(case, name, seconds, rss, name == reference, stdout=got[0].stdout)
+            if len(got) > 1:
+                each = ", ".join(f"{run.seconds:.2f}" for run in got)
+                row.notes.append(f"median of {len(got)}: {each} s")
+            rows.append(row)
+        self.rows[first:first] = rows
+        return rows
 
     def fresh_target(self, name: str) -> Path:
         """Delete every old target (and its flush), then return a path that does not exist."""
@@ -164,12 +198,11 @@ class Bench:
         flush_fs()
         return self.targets / name
 
-    def verify(self, src: Path, dst: Path, tool: str, row: Row) -> None:
+    def verify(self, src: Path, dst: Path, tool: str) -> None:
         res = subprocess.run(["diff", "-rq", str(src), str(dst)], capture_output=True, text=True)
         if res.returncode != 0:
             msg = f"{tool}: target differs from source:\n{tail(res.stdout + res.stderr, 10)}"
-            self.problems.append(msg)
-            row.notes.append("**copy differs from source**")
+            self.problems.append(msg)  # (listed under the table, as **copy differs**)
             self.r.note(msg)
 
     def warm(self, tree: Path) -> None:
@@ -230,53 +263,71 @@ class Bench:
         row = self.measure(case, "repld scan", self.repld_cmd(config, "scan"), warm=tree.root)
         row.notes.append(_summary(row.stdout))
 
-    def sync_repld(self, case: str, tree: TreeInfo, tag: str) -> Row:
-        """Replica A on ``tree``, replica B on a fresh empty directory; time A's sync into B."""
+    def sync_repld(self, case: str, tree: TreeInfo, tag: str) -> Callable[[int], Run]:
+        """A run of: replica A on ``tree`` (made by the first run), a new replica B on a fresh
+        empty directory, A's sync into B timed; the first run also times a second sync, with
+        nothing to do."""
         a_cfg = self.cfg_dir / f"{tag}-a.toml"
-        b_cfg = self.cfg_dir / f"{tag}-b.toml"
-        self.r.untimed(self.repld_cmd(a_cfg, "init", str(tree.root), "--name", "a"))
-        tree_id = _json_field(self.r.untimed(self.repld_cmd(a_cfg, "id", "--json")), "tree_id")
-        dst = self.fresh_target(f"repld-{tag}")
-        dst.mkdir()
-        self.r.untimed(self.repld_cmd(b_cfg, "init", str(dst), "--name", "b",
-                                      "--tree-id", tree_id))  # fmt: skip
-        row = self.measure(case, "repld sync", self.repld_cmd(a_cfg, "sync", str(b_cfg)),
-                           warm=tree.root)  # fmt: skip
-        self.verify(tree.root, dst, "repld sync", row)
-        # A second sync with nothing to do: cheap, and worth knowing.
-        again = self.measure(f"{case} (again, nothing to do)", "repld sync",
-                             self.repld_cmd(a_cfg, "sync", str(b_cfg)), warm=tree.root)  # fmt: skip
-        again.notes.append("both sides rescanned")
-        return row
 
-    def compare(self, case: str, tree: TreeInfo, tool: str, script: str, dst: Path, *,
-                reference: bool = False, env: dict[str, str] | None = None) -> Row:  # fmt: skip
-        row = self.measure(case, tool, ["sh", "-c", script], reference=reference, env=env,
-                           warm=tree.root)  # fmt: skip
-        self.verify(tree.root, dst, tool, row)
-        return row
+        def run(r: int) -> Run:
+            if r == 0:
+                self.r.untimed(self.repld_cmd(a_cfg, "init", str(tree.root), "--name", "a"))
+            tree_id = _json_field(self.r.untimed(self.repld_cmd(a_cfg, "id", "--json")),
+                                  "tree_id")  # fmt: skip
+            b_cfg = self.cfg_dir / f"{tag}{r}-b.toml"
+            dst = self.fresh_target(f"repld-{tag}")
+            dst.mkdir()
+            self.r.untimed(self.repld_cmd(b_cfg, "init", str(dst), "--name", "b",
+                                          "--tree-id", tree_id))  # fmt: skip
+            done = self.timed(case, "repld sync", self.repld_cmd(a_cfg, "sync", str(b_cfg)),
+                              warm=tree.root)  # fmt: skip
+            self.verify(tree.root, dst, "repld sync")
+            if r == 0:  # A second sync with nothing to do: cheap, and worth knowing.
+                again = self.measure(f"{case} (again, nothing to do)", "repld sync",
+                                     self.repld_cmd(a_cfg, "sync", str(b_cfg)),
+                                     warm=tree.root)  # fmt: skip
+                again.notes.append("both sides rescanned")
+            return done
+
+        return run
+
+    def copying(self, case: str, tree: TreeInfo, tool: str, script: str, name: str, *,
+                mkdir: bool = False, env: dict[str, str] | None = None,
+                before: Callable[[], None] | None = None) -> Callable[[int], Run]:  # fmt: skip
+        """A run of ``script`` (``{src}`` and ``{dst}`` in it: the tree and a fresh target)."""
+
+        def run(r: int) -> Run:
+            dst = self.fresh_target(name)
+            if mkdir:
+                dst.mkdir()
+            if before is not None:
+                before()
+            cmd = ["sh", "-c", script.format(src=q(tree.root), dst=q(dst))]
+            done = self.timed(case, tool, cmd, env=env, warm=tree.root)
+            self.verify(tree.root, dst, tool)
+            return done
+
+        return run
 
     def case_sync_small(self, tree: TreeInfo) -> None:
         case = f"d. sync {_count(len(tree.files))} files into empty replica"
-        rows = [self.sync_repld(case, tree, "small")]
-        src = tree.root
-        dst = self.fresh_target("cp")
-        rows.append(self.compare(case, tree, "cp -a", f"cp -a {q(src)} {q(dst)}", dst))
-        dst = self.fresh_target("cp-sync")
-        rows.append(self.compare(case, tree, "cp -a && sync",
-                                 f"cp -a {q(src)} {q(dst)} && sync", dst))  # fmt: skip
-        dst = self.fresh_target("rsync")
-        rows.append(self.compare(case, tree, "rsync -a", f"rsync -a {q(src)}/ {q(dst)}/", dst,
-                                 reference=True))  # fmt: skip
-        dst = self.fresh_target("unison")
-        dst.mkdir()
         home = self.area / "unison-home"
-        shutil.rmtree(home, ignore_errors=True)
-        home.mkdir()
+
+        def fresh_home() -> None:  # a first run each time: no archive from an earlier one
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir()
+
         env = {**os.environ, "HOME": str(home), "UNISON": str(home / ".unison")}
-        rows.append(self.compare(case, tree, "unison (first run)",
-                                 f"unison {q(src)} {q(dst)} -batch -auto -silent", dst,
-                                 env=env))  # fmt: skip
+        rows = self.taking_turns(case, [
+            ("repld sync", self.sync_repld(case, tree, "small")),
+            ("cp -a", self.copying(case, tree, "cp -a", "cp -a {src} {dst}", "cp")),
+            ("cp -a && sync", self.copying(case, tree, "cp -a && sync",
+                                           "cp -a {src} {dst} && sync", "cp-sync")),
+            ("rsync -a", self.copying(case, tree, "rsync -a", "rsync -a {src}/ {dst}/", "rsync")),
+            ("unison (first run)", self.copying(
+                case, tree, "unison (first run)", "unison {src} {dst} -batch -auto -silent",
+                "unison", mkdir=True, env=env, before=fresh_home)),
+        ], reference="rsync -a")  # fmt: skip
         for row in rows:
             row.notes.append(f"{len(tree.files) / row.seconds:,.0f} files/s")
         self.fresh_target("none")
@@ -284,14 +335,12 @@ class Bench:
     def case_sync_large(self, tree: TreeInfo) -> None:
         s = self.sizes
         case = f"e. sync {s.large_count} x {s.large_size / MIB:g} MiB into empty replica"
-        rows = [self.sync_repld(case, tree, "large")]
-        src = tree.root
-        dst = self.fresh_target("cp-sync")
-        rows.append(self.compare(case, tree, "cp -a && sync",
-                                 f"cp -a {q(src)} {q(dst)} && sync", dst))  # fmt: skip
-        dst = self.fresh_target("rsync")
-        rows.append(self.compare(case, tree, "rsync -a", f"rsync -a {q(src)}/ {q(dst)}/", dst,
-                                 reference=True))  # fmt: skip
+        rows = self.taking_turns(case, [
+            ("repld sync", self.sync_repld(case, tree, "large")),
+            ("cp -a && sync", self.copying(case, tree, "cp -a && sync",
+                                           "cp -a {src} {dst} && sync", "cp-sync")),
+            ("rsync -a", self.copying(case, tree, "rsync -a", "rsync -a {src}/ {dst}/", "rsync")),
+        ], reference="rsync -a")  # fmt: skip
         for row in rows:
             row.notes.append(f"{tree.total_bytes / MIB / row.seconds:,.0f} MiB/s")
         self.fresh_target("none")
@@ -350,7 +399,8 @@ def header(args: argparse.Namespace, repld: Path, fs: str, runner: Runner) -> st
         f"- file system: {fs}\n"
         f"- host: {host_line()}\n"
         f"- sizes: {'--quick (1/10)' if args.quick else 'full'}; hot cache; `sync` before each "
-        f"measurement; one run per row\n"
+        f"measurement; the syncs (d, e): the median of {args.repeat} runs, the tools taking "
+        f"turns; the rest: one run per row\n"
         f"- peak RSS: "
         + (
             "the command and its descendants, measured by GNU time (%M) around it\n"
@@ -372,8 +422,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="1/10 of every size (1k/10k small files, 6.4 MiB large files)")  # fmt: skip
     p.add_argument("--large-count", type=int, default=4, help="number of large files (default 4)")
     p.add_argument("--large-mib", type=float, default=64, help="size of each large file (64)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N",
+                   help="runs of each sync (d, e), the tools taking turns; a row gives the "
+                   "median (default 3)")  # fmt: skip
     add_area_options(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: at least 1 run")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def make(area: Path, fs: str, runner: Runner) -> Bench:
         repld = find_repld(args.repld)
-        return Bench(area, repld, sizes, args.seed, runner, header(args, repld, fs, runner))
+        return Bench(area, repld, sizes, args.seed, runner, header(args, repld, fs, runner),
+                     repeat=args.repeat)
 
     return drive("engine", args, make)
 
