@@ -32,7 +32,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from ..protocol import messages as wire
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import ProtocolError, WireMismatch
 from ..protocol.plan import Op, Step, plan_record
 from ..protocol.reconcile import Policy
 from ..protocol.record import (
@@ -80,6 +80,7 @@ from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 
+WIRE_MISMATCH = "it runs another repld version"  # a peer's error, once its messages say so
 PAGE_RECORDS = 1000
 PAGE_BYTES = 4 << 20
 PING_EVERY = 2.0
@@ -156,6 +157,7 @@ class PeerLink:
     # The peer took us off its list (error NOT_ADMITTED): said in status, and hellos go on
     # (HELLO_AGAIN_EVERY), for it may list us again.
     error_passes: bool = False
+    mismatch_told: float = float("-inf")  # when it was last told it speaks another wire version
     unanswered: str = ""  # the dial finds nothing listening there (see _monitor); for status
     # The last page's count of what the peer still lacks: (when counted, the page's upto,
     # records, bytes); see Node._still_to_send.
@@ -806,6 +808,9 @@ class Node:
         if msg is None:
             try:
                 msg = wire.decode(frames)
+            except WireMismatch as e:
+                self._wire_mismatch(link, e.version)
+                return
             except ProtocolError as e:
                 kind, req = wire.message_type(frames)
                 self._complain(link, "malformed", f"malformed message: {e}", req=req)
@@ -834,6 +839,25 @@ class Node:
             self._complain(link, "protocol", str(e))
             return
         self._send_out(link, out)
+
+    def _wire_mismatch(self, link: PeerLink, version: object) -> None:
+        """A message in another version of the wire protocol: the peer runs another repld.
+        Said in its status and logged once (not as a malformed message, and not at each of its
+        hellos), and answered at most once a minute (a repld of this version or later names
+        the mismatch too; an older one logs that it cannot read the answer). Its hellos are
+        still answered now and then: once both run the same version, they sync."""
+        text = (f"{WIRE_MISMATCH}: it speaks wire protocol {version!r:.20}, this one "
+                f"{wire.WIRE_VERSION}; nothing is exchanged until both machines run the same "
+                "repld version (`repld --version` on each)")  # fmt: skip
+        if link.error != text:
+            log.warning("%s: %s", link.label, text, extra={"PEER": link.label})
+            link.error, link.error_passes = text, True  # (cleared by a session)
+        if link.session is not None:
+            self._end_session(link, text)
+        now = self.clock()
+        if now - link.mismatch_told >= 60:
+            link.mismatch_told = now
+            self._send(link, wire.Error("wire", text, fatal=True))
 
     def _complain(self, link: PeerLink, code: str, text: str, req: int = 0) -> None:
         """Log and answer a bad message, but at most 10 times a minute per link: garbage in a

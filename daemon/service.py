@@ -28,7 +28,7 @@ from . import systemd
 from .control import ControlServer, control_path, replica_error
 from .control import request as control_request
 from .errors import DaemonNotRunning, ReplError, UsageError
-from .node import UNANSWERED, Node, Options
+from .node import UNANSWERED, WIRE_MISMATCH, Node, Options
 from .replica import list_conflicts, open_replica
 from .store import Store
 
@@ -277,6 +277,8 @@ def _wait_daemon(cfg: configmod.Config, peer_name: str, timeout: float) -> PeerS
             # Paths that fail every try, and nothing else moving: say so rather than wait on.
             # (The daemon tries them again every 10 s; `repld status` shows them meanwhile.)
             return PeerSyncReport(status=status, errors=errors, by_daemon=True)
+        if (peer.get("error") or "").startswith(WIRE_MISMATCH):
+            raise ReplError(f"{peer_name} at {peer['endpoint']}: {peer['error']}")
         if not peer["connected"] and now - start > CONNECT_WAIT:
             if peer.get("error") and not peer["error"].startswith(UNANSWERED):
                 # It answered, and refused or was refused: the reason, not a network guess.

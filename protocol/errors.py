@@ -19,5 +19,13 @@ class ProtocolError(ReplError):
     """What a peer, a bundle or a stored record said is malformed or breaks the rules."""
 
 
+class WireMismatch(ProtocolError):
+    """A message in another version of the wire protocol: the peer runs another repld."""
+
+    def __init__(self, version: object, ours: int):
+        super().__init__(f"wire version {version!r} not understood (this side speaks {ours})")
+        self.version = version
+
+
 class UnsafePathError(ProtocolError):
     """A path that would escape the replica root (absolute, ``..``, empty component, NUL)."""

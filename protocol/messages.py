@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import ProtocolError, WireMismatch
 from .record import (
     DIGEST_SIZE,
     MAX_BLOCK,
@@ -341,9 +341,7 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError("not a repld message: expected [version, type, body]")
     version, name, body = top
     if version != WIRE_VERSION:
-        raise ProtocolError(
-            f"wire version {version!r} not understood (this side speaks {WIRE_VERSION})"
-        )
+        raise WireMismatch(version, WIRE_VERSION)
     cls = _TYPES.get(name) if type(name) is str else None
     if cls is None:
         raise ProtocolError(f"unknown message type {name!r:.40}")

@@ -13,6 +13,7 @@ replica over real CurveZMQ with its keys (made by `repld init`), message by mess
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import msgpack
@@ -632,3 +633,82 @@ def test_a_peers_word_does_not_drop_a_tombstone_another_peer_has_not_seen(cluste
     assert held() <= HELD_KEPT
     cluster.start(c)
     cluster.wait_until(lambda: not (c.root / "doomed.txt").exists(), 30, "c to take the deletion")
+
+
+def in_wire_version(frames: list[bytes], version: int) -> list[bytes]:
+    """``frames`` as a repld speaking wire protocol ``version`` would send them."""
+    top = msgpack.unpackb(frames[0], raw=False)
+    top[0] = version
+    return [msgpack.packb(top), *frames[1:]]
+
+
+def test_a_peer_running_another_repld_version_is_named_as_such(cluster):
+    """A peer of another wire version (an upgrade done on one machine only) was logged as
+    sending "malformed" messages, 20 lines at a time, while status said it was not connected
+    with no error: the user had no hint to upgrade the other machine (a trial). Status now
+    says so, the log once, and once it speaks this version they sync."""
+    a, b = cluster.make("a", "b")
+    cluster.start(b)
+    peer = FakePeer(a, b)
+    try:
+        old_hello = wire.Hello(b.ident["tree_id"], a.replica_id, "a", 0, 0,
+                               seen_of=b.replica_id)  # fmt: skip
+        for _ in range(5):
+            peer.send_raw(in_wire_version(wire.encode(old_hello), wire.WIRE_VERSION - 1))
+        told = peer.wait_for(wire.Error, what="b's answer in its own version")
+        assert told.code == "wire" and told.fatal
+
+        def error():
+            (st,) = [p for p in b.status()["peers"] if p["name"] == "a"]
+            return st["error"] or ""
+
+        cluster.wait_until(lambda: "another repld version" in error(), 20, "b to name it")
+        assert f"wire protocol {wire.WIRE_VERSION - 1}, this one {wire.WIRE_VERSION}" in error()
+        assert "`repld --version`" in error()
+        log = b.log.read_text(errors="replace")
+        assert log.count("another repld version") == 1, log
+        assert "malformed" not in log, log
+        # One answer a minute, whatever it sends: five hellos, one Error.
+        assert not peer.sock.poll(500)
+        # The same version now (the other machine upgraded): a session, and no error.
+        peer.hello(seq=0)
+        peer.wait_for(wire.Hello, what="b's answer to a hello in its version")
+        cluster.wait_until(lambda: error() == "", 20, "the error to go")
+    finally:
+        peer.close()
+
+
+def test_a_sync_with_a_peer_running_another_repld_version_says_so(cluster):
+    """`repld sync PEER` against a daemon of another wire version said "cannot reach a ... (is
+    its daemon running ...)" after 15 s (a trial): now it names the mismatch."""
+    a, b = cluster.make("a", "b")
+    keys = load_keys(configmod.load(a.config))
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_publickey = keys.public.encode()
+    router.curve_secretkey = keys.secret.encode()
+    router.linger = 0
+    router.bind(a.endpoint)
+    answered = []
+
+    def old_a() -> None:  # answers b's hello as a repld one wire version older would
+        if router.poll(20_000):
+            who, *frames = router.recv_multipart()
+            hello = wire.Hello(a.ident["tree_id"], a.replica_id, "a", 0, 0,
+                               seen_of=b.replica_id, reply=True)  # fmt: skip
+            older = in_wire_version(wire.encode(hello), wire.WIRE_VERSION - 1)
+            router.send_multipart([who, *older])
+            answered.append(wire.decode(frames))
+
+    t = threading.Thread(target=old_a)
+    t.start()
+    try:
+        res = b("sync", "a", check=False)
+    finally:
+        t.join()
+        router.close()
+    assert answered and isinstance(answered[0], wire.Hello)
+    assert res.returncode == 1, res
+    assert "another repld version" in res.stderr, res.stderr
+    assert f"wire protocol {wire.WIRE_VERSION - 1}" in res.stderr, res.stderr
+    assert "cannot reach" not in res.stderr
