@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 import msgpack
 
 from ..protocol.errors import ProtocolError
-from ..protocol.messages import record_from_wire, record_to_wire
+from ..protocol.messages import WIRE_VERSION, record_from_wire, record_to_wire
 from ..protocol.plan import Op, Step
 from ..protocol.record import Kind, Record, is_placeholder
 from .applier import Applier, ApplyStats
@@ -54,7 +54,11 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 FORMAT = "repld-bundle"
-VERSION = 2  # 2: records may carry the action "adopt"
+# 2: records may carry the action "adopt". 3: the maker's wire protocol is in meta, and a
+# bundle is read only by a repld of the same one: what every replica must compute alike
+# (conflict copies' names, for one) changes with it, and a bundle read by another version made
+# replicas that differed for good (a trial: one conflict copy named two ways).
+VERSION = 3
 CHUNK = 1 << 20  # bytes of content per row
 COMMIT_BYTES = 64 << 20  # content written between commits of the bundle being built
 
@@ -176,6 +180,7 @@ def export(
                 [
                     ("format", FORMAT),
                     ("version", str(VERSION)),
+                    ("wire", str(WIRE_VERSION)),
                     ("tree_id", store.tree_id),
                     ("replica_id", store.replica_id),
                     ("name", rep.cfg.name),
@@ -358,11 +363,14 @@ class Bundle:
         if meta.get("format") != FORMAT:
             self.close()
             raise UsageError(f"{path}: not a repld bundle")
-        if meta.get("version") != str(VERSION):
+        if (meta.get("version"), meta.get("wire")) != (str(VERSION), str(WIRE_VERSION)):
             self.close()
+            wire = meta.get("wire", "not said")
             raise BundleError(
-                f"{path}: bundle version {meta.get('version')}; this repld reads version "
-                f"{VERSION} (export it again with the same repld version on both sides)"
+                f"{path}: made by another repld version (bundle format {meta.get('version')}, "
+                f"wire protocol {wire}); this one reads format {VERSION}, wire protocol "
+                f"{WIRE_VERSION}: install the same repld version on both machines (`repld "
+                "--version` on each), then export it again"
             )
         try:
             self.tree_id = meta["tree_id"]

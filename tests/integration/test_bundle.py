@@ -11,7 +11,7 @@ import msgpack
 from daemons import Cluster
 from helpers import Rep, conflict_copies, files_bytes, make_replicas, snapshot
 from repld.daemon.store import Store
-from repld.protocol.messages import record_from_wire, record_to_wire
+from repld.protocol.messages import WIRE_VERSION, record_from_wire, record_to_wire
 from test_sync import newer, populate, set_policy
 
 
@@ -207,6 +207,32 @@ def test_bundles_that_do_not_belong_are_refused(tmp_path):
         proc = b("import", bundle, check=False)
     assert proc.returncode == 1 and "stop the daemon" in proc.stderr
     assert list(b.root.iterdir()) == []
+
+
+def test_a_bundle_of_another_repld_version_is_refused_and_says_what_to_do(tmp_path):
+    """A bundle read by a repld of another wire version: each side named one conflict copy its
+    own way, and the trees differed for good (a trial: an upgrade done on one machine)."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "f.txt").write_text("content\n")
+    good = tmp_path / "good.bundle"
+    a("export", good)
+    for name, sql in [
+        ("older.bundle", "UPDATE meta SET value = '2' WHERE key = 'version'; "
+                         "DELETE FROM meta WHERE key = 'wire'"),
+        ("other-wire.bundle", f"UPDATE meta SET value = '{WIRE_VERSION - 1}' WHERE key = 'wire'"),
+    ]:  # fmt: skip
+        bad = tmp_path / name
+        bad.write_bytes(good.read_bytes())
+        db = sqlite3.connect(bad)
+        db.executescript(sql)
+        db.close()
+        proc = b("import", bad, check=False)
+        assert proc.returncode == 1, proc
+        assert f"{bad}: made by another repld version" in proc.stderr, proc.stderr
+        assert "`repld --version`" in proc.stderr and "export it again" in proc.stderr
+        assert not (b.root / "f.txt").exists()
+    b("import", good)
+    assert (b.root / "f.txt").read_text() == "content\n"
 
 
 def test_a_bundle_naming_a_path_outside_the_tree_writes_nothing_there(tmp_path):
