@@ -158,8 +158,14 @@ class Watcher:
     def _ignored_dir(self, rel: str) -> bool:
         return self._excluded(rel) or self.ignored(rel, True)
 
-    def _watch_tree(self, top: str) -> None:
-        """Watch ``top`` and every directory below it that is not ignored."""
+    def _watch_tree(self, top: str, *, hint_found: bool = False) -> None:
+        """Watch ``top`` and every directory below it that is not ignored; ``hint_found``: a
+        directory just made, whose entries made before its watch had no event: each is a hint.
+
+        (The hint of the directory alone is not enough: the daemon drops it as the echo of its
+        own write when it made a directory of that mode at that path, and a program that
+        removes a directory and makes it again at once, as git does, then lost its first
+        files: a trial saw a file git checked out never recorded, every side "in sync".)"""
         fd = self._fd
         if fd is None:
             return
@@ -191,11 +197,16 @@ class Watcher:
                         if is_temp_name(entry.name):
                             continue
                         try:
-                            if not entry.is_dir(follow_symlinks=False):
-                                continue
+                            is_dir = entry.is_dir(follow_symlinks=False)
                         except OSError:
                             continue
+                        if not is_dir and not hint_found:
+                            continue
                         sub = f"{rel}/{entry.name}" if rel else entry.name
+                        if hint_found and not self._excluded(sub):
+                            self._hint(sub, settled=False)
+                        if not is_dir:
+                            continue
                         if not self._ignored_dir(sub):
                             stack.append(sub)
             except OSError:
@@ -274,7 +285,8 @@ class Watcher:
                     # IN_IGNORED may come later, or never after an overflow): start afresh.
                     if rel in self._path_wd:
                         self._unwatch_tree(rel)
-                    self._watch_tree(rel)
+                    # (A directory moved in came with what it holds: its own hint covers it.)
+                    self._watch_tree(rel, hint_found=event.is_create)
         if not self._excluded(rel):
             self._hint(rel, settled=bool(event.mask & SETTLED))
 
