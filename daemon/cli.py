@@ -1316,6 +1316,11 @@ def _both_names(rep: Replica, copies: list[str]) -> dict[str, str]:
     return out
 
 
+KEPT_ELSEWHERE = ("Changes made on this replica keep nothing here: a file deleted (or, with "
+                  "keep_versions \"all\", rewritten) here is kept by the replicas that took "
+                  "that change: `repld versions PATH` there")
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
     from .versions import versions
 
@@ -1339,7 +1344,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
         what = ", ".join(map(escape, args.paths)) if args.paths else "any file"
         how = ("off: none are kept" if cfg.keep_versions.value == "off"
                else f"\"{cfg.keep_versions.value}\", for {cfg.keep_versions_days} days")  # fmt: skip
-        print(f"no versions of {what} kept in {cfg.versions_dir} (keep_versions {how})")
+        print(f"no versions of {what} kept in {cfg.versions_dir} (keep_versions {how}). "
+              f"{KEPT_ELSEWHERE}")
         if cfg.versions_dir.exists() and not cfg.versions_dir.is_dir():
             print(f"repld: warning: {cfg.versions_dir} is not a directory: no file can be kept "
                   "there, and deletions from other replicas wait until it is", file=sys.stderr)  # fmt: skip
@@ -1374,7 +1380,8 @@ def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: lis
         raise UsageError("--restore needs the PATH of a file or directory to restore (every "
                          "version at once is rarely what is meant)")  # fmt: skip
     if not rows:
-        raise UsageError(f"no versions of {', '.join(map(escape, args.paths))} kept in {cfg.versions_dir}")
+        raise UsageError(f"no versions of {', '.join(map(escape, args.paths))} kept in "
+                         f"{cfg.versions_dir}. {KEPT_ELSEWHERE}")  # fmt: skip
     if not cfg.root.is_dir():
         raise ReplError(f"the root {cfg.root} is not there; nothing restored")
     left: list[Version] = []
@@ -1383,9 +1390,17 @@ def _restore_versions(cfg: configmod.Config, args: argparse.Namespace, rows: lis
         whole = [v for v in rows if v.path in unders]
         recent, left = newest_removal([v for v in rows if v.path not in unders])
         rows = whole + recent
-    done, skipped = restore(cfg.root, rows)
+    with open_replica(args.config, write=False) as rep:
+        got = restore(cfg.root, rows, rep.store.get)
+    done, skipped, older = got.done, got.skipped, {v.path for v in got.older}
     for v in done:
-        print(f"restored {escape(v.path)} (kept {control.iso_time(v.kept)})")
+        print(f"restored {escape(v.path)} (kept {control.iso_time(v.kept)})"
+              + (": an older version than the one deleted last, which is not kept here "
+                 "(`repld versions PATH` on the other replicas may list it)"
+                 if v.path in older else ""))  # fmt: skip
+    if got.there:
+        print(f"already there: {len(got.there)} file(s) with the same content as the version "
+              f"kept (the first: {escape(got.there[0])})")  # fmt: skip
     for path, why in skipped:
         print(f"not restored: {escape(path)}: {why}", file=sys.stderr)
     if left:

@@ -138,8 +138,8 @@ class Config:
         return next((p for p in self.peers if p.name == name), None)
 
 
-_TOML_KIND = {bool: "true/false", int: "a number", float: "a number", str: "a quoted string",
-              list: "a list", dict: "a table"}  # fmt: skip
+_TOML_KIND = {bool: "true/false", int: "a whole number", float: "a fraction",
+              str: "a quoted string", list: "a list", dict: "a table"}  # fmt: skip
 
 
 def _toml_value(value: object) -> str:
@@ -286,13 +286,13 @@ def parse(data: dict[str, object], path: Path, *, need_root: bool = True) -> Con
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise ConfigError("expected a list of gitignore-style patterns", file=path, key="ignore")
     interval = data.get("scan_interval", 3600)
-    _type(interval, int, "a number of seconds", path, "scan_interval")
+    _type(interval, int, "a whole number of seconds", path, "scan_interval")
     assert isinstance(interval, int)
     if interval < 0:
         raise ConfigError("must be >= 0 (0 turns periodic scans off)", file=path, key="scan_interval")
     keep = _choice(data, "keep_versions", Keep.DELETED, path, "value")
     days = data.get("keep_versions_days", 30)
-    _type(days, int, "a number of days", path, "keep_versions_days")
+    _type(days, int, "a whole number of days", path, "keep_versions_days")
     assert isinstance(days, int)
     if days < 1:
         raise ConfigError("must be >= 1 (keep_versions = \"off\" keeps none)", file=path,

@@ -21,18 +21,19 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import hashlib
 import logging
 import os
 import re
 import shutil
 import stat
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol.errors import ReplError
-from ..protocol.record import NAME_MAX, TEMP_PREFIX
+from ..protocol.record import NAME_MAX, TEMP_PREFIX, Kind, Record
 
 log = logging.getLogger(__name__)
 
@@ -271,23 +272,71 @@ def newest_removal(kept: list[Version]) -> tuple[list[Version], list[Version]]:
     return recent, [v for v in newest.values() if v.kept < cut]
 
 
-def restore(root: Path, kept: list[Version]) -> tuple[list[Version], list[tuple[str, str]]]:
+@dataclass
+class Restored:
+    """What ``restore`` did, path by path."""
+
+    done: list[Version] = field(default_factory=list)
+    older: list[Version] = field(default_factory=list)  # done, and older than the last deleted
+    there: list[str] = field(default_factory=list)  # the same content is in the tree already
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+
+def _content(where: str | Path) -> tuple[str, str] | None:
+    """("file", SHA-256) or ("symlink", target) of what is at ``where``; None otherwise."""
+    st = os.lstat(where)
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink", os.readlink(where)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    h = hashlib.sha256()
+    with open(where, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "file", h.hexdigest()
+
+
+def _recorded(rec: Record) -> tuple[str, str] | None:
+    if rec.kind is Kind.FILE:
+        return "file", rec.sha256
+    if rec.kind is Kind.SYMLINK:
+        return "symlink", rec.target
+    return None
+
+
+def restore(root: Path, kept: list[Version],
+            recorded: Callable[[str], Record | None] = lambda path: None) -> Restored:  # fmt: skip
     """Copy the newest of ``kept`` for each path back to that path in the tree (content, mode
     and mtime; a copy, so that an edit of it leaves the version as it was), where nothing is
-    now. Returns what was restored, and (path, why) for each path that was not."""
+    now, and unless ``recorded`` (the replica's record of a path) says the tree has another
+    version of it that is only missing from this disk: deleted here and not recorded yet (a
+    mass deletion held back, or no scan since), and still on the peers. Put back, an older
+    version would be an edit of that one, and replace it on every replica (a trial lost a
+    file's content so, restoring a directory after an rm -rf the circuit breaker held)."""
     newest: dict[str, Version] = {}
     for v in kept:
         if v.path not in newest or v.order > newest[v.path].order:
             newest[v.path] = v
-    done: list[Version] = []
-    skipped: list[tuple[str, str]] = []
+    out = Restored()
     for path in sorted(newest):
         v = newest[path]
         target = root / path
         try:
             if os.path.lexists(target):
-                skipped.append((path, "something is there now; copy the version elsewhere "
-                                      f"if you want it: {v.file}"))  # fmt: skip
+                if _content(target) == _content(v.file):
+                    out.there.append(path)
+                    continue
+                out.skipped.append((path, "something else is there now; copy the version "
+                                          f"elsewhere if you want it: {v.file}"))  # fmt: skip
+                continue
+            rec = recorded(path)
+            if rec is not None and not rec.deleted and _recorded(rec) != _content(v.file):
+                out.skipped.append((path, (
+                    "the tree has a newer version of it, which is only missing from this disk "
+                    "(deleted here and not recorded yet: held back by the circuit breaker, or "
+                    "no scan since); put back, this older one would replace it on every "
+                    "replica. Copy it back from another replica's tree (`cp -an`: never over a "
+                    f"file), or this version elsewhere: {v.file}")))  # fmt: skip
                 continue
             _real_dirs(root, path)
             tmp = target.parent / f"{TEMP_PREFIX}restore-{os.urandom(4).hex()}"
@@ -297,16 +346,18 @@ def restore(root: Path, kept: list[Version]) -> tuple[list[Version], list[tuple[
             finally:
                 tmp.unlink()
         except FileExistsError:
-            skipped.append((path, "something is there now"))
+            out.skipped.append((path, "something is there now"))
             continue
         except VersionError as e:
-            skipped.append((path, str(e)))
+            out.skipped.append((path, str(e)))
             continue
         except OSError as e:
-            skipped.append((path, e.strerror or str(e)))
+            out.skipped.append((path, e.strerror or str(e)))
             continue
-        done.append(v)
-    return done, skipped
+        out.done.append(v)
+        if rec is not None and rec.deleted and _recorded(rec) not in (None, _content(v.file)):
+            out.older.append(v)
+    return out
 
 
 def _real_dirs(root: Path, path: str) -> None:

@@ -234,7 +234,8 @@ def test_restore_puts_the_newest_version_back_where_nothing_is(tmp_path):
     # Something at the name is never replaced: that path is skipped, and said.
     (b.root / "top.txt").write_text("new top\n")
     proc = b("versions", "top.txt", "--restore", check=False)
-    assert proc.returncode == 1 and "not restored: top.txt: something is there now" in proc.stderr
+    assert proc.returncode == 1, proc
+    assert "not restored: top.txt: something else is there now" in proc.stderr
     assert (b.root / "top.txt").read_text() == "new top\n"
 
     out = b("versions", "docs", "--restore").stdout
@@ -253,6 +254,53 @@ def test_restore_puts_the_newest_version_back_where_nothing_is(tmp_path):
 
     assert b("versions", "--restore", check=False).returncode == 2  # which PATH?
     assert b("versions", "nothing", "--restore", check=False).returncode == 2
+
+
+def test_restore_never_puts_back_a_version_older_than_the_one_recorded(tmp_path):
+    """A trial: b deleted report.txt (a kept that version), then wrote it anew; an rm -rf on
+    a, held by the circuit breaker, and `versions docs --restore` there put the old version
+    back, which the next scan took for an edit of the new one: it replaced the new one on
+    every replica, and b, which keeps no version of what an edit replaces, lost it."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "docs").mkdir()
+    (a.root / "docs" / "report.txt").write_text("old content\n")
+    for i in range(150):
+        (a.root / f"f{i:03}.txt").write_text(f"file {i}\n")
+    a.sync(b)
+    (b.root / "docs" / "report.txt").unlink()
+    b.sync(a)
+    (b.root / "docs" / "report.txt").write_text("CURRENT important content\n")
+    b.sync(a)
+    assert (a.root / "docs" / "report.txt").read_text() == "CURRENT important content\n"
+    assert [v["path"] for v in versions(a)] == ["docs/report.txt"]  # the old content
+
+    shutil.rmtree(a.root / "docs")
+    for i in range(150):
+        (a.root / f"f{i:03}.txt").unlink()
+    proc = a("scan", check=False)
+    assert proc.returncode == 1 and "--accept-deletes" in proc.stderr  # held
+    proc = a("versions", "docs", "--restore", check=False)
+    assert proc.returncode == 1, proc
+    assert "not restored: docs/report.txt: the tree has a newer version of it" in proc.stderr
+    assert "`cp -an`" in proc.stderr
+    assert not (a.root / "docs" / "report.txt").exists()
+    # What it says to do: the newer one copied back from another replica's tree.
+    shutil.copytree(b.root, a.root, dirs_exist_ok=True)
+    a.sync(b)
+    for rep in (a, b):
+        assert (rep.root / "docs" / "report.txt").read_text() == "CURRENT important content\n"
+
+    # Deleted here and recorded: the version kept is older than what was deleted, and says so.
+    (a.root / "docs" / "report.txt").unlink()
+    a("scan")
+    out = a("versions", "docs/report.txt", "--restore").stdout
+    assert "restored docs/report.txt" in out and "an older version than the one deleted" in out
+    assert (a.root / "docs" / "report.txt").read_text() == "old content\n"
+    # Once more: the same content is there already, which is no failure.
+    out = a("versions", "docs/report.txt", "--restore").stdout
+    assert "already there: 1 file(s)" in out
+    proc = a("versions", "f000.txt", check=False)
+    assert "Changes made on this replica keep nothing here" in proc.stdout, proc
 
 
 def test_an_edit_that_loses_a_conflict_with_no_copy_is_kept(tmp_path):
@@ -380,7 +428,7 @@ def test_restoring_a_directory_brings_back_its_last_removal_not_older_ones(tmp_p
     assert not (b.root / "docs" / "old.txt").exists()
     proc = b("versions", "docs", "--restore", "--all", check=False)
     assert "restored docs/old.txt" in proc.stdout, proc.stdout
-    assert proc.returncode == 1 and "not restored: docs/keep.txt" in proc.stderr  # there now
+    assert proc.returncode == 0 and "already there: 3 file(s)" in proc.stdout, proc  # as kept
     assert (b.root / "docs" / "old.txt").read_text() == "deleted on purpose\n"
     b.sync(a)
     assert snapshot(a.root) == snapshot(b.root)
