@@ -108,6 +108,7 @@ LINK_GRACE = 1.0  # seconds a non-preferred link waits for the preferred one to 
 REDIAL_EVERY = 0.05  # seconds between ZeroMQ's own redials of a peer (RECONNECT_IVL)
 REDIAL_MAX = 8.0  # the longest pause before dialling again a peer whose handshakes fail
 HANDSHAKE_WARN_EVERY = 60.0  # seconds between warnings about one link's failing handshakes
+HANDSHAKE_SECONDS = 30.0  # a dialled peer that takes the connection must answer within this
 ZAP_DOMAIN = "repld"
 
 
@@ -496,6 +497,7 @@ class Node:
         s.setsockopt(zmq.IMMEDIATE, 1)
         s.setsockopt(zmq.RECONNECT_IVL, round(REDIAL_EVERY * 1000))
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        s.setsockopt(zmq.HANDSHAKE_IVL, round(HANDSHAKE_SECONDS * 1000))
         mon = s.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED
             | zmq.EVENT_DISCONNECTED
@@ -912,6 +914,16 @@ class Node:
                     link,
                     f"{link.peer.endpoint} refused our key: add this replica on {link.peer.name} "
                     "with `repld peer add` (see `repld id`)",
+                )
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and ev["value"] == errno.EAGAIN:
+                # Its handshake timed out: something took the connection (the kernel does, for
+                # a process that is stopped) and never answered. A trial's laptop, asleep
+                # (SIGSTOP), was reported as a key mismatch; a wrong key fails at once (EPIPE).
+                self._handshake_failed(
+                    link,
+                    f"{link.peer.endpoint} took the connection but did not answer within "
+                    f"{HANDSHAKE_SECONDS:g} s: the machine asleep or overloaded, or its daemon "
+                    "stopped (not ended)",
                 )
             elif kind in (
                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,

@@ -13,6 +13,7 @@ replica over real CurveZMQ with its keys (made by `repld init`), message by mess
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -21,8 +22,11 @@ import pytest
 import zmq
 from daemons import Cluster
 from repld.daemon import config as configmod
+from repld.daemon import node as node_mod
 from repld.daemon.replica import load_keys
+from repld.daemon.service import sync_with_peer
 from repld.protocol import messages as wire
+from repld.protocol.errors import ReplError
 from repld.protocol.record import Kind, Record
 from repld.protocol.version import VersionVector
 
@@ -712,3 +716,21 @@ def test_a_sync_with_a_peer_running_another_repld_version_says_so(cluster):
     assert "another repld version" in res.stderr, res.stderr
     assert f"wire protocol {wire.WIRE_VERSION - 1}" in res.stderr, res.stderr
     assert "cannot reach" not in res.stderr
+
+
+def test_a_peer_that_takes_the_connection_and_never_answers_is_not_a_key_mismatch(
+    cluster, monkeypatch
+):
+    """A laptop asleep (its daemon stopped, SIGSTOP) still takes connections (the kernel
+    does), and never answers the handshake: a trial saw it reported as "its public key is not
+    the one listed here". A handshake that times out now says what it is."""
+    a, b = cluster.make("a", "b")
+    silent = socket.create_server(("127.0.0.1", a.port))  # listens, never speaks
+    monkeypatch.setattr(node_mod, "HANDSHAKE_SECONDS", 1.0)
+    try:
+        with pytest.raises(ReplError) as e:
+            sync_with_peer(b.config, "a", timeout=60)
+    finally:
+        silent.close()
+    assert "took the connection but did not answer within 1 s" in str(e.value), e.value
+    assert "public key" not in str(e.value)
