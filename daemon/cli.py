@@ -91,7 +91,8 @@ PEER_ADD_TEXT = """\
 Admit a peer: only replicas whose public key is listed may connect, and this
 replica dials the endpoint given. `repld id` on the peer prints the exact line
 to run here; run the same on the peer for this replica. A running daemon takes
-the new peer at once.
+the new peer at once. A peer added again under its name with the same key has
+moved: only its endpoint changes.
 
 Put the key in single quotes: Z85 keys hold characters such as $, ! and & that
 the shell would otherwise take for its own, e.g.
@@ -568,8 +569,20 @@ def cmd_peer(args: argparse.Namespace) -> int:
                 "that public key is this replica's own (`repld id` here prints it); give the "
                 "key that `repld id` prints on the other machine"
             )
-        if cfg.peer(name):
-            raise UsageError(f"a peer named {name!r} exists already; `repld peer remove {name}` first")
+        if (known := cfg.peer(name)) is not None and known.public_key == key:
+            # The same peer at another address (a laptop on another network, a new port).
+            if known.endpoint == endpoint:
+                print(f"peer {name} is at {endpoint} already: nothing changed")
+                return 0
+            configmod.set_peer_endpoint(cfg, name, endpoint)
+            print(f"peer {name}: its endpoint is now {endpoint} (was {known.endpoint})")
+            _hint_reload(cfg)
+            return 0
+        if known is not None:
+            raise UsageError(
+                f"a peer named {name!r} exists already, with another public key; if that "
+                f"machine was set up anew, `repld peer remove {name}` first, then add it"
+            )
         if name == cfg.name:
             raise UsageError(
                 f"{name!r} is this replica's own name (`name` in {cfg.path}): call the peer "

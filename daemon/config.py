@@ -445,10 +445,9 @@ def add_peer(cfg: Config, peer: Peer) -> None:
     load(cfg.path)  # what was written must read back
 
 
-def remove_peer(cfg: Config, name: str) -> None:
-    """Remove the [[peer]] table named ``name`` from the config file; nothing else changes."""
-    text = cfg.path.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
+def _peer_table(cfg: Config, name: str) -> tuple[list[str], int, int]:
+    """The config file's lines, and where the [[peer]] table named ``name`` starts and ends."""
+    lines = cfg.path.read_text(encoding="utf-8").splitlines(keepends=True)
     headers = [i for i, ln in enumerate(lines) if ln.strip().startswith("[")]
     for n, start in enumerate(headers):
         end = headers[n + 1] if n + 1 < len(headers) else len(lines)
@@ -456,12 +455,34 @@ def remove_peer(cfg: Config, name: str) -> None:
             continue
         body = tomllib.loads("".join(lines[start + 1 : end]))
         if body.get("name") == name:
-            while start > 0 and not lines[start - 1].strip():
-                start -= 1  # the blank line before the table goes with it
-            _write_text(cfg.path, "".join(lines[:start] + lines[end:]))
-            load(cfg.path)
-            return
+            return lines, start, end
     raise ConfigError(f"no [[peer]] named {name!r}", file=cfg.path)
+
+
+def remove_peer(cfg: Config, name: str) -> None:
+    """Remove the [[peer]] table named ``name`` from the config file; nothing else changes."""
+    lines, start, end = _peer_table(cfg, name)
+    while start > 0 and not lines[start - 1].strip():
+        start -= 1  # the blank line before the table goes with it
+    _write_text(cfg.path, "".join(lines[:start] + lines[end:]))
+    load(cfg.path)
+
+
+def set_peer_endpoint(cfg: Config, name: str, endpoint: str) -> None:
+    """Give the [[peer]] named ``name`` another endpoint; nothing else in the file changes."""
+    lines, start, end = _peer_table(cfg, name)
+    line = f"endpoint = {_q(endpoint)}\n"
+    for i in range(start + 1, end):
+        try:
+            if "endpoint" in tomllib.loads(lines[i]):
+                lines[i] = line
+                break
+        except tomllib.TOMLDecodeError:
+            continue  # (a line of a value written over several lines)
+    else:
+        lines.insert(start + 1, line)
+    _write_text(cfg.path, "".join(lines))
+    load(cfg.path)
 
 
 def write(cfg: Config) -> None:

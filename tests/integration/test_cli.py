@@ -30,8 +30,16 @@ def test_init_id_and_peers(tmp_path):
     a("peer", "add", "desk", "tcp://127.0.0.1:7440", KEY)
     peers = json.loads(a("peer", "list", "--json").stdout)
     assert peers == [{"name": "desk", "endpoint": "tcp://127.0.0.1:7440", "public_key": KEY}]
-    dup = a("peer", "add", "desk", "tcp://127.0.0.1:7441", KEY, check=False)
-    assert dup.returncode == 2 and "exists already" in dup.stderr
+    # The same name and key at another address: the peer moved (a trial had to remove it and
+    # add it again, which a running peer daemon logs as a refusal). Another key: refused.
+    config_before = a.config.read_text()
+    moved = a("peer", "add", "desk", "tcp://127.0.0.1:7441", KEY)
+    assert "its endpoint is now tcp://127.0.0.1:7441 (was tcp://127.0.0.1:7440)" in moved.stdout
+    assert a.config.read_text() == config_before.replace(":7440", ":7441")  # nothing else
+    assert "nothing changed" in a("peer", "add", "desk", "tcp://127.0.0.1:7441", KEY).stdout
+    other = KEY[::-1]
+    dup = a("peer", "add", "desk", "tcp://127.0.0.1:7441", other, check=False)
+    assert dup.returncode == 2 and "exists already, with another public key" in dup.stderr
     a("peer", "remove", "desk")
     assert json.loads(a("peer", "list", "--json").stdout) == []
     missing = a("peer", "remove", "desk", check=False)
