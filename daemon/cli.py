@@ -775,7 +775,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         whole = control.replica_error(status)
         if status["state"] == "error" and whole and not args.accept_root:
             raise ReplError(whole) from None  # not the replica's root: nothing is scanned
-        print("asked the running daemon to scan the tree; `repld status` shows when it is done")
+        what = {"accept-deletes": "to record the deletions it held back (and scan the tree)",
+                "accept-root": "to take this directory as its root and scan it"}.get(
+            "accept-root" if args.accept_root else command, "to scan the tree")  # fmt: skip
+        print(f"asked the running daemon {what}; `repld status` shows when it is done")
         if args.verbose:
             print("(-v lists changes only when this command scans; the daemon's journal lists "
                   "what it records: `journalctl --user -u repld`, or its log)")  # fmt: skip
@@ -966,7 +969,9 @@ def cmd_log(args: argparse.Namespace) -> int:
         path = _rel_path(rep, args.path)
         events = rep.store.history(path)
         if not events:
-            raise UsageError(f"{path}: no history (never seen by this replica)")
+            raise UsageError(f"{path}: no history: never seen by this replica, or deleted and "
+                             "pruned since (`repld prune` drops a deleted file's record and "
+                             "history once every replica has seen the deletion)")  # fmt: skip
         names = {m.replica_id: m.name for m in rep.store.peer_marks()}
         names[rep.store.replica_id] = rep.cfg.name
     rows = [

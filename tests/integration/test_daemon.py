@@ -297,7 +297,8 @@ def test_most_of_the_tree_deleted_at_once_reaches_no_peer_until_accepted(cluster
     (a.root / "new.txt").write_text("other changes still travel\n")
     cluster.wait_until(lambda: (b.root / "new.txt").exists(), 30, "new.txt to reach b")
     assert len([p for p in b.root.iterdir() if p.name.startswith("f")]) == 150
-    a("scan", "--accept-deletes")
+    out = a("scan", "--accept-deletes").stdout
+    assert "asked the running daemon to record the deletions it held back" in out, out
     cluster.wait_until(lambda: not any(p.name.startswith("f") for p in b.root.iterdir()), 30,
                        "the accepted deletions to reach b")  # fmt: skip
     cluster.wait_until(lambda: not a.status()["deletes_held"], 30, "the hold to be lifted")
