@@ -396,6 +396,31 @@ class Bundle:
         except sqlite3.DatabaseError as e:
             raise BundleError(f"{self.path}: damaged bundle ({e})") from None
 
+    def verify(self) -> None:
+        """Read the whole bundle once before anything of it is applied: every page of the
+        file, every record, and the hash of every content it carries. A bundle cut short by a
+        few bytes, or with a flipped bit, was applied up to the damage (a trial: 43 files
+        written, then an error; and `import -n` found nothing wrong)."""
+        damaged = f"{self.path}: a damaged bundle"
+        again = "cut short or changed on the way? Copy it again, or export it again"
+        rows = self._query("PRAGMA quick_check", ())
+        if [tuple(r) for r in rows] != [("ok",)]:
+            why = "; ".join(str(r[0]) for r in rows[:3])
+            raise BundleError(f"{damaged} ({why}): {again}")
+        for _ in self.records():
+            pass  # (each is checked as it is read)
+        shas = [r[0] for r in self._query("SELECT DISTINCT sha256 FROM content", ())]
+        for sha in shas:
+            h = hashlib.sha256()
+            with _ContentReader(self, sha) as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+            if h.hexdigest() != sha:
+                paths = [r.path for r in self.records() if r.sha256 == sha][:3]
+                what = ", ".join(map(repr, paths)) if paths else f"content {sha[:8]}"
+                raise BundleError(f"{damaged} (the content of {what} does not match its "
+                                  f"record): {again}")  # fmt: skip
+
     def seen(self, replica_id: str) -> int:
         """How far the exporter had seen ``replica_id``'s records."""
         rows = self._query("SELECT seen_seq FROM seen WHERE replica_id = ?", (replica_id,))
@@ -518,6 +543,7 @@ def import_bundle(
         )
     if bundle.replica_id == store.replica_id:
         raise UsageError(f"{bundle.path} was exported by this replica; import it on another")
+    bundle.verify()  # all of it, before anything is applied (a dry run says so too)
     report = ImportReport(bundle.name, bundle.since, bundle.upto, dry_run=dry_run)
     had = store.peer_mark(bundle.replica_id).seen_seq
     if bundle.since > had:

@@ -325,6 +325,40 @@ def test_damaged_bundles_are_refused_without_a_traceback(tmp_path):
     assert not stale.exists()
 
 
+def test_a_bundle_cut_short_or_changed_is_refused_before_anything_is_applied(tmp_path):
+    """A bundle a few bytes short, or with one byte of a file's content changed, was applied up
+    to the damage (a trial: 43 files written, then an error), and its dry run found nothing
+    wrong: the whole bundle is read and checked first now."""
+    a, b = make_replicas(tmp_path, "a", "b")
+    for i in range(40):
+        (a.root / f"blob{i:02}.bin").write_bytes(os.urandom(20_000))
+    good = tmp_path / "good.bundle"
+    a("export", good)
+    data = good.read_bytes()
+    cases = {}
+    for cut in (1, 100, 1000):
+        cases[f"cut {cut}"] = tmp_path / f"cut{cut}.bundle"
+        cases[f"cut {cut}"].write_bytes(data[:-cut])
+    flipped = tmp_path / "flipped.bundle"
+    flipped.write_bytes(data)
+    db = sqlite3.connect(flipped)
+    sha, blob = db.execute("SELECT sha256, data FROM content ORDER BY rowid DESC").fetchone()
+    changed = bytes([blob[0] ^ 1]) + blob[1:]
+    db.execute("UPDATE content SET data = ? WHERE sha256 = ?", (changed, sha))
+    db.commit()
+    db.close()
+    cases["flipped"] = flipped
+    for what, bad in cases.items():
+        for dry in (["-n"], []):
+            proc = b("import", *dry, bad, check=False)
+            assert proc.returncode == 1, (what, dry, proc)
+            assert f"{bad}: a damaged bundle" in proc.stderr, (what, proc.stderr)
+            assert "Traceback" not in proc.stderr
+        assert list(b.root.iterdir()) == [], what  # nothing applied
+    b("import", good)
+    assert len(list(b.root.iterdir())) == 40
+
+
 def test_a_bundle_that_starts_after_what_the_importer_has_says_so(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     (a.root / "one.txt").write_text("1\n")
