@@ -1648,9 +1648,10 @@ def _since_peer(rep: Replica, name: str) -> tuple[int, str]:
     if rep.cfg.peer(name) is None:
         known = sorted({p.name for p in rep.cfg.peers} | {m.name for m in rep.store.peer_marks()})
         raise UsageError(
-            f"--since {name}: no peer or replica of that name "
-            f"(known: {', '.join(known) if known else 'none'}); without --since the bundle "
-            "holds everything"
+            f"--since {name}: no peer here, and no replica that synced with this one, has that "
+            f"name (known: {', '.join(known) if known else 'none'}); a replica whose changes "
+            "only came through others is not known here by name. Without --since the bundle "
+            "holds everything (what the importer has already is skipped there)"
         )
     print(f"{name} has not synced with this replica yet: the bundle holds everything",
           file=sys.stderr)  # fmt: skip

@@ -203,6 +203,7 @@ def test_bundles_that_do_not_belong_are_refused(tmp_path):
     assert not (a.root / "inside.bundle").exists()
     proc = a("export", "--since", "nobody", tmp_path / "x.bundle", check=False)
     assert proc.returncode == 2 and "nobody" in proc.stderr
+    assert "only came through others is not known here by name" in proc.stderr, proc.stderr
     with Store(b.state / "repld.db"):
         proc = b("import", bundle, check=False)
     assert proc.returncode == 1 and "stop the daemon" in proc.stderr
