@@ -968,6 +968,10 @@ def cmd_log(args: argparse.Namespace) -> int:
     with open_replica(args.config, write=False) as rep:
         path = _rel_path(rep, args.path)
         events = rep.store.history(path)
+        if not events and rep.ignore().covers(path, (rep.root / path).is_dir()):
+            raise UsageError(f"{path}: no history: it is ignored here (a rule of "
+                             f"{rep.root / IGNORE_FILE} or of the config's `ignore`), so it is "
+                             "not replicated")  # fmt: skip
         if not events:
             raise UsageError(f"{path}: no history: never seen by this replica, or deleted and "
                              "pruned since (`repld prune` drops a deleted file's record and "

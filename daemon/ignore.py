@@ -64,11 +64,13 @@ class Ignore:
         return kept != before or any(r.startswith("!") for r in self.rules if r not in old)
 
     def __call__(self, path: str, is_dir: bool) -> bool:
-        """True if ``path`` (relative, '/'-separated) is ignored."""
+        """True if ``path`` (relative, '/'-separated) is ignored. Never the rules' own file: a
+        rule such as `.*` kept it from replicating, and each replica then kept its own rules
+        for good (a trial)."""
         name = path.rpartition("/")[2]
         if is_temp_name(name):
             return True
-        if self.empty:
+        if self.empty or path == IGNORE_FILE:
             return False
         if path in self.fixed:
             return True

@@ -257,6 +257,16 @@ def test_init_of_a_home_directory_brings_the_default_ignore_rules(tmp_path):
     (home / "code" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (home / "code" / ".git" / "index.lock").write_bytes(b"")  # git at work
     (home / "code" / ".git" / "refs" / "heads" / "main.lock").write_bytes(b"")
+    # Folders of documents named like build outputs are the user's (a trial: skipped at any
+    # depth by the rules `build/`, `dist/`, `target/`); caches of package managers are not.
+    for folder in ("build", "dist", "target"):
+        (home / "Documents" / folder).mkdir(parents=True)
+        (home / "Documents" / folder / "plan.pdf").write_bytes(b"%PDF")
+    (home / ".npm" / "_cacache").mkdir(parents=True)
+    (home / ".npm" / "_cacache" / "index").write_bytes(b"cache")
+    (home / ".config" / "Code" / "GPUCache").mkdir(parents=True)
+    (home / ".config" / "Code" / "GPUCache" / "data_0").write_bytes(b"cache")
+    (home / ".config" / "Code" / "settings.json").write_text("{}\n")
     env = {**os.environ, "HOME": str(home)}
     config = tmp_path / "home.toml"
     out = run("--config", config, "init", home, "--name", "a", env=env).stdout
@@ -267,6 +277,16 @@ def test_init_of_a_home_directory_brings_the_default_ignore_rules(tmp_path):
     assert ".cache" not in dump and "notes.txt~" not in dump
     assert "app.db-wal" in dump and "code/.git/HEAD" in dump
     assert "app.db-shm" not in dump and ".lock" not in dump, dump
+    for folder in ("build", "dist", "target"):
+        assert f"Documents/{folder}/plan.pdf" in dump, dump
+    assert "_cacache" not in dump and "GPUCache" not in dump, dump
+    cached = run("--config", config, "log", home / ".npm/_cacache/index", env=env, check=False)
+    assert cached.returncode == 2 and "it is ignored here" in cached.stderr, cached
+    assert ".config/Code/settings.json" in dump
+    # The rules never keep their own file from replicating (a trial's `.*` did).
+    (home / ".repldignore").write_text(".*\n")
+    run("--config", config, "scan", env=env)
+    assert " update " in run("--config", config, "log", home / ".repldignore", env=env).stdout
 
     other = tmp_path / "projects"  # not a home directory: no rules are made up for it
     (other / "build").mkdir(parents=True)
