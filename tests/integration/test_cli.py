@@ -91,7 +91,7 @@ GOOD = 'root = "{root}"\nstate = "{state}"\nname = "a"\nlisten = "tcp://0.0.0.0:
     (GOOD + "conflict_policy = 'coin-toss'\n", "conflict_policy"),
     (GOOD + "[[peer]]\nname = 'x'\nendpoint = 'tcp://h:1'\n", "public_key"),
     (GOOD + "scan_interval = 'often'\n", "scan_interval"),
-    (GOOD + "scan_interval = true\n", "expected a number of seconds, got true"),  # TOML's words
+    (GOOD + "scan_interval = true\n", "expected a whole number of seconds, got true"),  # TOML's words
     (GOOD + "scan_interval = '60'\n", 'got a quoted string, "60"'),
 ])
 def test_config_mistakes_exit_2_naming_file_and_key(tmp_path, text, expect):
