@@ -149,7 +149,16 @@ def reconcile(
         # comes, still wins over them; one adopted copy and the tree's merge into the tree's.)
         base = _metadata_winner(local, remote)
         note = "same content, versions merged"
-        if local.same_metadata(remote):
+        if (Action.ADOPT in (local.action, remote.action) and local.mode != remote.mode
+                and local.kind is not Kind.SYMLINK):  # fmt: skip
+            # Found at a join with other permissions than the tree's: only what both allow.
+            # A key made private on one machine only was made readable again by the tree's
+            # mode, with no word (a trial); a permission tightened on either side stays so.
+            mode = local.mode & remote.mode
+            note += (f"; its modes differed ({local.mode:04o}, {remote.mode:04o}): only what "
+                     f"both allow, {mode:04o}")  # fmt: skip
+            base = base.with_(mode=mode)
+        if local.same_metadata(remote) and base.mode == local.mode:
             return Resolution(order, base.with_(version=merged), note=note)
         # Different metadata: the result is a state neither side had under that version, and
         # another replica may merge the same versions from other records (one that lost a

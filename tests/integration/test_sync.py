@@ -883,6 +883,32 @@ def test_a_replica_joined_again_over_its_old_files_brings_no_deleted_file_back(t
     assert "0 actions planned" in c.sync(a, "-n").stdout
 
 
+def test_a_file_made_private_on_a_joining_machine_stays_private(tmp_path):
+    """Two homes already alike: the joining one had made its key private (0600), the tree's
+    copy was 0644, and the join made it 0644 on both, saying only "same content" (a trial)."""
+    import shutil
+
+    a, b = make_replicas(tmp_path, "a", "b")
+    (a.root / "key").write_text("secret\n")
+    (a.root / "key").chmod(0o644)
+    (a.root / "dir").mkdir(mode=0o755)
+    a("scan")
+    old = tmp_path / "c"
+    shutil.copytree(a.root, old, symlinks=True)
+    (old / "key").chmod(0o600)
+    (old / "dir").chmod(0o700)
+    c = Rep("c", old, tmp_path / "c.toml")
+    c("init", old, "--name", "c", "--tree-id", a.tree_id())
+    out = c.sync(a, "-v").stdout
+    assert "only what both allow, 0600" in out, out
+    c.sync(a)  # (the two merges meet: nothing more)
+    for r in (a, c):
+        assert stat.S_IMODE((r.root / "key").stat().st_mode) == 0o600, r.name
+        assert stat.S_IMODE((r.root / "dir").stat().st_mode) == 0o700, r.name
+    assert not conflict_copies(a.root) and snapshot(a.root) == snapshot(c.root)
+    assert "0 actions planned" in c.sync(a, "-n").stdout
+
+
 def test_a_file_made_a_directory_against_an_edit_settles_in_one_sync(tmp_path):
     h, u = make_replicas(tmp_path, "h", "u")
     (h.root / "t2").write_text("orig\n")

@@ -270,3 +270,27 @@ def test_equal_versions_with_different_content_are_a_conflict():
     a, b = rec({A: 1}, sha=SHA1), rec({A: 1}, sha=SHA2, mtime=200)
     res = reconcile(a, b, replica=A)
     assert res.conflict is not None
+
+
+def test_a_copy_found_at_a_join_keeps_only_the_permissions_both_sides_allow():
+    """A key made private (0600) on the joining machine only went back to the tree's 0644,
+    with no word (a trial). Of two modes for one content, where one side found it at a join,
+    the result allows only what both do, on both sides, and says so."""
+    from repld.protocol.record import Action
+
+    tree = rec({A: 1})  # 0644
+    found = rec({C: 1}, by=C).with_(action=Action.ADOPT, mode=0o600)
+    results = []
+    for local, remote, me in ((found, tree, C), (tree, found, A)):
+        res = reconcile(local, remote, replica=me)
+        assert res.conflict is None and res.result.mode == 0o600, res
+        assert "only what both allow, 0600" in res.note
+        results.append(res.result)
+    # The two merges then meet: the same content and mode, nothing more to do or to bump.
+    again = reconcile(results[0], results[1], replica=C)
+    assert again.result is not None and again.result.mode == 0o600
+    assert again.result.version == results[0].version.merge(results[1].version)
+    # Without a join, a concurrent chmod is decided as before: one mode wins whole.
+    chmod = rec({B: 1}, by=B).with_(mode=0o600)
+    res = reconcile(rec({A: 1}).with_(mode=0o755), chmod, replica=A)
+    assert res.result.mode in (0o600, 0o755)
