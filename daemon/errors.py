@@ -90,6 +90,12 @@ class ApplyStopped(ReplError):
     is tried again later)."""
 
 
+class ScanStopped(ReplError):
+    """The daemon was asked to stop (SIGTERM) in the middle of a whole scan: nothing of it is
+    recorded (a partial walk would take what it has not reached yet for deleted), and the next
+    start scans again."""
+
+
 class PeerLost(ApplyStopped):
     """The peer a page's content comes from went away, or stopped answering, in the middle of
     the page: failing each remaining file in turn, 30 s apiece, would only make noise."""

@@ -52,6 +52,7 @@ def run(config_path: Path | None, *, debug: bool = False) -> int:
         log.info("%s: stopping after the current file", signal.Signals(signum).name)
         stop.set()
         node.transfers.stopping = True
+        node.stop_requested = True
         node.wake()
 
     def on_hup(signum: int, frame: object) -> None:

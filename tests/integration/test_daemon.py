@@ -1325,3 +1325,27 @@ def test_the_log_names_the_path_of_a_conflict_not_its_copy(cluster):
     assert lines, "no conflict logged"
     assert all(": conflict on c9: " in ln for ln in lines), lines
     assert (b.root / "c9" / "newfile").read_text() == "new on b\n"
+
+
+def test_sigterm_stops_a_whole_scan_and_records_none_of_it(cluster):
+    """SIGTERM during a first scan of many new files waited for the whole scan (a trial: 15 s
+    for 20k files; a home's would outlast systemd's stop timeout, then SIGKILL). The scan now
+    stops between directories, records nothing, and the next start scans again."""
+    (a,) = cluster.make("a")
+    for d in range(1500):
+        sub = a.root / f"d{d:04}"
+        sub.mkdir()
+        for f in range(8):
+            (sub / f"f{f}.txt").write_text(f"{d} {f}\n")
+    a.start(wait=False)
+    cluster.wait_until(lambda: (st := a.status()) is not None and st["state"] == "scanning",
+                       30, "a's first scan to start")  # fmt: skip
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(timeout=60) == 0
+    a.proc = None
+    log = a.log.read_text(errors="replace")
+    assert "the scan is stopped, nothing of it recorded" in log, log
+    assert "d0000/f0.txt" not in a("dump").stdout
+    a.start()  # the next start scans again, whole
+    assert "d1499/f7.txt" in a("dump").stdout
