@@ -30,7 +30,14 @@ from . import config as configmod
 from . import control
 from .applier import ApplyStats
 from .diskio import human_size as _human
-from .errors import ConfigError, DaemonNotRunning, DamagedDatabase, StoreBusy, UsageError
+from .errors import (
+    NOT_REPLICATED,
+    ConfigError,
+    DaemonNotRunning,
+    DamagedDatabase,
+    StoreBusy,
+    UsageError,
+)
 from .ignore import IGNORE_FILE
 from .localsync import Direction, SyncReport, sync
 from .logfmt import one_line
@@ -908,8 +915,13 @@ def _sync_peer(args: argparse.Namespace) -> int:
             print(f"{peer}: nothing sent: with a peer, a PATH limits only what this replica "
                   "takes; its own changes go with the next sync without PATH (or the "
                   "daemons)")  # fmt: skip
-    for e in report.errors:
+    # Paths no sync can replicate are notices, as a sync with a local replica gives them: a
+    # FIFO or a Latin-1 name made every `sync PEER` exit 1 for as long as it stayed (a trial).
+    notices = [e for e in report.errors if e["error"].startswith(NOT_REPLICATED)]
+    errors = [e for e in report.errors if not e["error"].startswith(NOT_REPLICATED)]
+    for e in errors:
         print(f"error: {escape(e['path'])}: {e['error']}", file=sys.stderr)
+    _print_skipped([(e["path"], e["error"].removeprefix(NOT_REPLICATED)) for e in notices])
     if paths and not args.dry_run:
         # Known only now: whether the peer had it (its records of the path came, or not).
         with open_replica(args.config, write=False) as rep:
@@ -918,7 +930,7 @@ def _sync_peer(args: argparse.Namespace) -> int:
                     raise UsageError(f"{given}: in neither this replica nor {peer} (nothing "
                                      "there, nothing recorded); a PATH limits the sync to a "
                                      "subtree of the tree")  # fmt: skip
-    return 1 if report.errors else 0
+    return 1 if errors else 0
 
 
 def _change(change: tuple[str, ...], width: int = 0) -> str:

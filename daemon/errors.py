@@ -90,6 +90,11 @@ class ApplyStopped(ReplError):
     is tried again later)."""
 
 
+# How status lists a path no sync can replicate (a FIFO, a name that is not UTF-8): a notice,
+# not a failure; a sync does not fail for it.
+NOT_REPLICATED = "not replicated: "
+
+
 class ScanStopped(ReplError):
     """The daemon was asked to stop (SIGTERM) in the middle of a whole scan: nothing of it is
     recorded (a partial walk would take what it has not reached yet for deleted), and the next

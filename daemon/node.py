@@ -59,6 +59,7 @@ from . import config as configmod
 from .applier import Applier, ApplyStats
 from .control import iso_time
 from .errors import (
+    NOT_REPLICATED,
     ConfigError,
     DeletesDeferred,
     MassDelete,
@@ -1704,7 +1705,7 @@ class Node:
         for path, err in stats.errors:
             self.errors[path] = PathError(path, err)
         for path, why in stats.skipped:  # not failures, but status is where a user looks
-            self.errors[path] = PathError(path, f"not replicated: {why}")
+            self.errors[path] = PathError(path, NOT_REPLICATED + why)
         if stats.events:
             log.info("scan: %d change(s) recorded", stats.events)
             self._send_pages()
