@@ -1484,7 +1484,7 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
               f"{rep.store.tree_id} anew; {kept}")  # fmt: skip
     if new_keys:
         key = load_keys(cfg).public
-        print(f"new key pair (the old one was lost with the state directory): every peer must "
+        print(f"new key pair (the old one was lost or damaged): every peer must "
               f"admit the new public key, on each: `repld peer remove {cfg.name}` then `repld "
               f"peer add {cfg.name} {_dialable(cfg.listen)} '{key}'`")  # fmt: skip
     if stats.kept or stats.edited:

@@ -77,12 +77,15 @@ def load_keys(cfg: Config) -> Keys:
             text = path.read_text(encoding="ascii").strip()
         except OSError as e:
             raise ConfigError(
-                f"cannot read key file {path}: {e.strerror}; it is made by `repld init`",
+                f"cannot read key file {path}: {e.strerror}; if it is lost, `repld --config "
+                f"{cfg.path} rejoin` makes a new key pair (then give the new key to the peers: "
+                "`repld id` prints the `peer add` line to run there)",
                 file=cfg.path,
                 key="state",
             ) from None
         if len(text) != 40:
-            raise ConfigError(f"key file {path} is damaged (expected 40 Z85 characters)",
+            raise ConfigError(f"key file {path} is damaged (expected 40 Z85 characters); "
+                              f"`repld --config {cfg.path} rejoin` makes a new key pair",
                               file=cfg.path, key="state")  # fmt: skip
         out.append(text)
     return Keys(out[0], out[1])
@@ -543,6 +546,23 @@ def init(
     return cfg, stats
 
 
+def _keys_renewed(cfg: Config) -> bool:
+    """Make a new key pair if the replica's is lost or damaged (what is left of it is set
+    aside): True if it did (the peers must be given the new public key)."""
+    try:
+        load_keys(cfg)
+        return False
+    except ConfigError:
+        pass
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (PUBLIC_KEY_FILE, SECRET_KEY_FILE):
+        path = cfg.key_dir / name
+        if path.exists():
+            path.rename(_unused(path.with_name(f"{name}.lost-{stamp}")))
+    make_keys(cfg.key_dir)
+    return True
+
+
 def rejoin(config_path: Path | None, *, progress: object = None,
            tree_id: str | None = None) -> tuple[Config, ScanStats, Path | None, bool]:  # fmt: skip
     """Give a replica a new database of the same tree, as a replica that joins it (see
@@ -582,6 +602,7 @@ def rejoin(config_path: Path | None, *, progress: object = None,
         rep.close()
     old = _set_aside(cfg.db_path, "before-rejoin")
     Store.create(cfg.db_path, tree_id=tree_id).close()
+    new_keys = _keys_renewed(cfg)
     with Replica(cfg) as rep:
         for key, value in kept.items():
             rep.store.set_meta(key, value)
@@ -589,7 +610,7 @@ def rejoin(config_path: Path | None, *, progress: object = None,
         rep.store.set_meta(FORGOTTEN, json.dumps({old_id: [0, time.time_ns(), cfg.name]}))
         stats = rep.scan(clean_temp=True, progress=progress, adopt=True)
         stats.kept, stats.edited = continue_history(rep.store, old)
-    return cfg, stats, old, False
+    return cfg, stats, old, new_keys
 
 
 def continue_history(store: Store, old_db: Path) -> tuple[int, int]:
@@ -648,9 +669,20 @@ def _default_name(config_path: Path, root: Path) -> str:
     return host
 
 
+def _unused(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... whichever names nothing yet (nor its -wal)."""
+    n, out = 1, path
+    while out.exists() or out.with_name(out.name + "-wal").exists():
+        n += 1
+        out = path.with_name(f"{path.name}-{n}")
+    return out
+
+
 def _set_aside(db_path: Path, why: str) -> Path:
-    """Rename the database (and its -wal and -shm files) to ``repld.db.WHY-DATE``."""
-    old = db_path.with_name(f"{db_path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Rename the database (and its -wal and -shm files) to ``repld.db.WHY-DATE``, never over
+    an earlier one (two rejoins in one second kept only the second's: the original was lost,
+    a trial)."""
+    old = _unused(db_path.with_name(f"{db_path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"))
     for suffix in ("", "-wal", "-shm"):
         src = db_path.with_name(db_path.name + suffix)
         if src.exists():
@@ -679,9 +711,7 @@ def _rejoin_lost(cfg: Config, tree_id: str | None, progress: object,
         raise ConfigError(f"root {cfg.root} is not a directory (a disk not mounted?)",
                           file=cfg.path, key="root")  # fmt: skip
     cfg.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    new_keys = not any((cfg.key_dir / n).exists() for n in (PUBLIC_KEY_FILE, SECRET_KEY_FILE))
-    if new_keys:
-        make_keys(cfg.key_dir)
+    new_keys = _keys_renewed(cfg)
     Store.create(cfg.db_path, tree_id=tree_id).close()
     with Replica(cfg) as rep:
         stats = rep.scan(clean_temp=True, progress=progress, adopt=True)

@@ -1651,3 +1651,25 @@ def test_rejoin_keeps_the_history_the_old_database_still_tells(tmp_path):
     assert (b.root / "edited-on-a.txt").read_text() == "v2, edited on a\n"
     assert (a.root / "edited-on-b.txt").read_text() == "v2, edited on b after the restore\n"
     assert (a.root / "after-backup.txt").exists()
+
+
+def test_a_lost_key_pair_is_made_anew_by_rejoin_and_backups_never_overwrite(tmp_path):
+    """A trial deleted curve.secret: every command said "it is made by `repld init`", which
+    refuses an existing config, and `rejoin` (README: "a new key pair is made if the old one
+    is gone") made none. Two rejoins in one second kept one backup, the second's."""
+    (a,) = make_replicas(tmp_path, "a")
+    (a.root / "f.txt").write_text("kept\n")
+    a("scan")
+    before = a.identity()["public_key"]
+    (a.state / "keys" / "curve.secret").unlink()
+    proc = a("id", check=False)
+    assert proc.returncode == 2 and "rejoin` makes a new key pair" in proc.stderr, proc.stderr
+    out = a("rejoin").stdout
+    assert "new key pair" in out and "peer add a" in out, out
+    after = a.identity()["public_key"]
+    assert after != before and len(after) == 40
+    assert not a("rejoin").stdout.count("new key pair")  # a key pair that is there stays
+    backups = sorted(p.name for p in a.state.iterdir() if ".before-rejoin-" in p.name
+                     and not p.name.endswith(("-wal", "-shm")))  # fmt: skip
+    assert len(backups) == 2, backups
+    assert (a.root / "f.txt").read_text() == "kept\n"
