@@ -836,7 +836,7 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if not target.is_file():
-        cfg = configmod.load(args.config)
+        cfg = configmod.load(args.config, need_root=False)  # (a missing root: said later)
         if cfg.peer(args.target):
             return _sync_peer(args)
         if target.exists() and not target.is_dir():

@@ -143,7 +143,9 @@ def sync_with_peer(
     paths: list[str] | None = None,
     timeout: float = 3600.0,
 ) -> PeerSyncReport:
-    cfg = configmod.load(config_path)
+    # (A missing root is no config error: the daemon, if it runs, syncs without it, and a
+    # one-shot exchange says what it likely is, as `scan` does: see check_root below.)
+    cfg = configmod.load(config_path, need_root=False)
     if cfg.peer(peer_name) is None:
         raise UsageError(f"no peer named {peer_name!r} in {cfg.path} (see `repld peer list`)")
     if paths and push_only:
@@ -187,6 +189,7 @@ def sync_with_peer(
     )
     report = PeerSyncReport()
     with open_replica(config_path, dry_run=dry_run) as rep, ExitStack() as stack:
+        rep.check_root()  # (an unmounted disk: said, exit 1, before any network)
         if dry_run:
             # Everything this replica records while it looks (its own scan, the peer's mark)
             # happens in one transaction that is rolled back: a dry run changes no database.

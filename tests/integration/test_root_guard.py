@@ -38,8 +38,9 @@ def test_a_missing_root_is_said_by_every_command_that_touches_it(tmp_path):
     a, b = make_replicas(tmp_path, "a", "b")
     populate(a.root)
     a.sync(b)
+    a("peer", "add", "b", "tcp://127.0.0.1:9", b.identity()["public_key"])
     os.rename(a.root, tmp_path / "elsewhere")
-    for args in (("sync", b.config, "--dry-run"), ("sync", b.config), ("scan",)):
+    for args in (("sync", b.config, "--dry-run"), ("sync", b.config), ("scan",), ("sync", "b")):
         # The same answer from each (it was a config error, exit 2, from some): an unmounted
         # disk is no mistake in the config.
         proc = a(*args, check=False)
