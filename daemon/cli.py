@@ -1829,7 +1829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        print(f"repld: {e}", file=sys.stderr)
+        # "PATH: Not a directory" rather than Python's "[Errno 20] Not a directory: 'PATH'".
+        where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+        print(f"repld: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     finally:
         sys.stdout = real_stdout

@@ -924,3 +924,15 @@ def test_peer_add_says_when_a_host_name_does_not_resolve_and_how_to_name_a_names
     a("peer", "remove", "near")
     proc = a("peer", "add", "a", "tcp://127.0.0.1:7437", key, check=False)
     assert proc.returncode == 2 and "`repld peer add a-2 ...`" in proc.stderr, proc.stderr
+
+
+def test_a_system_error_names_the_path_without_pythons_errno_form(tmp_path):
+    """`init --state` under a regular file printed "[Errno 20] Not a directory: '...'" (a
+    trial): the path first, then the system's words."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "root").mkdir()
+    proc = run("--config", tmp_path / "c.toml", "init", tmp_path / "root",
+               "--state", tmp_path / "afile" / "sub", check=False)  # fmt: skip
+    assert proc.returncode == 1, proc
+    assert f"repld: {tmp_path / 'afile' / 'sub'}: Not a directory" in proc.stderr, proc.stderr
+    assert "[Errno" not in proc.stderr and "Traceback" not in proc.stderr
