@@ -200,10 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("endpoint", help="tcp://HOST:PORT")
     a.add_argument("public_key", help="the 40-character key that `repld id` prints on the peer")
     _global_options(a)
-    a = _global_options(psub.add_parser("list", help="list peers"))
+    a = _global_options(psub.add_parser(
+        "list", help="list peers",
+        description="List the peers in the config: name, endpoint and public key, one a line "
+                    "(--json: a list of objects with those three fields). `repld status` says "
+                    "how each one is doing."))  # fmt: skip
     a.add_argument("--json", action="store_true", help="as JSON, for scripts")
-    a = _global_options(psub.add_parser("remove",
-                                        help="forget a peer (a running daemon drops it at once)"))  # fmt: skip
+    a = _global_options(psub.add_parser(
+        "remove", help="forget a peer (a running daemon drops it at once)",
+        description="Take a peer off the config: its key is no longer admitted and it is no "
+                    "longer dialled (a running daemon drops it at once, and tells it so). To "
+                    "give a peer that moved its new address, `repld peer add` it again with the "
+                    "same key instead."))  # fmt: skip
     a.add_argument("name", help="the peer's name, as `repld peer list` shows it")
 
     cmd(
