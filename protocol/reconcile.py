@@ -158,7 +158,7 @@ def reconcile(
             note += (f"; its modes differed ({local.mode:04o}, {remote.mode:04o}): only what "
                      f"both allow, {mode:04o}")  # fmt: skip
             base = base.with_(mode=mode)
-        if local.same_metadata(remote) and base.mode == local.mode:
+        if local.same_metadata(remote):
             return Resolution(order, base.with_(version=merged), note=note)
         # Different metadata: the result is a state neither side had under that version, and
         # another replica may merge the same versions from other records (one that lost a
