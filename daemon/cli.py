@@ -107,6 +107,26 @@ the shell would otherwise take for its own, e.g.
 """
 
 
+STATUS_TEXT = """\
+Ask the running daemon how it is doing; exit 3 if none runs for this config.
+
+The text form says the state (starting, scanning, idle, syncing, paused, error),
+the tree's size, each peer (connected, last seen, what it still needs), the
+conflicts, deletions held back by the circuit breaker, and each path that could
+not be synced, with why.
+
+--json prints one object: state, local {files, dirs, bytes, sequence},
+conflicts, deletes_held, errors [{path, error}], peers [{name, replica_id,
+endpoint, connected, last_seen, need_files, need_bytes, peer_need_files,
+in_sync, error}], refused [{key, count, last}], transfer {...}, pid, watching,
+unwatched_dirs. README ("Status") says what each means.
+
+Examples:
+  repld status
+  repld status --json | jq '.peers[] | {name, in_sync}'
+"""
+
+
 def _global_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--config and --debug after the command too (`repld status --config X`), as users type
     them; given before it, they are kept (SUPPRESS: no default to override them with)."""
@@ -222,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         "changes go both ways as soon as they are seen. SIGTERM or Ctrl-C stops it; SIGHUP "
         "reloads the config (peers, ignore rules). Logs go to stderr (--debug for detail).",
     )
-    c = cmd("status", "ask the running daemon how it is doing (exit 3 if it is not running)")
-    c.add_argument("--json", action="store_true", help="the machine-readable form (see README)")
+    c = cmd("status", "ask the running daemon how it is doing (exit 3 if it is not running)",
+            STATUS_TEXT)
+    c.add_argument("--json", action="store_true",
+                   help="the machine-readable form scripts use (its fields: above)")  # fmt: skip
     cmd("pause", "tell the daemon to stop recording local changes and applying its peers' "
                  "changes until resumed (it still answers peers' requests for content)")
     cmd("resume", "tell a paused daemon to carry on (it rescans first)")
