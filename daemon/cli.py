@@ -544,7 +544,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _identity(rep: Replica) -> dict[str, Any]:
-    keys = load_keys(rep.cfg)
+    keys = load_keys(rep.cfg, public_only=True)
     return {
         "replica_id": rep.store.replica_id,
         "name": rep.cfg.name,
@@ -601,7 +601,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
             key = configmod.check_public_key(args.public_key)
         except ConfigError as e:  # a mistake on the command line, not in the config file
             raise UsageError(f"peer add: {str(e).split(': ', 1)[1]}") from None
-        if key == load_keys(cfg).public:
+        if key == load_keys(cfg, public_only=True).public:
             raise UsageError(
                 "that public key is this replica's own (`repld id` here prints it); give the "
                 "key that `repld id` prints on the other machine"
@@ -1513,7 +1513,7 @@ def cmd_rejoin(args: argparse.Namespace) -> int:
         print(f"replica {cfg.name} ({short_id(rep.store.replica_id)}) joined tree "
               f"{rep.store.tree_id} anew; {kept}")  # fmt: skip
     if new_keys:
-        key = load_keys(cfg).public
+        key = load_keys(cfg, public_only=True).public
         print(f"new key pair (the old one was lost or damaged): every peer must "
               f"admit the new public key, on each: `repld peer remove {cfg.name}` then `repld "
               f"peer add {cfg.name} {_dialable(cfg.listen)} '{key}'`")  # fmt: skip

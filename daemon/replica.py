@@ -69,9 +69,11 @@ def make_keys(key_dir: Path) -> Keys:
     return Keys(public.decode(), secret.decode())
 
 
-def load_keys(cfg: Config) -> Keys:
+def load_keys(cfg: Config, *, public_only: bool = False) -> Keys:
+    """The replica's key pair (``public_only``: its public key, the secret left empty, for
+    what only shows it: `repld id` worked without the secret key file no more than `run`)."""
     out = []
-    for name in (PUBLIC_KEY_FILE, SECRET_KEY_FILE):
+    for name in (PUBLIC_KEY_FILE,) if public_only else (PUBLIC_KEY_FILE, SECRET_KEY_FILE):
         path = cfg.key_dir / name
         try:
             text = path.read_text(encoding="ascii").strip()
@@ -88,7 +90,7 @@ def load_keys(cfg: Config) -> Keys:
                               f"`repld --config {cfg.path} rejoin` makes a new key pair",
                               file=cfg.path, key="state")  # fmt: skip
         out.append(text)
-    return Keys(out[0], out[1])
+    return Keys(out[0], out[1] if len(out) > 1 else "")
 
 
 def check_file_system(root: Path) -> None:
