@@ -526,7 +526,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"state:  {cfg.state}")
     if not had_ignore and ignore_file.exists():
         print(f"wrote {ignore_file}: the default ignore rules for a home directory (caches, "
-              "trash, swap and lock files, build outputs); edit it to taste, it is replicated")  # fmt: skip
+              "trash, swap and lock files, __pycache__, node_modules); edit it to taste, it is "
+              "replicated")  # fmt: skip
     took = f"({_human(stats.hashed_bytes)}) in {time.monotonic() - t0:.1f} s"
     if args.tree_id and stats.created:
         print(f"adopted {stats.created} paths found in the root {took}: at the first sync, those "

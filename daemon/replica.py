@@ -727,7 +727,7 @@ ETC = Path(__file__).resolve().parent.parent / "etc"
 
 
 def _home_ignore_rules(root: Path) -> bool:
-    """A home directory gets the default ignore rules (caches, trash, swap files, build outputs)
+    """A home directory gets the default ignore rules (caches, trash, swap files, __pycache__)
     as ROOT/.repldignore, unless it has one: before the first scan, so none of that is recorded.
     Every replica of a home that starts this way writes the same file, so they agree on it."""
     try:

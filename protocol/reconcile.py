@@ -81,6 +81,9 @@ def _winner_key(r: Record) -> tuple[int, int, int, str, int, str, int, str, str]
             r.modified_by, r.origin_seq, r.content_id(), r.mode, r.kind.value, r.guid)  # fmt: skip
 
 
+OTHERS_BITS = 0o077  # the permission bits of group and others
+
+
 def _metadata_winner(local: Record, remote: Record) -> Record:
     """Of two concurrent records with the same content, the one whose metadata stands: the
     one whose last change the other's version has not seen, when only one is; else the
@@ -151,12 +154,14 @@ def reconcile(
         note = "same content, versions merged"
         if (Action.ADOPT in (local.action, remote.action) and local.mode != remote.mode
                 and local.kind is not Kind.SYMLINK):  # fmt: skip
-            # Found at a join with other permissions than the tree's: only what both allow.
-            # A key made private on one machine only was made readable again by the tree's
-            # mode, with no word (a trial); a permission tightened on either side stays so.
-            mode = local.mode & remote.mode
-            note += (f"; its modes differed ({local.mode:04o}, {remote.mode:04o}): only what "
-                     f"both allow, {mode:04o}")  # fmt: skip
+            # Found at a join with other permissions than the tree's: the owner's bits (and
+            # the sticky bit) of the record that stands, and for group and others only what
+            # both allow. A key made private on one machine only was made readable again by
+            # the tree's mode, with no word (a trial); all bits ANDed took the x bit of a
+            # script on the tree's own machine, as a trial found next.
+            mode = (base.mode & ~OTHERS_BITS) | (local.mode & remote.mode & OTHERS_BITS)
+            note += (f"; its modes differed ({local.mode:04o}, {remote.mode:04o}): group and "
+                     f"others get only what both allowed, {mode:04o}")  # fmt: skip
             base = base.with_(mode=mode)
         if local.same_metadata(remote):
             return Resolution(order, base.with_(version=merged), note=note)

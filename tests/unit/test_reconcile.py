@@ -284,12 +284,19 @@ def test_a_copy_found_at_a_join_keeps_only_the_permissions_both_sides_allow():
     for local, remote, me in ((found, tree, C), (tree, found, A)):
         res = reconcile(local, remote, replica=me)
         assert res.conflict is None and res.result.mode == 0o600, res
-        assert "only what both allow, 0600" in res.note
+        assert "group and others get only what both allowed, 0600" in res.note
         results.append(res.result)
     # The two merges then meet: the same content and mode, nothing more to do or to bump.
     again = reconcile(results[0], results[1], replica=C)
     assert again.result is not None and again.result.mode == 0o600
     assert again.result.version == results[0].version.merge(results[1].version)
+    # The owner's bits are the tree's: a script stays executable for its owner (a trial:
+    # ANDed whole, 0755 and 0644 gave 0644 on both sides); group and others lose x, as one
+    # side did not allow it.
+    script = rec({A: 1}).with_(mode=0o755)
+    found_script = rec({C: 1}, by=C).with_(action=Action.ADOPT, mode=0o644)
+    for local, remote, me in ((found_script, script, C), (script, found_script, A)):
+        assert reconcile(local, remote, replica=me).result.mode == 0o744
     # Without a join, a concurrent chmod is decided as before: one mode wins whole.
     chmod = rec({B: 1}, by=B).with_(mode=0o600)
     res = reconcile(rec({A: 1}).with_(mode=0o755), chmod, replica=A)
