@@ -57,7 +57,8 @@ FORMAT = "repld-bundle"
 # 2: records may carry the action "adopt". 3: the maker's wire protocol is in meta, and a
 # bundle is read only by a repld of the same one: what every replica must compute alike
 # (conflict copies' names, for one) changes with it, and a bundle read by another version made
-# replicas that differed for good (a trial: one conflict copy named two ways).
+# replicas that differed for good (a trial: one conflict copy named two ways). Also a digest
+# of its records, meta and marks (see _digest).
 VERSION = 3
 CHUNK = 1 << 20  # bytes of content per row
 COMMIT_BYTES = 64 << 20  # content written between commits of the bundle being built
@@ -193,6 +194,7 @@ def export(
                     ("for_name", peer_name),
                 ],
             )
+            db.execute("INSERT INTO meta VALUES ('digest', ?)", (_digest(db),))
             db.execute("COMMIT")
         finally:
             src.execute("COMMIT")
@@ -216,6 +218,23 @@ def export(
             raise BundleError(f"{out}: cannot write the bundle ({e})") from None
         raise
     return report
+
+
+def _digest(db: sqlite3.Connection) -> str:
+    """SHA-256 of what a bundle says besides its files' content (each has its own hash): every
+    record's bytes, every mark, every meta value but this one. One changed byte there (a trial:
+    a digit of `complete`, which made the importer claim to have seen more of the exporter's
+    records than it ever made, and stopped the exporter with every peer) is damage found before
+    anything is applied."""
+    h = hashlib.sha256()
+    for seq, path, data in db.execute("SELECT seq, path, data FROM records ORDER BY seq"):
+        h.update(b"r%d\0%s\0%d\0" % (seq, path.encode("utf-8", "surrogateescape"), len(data)))
+        h.update(data)
+    for replica_id, seen_seq in db.execute("SELECT replica_id, seen_seq FROM seen ORDER BY 1"):
+        h.update(b"s%s\0%d\0" % (str(replica_id).encode(), seen_seq))
+    for key, value in db.execute("SELECT key, value FROM meta WHERE key != 'digest' ORDER BY 1"):
+        h.update(b"m%s\0%s\0" % (str(key).encode(), str(value).encode("utf-8", "surrogateescape")))
+    return h.hexdigest()
 
 
 def _bundle_owner(path: Path) -> tuple[str, str] | None:
@@ -372,6 +391,7 @@ class Bundle:
                 f"{WIRE_VERSION}: install the same repld version on both machines (`repld "
                 "--version` on each), then export it again"
             )
+        self._meta = meta
         try:
             self.tree_id = meta["tree_id"]
             self.replica_id = meta["replica_id"]
@@ -407,6 +427,16 @@ class Bundle:
         if [tuple(r) for r in rows] != [("ok",)]:
             why = "; ".join(str(r[0]) for r in rows[:3])
             raise BundleError(f"{damaged} ({why}): {again}")
+        try:
+            digest = _digest(self._db)
+        except (sqlite3.DatabaseError, TypeError, AttributeError, ValueError) as e:
+            raise BundleError(f"{damaged} ({e}): {again}") from None
+        if digest != self._meta.get("digest"):
+            raise BundleError(f"{damaged} (its records, marks or meta do not match their "
+                              f"digest): {again}")  # fmt: skip
+        if not self.since <= self.complete <= self.upto:
+            raise BundleError(f"{damaged} (meta: since {self.since}, complete {self.complete}, "
+                              f"upto {self.upto}): {again}")  # fmt: skip
         for _ in self.records():
             pass  # (each is checked as it is read)
         shas = [r[0] for r in self._query("SELECT DISTINCT sha256 FROM content", ())]

@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack
 from daemons import Cluster
 from helpers import Rep, conflict_copies, files_bytes, make_replicas, snapshot
+from repld.daemon.bundle import _digest
 from repld.daemon.store import Store
 from repld.protocol.messages import WIRE_VERSION, record_from_wire, record_to_wire
 from test_sync import newer, populate, set_policy
@@ -248,10 +249,12 @@ def test_a_bundle_naming_a_path_outside_the_tree_writes_nothing_there(tmp_path):
         "UPDATE records SET path = ?, data = ? WHERE seq = ?",
         ("../escaped.txt", msgpack.packb(record_to_wire(evil)), seq),
     )
+    # Made on purpose, the digest is made again too (it finds damage; it is no signature).
+    db.execute("UPDATE meta SET value = ? WHERE key = 'digest'", (_digest(db),))
     db.commit()
     db.close()
     proc = b("import", bundle, check=False)
-    assert proc.returncode == 1 and "damaged record" in proc.stderr
+    assert proc.returncode == 1 and "damaged record" in proc.stderr, proc.stderr
     assert not (tmp_path / "escaped.txt").exists()
     assert not Path(b.root.parent / "escaped.txt").exists()
 
@@ -349,6 +352,22 @@ def test_a_bundle_cut_short_or_changed_is_refused_before_anything_is_applied(tmp
     db.commit()
     db.close()
     cases["flipped"] = flipped
+    # One value changed in a record or in meta, the file whole (a trial: a digit of `complete`
+    # made the importer claim more of the exporter's records than it ever made, which stopped
+    # the exporter with every peer; a record's mode changed was applied for good).
+    for name, sql in [
+        ("complete", "UPDATE meta SET value = value + 1000 WHERE key = 'complete'"),
+        ("record", "UPDATE records SET data = CAST(data AS BLOB) || x'00' "
+                   "WHERE seq = (SELECT MAX(seq) FROM records)"),
+        ("seen", "INSERT OR REPLACE INTO seen VALUES ('someone', 99)"),
+    ]:  # fmt: skip
+        bad = tmp_path / f"{name}.bundle"
+        bad.write_bytes(data)
+        db = sqlite3.connect(bad)
+        db.execute(sql)
+        db.commit()
+        db.close()
+        cases[name] = bad
     for what, bad in cases.items():
         for dry in (["-n"], []):
             proc = b("import", *dry, bad, check=False)
