@@ -343,6 +343,7 @@ class Node:
         self.on_tick: Callable[[], None] | None = None  # systemd glue: status and watchdog
         self._scan_ticked = 0.0
         self.stop_requested = False  # from a signal handler: a whole scan stops (_scan_tick)
+        self._mismatch_said: dict[str, str] = {}  # peer -> the wire mismatch logged for it
         self.max_wait = PING_EVERY / 2  # longest idle poll (shorter when a watchdog needs petting)
 
     # -- setting up -----------------------------------------------------------------------------
@@ -855,7 +856,9 @@ class Node:
                 f"{wire.WIRE_VERSION}; nothing is exchanged until both machines run the same "
                 "repld version (`repld --version` on each)")  # fmt: skip
         if link.error != text:
-            log.warning("%s: %s", link.label, text, extra={"PEER": link.label})
+            if self._mismatch_said.get(link.peer.name) != text:  # (once, not once a link)
+                log.warning("%s: %s", link.label, text, extra={"PEER": link.label})
+                self._mismatch_said[link.peer.name] = text
             link.error, link.error_passes = text, True  # (cleared by a session)
         if link.session is not None:
             self._end_session(link, text)
