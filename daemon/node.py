@@ -96,6 +96,7 @@ RETRY_EVERY = 10.0  # failed pages are asked for again this often
 SCAN_TICK_EVERY = 0.5  # seconds between on_tick calls from inside a long scan
 DEFER_DELETES = 20  # deletions in one batch of watcher events that wait for a whole scan
 SETTLE_DELETES = 2.0  # seconds of quiet after such a batch before that scan
+SETTLE_LONGEST = 10.0  # ...or this long after the first such batch, quiet or not
 DELETES_WINDOW = 60.0  # deletions recorded by path scans count together over this long
 HELLO_AGAIN_EVERY = 15.0  # a dialled connection with no session says hello again this often
 HELLO_PACE = 1.0  # s: a peer's hellos start a new session at most this often per link
@@ -286,6 +287,7 @@ class Node:
         self.paused = False
         self._deletes_held = ""  # why a scan's deletions are held back (see _hold_deletes)
         self._settle_at: float | None = None  # a whole scan due once deletions settle
+        self._settle_since: float | None = None  # when deletions were first deferred to it
         self._store_error = ""  # why the last scan could not be recorded (a full disk)
         self._recent_deletes: deque[tuple[float, int]] = deque()  # (when, how many) by path scans
         self.links: list[PeerLink] = []
@@ -678,13 +680,18 @@ class Node:
                     self.full_scan()
                 else:
                     self.scan([p for p in paths if not self._our_echo(p)])
+        now = self.clock()
+        pending = self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST) if self.watcher else None
+        quiet = pending is None
+        # (Not quiet for ever: a trial's busy replica, writing all along, recorded none of its
+        # deletions for as long as it wrote, and the batches of changes that held one with them;
+        # a peer's edit meanwhile then brought a deleted file back.)
+        overdue = self._settle_since is not None and now - self._settle_since >= SETTLE_LONGEST
         if (
-            self._settle_at is not None and self.clock() >= self._settle_at
-            and not self.paused
-            and not (self.watcher is not None
-                     and self.watcher.due(DEBOUNCE_QUIET, DEBOUNCE_LONGEST) is not None)
+            self._settle_at is not None and not self.paused
+            and (now >= self._settle_at and quiet or overdue)
         ):  # fmt: skip
-            self._settle_at = None
+            self._settle_at = self._settle_since = None
             self.full_scan()
         if self.rep.rules_widened:
             self._ask_again()
@@ -1573,8 +1580,11 @@ class Node:
         except DeletesDeferred:
             # Many deletions in one batch of events: an rm -rf may be under way, and the watcher
             # hands it over in pieces, each a small part of the tree. A whole scan judges it
-            # once the tree has been quiet a moment (see Replica._check_deletes).
+            # once the tree has been quiet a moment (see Replica._check_deletes), or has not been
+            # for SETTLE_LONGEST.
             self._settle_at = self.clock() + SETTLE_DELETES
+            if self._settle_since is None:
+                self._settle_since = self.clock()
             return
         except MassDelete as e:
             self._hold_deletes(e, paths)

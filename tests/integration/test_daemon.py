@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -1354,3 +1355,38 @@ def test_sigterm_stops_a_whole_scan_and_records_none_of_it(cluster):
     assert "d0000/f0.txt" not in a("dump").stdout
     a.start()  # the next start scans again, whole
     assert "d1499/f7.txt" in a("dump").stdout
+
+
+def test_deletions_on_a_replica_that_never_goes_quiet_are_recorded_all_the_same(cluster):
+    """Deletions in numbers wait for a whole scan once the tree is quiet; a trial's replica,
+    writing all along, recorded none of them (nor the changes that came in the same batches)
+    for as long as it wrote, and a peer's edit meanwhile brought a deleted file back. They are
+    recorded within SETTLE_LONGEST now, quiet or not. (This test's writer leaves the daemon
+    quiet moments between its scans, as most do: it passes on the code before the bound too,
+    and checks what a user sees, not the bound itself.)"""
+    import threading
+
+    a, b = with_files(cluster, 60)
+    stop = threading.Event()
+
+    def busy() -> None:  # a program writing a line every 2 ms, for at most 60 s
+        deadline = time.monotonic() + 60
+        with open(a.root / "busy.log", "a") as f:
+            for i in itertools.count():
+                if stop.wait(0.002) or time.monotonic() > deadline:
+                    return
+                f.write(f"line {i}\n")
+                f.flush()
+
+    writer = threading.Thread(target=busy)
+    writer.start()
+    try:
+        for i in range(40):  # more than DEFER_DELETES: they wait for a whole scan
+            (a.root / f"f{i:03}").unlink()
+        cluster.wait_until(lambda: not any((b.root / f"f{i:03}").exists() for i in range(40)),
+                           45, "the deletions to reach b while a still writes")  # fmt: skip
+        assert writer.is_alive()  # recorded and sent while the writing went on
+    finally:
+        stop.set()
+        writer.join()
+    cluster.wait_converged(what="the end")
