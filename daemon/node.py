@@ -1155,6 +1155,7 @@ class Node:
                      "our connection to it" if link.dealer is not None else "its connection to us",
                      h.seq, h.seen)  # fmt: skip
             link.established_at = self.clock()
+            self._mismatch_said.pop(link.peer.name, None)  # (said again if it comes again)
             if link.error_passes:
                 link.error, link.error_passes = "", False
             # How far it has our records (from its hello), for `repld export --since` it.

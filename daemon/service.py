@@ -189,11 +189,11 @@ def sync_with_peer(
     )
     report = PeerSyncReport()
     with open_replica(config_path, dry_run=dry_run) as rep, ExitStack() as stack:
-        rep.check_root()  # (an unmounted disk: said, exit 1, before any network)
         if dry_run:
             # Everything this replica records while it looks (its own scan, the peer's mark)
             # happens in one transaction that is rolled back: a dry run changes no database.
             stack.enter_context(rep.store.transaction(commit=False))
+        rep.check_root()  # (an unmounted disk: said, exit 1, before any network)
         node = Node(rep, options=opts)
         try:
             node.open()
